@@ -1,0 +1,199 @@
+"""The `sls-deploy` command line. Every command has --help; every user error is one line on stderr.
+
+Exit codes: 0 success, 1 a failed check or bad file, 2 a usage error (bad option value), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import SlsError
+
+BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
+
+
+def _recipe_options(f):
+    f = click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
+                     help="Recipe YAML file (instead of --model).")(f)
+    f = click.option("--model", "model_name", help="Built-in model recipe, e.g. 'edsr' (recipes/edsr.yaml).")(f)
+    return f
+
+
+def _plan_options(f):
+    f = click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling and planning.")(f)
+    f = click.option("--weights", type=click.Path(dir_okay=False),
+                     help="Base (dense) weights: .safetensors, BasicSR .pth or official EDSR .pt. "
+                          "Default: the recipe's shipped weights.")(f)
+    f = click.option("--m", "m", type=click.Choice(["4", "8", "16", "32"]), default=None,
+                     help="Group size M of N:M sparsity (default: the recipe's, 4 for EDSR).")(f)
+    f = click.option("--method", type=click.Choice(["oneshot"]), default="oneshot", show_default=True,
+                     help="Planner: oneshot = uniform magnitude N:M (the SLS paper's baseline).")(f)
+    f = click.option("--budget", required=True, type=BUDGET,
+                     help="Fraction of the dense model's MACs (whole model, reference resolution) to keep, in (0, 1].")(f)
+    return f
+
+
+def _progress_option(f):
+    return click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")(f)
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sls-deploy")
+def cli() -> None:
+    """Sparse (N:M) deployment of image/video restoration networks: search -> finetune -> export -> validate."""
+
+
+@cli.command()
+@_recipe_options
+@_plan_options
+@click.option("--data", help="Training images for finetune: a folder of HR images (default: the recipe's list).")
+@click.option("--eval-data", help="Eval images: a folder of HR images (default: the recipe's eval list).")
+@click.option("--steps", type=click.IntRange(min=0), help="Finetune steps (default: the recipe's).")
+@click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
+@_progress_option
+def build(model_name, recipe_path, budget, method, m, weights, seed, data, eval_data, steps, out, as_json,
+          no_progress):
+    """Plan, finetune, export and validate: the whole pipeline into one bundle folder.
+
+    Re-running the same command resumes an interrupted build (finished stages are skipped, finetune continues
+    from its last checkpoint).
+    """
+    from .pipeline import BuildOptions, build as run_build, check_report, default_out
+    from .recipe import resolve_recipe
+    from .report import summary_text
+
+    recipe = resolve_recipe(model_name, recipe_path)
+    opts = BuildOptions(budget=budget, method=method, m=int(m) if m else None, weights=weights, data=data,
+                        eval_data=eval_data, steps=steps, seed=seed, progress=not no_progress, log=_log)
+    out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
+    rep = run_build(recipe, opts, out_dir)
+    click.echo(json.dumps(rep, indent=2) if as_json else summary_text(rep))
+    check_report(rep)
+
+
+@cli.command()
+@_recipe_options
+@click.option("--out", type=click.Path(dir_okay=False), help="Weights file to write (.safetensors). "
+              "Default: runs/<recipe name>.safetensors")
+@click.option("--steps", type=click.IntRange(min=1), help="Training steps (default: the recipe's train.steps).")
+@click.option("--data", help="Folder of HR training images (default: the recipe's train list).")
+@click.option("--fp16", is_flag=True, help="Store the weights in FP16 (half the size; used for shipped weights).")
+@click.option("--restart", is_flag=True, help="Ignore an existing checkpoint and start from scratch.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@_progress_option
+def train(model_name, recipe_path, out, steps, data, fp16, restart, seed, no_progress):
+    """Train the recipe's dense model from scratch (the base weights that `build` starts from)."""
+    from .base_training import train_base
+    from .recipe import resolve_recipe
+
+    recipe = resolve_recipe(model_name, recipe_path)
+    out_path = Path(out) if out else Path("runs") / f"{recipe.name}.safetensors"
+    res = train_base(recipe, out_path, steps=steps, data=data, resume=not restart, half=fp16, seed=seed,
+                     progress=not no_progress)
+    ch = res["channel"].upper()
+    click.echo(f"wrote {res['weights']} after {res['steps']} steps ({res['seconds']:.0f}s)")
+    click.echo(f"eval PSNR-{ch}: model {res['psnr_model']:.2f} dB, bicubic {res['psnr_bicubic']:.2f} dB, "
+               f"margin {res['margin_db']:+.2f} dB")
+
+
+@cli.command()
+@_recipe_options
+@_plan_options
+@click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>).")
+def search(model_name, recipe_path, budget, method, m, weights, seed, out):
+    """Only plan: write plan.json (one entry per prunable layer) into a new or matching bundle."""
+    from .bundle import Bundle
+    from .pipeline import BuildOptions, build_key, check_options, default_out, run_search
+    from .recipe import resolve_recipe
+
+    recipe = resolve_recipe(model_name, recipe_path)
+    opts = BuildOptions(budget=budget, method=method, m=int(m) if m else None, weights=weights, seed=seed, log=_log)
+    check_options(recipe, opts)
+    out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
+    bundle = Bundle(out_dir)
+    bundle.claim(build_key(recipe, opts), Path(recipe.path).read_text())
+    plan = run_search(bundle, recipe, opts)
+    click.echo(f"{out_dir / 'plan.json'}: {len(plan.layers)} layers at {plan.layers[0].n}:{plan.m}, "
+               f"MACs ratio {plan.ratio:.3f}")
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--steps", type=click.IntRange(min=0), help="Finetune steps (default: the recipe's).")
+@click.option("--data", help="Folder of HR training images (default: the recipe's train list).")
+@click.option("--resume", "resume", flag_value=True, default=None, help="Continue an interrupted finetune.")
+@click.option("--restart", "resume", flag_value=False, help="Discard an interrupted finetune's checkpoint.")
+@_progress_option
+def finetune(bundle_dir, steps, data, resume, no_progress):
+    """Masked finetuning of a bundle's plan (pruned weights stay exactly zero) -> model.safetensors."""
+    from .pipeline import finetune_checkpoint, open_bundle, options_from_bundle, run_finetune
+
+    bundle, recipe = open_bundle(Path(bundle_dir))
+    opts = options_from_bundle(bundle, steps=steps, data=data, progress=not no_progress, log=_log)
+    ckpt = finetune_checkpoint(bundle)
+    if resume is False and ckpt.exists():  # --restart
+        ckpt.unlink()
+    info = run_finetune(bundle, recipe, opts, resume=bool(resume))
+    click.echo(f"finetuned {info.get('steps')} steps -> {bundle.path('model.safetensors')}")
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+def export(bundle_dir):
+    """Export the bundle's weights to model.onnx (opset >= 17, dynamic N/H/W) and check the N:M pattern in it."""
+    from .pipeline import open_bundle, options_from_bundle, run_export
+
+    bundle, recipe = open_bundle(Path(bundle_dir))
+    info = run_export(bundle, recipe, options_from_bundle(bundle, log=_log))
+    click.echo(f"{bundle.path('model.onnx')}: {info['layers_nm']} layers keep their N:M pattern, "
+               f"{info['layers_2to4']} are 2:4")
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--eval-data", help="Eval images: a folder of HR images (default: the recipe's eval list).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the summary.")
+def validate(bundle_dir, eval_data, as_json):
+    """ONNX Runtime vs PyTorch, and PSNR of bicubic / dense / pruned; writes report.json and report.md."""
+    from .pipeline import check_report, open_bundle, options_from_bundle, run_validate
+    from .report import summary_text
+
+    bundle, recipe = open_bundle(Path(bundle_dir))
+    rep = run_validate(bundle, recipe, options_from_bundle(bundle, eval_data=eval_data, log=_log))
+    click.echo(json.dumps(rep, indent=2) if as_json else summary_text(rep))
+    check_report(rep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: click in non-standalone mode so every error is a single line."""
+    try:
+        rv = cli.main(args=argv, prog_name="sls-deploy", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.UsageError as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        return 2
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to resume from the last checkpoint", err=True)
+        return 130
+    except SlsError as e:
+        click.echo(f"error: {e}", err=True)
+        return e.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

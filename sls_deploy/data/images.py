@@ -1,0 +1,88 @@
+"""Reading images and making low-resolution inputs.
+
+Arrays are float32 HWC RGB in [0, 1]; tensors are NCHW. Grayscale is replicated to three channels and an
+alpha channel is dropped, because the models are RGB-in/RGB-out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        img = np.asarray(iio.imread(path))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"cannot read image {path}: {first}") from None
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    elif img.ndim == 3 and img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise DataError(f"image {path} has shape {img.shape}; expected H x W (gray), H x W x 3 or H x W x 4")
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    if img.dtype == np.uint16:
+        return img.astype(np.float32) / 65535.0
+    if np.issubdtype(img.dtype, np.floating):
+        return np.clip(img.astype(np.float32), 0.0, 1.0)
+    raise DataError(f"image {path} has unsupported pixel type {img.dtype}")
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """HWC [0,1] array -> 1x3xHxW float tensor."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).unsqueeze(0).float()
+
+
+def to_image(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    """1x3xHxW (or 3xHxW) -> HWC float array clipped to [0, 1]."""
+    a = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    if a.ndim == 4:
+        a = a[0]
+    return np.clip(a.transpose(1, 2, 0), 0.0, 1.0).astype(np.float32)
+
+
+def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
+    """Crop H and W down to multiples of ``scale`` (so HR = scale * LR exactly)."""
+    h, w = img.shape[:2]
+    return img[: h - h % scale, : w - w % scale]
+
+
+def bicubic_down(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """Anti-aliased bicubic downscale (like MATLAB imresize / PIL), the standard SR degradation."""
+    h, w = hr.shape[-2:]
+    lr = F.interpolate(hr, size=(h // scale, w // scale), mode="bicubic", align_corners=False, antialias=True)
+    return lr.clamp_(0.0, 1.0)
+
+
+def bicubic_up(lr: torch.Tensor, scale: int) -> torch.Tensor:
+    """The bicubic baseline every SR model must beat."""
+    return F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp_(0.0, 1.0)
+
+
+def quantize(img: np.ndarray) -> np.ndarray:
+    """[0,1] float -> the 8-bit values a saved PNG would hold, as float64 in [0, 255] (for metrics)."""
+    return np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.float64)
+
+
+def load_pair(path: str | os.PathLike, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HR image (mod-cropped) and its bicubic LR, both 1x3xHxW tensors."""
+    hr = to_tensor(mod_crop(read_rgb(path), scale))
+    if hr.shape[-1] < scale or hr.shape[-2] < scale:
+        raise DataError(f"image {path} is smaller than the scale factor {scale}")
+    return hr, bicubic_down(hr, scale)

@@ -1,0 +1,78 @@
+"""The adapter interface: everything the pipeline needs to know about one architecture.
+
+Generic stages (sparsity, training, export, validation) only talk to an adapter; they never import a
+concrete model. An adapter declares explicitly which layers may be pruned and which stay dense, and
+maps foreign checkpoint layouts onto its own module names.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """Declarative description of a model's ONNX interface (in the spirit of Optimum's OnnxConfig)."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: Mapping[str, Mapping[int, str]]
+    opset: int = 17
+
+
+@dataclass(frozen=True)
+class LayerDecl:
+    """One weight layer as the adapter declares it."""
+
+    name: str
+    op: str  # "conv" or "linear"
+    prunable: bool
+    reason: str = ""  # why a layer stays dense
+
+
+@dataclass
+class ModelConfig:
+    """The model section of a recipe, already validated by the adapter."""
+
+    arch: str
+    scale: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelAdapter(abc.ABC):
+    """One architecture: build it, declare its layers, load checkpoints onto it."""
+
+    arch: str = ""
+
+    @abc.abstractmethod
+    def parse_config(self, section: Mapping[str, Any]) -> ModelConfig:
+        """Validate the recipe's ``model`` section; raise RecipeError on bad fields."""
+
+    @abc.abstractmethod
+    def build(self, cfg: ModelConfig) -> nn.Module:
+        """A fresh, randomly initialised model."""
+
+    @abc.abstractmethod
+    def layers(self, model: nn.Module) -> list[LayerDecl]:
+        """Every conv/linear layer with its prunable flag, in forward order."""
+
+    @abc.abstractmethod
+    def convert_state_dict(self, sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        """Map a foreign checkpoint layout (BasicSR, official repos, ...) onto this adapter's names."""
+
+    @abc.abstractmethod
+    def export_spec(self, cfg: ModelConfig) -> ExportSpec:
+        """Names and dynamic axes of the ONNX graph."""
+
+    @abc.abstractmethod
+    def example_input(self, cfg: ModelConfig, height: int, width: int, batch: int = 1) -> torch.Tensor:
+        """An input of the given low-resolution size (values in [0, 1])."""
+
+    def min_input_size(self, cfg: ModelConfig) -> int:
+        """The smallest LR height/width the model accepts."""
+        return 1

@@ -1,0 +1,165 @@
+"""EDSR (Lim et al., 2017) with BasicSR's module names, and its adapter.
+
+Layout: conv_first -> body.{i}.{conv1,conv2} (residual blocks, no BN) -> conv_after_body (+ skip)
+-> upsample (conv + PixelShuffle per factor) -> conv_last. Inputs and outputs are RGB in [0, 1];
+the mean shift and the 255 range of the original are folded into the forward pass as BasicSR does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, RecipeError
+from .base import ExportSpec, LayerDecl, ModelAdapter, ModelConfig
+
+DEFAULT_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+class ResidualBlockNoBN(nn.Module):
+    def __init__(self, num_feat: int, res_scale: float):
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.res_scale = res_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.relu(self.conv1(x))) * self.res_scale
+
+
+def _upsample_layers(scale: int, num_feat: int) -> list[nn.Module]:
+    if scale & (scale - 1) == 0:  # power of two: x2 steps
+        layers: list[nn.Module] = []
+        for _ in range(int(math.log2(scale))):
+            layers += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
+        return layers
+    if scale == 3:
+        return [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
+    raise RecipeError(f"EDSR supports scale 2, 3 or 4 (and other powers of two), not {scale}")
+
+
+class EDSR(nn.Module):
+    def __init__(self, scale: int = 4, num_feat: int = 64, num_block: int = 16, res_scale: float = 1.0,
+                 img_range: float = 255.0, rgb_mean: tuple[float, float, float] = DEFAULT_RGB_MEAN):
+        super().__init__()
+        self.scale = scale
+        self.img_range = img_range
+        self.register_buffer("mean", torch.tensor(rgb_mean, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.conv_first = nn.Conv2d(3, num_feat, 3, 1, 1)
+        self.body = nn.Sequential(*[ResidualBlockNoBN(num_feat, res_scale) for _ in range(num_block)])
+        self.conv_after_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.upsample = nn.Sequential(*_upsample_layers(scale, num_feat))
+        self.conv_last = nn.Conv2d(num_feat, 3, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) * self.img_range
+        x = self.conv_first(x)
+        res = self.conv_after_body(self.body(x)) + x
+        x = self.conv_last(self.upsample(res))
+        return x / self.img_range + self.mean
+
+
+# Official EDSR-PyTorch (sanghyun-son) names -> BasicSR names. body.{n_resblocks} is the conv after the body.
+_OFFICIAL_PATTERNS = [
+    (re.compile(r"^head\.0\.(weight|bias)$"), r"conv_first.\1"),
+    (re.compile(r"^body\.(\d+)\.body\.0\.(weight|bias)$"), r"body.\1.conv1.\2"),
+    (re.compile(r"^body\.(\d+)\.body\.2\.(weight|bias)$"), r"body.\1.conv2.\2"),
+    (re.compile(r"^tail\.0\.(\d+)\.(weight|bias)$"), r"upsample.\1.\2"),
+    (re.compile(r"^tail\.1\.(weight|bias)$"), r"conv_last.\1"),
+]
+
+
+def _official_mean(sd: Mapping[str, torch.Tensor], key: str, sign: float) -> tuple[float, ...]:
+    """Read the RGB mean out of an official MeanShift 1x1 conv (weight = I, bias = sign * 255 * mean)."""
+    w, b = sd[f"{key}.weight"].float(), sd[f"{key}.bias"].float()
+    if w.shape != (3, 3, 1, 1) or not torch.allclose(w.view(3, 3), torch.eye(3), atol=1e-4):
+        raise CheckpointError(f"{key}.weight is not an identity MeanShift (std != 1 is not supported)")
+    return tuple((b * sign / 255.0).tolist())
+
+
+class EDSRAdapter(ModelAdapter):
+    arch = "edsr"
+
+    def parse_config(self, section: Mapping[str, Any]) -> ModelConfig:
+        known = {"arch", "scale", "num_feat", "num_block", "res_scale", "img_range", "rgb_mean"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise RecipeError(f"model.{unknown[0]} is not an EDSR option (known: {', '.join(sorted(known))})")
+        try:
+            scale = int(section.get("scale", 4))
+            opts = {
+                "num_feat": int(section.get("num_feat", 64)),
+                "num_block": int(section.get("num_block", 16)),
+                "res_scale": float(section.get("res_scale", 1.0)),
+                "img_range": float(section.get("img_range", 255.0)),
+                "rgb_mean": tuple(float(v) for v in section.get("rgb_mean", DEFAULT_RGB_MEAN)),
+            }
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"model section: {e}") from None
+        if scale not in (2, 3, 4, 8):
+            raise RecipeError(f"model.scale must be 2, 3, 4 or 8 for EDSR, not {scale}")
+        if opts["num_feat"] < 1 or opts["num_block"] < 1 or len(opts["rgb_mean"]) != 3:
+            raise RecipeError("model.num_feat and model.num_block must be >= 1 and rgb_mean has 3 values")
+        return ModelConfig(arch=self.arch, scale=scale, options=opts)
+
+    def build(self, cfg: ModelConfig) -> nn.Module:
+        return EDSR(scale=cfg.scale, **cfg.options)
+
+    def layers(self, model: nn.Module) -> list[LayerDecl]:
+        out = []
+        for name, mod in model.named_modules():
+            if not isinstance(mod, nn.Conv2d):
+                continue
+            if name == "conv_first":
+                out.append(LayerDecl(name, "conv", False, "first conv (3 -> C) stays dense"))
+            elif name == "conv_last":
+                out.append(LayerDecl(name, "conv", False, "last conv (C -> 3) stays dense"))
+            else:
+                out.append(LayerDecl(name, "conv", True))
+        return out
+
+    def convert_state_dict(self, sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        if "head.0.weight" not in sd:  # already BasicSR layout
+            return dict(sd)
+        body_ids = sorted({int(m.group(1)) for k in sd if (m := re.match(r"^body\.(\d+)\.", k))})
+        after_body = str(body_ids[-1]) if body_ids else None
+        out: dict[str, torch.Tensor] = {}
+        for key, value in sd.items():
+            if key.startswith(("sub_mean.", "add_mean.")):
+                continue
+            if after_body is not None and re.match(rf"^body\.{after_body}\.(weight|bias)$", key):
+                out["conv_after_body." + key.rsplit(".", 1)[1]] = value
+                continue
+            for pattern, repl in _OFFICIAL_PATTERNS:
+                if pattern.match(key):
+                    out[pattern.sub(repl, key)] = value
+                    break
+            else:
+                out[key] = value  # left as is; the fit check names it if it does not belong
+        want = cfg.options["rgb_mean"]
+        for key, sign in (("sub_mean", -1.0), ("add_mean", 1.0)):
+            if f"{key}.bias" in sd:
+                mean = _official_mean(sd, key, sign)
+                if any(abs(a - b) > 1e-3 for a, b in zip(mean, want)):
+                    raise CheckpointError(
+                        f"{key}.bias: checkpoint RGB mean {tuple(round(v, 4) for v in mean)} differs from the "
+                        f"recipe's model.rgb_mean {tuple(want)}")
+        return out
+
+    def export_spec(self, cfg: ModelConfig) -> ExportSpec:
+        return ExportSpec(
+            input_names=("lr",),
+            output_names=("sr",),
+            dynamic_axes={"lr": {0: "batch", 2: "height", 3: "width"},
+                          "sr": {0: "batch", 2: "out_height", 3: "out_width"}},
+        )
+
+    def example_input(self, cfg: ModelConfig, height: int, width: int, batch: int = 1) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(batch, 3, height, width, generator=g)

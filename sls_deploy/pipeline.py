@@ -1,0 +1,333 @@
+"""The build's stages and their orchestration: recipe -> model -> plan -> weights -> graph -> report.
+
+Each stage reads artifacts from the bundle (and the recipe copy in it), writes its own outputs atomically and
+records them in the manifest. ``build`` runs the stages in order and skips those already up to date, so an
+interrupted build resumes where it stopped (mid-finetune from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+
+from . import atomic, report as report_mod
+from .bundle import ONNX, PLAN, RECIPE, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
+from .checkpoints import load_weights, read_state_dict
+from .data import PatchSampler, resolve_images
+from .errors import CheckpointError, PlanError, UsageError, ValidationError
+from .evaluate import bicubic_infer, evaluate, torch_infer
+from .export import export_onnx, load_onnx, verify_plan_in_graph
+from .recipe import Recipe, load_recipe
+from .sparsity import MaskSet, Plan, eligible, nm_mask
+from .sparsity.macs import layer_macs
+from .sparsity.nm import VALID_M
+from .sparsity.oneshot import Candidate, check_budget, plan_oneshot
+from .sparsity.plan import DenseLayer
+from .train import TrainConfig, train
+from .validate import compare_to_reference, crops_for_sizes, ort_infer
+
+METHODS = ("oneshot",)
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+Log = Callable[[str], None]
+
+
+@dataclass
+class BuildOptions:
+    budget: float
+    method: str = "oneshot"
+    m: int | None = None  # None: the recipe's
+    weights: str | None = None  # base weights; None: the recipe's shipped weights
+    data: str | None = None  # training images for finetune; None: the recipe's list
+    eval_data: str | None = None
+    steps: int | None = None  # finetune steps; None: the recipe's
+    seed: int = 0
+    progress: bool = True
+    log: Log = field(default=print, repr=False)
+
+
+def resolve_base_weights(recipe: Recipe, override: str | None) -> Path:
+    if override:
+        return Path(override)
+    if not recipe.base_weights:
+        raise CheckpointError(f"recipe '{recipe.name}' names no base_weights; pass --weights PATH")
+    p = Path(recipe.base_weights)
+    if p.is_absolute() or p.parent != Path("."):
+        return p if p.is_absolute() else Path(recipe.path).parent / p
+    return WEIGHTS_DIR / p
+
+
+def load_model(recipe: Recipe, weights: Path) -> torch.nn.Module:
+    """The recipe's model with ``weights`` loaded (foreign layouts converted, fit checked, safe loading)."""
+    model = recipe.build_model()
+    sd = recipe.adapter.convert_state_dict(read_state_dict(weights), recipe.model)
+    load_weights(model, sd, recipe.describe_model())
+    return model.eval()
+
+
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic.atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=metadata)
+
+
+def build_key(recipe: Recipe, opts: BuildOptions) -> dict[str, Any]:
+    return {"model": recipe.name, "arch": recipe.model.arch, "scale": recipe.scale, "budget": opts.budget,
+            "method": opts.method, "m": opts.m or recipe.sparsity_m}
+
+
+def check_options(recipe: Recipe, opts: BuildOptions) -> None:
+    try:
+        check_budget(opts.budget)
+    except PlanError as e:
+        raise UsageError(str(e)) from None
+    if opts.method not in METHODS:
+        raise UsageError(f"unknown method '{opts.method}' (known: {', '.join(METHODS)})")
+    m = opts.m or recipe.sparsity_m
+    if m not in VALID_M:
+        raise UsageError(f"M must be one of {', '.join(map(str, VALID_M))}, not {m}")
+    if opts.steps is not None and opts.steps < 0:
+        raise UsageError(f"--steps must be >= 0, not {opts.steps}")
+
+
+# -- stage: search ----------------------------------------------------------------------------------------
+def make_plan(recipe: Recipe, model: torch.nn.Module, budget: float, method: str, m: int, seed: int = 0) -> Plan:
+    """Measure every layer's MACs at the reference resolution, split prunable from dense, run the planner."""
+    h, w = recipe.reference_input_hw()
+    macs = layer_macs(model, recipe.adapter.example_input(recipe.model, h, w))
+    modules = dict(model.named_modules())
+    candidates, dense = [], []
+    for decl in recipe.adapter.layers(model):
+        mod = modules[decl.name]
+        shape = tuple(mod.weight.shape)
+        cost = macs.get(decl.name, 0)
+        groups = getattr(mod, "groups", 1)
+        if not decl.prunable:
+            dense.append(DenseLayer(decl.name, cost, decl.reason or "declared dense by the adapter"))
+        elif not eligible(shape, m, groups):
+            dense.append(DenseLayer(decl.name, cost, f"input channels {shape[1]} not a multiple of M={m}"))
+        else:
+            candidates.append(Candidate(decl.name, decl.op, shape, cost))
+    if method == "oneshot":
+        plan = plan_oneshot(recipe.name, candidates, dense, budget, m, list(recipe.reference_output))
+    else:  # pragma: no cover - check_options rejects it first
+        raise UsageError(f"unknown method '{method}'")
+    plan.seed = seed
+    return plan
+
+
+def run_search(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> Plan:
+    base = resolve_base_weights(recipe, opts.weights)
+    inputs = digest({"key": build_key(recipe, opts), "base": atomic.sha256_file(base) if base.is_file() else None,
+                     "ref": recipe.reference_output, "model": recipe.model.options, "seed": opts.seed})
+    if bundle.stage_is_current("search", inputs):
+        opts.log("  up to date")
+        return Plan.load(bundle.path(PLAN))
+    t0 = time.perf_counter()
+    model = load_model(recipe, base)
+    plan = make_plan(recipe, model, opts.budget, opts.method, opts.m or recipe.sparsity_m, opts.seed)
+    plan.save(bundle.path(PLAN))
+    bundle.record_stage("search", inputs, [PLAN], time.perf_counter() - t0,
+                        {"base_weights": str(base), "base_weights_sha256": atomic.sha256_file(base)})
+    return plan
+
+
+# -- stage: finetune --------------------------------------------------------------------------------------
+def masks_for(model: torch.nn.Module, plan: Plan) -> MaskSet:
+    """Masks follow from the weights and the plan: top-N |w| in each group of M input channels."""
+    modules = dict(model.named_modules())
+    return MaskSet({l.name: nm_mask(modules[l.name].weight, l.n, l.m) for l in plan.layers if l.n < l.m})
+
+
+def finetune_checkpoint(bundle: Bundle) -> Path:
+    return bundle.work / "finetune.ckpt"
+
+
+def run_finetune(bundle: Bundle, recipe: Recipe, opts: BuildOptions, resume: bool | None = None) -> dict:
+    """Masked finetuning from the base weights.
+
+    A checkpoint left by an interrupted run is resumed when ``resume`` is True (error if it does not match)
+    or None (discarded with a note if it does not match, as ``build`` does); ``resume=False`` refuses to touch it.
+    """
+    plan = Plan.load(bundle.path(PLAN))
+    base = Path(bundle.manifest()["stages"]["search"]["base_weights"])
+    sec = recipe.finetune
+    steps = sec.steps if opts.steps is None else opts.steps
+    data = opts.data or recipe.data_train
+    inputs = digest({"plan": atomic.sha256_file(bundle.path(PLAN)), "base": atomic.sha256_file(base),
+                     "steps": steps, "sec": sec.__dict__, "data": data, "seed": opts.seed})
+    if bundle.stage_is_current("finetune", inputs):
+        opts.log("  up to date")
+        return bundle.manifest()["stages"]["finetune"].get("result", {})
+    ckpt = finetune_checkpoint(bundle)
+    if ckpt.exists():
+        if resume is False:
+            raise CheckpointError(f"{ckpt} exists (an interrupted finetune); pass --resume to continue it "
+                                  "or --restart to discard it")
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            matches = isinstance(state, dict) and state.get("run_key") == inputs
+        except Exception:
+            matches = False
+        if matches:
+            opts.log(f"  resuming finetune from step {state['step']}/{steps}")
+        elif resume:
+            raise CheckpointError(f"{ckpt} belongs to other finetune settings (plan, weights, steps or data "
+                                  "changed); pass --restart to discard it")
+        else:
+            opts.log(f"  discarding {ckpt.name}: it belongs to other finetune settings")
+            ckpt.unlink()
+    t0 = time.perf_counter()
+    model = load_model(recipe, base)
+    masks = masks_for(model, plan)
+    sampler = PatchSampler(resolve_images(data), recipe.scale, sec.lr_patch, sec.batch_size, seed=opts.seed)
+    cfg = TrainConfig(steps=steps, lr=sec.lr, warmup=sec.warmup, checkpoint_every=sec.checkpoint_every,
+                      seed=opts.seed)
+    result = train(model, sampler, cfg, checkpoint=ckpt, resume=True, run_key=inputs, masks=masks,
+                   desc="finetune", progress=opts.progress)
+    masks.apply(model)  # steps == 0: the one-shot pruned model itself
+    save_weights(model, bundle.path(WEIGHTS), {"plan": plan.method, "budget": str(plan.budget)})
+    info = {"steps": result.steps_done, "resumed_from": result.resumed_from,
+            "seconds": round(result.seconds, 1), "final_loss": result.final_loss}
+    bundle.record_stage("finetune", inputs, [WEIGHTS], time.perf_counter() - t0, {"result": info})
+    if ckpt.exists():
+        ckpt.unlink()
+    return info
+
+
+# -- stage: export ----------------------------------------------------------------------------------------
+def run_export(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
+    plan = Plan.load(bundle.path(PLAN))
+    inputs = digest({"weights": atomic.sha256_file(bundle.path(WEIGHTS)), "plan": atomic.sha256_file(bundle.path(PLAN)),
+                     "opset": recipe.opset})
+    if bundle.stage_is_current("export", inputs):
+        opts.log("  up to date")
+        return bundle.manifest()["stages"]["export"].get("result", {})
+    t0 = time.perf_counter()
+    model = load_model(recipe, bundle.path(WEIGHTS))
+    spec = recipe.adapter.export_spec(recipe.model)
+    spec = type(spec)(spec.input_names, spec.output_names, spec.dynamic_axes, recipe.opset)
+    example = recipe.adapter.example_input(recipe.model, 32, 32)
+    export_onnx(model, spec, example, bundle.path(ONNX))
+    checks = verify_plan_in_graph(load_onnx(bundle.path(ONNX)), [(l.name, l.n, l.m) for l in plan.layers])
+    bad = [name for name, c in checks.items() if not c["nm"]]
+    if bad:
+        bundle.path(ONNX).unlink()
+        raise ValidationError(f"layer '{bad[0]}' lost its {plan.layer(bad[0]).n}:{plan.m} pattern in the ONNX graph")
+    info = {"opset": recipe.opset, "layers_nm": len(checks), "layers_2to4": sum(c["2to4"] for c in checks.values()),
+            "graph_sparsity": checks}
+    bundle.record_stage("export", inputs, [ONNX], time.perf_counter() - t0, {"result": info})
+    return info
+
+
+# -- stage: validate + report -----------------------------------------------------------------------------
+def run_validate(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
+    """ONNX Runtime vs PyTorch at the recipe's sizes; PSNR of bicubic, dense and pruned; report files."""
+    m = bundle.require()
+    bundle.verify([PLAN, WEIGHTS, ONNX])
+    plan = Plan.load(bundle.path(PLAN))
+    base = Path(m["stages"]["search"]["base_weights"])
+    eval_spec = opts.eval_data or recipe.data_eval
+    inputs = digest({f: atomic.sha256_file(bundle.path(f)) for f in (PLAN, WEIGHTS, ONNX)} | {
+        "base": atomic.sha256_file(base), "eval": eval_spec, "sizes": recipe.validate_sizes,
+        "atol": recipe.fp32_atol, "channel": recipe.metric_channel})
+    if bundle.stage_is_current("validate", inputs):
+        opts.log("  up to date")
+        return json.loads(bundle.path(REPORT_JSON).read_text())
+    t0 = time.perf_counter()
+    eval_files = resolve_images(eval_spec)
+    dense = load_model(recipe, base)
+    pruned = load_model(recipe, bundle.path(WEIGHTS))
+    scale, ch = recipe.scale, recipe.metric_channel
+    with ort_infer(bundle.path(ONNX)) as ort_run:
+        checks = compare_to_reference(torch_infer(pruned), ort_run,
+                                      crops_for_sizes(eval_files, scale, recipe.validate_sizes))
+        q_onnx = evaluate(ort_run, eval_files, scale, ch, with_ssim=False)
+    q_bic = evaluate(bicubic_infer(scale), eval_files, scale, ch)
+    q_dense = evaluate(torch_infer(dense), eval_files, scale, ch)
+    q_pruned = evaluate(torch_infer(pruned), eval_files, scale, ch)
+    max_abs = max(c.max_abs for c in checks)
+    stages = m.get("stages", {})
+    rep = {
+        "model": recipe.name, "budget": plan.budget, "method": plan.method, "m": plan.m,
+        "macs": {"unit": "GMACs", "dense": plan.macs_dense / 1e9, "pruned": plan.macs_pruned / 1e9,
+                 "ratio": plan.ratio, "reference_output": plan.reference_output, "budget_scope": plan.budget_scope},
+        "psnr": {"bicubic": q_bic.psnr, "dense": q_dense.psnr, "pruned": q_pruned.psnr,
+                 "pruned_onnx": q_onnx.psnr, "channel": ch, "crop_border": scale,
+                 "eval_images": [p.name for p in eval_files],
+                 "per_image": {k: {"bicubic": q_bic.per_image[k]["psnr"], "dense": q_dense.per_image[k]["psnr"],
+                                   "pruned": v["psnr"]} for k, v in q_pruned.per_image.items()}},
+        "ssim": {"bicubic": q_bic.ssim, "dense": q_dense.ssim, "pruned": q_pruned.ssim, "channel": ch},
+        "onnx_vs_torch": {"backend": "onnxruntime-cpu", "max_abs": max_abs, "tolerance": recipe.fp32_atol,
+                          "passed": max_abs <= recipe.fp32_atol,
+                          "sizes": [{"lr_hw": list(c.size), "output_shape": list(c.output_shape),
+                                     "max_abs": c.max_abs, "mean_abs": c.mean_abs} for c in checks]},
+        "graph": {k: v for k, v in stages.get("export", {}).get("result", {}).items() if k != "graph_sparsity"},
+        "layers": [{"name": l.name, "weight_shape": l.weight_shape, "n": l.n, "m": l.m, "sparse_2to4": l.sparse_2to4,
+                    "macs_dense": l.macs_dense, "macs_pruned": l.macs_pruned} for l in plan.layers],
+        "dense_layers": [{"name": d.name, "macs": d.macs, "reason": d.reason} for d in plan.dense_layers],
+        "finetune": stages.get("finetune", {}).get("result", {}),
+        "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
+        "tensorrt": "no engine in this bundle (the engine stage needs TensorRT; see README)",
+    }
+    atomic.write_json(bundle.path(REPORT_JSON), rep)
+    atomic.write_text(bundle.path(REPORT_MD), report_mod.render_markdown(rep))
+    bundle.record_stage("validate", inputs, [REPORT_JSON, REPORT_MD], time.perf_counter() - t0)
+    return rep
+
+
+def check_report(rep: dict) -> None:
+    o = rep["onnx_vs_torch"]
+    if not o["passed"]:
+        raise ValidationError(f"ONNX Runtime differs from PyTorch by {o['max_abs']:.2e} (> tolerance "
+                              f"{o['tolerance']:.0e}); see report.json")
+
+
+# -- build ------------------------------------------------------------------------------------------------
+def default_out(model_name: str, budget: float) -> Path:
+    return Path("runs") / f"{model_name}-b{budget:.2f}"
+
+
+def open_bundle(root: Path) -> tuple[Bundle, Recipe]:
+    bundle = Bundle(root)
+    bundle.require()
+    return bundle, load_recipe(bundle.path(RECIPE))
+
+
+def options_from_bundle(bundle: Bundle, **overrides) -> BuildOptions:
+    key = bundle.require()["build_key"]
+    opts = BuildOptions(budget=key["budget"], method=key["method"], m=key["m"])
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(opts, k, v)
+    return opts
+
+
+def build(recipe: Recipe, opts: BuildOptions, out: Path) -> dict:
+    check_options(recipe, opts)
+    bundle = Bundle(out)
+    bundle.claim(build_key(recipe, opts), Path(recipe.path).read_text())
+    log = opts.log
+    stages = [("search", lambda: run_search(bundle, recipe, opts)),
+              ("finetune", lambda: run_finetune(bundle, recipe, opts)),
+              ("export", lambda: run_export(bundle, recipe, opts)),
+              ("validate", lambda: run_validate(bundle, recipe, opts))]
+    t_all = time.perf_counter()
+    rep: dict = {}
+    for i, (name, fn) in enumerate(stages, 1):
+        t0 = time.perf_counter()
+        log(f"[{i}/{len(stages)}] {name} ...")
+        result = fn()
+        if name == "search":
+            log(f"  plan: {opts.method}, N:M = {result.layers[0].n}:{result.m} on {len(result.layers)} layers, "
+                f"MACs {result.macs_pruned / 1e9:.2f} / {result.macs_dense / 1e9:.2f} G (ratio {result.ratio:.3f})")
+        if name == "validate":
+            rep = result
+        log(f"  {name} done in {time.perf_counter() - t0:.1f}s")
+    log(f"build finished in {time.perf_counter() - t_all:.1f}s -> {out}")
+    return rep

@@ -1,0 +1,174 @@
+"""Recipes: one YAML file per model, parsed into typed, validated sections.
+
+``--model edsr`` means the recipe ``recipes/edsr.yaml`` shipped with the package; ``--recipe PATH`` reads any
+file. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import RecipeError, UsageError
+from .models import ModelAdapter, ModelConfig, get_adapter
+
+
+@dataclass(frozen=True)
+class StepsSection:
+    steps: int
+    lr: float
+    batch_size: int
+    lr_patch: int
+    checkpoint_every: int
+    warmup: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    path: str
+    raw: Mapping[str, Any]
+    model: ModelConfig
+    base_weights: str | None
+    reference_output: tuple[int, int]  # (W, H) of the SR output for MAC counting
+    data_train: str
+    data_eval: str
+    metric_channel: str
+    train: StepsSection
+    finetune: StepsSection
+    sparsity_method: str
+    sparsity_m: int
+    opset: int
+    validate_sizes: tuple[tuple[int, int], ...]
+    fp32_atol: float
+    adapter: ModelAdapter = field(compare=False, repr=False)
+
+    @property
+    def scale(self) -> int:
+        return self.model.scale
+
+    def digest(self) -> str:
+        """A stable hash of the recipe's content (not of its file path)."""
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def reference_input_hw(self) -> tuple[int, int]:
+        w, h = self.reference_output
+        return h // self.scale, w // self.scale
+
+    def build_model(self):
+        return self.adapter.build(self.model)
+
+    def describe_model(self) -> str:
+        return f"recipe '{self.name}' ({self.model.arch} x{self.scale}, {json.dumps(self.model.options)})"
+
+
+def builtin_recipe_dir() -> Path:
+    """The top-level recipes/ of a source checkout, else the copy installed as package data."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files("sls_deploy.recipes")))
+
+
+def builtin_models() -> list[str]:
+    return sorted(p.stem for p in builtin_recipe_dir().glob("*.yaml"))
+
+
+def recipe_for_model(model: str) -> Path:
+    path = builtin_recipe_dir() / f"{model}.yaml"
+    if not path.is_file():
+        raise UsageError(f"unknown model '{model}' (known: {', '.join(builtin_models())}); "
+                         "or give --recipe PATH")
+    return path
+
+
+_TOP_KEYS = {"name", "model", "base_weights", "reference_output", "data", "train", "finetune", "sparsity",
+             "export", "validate", "description"}
+
+
+def _section(raw: Mapping[str, Any], key: str, known: set[str]) -> dict[str, Any]:
+    sec = raw.get(key) or {}
+    if not isinstance(sec, Mapping):
+        raise RecipeError(f"recipe section '{key}' must be a mapping")
+    unknown = sorted(set(sec) - known)
+    if unknown:
+        raise RecipeError(f"unknown recipe key '{key}.{unknown[0]}' (known: {', '.join(sorted(known))})")
+    return dict(sec)
+
+
+def _steps(raw: Mapping[str, Any], key: str) -> StepsSection:
+    sec = _section(raw, key, {"steps", "lr", "batch_size", "lr_patch", "checkpoint_every", "warmup"})
+    try:
+        out = StepsSection(steps=int(sec.get("steps", 100)), lr=float(sec.get("lr", 1e-4)),
+                           batch_size=int(sec.get("batch_size", 16)), lr_patch=int(sec.get("lr_patch", 24)),
+                           checkpoint_every=int(sec.get("checkpoint_every", 50)), warmup=int(sec.get("warmup", 0)))
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe section '{key}': {e}") from None
+    if out.steps < 0 or out.lr <= 0 or out.batch_size < 1 or out.lr_patch < 1 or out.checkpoint_every < 0:
+        raise RecipeError(f"recipe section '{key}': steps >= 0, lr > 0, batch_size >= 1, lr_patch >= 1 needed")
+    return out
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RecipeError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"recipe {path} must be a YAML mapping")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise RecipeError(f"unknown recipe key '{unknown[0]}' in {path}")
+    if not isinstance(raw.get("model"), Mapping) or "arch" not in raw["model"]:
+        raise RecipeError(f"recipe {path} needs a 'model' section with 'arch'")
+    adapter = get_adapter(str(raw["model"]["arch"]))
+    model_cfg = adapter.parse_config(raw["model"])
+    data = _section(raw, "data", {"train", "eval", "metric_channel"})
+    sparsity = _section(raw, "sparsity", {"method", "m"})
+    export = _section(raw, "export", {"opset"})
+    validate = _section(raw, "validate", {"sizes", "fp32_atol"})
+    try:
+        ref = tuple(int(v) for v in raw.get("reference_output", (1280, 720)))
+        sizes = tuple((int(h), int(w)) for h, w in validate.get("sizes", [[32, 32], [45, 61]]))
+        opset = int(export.get("opset", 17))
+        m = int(sparsity.get("m", 4))
+        atol = float(validate.get("fp32_atol", 1e-4))
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe {path}: {e}") from None
+    if len(ref) != 2 or min(ref) < model_cfg.scale:
+        raise RecipeError("reference_output must be [width, height], each at least the scale factor")
+    if opset < 17:
+        raise RecipeError(f"export.opset must be >= 17, not {opset}")
+    channel = str(data.get("metric_channel", "y")).lower()
+    if channel not in ("y", "rgb"):
+        raise RecipeError(f"data.metric_channel must be 'y' or 'rgb', not '{channel}'")
+    return Recipe(
+        name=str(raw.get("name", path.stem)), path=str(path), raw=raw, model=model_cfg,
+        base_weights=raw.get("base_weights"), reference_output=(ref[0], ref[1]),
+        data_train=str(data.get("train", "skimage:train")), data_eval=str(data.get("eval", "skimage:eval")),
+        metric_channel=channel, train=_steps(raw, "train"), finetune=_steps(raw, "finetune"),
+        sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, opset=opset,
+        validate_sizes=sizes, fp32_atol=atol, adapter=adapter)
+
+
+def resolve_recipe(model: str | None, recipe: str | os.PathLike | None) -> Recipe:
+    """``--model NAME`` or ``--recipe PATH`` (exactly one) -> Recipe."""
+    if model and recipe:
+        raise UsageError("give either --model or --recipe, not both")
+    if not model and not recipe:
+        raise UsageError("give --model NAME or --recipe PATH")
+    return load_recipe(recipe_for_model(model) if model else recipe)
+
+
+def recipe_summary(r: Recipe) -> dict[str, Any]:
+    return {"name": r.name, "path": r.path, "digest": r.digest(), "model": asdict(r.model)}

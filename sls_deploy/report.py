@@ -1,0 +1,61 @@
+"""Rendering a build report (report.json's dict) as Markdown and as a terminal summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(v: Any, nd: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{nd}f}"
+
+
+def summary_rows(rep: dict) -> list[tuple[str, str]]:
+    p, mac, o = rep["psnr"], rep["macs"], rep["onnx_vs_torch"]
+    ch = p["channel"].upper()
+    return [
+        ("model", f"{rep['model']} ({rep['method']}, M={rep['m']})"),
+        ("budget", f"{rep['budget']:g} of dense MACs"),
+        ("MACs dense / pruned", f"{_f(mac['dense'])} / {_f(mac['pruned'])} G at {mac['reference_output'][0]}x"
+                                f"{mac['reference_output'][1]} out"),
+        ("MACs ratio", _f(mac["ratio"], 3)),
+        (f"PSNR-{ch} bicubic", f"{_f(p['bicubic'])} dB"),
+        (f"PSNR-{ch} dense", f"{_f(p['dense'])} dB"),
+        (f"PSNR-{ch} pruned (PyTorch)", f"{_f(p['pruned'])} dB ({p['pruned'] - p['dense']:+.2f} vs dense)"),
+        (f"PSNR-{ch} pruned (ONNX Runtime)", f"{_f(p['pruned_onnx'])} dB"),
+        ("ONNX Runtime vs PyTorch", f"max |diff| {o['max_abs']:.1e} (tolerance {o['tolerance']:.0e}: "
+                                    f"{'pass' if o['passed'] else 'FAIL'})"),
+    ]
+
+
+def summary_text(rep: dict) -> str:
+    rows = summary_rows(rep)
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def render_markdown(rep: dict) -> str:
+    p = rep["psnr"]
+    lines = [f"# sls-deploy report: {rep['model']}", "",
+             f"Budget {rep['budget']:g} counts the **whole model's** MACs at the reference output "
+             f"{rep['macs']['reference_output'][0]}x{rep['macs']['reference_output'][1]}. "
+             f"PSNR/SSIM on {p['channel'].upper()} with crop border {p['crop_border']}, "
+             f"eval images: {', '.join(p['eval_images'])}.", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary_rows(rep)]
+    s = rep["ssim"]
+    lines += [f"| SSIM bicubic / dense / pruned | {_f(s['bicubic'], 4)} / {_f(s['dense'], 4)} / {_f(s['pruned'], 4)} |",
+              "", "## Per image (PSNR dB)", "", "| image | bicubic | dense | pruned |", "|---|---|---|---|"]
+    lines += [f"| {k} | {_f(v['bicubic'])} | {_f(v['dense'])} | {_f(v['pruned'])} |" for k, v in p["per_image"].items()]
+    lines += ["", "## ONNX Runtime vs PyTorch", "", "| LR size (HxW) | output shape | max abs | mean abs |",
+              "|---|---|---|---|"]
+    lines += [f"| {s['lr_hw'][0]}x{s['lr_hw'][1]} | {tuple(s['output_shape'])} | {s['max_abs']:.2e} | {s['mean_abs']:.2e} |"
+              for s in rep["onnx_vs_torch"]["sizes"]]
+    lines += ["", "## Layers", "", "| layer | weight | N:M | 2:4 | GMACs dense | GMACs pruned |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {l['name']} | {'x'.join(map(str, l['weight_shape']))} | {l['n']}:{l['m']} | "
+              f"{'yes' if l['sparse_2to4'] else 'no'} | {l['macs_dense'] / 1e9:.3f} | {l['macs_pruned'] / 1e9:.3f} |"
+              for l in rep["layers"]]
+    lines += [f"| {d['name']} | dense: {d['reason']} | - | no | {d['macs'] / 1e9:.3f} | {d['macs'] / 1e9:.3f} |"
+              for d in rep["dense_layers"]]
+    lines += ["", f"TensorRT: {rep['tensorrt']}", ""]
+    return "\n".join(lines)

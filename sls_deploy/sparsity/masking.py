@@ -1,0 +1,47 @@
+"""Keeping pruned weights exactly zero while training.
+
+Gradients of pruned entries are zeroed by a hook (so Adam's moments for them stay zero) and, after every
+optimizer step, the weights are multiplied by their masks again, so they are exactly 0.0, not tiny.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+
+class MaskSet:
+    """{module name: boolean mask of its weight}, applied to a model by module name."""
+
+    def __init__(self, masks: Mapping[str, torch.Tensor]):
+        self.masks = {k: v.bool() for k, v in masks.items()}
+        self._handles: list = []
+
+    def _weights(self, model: nn.Module):
+        modules = dict(model.named_modules())
+        for name, mask in self.masks.items():
+            if name not in modules or not hasattr(modules[name], "weight"):
+                raise KeyError(f"mask for '{name}' matches no weight layer of the model")
+            w = modules[name].weight
+            if tuple(w.shape) != tuple(mask.shape):
+                raise ValueError(f"mask for '{name}' has shape {tuple(mask.shape)}, weight {tuple(w.shape)}")
+            yield name, w, mask
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        for _, w, mask in self._weights(model):
+            w.mul_(mask.to(w.device, w.dtype))
+
+    def attach(self, model: nn.Module) -> None:
+        """Zero pruned entries now and register gradient hooks that keep their gradients zero."""
+        self.apply(model)
+        for _, w, mask in self._weights(model):
+            m = mask.to(w.device)
+            self._handles.append(w.register_hook(lambda g, m=m: g * m.to(g.dtype)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -1,0 +1,125 @@
+"""The training loop shared by dense training and masked finetuning.
+
+L1 loss, Adam (betas 0.9/0.99 as BasicSR), cosine-decayed learning rate, a progress bar with loss and ETA,
+a checkpoint every K steps (and on Ctrl-C), and exact resume: model, optimizer and sampler state are
+restored, so a resumed run continues the same batch sequence.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .atomic import atomic_path
+from .data.patches import PatchSampler
+from .errors import CheckpointError
+from .sparsity.masking import MaskSet
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    warmup: int = 0
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    resumed_from: int
+    final_loss: float
+    seconds: float
+    interrupted: bool = False
+
+
+def _save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sampler: PatchSampler, step: int,
+          run_key: str) -> None:
+    state = {"model": model.state_dict(), "optim": opt.state_dict(), "sampler": sampler.state(),
+             "step": step, "run_key": run_key}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def read_checkpoint(path: Path, run_key: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read training checkpoint {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a sls-deploy training checkpoint")
+    if state.get("run_key") != run_key:
+        raise CheckpointError(f"{path} belongs to another run (different plan, recipe or weights)")
+    return state
+
+
+def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoint: Path | None = None,
+          resume: bool = False, run_key: str = "", masks: MaskSet | None = None, desc: str = "train",
+          progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train ``model`` in place for ``cfg.steps`` steps; return what happened."""
+    torch.manual_seed(cfg.seed)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    start = 0
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = read_checkpoint(checkpoint, run_key)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        sampler.set_state(state["sampler"])
+        start = int(state["step"])
+    if masks is not None:
+        masks.attach(model)
+    t0, loss_v, done = time.perf_counter(), float("nan"), start
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True,
+               unit="step", mininterval=1.0)
+    try:
+        for step in range(start, cfg.steps):
+            before = sampler.state()
+            lr_img, hr_img = sampler.batch()
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr_at(step)
+            loss = F.l1_loss(model(lr_img), hr_img)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done = step + 1  # from here on this step's update is in the weights
+            if masks is not None:
+                masks.apply(model)
+            loss_v = float(loss.detach())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{cfg.lr_at(step):.1e}", refresh=False)
+            if on_step is not None:
+                on_step(done, loss_v)
+            if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                _save(checkpoint, model, opt, sampler, done, run_key)
+    except KeyboardInterrupt:
+        # Keep what was learned so far. A step cut off before its update is redrawn on resume.
+        if checkpoint is not None and done > start:
+            if masks is not None:
+                masks.apply(model)
+            if done == step:
+                sampler.set_state(before)
+            _save(checkpoint, model, opt, sampler, done, run_key)
+        raise
+    finally:
+        bar.close()
+        if masks is not None:
+            masks.detach()
+    model.eval()
+    return TrainResult(steps_done=done, resumed_from=start, final_loss=loss_v, seconds=time.perf_counter() - t0)
