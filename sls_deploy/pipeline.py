@@ -173,7 +173,9 @@ def run_finetune(bundle: Bundle, recipe: Recipe, opts: BuildOptions, resume: boo
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
             matches = isinstance(state, dict) and state.get("run_key") == inputs
         except Exception:
-            matches = False
+            if resume:
+                raise CheckpointError(f"cannot read {ckpt} (corrupt?); pass --restart to discard it") from None
+            state, matches = None, False
         if matches:
             opts.log(f"  resuming finetune from step {state['step']}/{steps}")
         elif resume:

@@ -26,25 +26,33 @@ def quiet_polygraphy() -> None:
     G_LOGGER.module_severity = G_LOGGER.WARNING
 
 
+def onnx_input_names(path: Path) -> list[str]:
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:
+        raise ValidationError(f"cannot read {path} as ONNX (corrupt?): {type(e).__name__}") from None
+    inits = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in inits]
+
+
 @contextlib.contextmanager
 def ort_infer(onnx_path: str | os.PathLike, input_name: str = "lr", output_name: str = "sr") -> Iterator:
     """An ``infer(lr_tensor) -> np.ndarray`` function backed by ONNX Runtime on CPU (via Polygraphy)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     quiet_polygraphy()
-
     path = Path(onnx_path)
     if not path.is_file():
         raise ValidationError(f"ONNX file not found: {path}")
-    loader = SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])
-    with OnnxrtRunner(loader) as runner:
-        inputs = list(runner.get_input_metadata().keys())
-        if input_name not in inputs:
-            raise ValidationError(f"{path.name} has no input '{input_name}' (inputs: {', '.join(inputs)})")
+    inputs = onnx_input_names(path)
+    if input_name not in inputs:
+        raise ValidationError(f"{path.name} has no input '{input_name}' (inputs: {', '.join(inputs) or 'none'})")
+    with OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])) as runner:
 
         def infer(lr: torch.Tensor) -> np.ndarray:
-            x = lr.detach().cpu().numpy().astype(np.float32)
-            return runner.infer({input_name: x})[output_name]
+            return runner.infer({input_name: lr.detach().cpu().numpy().astype(np.float32)})[output_name]
 
         yield infer
 

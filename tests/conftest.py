@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny EDSR recipe, its random base weights, and tiny real images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from sls_deploy.data.images import read_rgb
+from sls_deploy.data.sources import skimage_data_dir
+
+TINY_RECIPE = {
+    "name": "edsr-tiny-x4",
+    "model": {"arch": "edsr", "scale": 4, "num_feat": 16, "num_block": 2, "res_scale": 1.0},
+    "reference_output": [128, 96],
+    "data": {"train": "", "eval": "", "metric_channel": "y"},  # filled per test
+    "train": {"steps": 3, "lr": 1e-3, "batch_size": 2, "lr_patch": 8, "checkpoint_every": 2},
+    "finetune": {"steps": 4, "lr": 1e-3, "batch_size": 2, "lr_patch": 8, "checkpoint_every": 2},
+    "sparsity": {"method": "oneshot", "m": 4},
+    "export": {"opset": 17},
+    "validate": {"sizes": [[8, 8], [9, 13]], "fp32_atol": 1e-4},
+}
+
+
+def _crop(name: str, y: int, x: int, h: int, w: int) -> np.ndarray:
+    img = read_rgb(skimage_data_dir() / name)
+    return (np.round(img[y:y + h, x:x + w] * 255)).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory) -> dict[str, Path]:
+    """Folders of tiny real photographs (crops of scikit-image's bundled images)."""
+    root = tmp_path_factory.mktemp("images")
+    train, evald = root / "train", root / "eval"
+    train.mkdir()
+    evald.mkdir()
+    iio.imwrite(train / "coffee.png", _crop("coffee.png", 100, 200, 64, 80))
+    iio.imwrite(train / "rocket.png", _crop("rocket.jpg", 200, 200, 72, 64))
+    iio.imwrite(evald / "astronaut.png", _crop("astronaut.png", 100, 180, 64, 64))
+    iio.imwrite(evald / "chelsea.png", _crop("chelsea.png", 80, 120, 56, 68))
+    return {"train": train, "eval": evald}
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_images) -> Path:
+    r = {**TINY_RECIPE, "data": {"train": str(tiny_images["train"]), "eval": str(tiny_images["eval"]),
+                                 "metric_channel": "y"}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+@pytest.fixture
+def tiny_weights(tmp_path, tiny_recipe) -> Path:
+    from sls_deploy.recipe import load_recipe
+
+    torch.manual_seed(0)
+    model = load_recipe(tiny_recipe).build_model()
+    path = tmp_path / "tiny_base.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

@@ -1,0 +1,209 @@
+"""The build pipeline end to end on a tiny EDSR: bundle contents, masks through export, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sls_deploy import atomic
+from sls_deploy.errors import BundleError, CheckpointError, PlanError, UsageError
+from sls_deploy.export import graph_weights, reduction_last
+from sls_deploy.pipeline import BuildOptions, build, load_model
+from sls_deploy.recipe import load_recipe
+from sls_deploy.sparsity import Plan, nm_mask
+from sls_deploy.validate import ort_infer
+
+
+def _opts(weights: Path, budget: float = 0.4, logs: list | None = None, **kw) -> BuildOptions:
+    return BuildOptions(budget=budget, weights=str(weights), progress=False,
+                        log=(logs.append if logs is not None else (lambda s: None)), **kw)
+
+
+@pytest.fixture
+def built(tmp_path, tiny_recipe, tiny_weights):
+    out = tmp_path / "bundle"
+    rep = build(load_recipe(tiny_recipe), _opts(tiny_weights), out)
+    return out, rep, tiny_recipe, tiny_weights
+
+
+def test_bundle_holds_every_artifact_with_recorded_hashes(built):
+    out, rep, _, _ = built
+    for name in ("manifest.json", "plan.json", "model.safetensors", "model.onnx", "report.json", "report.md",
+                 "recipe.yaml"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, sha in manifest["files"].items():
+        assert atomic.sha256_file(out / name) == sha
+    assert set(manifest["libraries"]) >= {"torch", "onnx", "onnxruntime", "polygraphy", "numpy"}
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_report_fields_and_budget(built):
+    out, rep, _, _ = built
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["budget"] == 0.4
+    assert on_disk["macs"]["ratio"] <= 0.4
+    assert on_disk["macs"]["pruned"] == pytest.approx(on_disk["macs"]["dense"] * on_disk["macs"]["ratio"])
+    for key in ("bicubic", "dense", "pruned", "channel", "eval_images"):
+        assert key in on_disk["psnr"]
+    assert on_disk["psnr"]["eval_images"] == ["astronaut.png", "chelsea.png"]
+    assert on_disk["onnx_vs_torch"]["max_abs"] <= 1e-4
+    assert [s["lr_hw"] for s in on_disk["onnx_vs_torch"]["sizes"]] == [[8, 8], [9, 13]]
+    plan = Plan.load(out / "plan.json")
+    assert [l["name"] for l in on_disk["layers"]] == [l.name for l in plan.layers]
+    for l in on_disk["layers"]:
+        assert {"name", "n", "m", "macs_dense", "macs_pruned"} <= set(l)
+
+
+def test_plan_keeps_first_and_last_conv_dense(built):
+    out, _, _, _ = built
+    plan = Plan.load(out / "plan.json")
+    names = [l.name for l in plan.layers]
+    assert "conv_first" not in names and "conv_last" not in names
+    assert {d.name for d in plan.dense_layers} == {"conv_first", "conv_last"}
+    assert "upsample.0" in names and "body.0.conv1" in names
+    # the one-shot planner is uniform: with 0.4 and M=4 only N=1 fits
+    assert {l.n for l in plan.layers} == {1}
+
+
+def test_masks_survive_finetune_and_export(built):
+    out, _, tiny_recipe, tiny_weights = built
+    recipe = load_recipe(tiny_recipe)
+    plan = Plan.load(out / "plan.json")
+    base = load_model(recipe, tiny_weights)
+    tuned = load_file(str(out / "model.safetensors"))
+    base_modules = dict(base.named_modules())
+    graph = {w.tensor: w for w in graph_weights(onnx.load(str(out / "model.onnx")))}
+    for layer in plan.layers:
+        mask = nm_mask(base_modules[layer.name].weight, layer.n, layer.m)
+        w = tuned[f"{layer.name}.weight"]
+        assert torch.all(w[~mask] == 0), layer.name  # pruned entries exactly zero
+        assert torch.all(w[mask] != 0), layer.name  # and the kept ones really kept
+        # the graph holds the same weights: exactly N non-zeros in every group of M input channels
+        arr = reduction_last(graph[f"{layer.name}.weight"])
+        groups = np.moveaxis(arr, 1, -1).reshape(-1, layer.m)
+        assert np.all((groups != 0).sum(-1) == layer.n), layer.name
+        np.testing.assert_array_equal(arr, w.numpy())
+
+
+def test_onnx_runs_at_two_sizes_and_matches_torch(built):
+    out, _, tiny_recipe, _ = built
+    recipe = load_recipe(tiny_recipe)
+    model = load_model(recipe, out / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    with ort_infer(out / "model.onnx") as run:
+        for n, h, w in [(1, 12, 12), (2, 7, 19)]:
+            x = torch.rand(n, 3, h, w, generator=g)
+            got = run(x)
+            assert got.shape == (n, 3, 4 * h, 4 * w)
+            with torch.no_grad():
+                np.testing.assert_allclose(got, model(x).numpy(), atol=1e-4, rtol=0)
+
+
+def test_rerun_skips_finished_stages_and_changes_nothing(built):
+    out, _, tiny_recipe, tiny_weights = built
+    before = {p.name: atomic.sha256_file(p) for p in out.iterdir() if p.is_file() and p.name != "manifest.json"}
+    logs: list[str] = []
+    build(load_recipe(tiny_recipe), _opts(tiny_weights, logs=logs), out)
+    assert sum("up to date" in line for line in logs) == 4
+    after = {p.name: atomic.sha256_file(p) for p in out.iterdir() if p.is_file() and p.name != "manifest.json"}
+    assert before == after
+
+
+def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, tiny_recipe, tiny_weights, monkeypatch):
+    recipe = load_recipe(tiny_recipe)
+    reference = tmp_path / "uninterrupted"
+    build(recipe, _opts(tiny_weights), reference)
+
+    from sls_deploy.data.patches import PatchSampler
+
+    real_batch, calls = PatchSampler.batch, {"n": 0}
+
+    def flaky_batch(self):
+        calls["n"] += 1
+        if calls["n"] == 4:  # Ctrl-C during the 4th finetune step
+            raise KeyboardInterrupt
+        return real_batch(self)
+
+    out = tmp_path / "interrupted"
+    monkeypatch.setattr(PatchSampler, "batch", flaky_batch)
+    with pytest.raises(KeyboardInterrupt):
+        build(recipe, _opts(tiny_weights), out)
+    assert (out / "work" / "finetune.ckpt").is_file()
+    assert not (out / "model.safetensors").exists()  # no half-written final artifact
+    assert not list(out.rglob("*.tmp"))
+
+    monkeypatch.setattr(PatchSampler, "batch", real_batch)
+    logs: list[str] = []
+    build(recipe, _opts(tiny_weights, logs=logs), out)
+    assert any("resuming finetune from step 3/4" in line for line in logs)
+    a, b = load_file(str(reference / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert not (out / "work" / "finetune.ckpt").exists()
+
+
+def test_output_folder_of_another_build_is_refused(built):
+    out, _, tiny_recipe, tiny_weights = built
+    before = atomic.sha256_file(out / "model.safetensors")
+    with pytest.raises(BundleError, match="holds another bundle"):
+        build(load_recipe(tiny_recipe), _opts(tiny_weights, budget=0.6), out)
+    assert atomic.sha256_file(out / "model.safetensors") == before
+
+
+def test_non_bundle_folder_is_refused(tmp_path, tiny_recipe, tiny_weights):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError, match="not empty"):
+        build(load_recipe(tiny_recipe), _opts(tiny_weights), out)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_unreachable_budget_names_smallest_reachable(tmp_path, tiny_recipe, tiny_weights):
+    import re
+
+    from sls_deploy.pipeline import make_plan
+
+    recipe = load_recipe(tiny_recipe)
+    with pytest.raises(PlanError, match=r"smallest reachable budget is 0\.\d{4}") as info:
+        build(recipe, _opts(tiny_weights, budget=0.1), tmp_path / "b")
+    floor = float(re.search(r"reachable budget is (0\.\d+)", str(info.value)).group(1))
+    assert 0.1 < floor < 1
+    model = load_model(recipe, tiny_weights)
+    plan = make_plan(recipe, model, floor + 1e-3, "oneshot", 4)  # just above the floor: N=1 everywhere
+    assert {l.n for l in plan.layers} == {1} and plan.ratio == pytest.approx(floor, abs=1e-4)
+    with pytest.raises(PlanError):
+        make_plan(recipe, model, floor - 1e-3, "oneshot", 4)
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.5, -0.2])
+def test_budget_out_of_range(tmp_path, tiny_recipe, tiny_weights, budget):
+    with pytest.raises(UsageError):
+        build(load_recipe(tiny_recipe), _opts(tiny_weights, budget=budget), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_corrupt_base_weights(tmp_path, tiny_recipe):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        build(load_recipe(tiny_recipe), _opts(bad), tmp_path / "b")
+
+
+def test_tampered_file_is_detected(built):
+    from sls_deploy.pipeline import open_bundle, options_from_bundle, run_validate
+
+    out, _, _, _ = built
+    data = bytearray((out / "model.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (out / "model.onnx").write_bytes(bytes(data))
+    bundle, recipe = open_bundle(out)
+    with pytest.raises(BundleError, match="sha256"):
+        run_validate(bundle, recipe, options_from_bundle(bundle, log=lambda s: None))
