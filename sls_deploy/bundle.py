@@ -72,7 +72,7 @@ class Bundle:
                       if self.path(name).is_file()}
         atomic.write_json(self.path(MANIFEST), m)
 
-    def claim(self, build_key: Mapping[str, Any], recipe_text: str) -> None:
+    def claim(self, build_key: Mapping[str, Any], recipe_text: str, options: Mapping[str, Any] | None = None) -> None:
         """Make this folder the bundle of ``build_key``; refuse a folder that holds a different build."""
         if self.root.exists() and not self.root.is_dir():
             raise BundleError(f"{self.root} exists and is not a folder")
@@ -90,6 +90,8 @@ class Bundle:
                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "stages": {}}
         m["libraries"] = library_versions()
         m["command"] = sys.argv
+        if options is not None:
+            m["options"] = dict(options)
         atomic.write_text(self.path(RECIPE), recipe_text)
         m.setdefault("stages", {})
         self._write_manifest(m)

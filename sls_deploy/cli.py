@@ -113,7 +113,7 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, seed, no_pro
 def search(model_name, recipe_path, budget, method, m, weights, seed, out):
     """Only plan: write plan.json (one entry per prunable layer) into a new or matching bundle."""
     from .bundle import Bundle
-    from .pipeline import BuildOptions, build_key, check_options, default_out, run_search
+    from .pipeline import BuildOptions, build_key, check_options, default_out, options_record, run_search
     from .recipe import resolve_recipe
 
     recipe = resolve_recipe(model_name, recipe_path)
@@ -121,7 +121,7 @@ def search(model_name, recipe_path, budget, method, m, weights, seed, out):
     check_options(recipe, opts)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     bundle = Bundle(out_dir)
-    bundle.claim(build_key(recipe, opts), Path(recipe.path).read_text())
+    bundle.claim(build_key(recipe, opts), Path(recipe.path).read_text(), options_record(opts))
     plan = run_search(bundle, recipe, opts)
     click.echo(f"{out_dir / 'plan.json'}: {len(plan.layers)} layers at {plan.layers[0].n}:{plan.m}, "
                f"MACs ratio {plan.ratio:.3f}")

@@ -81,6 +81,11 @@ def build_key(recipe: Recipe, opts: BuildOptions) -> dict[str, Any]:
             "method": opts.method, "m": opts.m or recipe.sparsity_m}
 
 
+def options_record(opts: BuildOptions) -> dict[str, Any]:
+    """What the manifest keeps of the options (the seed, weights and data that made the bundle)."""
+    return {k: getattr(opts, k) for k in ("seed", "weights", "data", "eval_data", "steps")}
+
+
 def check_options(recipe: Recipe, opts: BuildOptions) -> None:
     try:
         check_budget(opts.budget)
@@ -313,7 +318,7 @@ def options_from_bundle(bundle: Bundle, **overrides) -> BuildOptions:
 def build(recipe: Recipe, opts: BuildOptions, out: Path) -> dict:
     check_options(recipe, opts)
     bundle = Bundle(out)
-    bundle.claim(build_key(recipe, opts), Path(recipe.path).read_text())
+    bundle.claim(build_key(recipe, opts), Path(recipe.path).read_text(), options_record(opts))
     log = opts.log
     stages = [("search", lambda: run_search(bundle, recipe, opts)),
               ("finetune", lambda: run_finetune(bundle, recipe, opts)),
