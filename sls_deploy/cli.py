@@ -31,8 +31,14 @@ def _plan_options(f):
                           "Default: the recipe's shipped weights.")(f)
     f = click.option("--m", "m", type=click.Choice(["4", "8", "16", "32"]), default=None,
                      help="Group size M of N:M sparsity (default: the recipe's, 4 for EDSR).")(f)
-    f = click.option("--method", type=click.Choice(["oneshot"]), default="oneshot", show_default=True,
-                     help="Planner: oneshot = uniform magnitude N:M (the SLS paper's baseline).")(f)
+    f = click.option("--alpha", type=float, help="SLS: growth of the budget-loss coefficient when the "
+                     "compression stalls (>= 1; default: the recipe's, 1.1 as the paper).")(f)
+    f = click.option("--lam", "lam", type=float, help="SLS: lambda of the budget loss (>= 0; default: the "
+                     "recipe's, 1e-10 as the paper).")(f)
+    f = click.option("--method", type=click.Choice(["sls", "oneshot", "srste"]), default="oneshot",
+                     show_default=True,
+                     help="Planner: sls = layer-wise N:M search (SLS); oneshot = uniform magnitude N:M (the SLS "
+                          "paper's baseline); srste = uniform N:M finetuned with SR-STE.")(f)
     f = click.option("--budget", required=True, type=BUDGET,
                      help="Fraction of the dense model's MACs (whole model, reference resolution) to keep, in (0, 1].")(f)
     return f
@@ -61,8 +67,8 @@ def cli() -> None:
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @_progress_option
-def build(model_name, recipe_path, budget, method, m, weights, seed, data, eval_data, steps, out, as_json,
-          no_progress):
+def build(model_name, recipe_path, budget, method, lam, alpha, m, weights, seed, data, eval_data, steps, out,
+          as_json, no_progress):
     """Plan, finetune, export and validate: the whole pipeline into one bundle folder.
 
     Re-running the same command resumes an interrupted build (finished stages are skipped, finetune continues
@@ -73,8 +79,9 @@ def build(model_name, recipe_path, budget, method, m, weights, seed, data, eval_
     from .report import summary_text
 
     recipe = resolve_recipe(model_name, recipe_path)
-    opts = BuildOptions(budget=budget, method=method, m=int(m) if m else None, weights=weights, data=data,
-                        eval_data=eval_data, steps=steps, seed=seed, progress=not no_progress, log=_log)
+    opts = BuildOptions(budget=budget, method=method, m=int(m) if m else None, lam=lam, alpha=alpha,
+                        weights=weights, data=data, eval_data=eval_data, steps=steps, seed=seed,
+                        progress=not no_progress, log=_log)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     rep = run_build(recipe, opts, out_dir)
     click.echo(json.dumps(rep, indent=2) if as_json else summary_text(rep))
@@ -110,21 +117,26 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, seed, no_pro
 @_recipe_options
 @_plan_options
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>).")
-def search(model_name, recipe_path, budget, method, m, weights, seed, out):
+@click.option("--data", help="Training images for the SLS search (default: the recipe's list).")
+@click.option("--steps", type=click.IntRange(min=0), help="Search + finetune steps (default: the recipe's).")
+@_progress_option
+def search(model_name, recipe_path, budget, method, lam, alpha, m, weights, seed, out, data, steps, no_progress):
     """Only plan: write plan.json (one entry per prunable layer) into a new or matching bundle."""
     from .bundle import Bundle
     from .pipeline import BuildOptions, build_key, check_options, default_out, options_record, run_search
     from .recipe import resolve_recipe
 
     recipe = resolve_recipe(model_name, recipe_path)
-    opts = BuildOptions(budget=budget, method=method, m=int(m) if m else None, weights=weights, seed=seed, log=_log)
+    opts = BuildOptions(budget=budget, method=method, m=int(m) if m else None, lam=lam, alpha=alpha,
+                        weights=weights, seed=seed, data=data, steps=steps, progress=not no_progress, log=_log)
     check_options(recipe, opts)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     bundle = Bundle(out_dir)
     bundle.claim(build_key(recipe, opts), Path(recipe.path).read_text(), options_record(opts))
     plan = run_search(bundle, recipe, opts)
-    click.echo(f"{out_dir / 'plan.json'}: {len(plan.layers)} layers at {plan.layers[0].n}:{plan.m}, "
-               f"MACs ratio {plan.ratio:.3f}")
+    ns = sorted({l.n for l in plan.layers})
+    click.echo(f"{out_dir / 'plan.json'}: {plan.method}, {len(plan.layers)} layers at N in {ns} of M={plan.m}, "
+               f"MACs ratio {plan.ratio:.3f} (2:4-accelerated bound {plan.trt_2to4_ratio:.3f})")
 
 
 @cli.command()

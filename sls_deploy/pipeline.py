@@ -7,6 +7,7 @@ interrupted build resumes where it stopped (mid-finetune from the last checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -24,15 +25,15 @@ from .errors import CheckpointError, PlanError, UsageError, ValidationError
 from .evaluate import bicubic_infer, evaluate, torch_infer
 from .export import export_onnx, load_onnx, verify_plan_in_graph
 from .recipe import Recipe, load_recipe
-from .sparsity import MaskSet, Plan, eligible, nm_mask
-from .sparsity.macs import layer_macs
+from .search import METHODS, plan_uniform, search_sls, split_layers
+from .sparsity import MaskSet, Plan, nm_mask
 from .sparsity.nm import VALID_M
-from .sparsity.oneshot import Candidate, check_budget, plan_oneshot
-from .sparsity.plan import DenseLayer
+from .sparsity.oneshot import check_budget
+from .sparsity.srste import SRSTE
 from .train import TrainConfig, train
 from .validate import compare_to_reference, crops_for_sizes, ort_infer
 
-METHODS = ("oneshot",)
+SEARCH_WEIGHTS = "search.safetensors"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 Log = Callable[[str], None]
 
@@ -42,6 +43,8 @@ class BuildOptions:
     budget: float
     method: str = "oneshot"
     m: int | None = None  # None: the recipe's
+    lam: float | None = None  # SLS lambda; None: the recipe's
+    alpha: float | None = None  # SLS alpha; None: the recipe's
     weights: str | None = None  # base weights; None: the recipe's shipped weights
     data: str | None = None  # training images for finetune; None: the recipe's list
     eval_data: str | None = None
@@ -83,7 +86,7 @@ def build_key(recipe: Recipe, opts: BuildOptions) -> dict[str, Any]:
 
 def options_record(opts: BuildOptions) -> dict[str, Any]:
     """What the manifest keeps of the options (the seed, weights and data that made the bundle)."""
-    return {k: getattr(opts, k) for k in ("seed", "weights", "data", "eval_data", "steps")}
+    return {k: getattr(opts, k) for k in ("seed", "weights", "data", "eval_data", "steps", "lam", "alpha")}
 
 
 def check_options(recipe: Recipe, opts: BuildOptions) -> None:
@@ -98,47 +101,65 @@ def check_options(recipe: Recipe, opts: BuildOptions) -> None:
         raise UsageError(f"M must be one of {', '.join(map(str, VALID_M))}, not {m}")
     if opts.steps is not None and opts.steps < 0:
         raise UsageError(f"--steps must be >= 0, not {opts.steps}")
+    try:
+        sls_settings(recipe, opts)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def sls_settings(recipe: Recipe, opts: BuildOptions):
+    """The recipe's SLS settings with the command line's M, lambda and alpha."""
+    changes = {"m": opts.m or recipe.sparsity_m}
+    if opts.lam is not None:
+        changes["lam"] = opts.lam
+    if opts.alpha is not None:
+        changes["alpha"] = opts.alpha
+    return dataclasses.replace(recipe.sls, **changes).validate()
+
+
+def pruning_steps(recipe: Recipe, opts: BuildOptions) -> int:
+    """Training steps after the base model, search and finetune together (the same for every method)."""
+    return recipe.finetune.steps if opts.steps is None else opts.steps
 
 
 # -- stage: search ----------------------------------------------------------------------------------------
-def make_plan(recipe: Recipe, model: torch.nn.Module, budget: float, method: str, m: int, seed: int = 0) -> Plan:
-    """Measure every layer's MACs at the reference resolution, split prunable from dense, run the planner."""
-    h, w = recipe.reference_input_hw()
-    macs = layer_macs(model, recipe.adapter.example_input(recipe.model, h, w))
-    modules = dict(model.named_modules())
-    candidates, dense = [], []
-    for decl in recipe.adapter.layers(model):
-        mod = modules[decl.name]
-        shape = tuple(mod.weight.shape)
-        cost = macs.get(decl.name, 0)
-        groups = getattr(mod, "groups", 1)
-        if not decl.prunable:
-            dense.append(DenseLayer(decl.name, cost, decl.reason or "declared dense by the adapter"))
-        elif not eligible(shape, m, groups):
-            dense.append(DenseLayer(decl.name, cost, f"input channels {shape[1]} not a multiple of M={m}"))
-        else:
-            candidates.append(Candidate(decl.name, decl.op, shape, cost))
-    if method == "oneshot":
-        plan = plan_oneshot(recipe.name, candidates, dense, budget, m, list(recipe.reference_output))
-    else:  # pragma: no cover - check_options rejects it first
-        raise UsageError(f"unknown method '{method}'")
-    plan.seed = seed
-    return plan
-
-
 def run_search(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> Plan:
     base = resolve_base_weights(recipe, opts.weights)
+    m = opts.m or recipe.sparsity_m
+    settings = sls_settings(recipe, opts)
+    total = pruning_steps(recipe, opts)
     inputs = digest({"key": build_key(recipe, opts), "base": atomic.sha256_file(base) if base.is_file() else None,
-                     "ref": recipe.reference_output, "model": recipe.model.options, "seed": opts.seed})
+                     "ref": recipe.reference_output, "model": recipe.model.options, "seed": opts.seed,
+                     **({"sls": settings.__dict__, "max": min(recipe.sls_max_search_steps, total),
+                         "data": opts.data or recipe.data_train, "ft": recipe.finetune.__dict__}
+                        if opts.method == "sls" else {})})
     if bundle.stage_is_current("search", inputs):
         opts.log("  up to date")
         return Plan.load(bundle.path(PLAN))
     t0 = time.perf_counter()
     model = load_model(recipe, base)
-    plan = make_plan(recipe, model, opts.budget, opts.method, opts.m or recipe.sparsity_m, opts.seed)
+    split = split_layers(recipe, model, m)
+    outputs, init = [PLAN], str(base)
+    if opts.method == "sls":
+        sec = recipe.finetune
+        sampler = PatchSampler(resolve_images(opts.data or recipe.data_train), recipe.scale, sec.lr_patch,
+                               sec.batch_size, seed=opts.seed)
+        ckpt = bundle.work / "search.ckpt"
+        plan, _ = search_sls(recipe, model, split, opts.budget, settings, sampler,
+                             max_steps=min(recipe.sls_max_search_steps, total), lr=sec.lr, checkpoint=ckpt,
+                             run_key=inputs, seed=opts.seed, progress=opts.progress)
+        save_weights(model, bundle.path(SEARCH_WEIGHTS), {"plan": "sls"})
+        outputs.append(SEARCH_WEIGHTS)
+        init = str(bundle.path(SEARCH_WEIGHTS))
+        if ckpt.exists():
+            ckpt.unlink()
+    else:
+        plan = plan_uniform(recipe, split, opts.budget, m, opts.method)
+    plan.seed = opts.seed
     plan.save(bundle.path(PLAN))
-    bundle.record_stage("search", inputs, [PLAN], time.perf_counter() - t0,
-                        {"base_weights": str(base), "base_weights_sha256": atomic.sha256_file(base)})
+    bundle.record_stage("search", inputs, outputs, time.perf_counter() - t0,
+                        {"base_weights": str(base), "base_weights_sha256": atomic.sha256_file(base),
+                         "init_weights": init})
     return plan
 
 
@@ -160,9 +181,10 @@ def run_finetune(bundle: Bundle, recipe: Recipe, opts: BuildOptions, resume: boo
     or None (discarded with a note if it does not match, as ``build`` does); ``resume=False`` refuses to touch it.
     """
     plan = Plan.load(bundle.path(PLAN))
-    base = Path(bundle.manifest()["stages"]["search"]["base_weights"])
+    search = bundle.manifest()["stages"]["search"]
+    base = Path(search.get("init_weights") or search["base_weights"])
     sec = recipe.finetune
-    steps = sec.steps if opts.steps is None else opts.steps
+    steps = max(0, pruning_steps(recipe, opts) - int(plan.search.get("steps", 0)))
     data = opts.data or recipe.data_train
     inputs = digest({"plan": atomic.sha256_file(bundle.path(PLAN)), "base": atomic.sha256_file(base),
                      "steps": steps, "sec": sec.__dict__, "data": data, "seed": opts.seed})
@@ -192,11 +214,15 @@ def run_finetune(bundle: Bundle, recipe: Recipe, opts: BuildOptions, resume: boo
     t0 = time.perf_counter()
     model = load_model(recipe, base)
     masks = masks_for(model, plan)
-    sampler = PatchSampler(resolve_images(data), recipe.scale, sec.lr_patch, sec.batch_size, seed=opts.seed)
+    controller = (SRSTE([(l.name, l.n) for l in plan.layers if l.n < l.m], plan.m, recipe.srste_decay)
+                  if plan.method == "srste" else masks)
+    sampler = PatchSampler(resolve_images(data), recipe.scale, sec.lr_patch, sec.batch_size, seed=opts.seed + 1)
     cfg = TrainConfig(steps=steps, lr=sec.lr, warmup=sec.warmup, checkpoint_every=sec.checkpoint_every,
                       seed=opts.seed)
-    result = train(model, sampler, cfg, checkpoint=ckpt, resume=True, run_key=inputs, masks=masks,
+    result = train(model, sampler, cfg, checkpoint=ckpt, resume=True, run_key=inputs, controller=controller,
                    desc="finetune", progress=opts.progress)
+    if plan.method == "srste":  # SR-STE's masks moved with the weights: take the final ones
+        masks = masks_for(model, plan)
     masks.apply(model)  # steps == 0: the one-shot pruned model itself
     save_weights(model, bundle.path(WEIGHTS), {"plan": plan.method, "budget": str(plan.budget)})
     info = {"steps": result.steps_done, "resumed_from": result.resumed_from,
@@ -307,8 +333,12 @@ def open_bundle(root: Path) -> tuple[Bundle, Recipe]:
 
 
 def options_from_bundle(bundle: Bundle, **overrides) -> BuildOptions:
-    key = bundle.require()["build_key"]
+    m = bundle.require()
+    key, recorded = m["build_key"], m.get("options", {})
     opts = BuildOptions(budget=key["budget"], method=key["method"], m=key["m"])
+    for k in ("seed", "weights", "data", "steps", "lam", "alpha"):  # what the bundle was built with
+        if recorded.get(k) is not None:
+            setattr(opts, k, recorded[k])
     for k, v in overrides.items():
         if v is not None:
             setattr(opts, k, v)
@@ -331,7 +361,8 @@ def build(recipe: Recipe, opts: BuildOptions, out: Path) -> dict:
         log(f"[{i}/{len(stages)}] {name} ...")
         result = fn()
         if name == "search":
-            log(f"  plan: {opts.method}, N:M = {result.layers[0].n}:{result.m} on {len(result.layers)} layers, "
+            ns = sorted({l.n for l in result.layers})
+            log(f"  plan: {result.method}, N in {ns} of M={result.m} over {len(result.layers)} layers, "
                 f"MACs {result.macs_pruned / 1e9:.2f} / {result.macs_dense / 1e9:.2f} G (ratio {result.ratio:.3f})")
         if name == "validate":
             rep = result

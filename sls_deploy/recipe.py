@@ -48,6 +48,9 @@ class Recipe:
     opset: int
     validate_sizes: tuple[tuple[int, int], ...]
     fp32_atol: float
+    sls: "SLSSettings"
+    sls_max_search_steps: int
+    srste_decay: float
     adapter: ModelAdapter = field(compare=False, repr=False)
 
     @property
@@ -90,7 +93,24 @@ def recipe_for_model(model: str) -> Path:
 
 
 _TOP_KEYS = {"name", "model", "base_weights", "reference_output", "data", "train", "finetune", "sparsity",
-             "export", "validate", "description"}
+             "export", "validate", "description", "sls", "srste"}
+_SLS_KEYS = {"lam", "alpha", "threshold", "check_every", "refresh_every", "score_lr", "score_clamp", "loss_scale",
+             "max_search_steps"}
+
+
+def _sls(raw: Mapping[str, Any], m: int) -> tuple["SLSSettings", int]:
+    from .sparsity.sls import SLSSettings
+
+    sec = _section(raw, "sls", _SLS_KEYS)
+    try:
+        max_steps = int(sec.pop("max_search_steps", 100))
+        casts = {"check_every": int, "refresh_every": int}
+        settings = SLSSettings(m=m, **{k: casts.get(k, float)(v) for k, v in sec.items()}).validate()
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe section 'sls': {e}") from None
+    if max_steps < 1:
+        raise RecipeError("sls.max_search_steps must be >= 1")
+    return settings, max_steps
 
 
 def _section(raw: Mapping[str, Any], key: str, known: set[str]) -> dict[str, Any]:
@@ -135,6 +155,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     model_cfg = adapter.parse_config(raw["model"])
     data = _section(raw, "data", {"train", "eval", "metric_channel"})
     sparsity = _section(raw, "sparsity", {"method", "m"})
+    srste = _section(raw, "srste", {"decay"})
     export = _section(raw, "export", {"opset"})
     validate = _section(raw, "validate", {"sizes", "fp32_atol"})
     try:
@@ -149,6 +170,13 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError("reference_output must be [width, height], each at least the scale factor")
     if opset < 17:
         raise RecipeError(f"export.opset must be >= 17, not {opset}")
+    if m not in (4, 8, 16, 32):
+        raise RecipeError(f"sparsity.m must be 4, 8, 16 or 32, not {m}")
+    sls_settings, max_search = _sls(raw, m)
+    try:
+        decay = float(srste.get("decay", 2e-4))
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe section 'srste': {e}") from None
     channel = str(data.get("metric_channel", "y")).lower()
     if channel not in ("y", "rgb"):
         raise RecipeError(f"data.metric_channel must be 'y' or 'rgb', not '{channel}'")
@@ -158,7 +186,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data_train=str(data.get("train", "skimage:train")), data_eval=str(data.get("eval", "skimage:eval")),
         metric_channel=channel, train=_steps(raw, "train"), finetune=_steps(raw, "finetune"),
         sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, opset=opset,
-        validate_sizes=sizes, fp32_atol=atol, adapter=adapter)
+        validate_sizes=sizes, fp32_atol=atol, sls=sls_settings, sls_max_search_steps=max_search,
+        srste_decay=decay, adapter=adapter)
 
 
 def resolve_recipe(model: str | None, recipe: str | os.PathLike | None) -> Recipe:

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,23 @@ from tqdm.auto import tqdm
 from .atomic import atomic_path
 from .data.patches import PatchSampler
 from .errors import CheckpointError
-from .sparsity.masking import MaskSet
+
+class Controller(Protocol):
+    """What a sparsity method adds to the training loop (fixed masks, SLS search, SR-STE, ...)."""
+
+    def attach(self, model: nn.Module) -> None: ...
+
+    def param_groups(self) -> list[dict]: ...
+
+    def regularizer(self) -> torch.Tensor | None: ...
+
+    def after_step(self, model: nn.Module, step: int) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def detach(self, model: nn.Module) -> None: ...
 
 
 @dataclass
@@ -50,9 +66,9 @@ class TrainResult:
 
 
 def _save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sampler: PatchSampler, step: int,
-          run_key: str) -> None:
+          run_key: str, controller: Controller | None) -> None:
     state = {"model": model.state_dict(), "optim": opt.state_dict(), "sampler": sampler.state(),
-             "step": step, "run_key": run_key}
+             "step": step, "run_key": run_key, "controller": controller.state_dict() if controller else {}}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -70,21 +86,30 @@ def read_checkpoint(path: Path, run_key: str) -> dict:
 
 
 def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoint: Path | None = None,
-          resume: bool = False, run_key: str = "", masks: MaskSet | None = None, desc: str = "train",
+          resume: bool = False, run_key: str = "", controller: Controller | None = None, desc: str = "train",
           progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train ``model`` in place for ``cfg.steps`` steps; return what happened."""
+    """Train ``model`` in place for ``cfg.steps`` steps; return what happened.
+
+    The weights' learning rate follows the cosine schedule; a controller's own parameter groups (e.g. SLS
+    scores) may set ``fixed_lr``. A controller whose ``finished`` turns true ends the run early.
+    """
     torch.manual_seed(cfg.seed)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    if controller is not None:
+        controller.attach(model)  # first: it may re-parametrize the weights
+    groups = [{"params": list(model.parameters())}]
+    if controller is not None:
+        groups += controller.param_groups()
+    opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.99))
     start = 0
     if resume and checkpoint is not None and checkpoint.exists():
         state = read_checkpoint(checkpoint, run_key)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         sampler.set_state(state["sampler"])
+        if controller is not None:
+            controller.load_state_dict(state.get("controller", {}))
         start = int(state["step"])
-    if masks is not None:
-        masks.attach(model)
     t0, loss_v, done = time.perf_counter(), float("nan"), start
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True,
                unit="step", mininterval=1.0)
@@ -92,34 +117,39 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
         for step in range(start, cfg.steps):
             before = sampler.state()
             lr_img, hr_img = sampler.batch()
+            if controller is not None and getattr(controller, "finished", False):
+                break
             for group in opt.param_groups:
-                group["lr"] = cfg.lr_at(step)
+                group["lr"] = group.get("fixed_lr") or cfg.lr_at(step) * group.get("lr_scale", 1.0)
             loss = F.l1_loss(model(lr_img), hr_img)
+            total = loss
+            if controller is not None and (reg := controller.regularizer()) is not None:
+                total = loss + reg
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             opt.step()
             done = step + 1  # from here on this step's update is in the weights
-            if masks is not None:
-                masks.apply(model)
+            if controller is not None:
+                controller.after_step(model, done)
             loss_v = float(loss.detach())
             bar.update(1)
             bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{cfg.lr_at(step):.1e}", refresh=False)
             if on_step is not None:
                 on_step(done, loss_v)
             if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                _save(checkpoint, model, opt, sampler, done, run_key)
+                _save(checkpoint, model, opt, sampler, done, run_key, controller)
     except KeyboardInterrupt:
         # Keep what was learned so far. A step cut off before its update is redrawn on resume.
         if checkpoint is not None and done > start:
-            if masks is not None:
-                masks.apply(model)
             if done == step:
                 sampler.set_state(before)
-            _save(checkpoint, model, opt, sampler, done, run_key)
+            elif controller is not None:
+                controller.after_step(model, done)  # idempotent: finish the cut-off step's bookkeeping
+            _save(checkpoint, model, opt, sampler, done, run_key, controller)
         raise
     finally:
         bar.close()
-        if masks is not None:
-            masks.detach()
+        if controller is not None:
+            controller.detach(model)
     model.eval()
     return TrainResult(steps_done=done, resumed_from=start, final_loss=loss_v, seconds=time.perf_counter() - t0)

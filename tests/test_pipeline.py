@@ -169,7 +169,10 @@ def test_non_bundle_folder_is_refused(tmp_path, tiny_recipe, tiny_weights):
 def test_unreachable_budget_names_smallest_reachable(tmp_path, tiny_recipe, tiny_weights):
     import re
 
-    from sls_deploy.pipeline import make_plan
+    from sls_deploy.search import plan_uniform, split_layers
+
+    def make_plan(recipe, model, budget, method, m):
+        return plan_uniform(recipe, split_layers(recipe, model, m), budget, m, method)
 
     recipe = load_recipe(tiny_recipe)
     with pytest.raises(PlanError, match=r"smallest reachable budget is 0\.\d{4}") as info:

@@ -13,7 +13,10 @@ from torch import nn
 
 
 class MaskSet:
-    """{module name: boolean mask of its weight}, applied to a model by module name."""
+    """{module name: boolean mask of its weight}, applied to a model by module name.
+
+    As a training controller it keeps the masks fixed: pruned gradients zeroed, weights re-masked each step.
+    """
 
     def __init__(self, masks: Mapping[str, torch.Tensor]):
         self.masks = {k: v.bool() for k, v in masks.items()}
@@ -41,7 +44,23 @@ class MaskSet:
             m = mask.to(w.device)
             self._handles.append(w.register_hook(lambda g, m=m: g * m.to(g.dtype)))
 
-    def detach(self) -> None:
+    def detach(self, model: nn.Module | None = None) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    # -- training controller interface --
+    def param_groups(self) -> list[dict]:
+        return []
+
+    def regularizer(self) -> None:
+        return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.apply(model)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -70,6 +70,8 @@ class Plan:
     dense_layers: list[DenseLayer] = field(default_factory=list)
     budget_scope: str = "whole_model"  # the budget is a fraction of the whole dense model's MACs
     seed: int = 0
+    target: str = "trt"  # what the plan is for: "trt" (2:4 kernels) or "none"
+    search: dict[str, Any] = field(default_factory=dict)  # what the search did (steps, coeff, ...)
 
     @property
     def macs_dense(self) -> int:
@@ -83,6 +85,12 @@ class Plan:
     def ratio(self) -> float:
         return self.macs_pruned / self.macs_dense
 
+    @property
+    def trt_2to4_ratio(self) -> float:
+        """MACs ratio if only 2:4-compatible layers are accelerated, each by exactly 2x (how TensorRT runs them)."""
+        kept = sum(l.macs_dense / 2 if l.sparse_2to4 else l.macs_dense for l in self.layers)
+        return (kept + sum(d.macs for d in self.dense_layers)) / self.macs_dense
+
     def layer(self, name: str) -> LayerPlan:
         for l in self.layers:
             if l.name == name:
@@ -94,9 +102,13 @@ class Plan:
             "version": PLAN_VERSION, "model": self.model, "method": self.method, "budget": self.budget,
             "budget_scope": self.budget_scope, "m": self.m, "seed": self.seed,
             "reference_output": self.reference_output,
-            "macs": {"dense": self.macs_dense, "pruned": self.macs_pruned, "ratio": self.ratio},
-            "layers": [l.to_json() for l in self.layers],
+            "target": self.target,
+            "macs": {"dense": self.macs_dense, "pruned": self.macs_pruned, "ratio": self.ratio,
+                     "trt_2to4_ratio": self.trt_2to4_ratio},
+            "layers": [l.to_json() | ({"trt_kernel": "sparse 2:4" if l.sparse_2to4 else "dense"}
+                                       if self.target == "trt" else {}) for l in self.layers],
             "dense_layers": [asdict(d) for d in self.dense_layers],
+            "search": self.search,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -110,7 +122,8 @@ class Plan:
                    reference_output=list(d["reference_output"]),
                    layers=[LayerPlan(**{k: v for k, v in l.items() if k in lp_fields}) for l in d["layers"]],
                    dense_layers=[DenseLayer(**x) for x in d.get("dense_layers", [])],
-                   budget_scope=d.get("budget_scope", "whole_model"), seed=int(d.get("seed", 0)))
+                   budget_scope=d.get("budget_scope", "whole_model"), seed=int(d.get("seed", 0)),
+                   target=d.get("target", "trt"), search=dict(d.get("search", {})))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
