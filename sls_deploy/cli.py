@@ -139,6 +139,29 @@ def search(model_name, recipe_path, budget, method, lam, alpha, m, weights, seed
                f"MACs ratio {plan.ratio:.3f} (2:4-accelerated bound {plan.trt_2to4_ratio:.3f})")
 
 
+@cli.command("import-sls")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@_recipe_options
+@click.option("--weights", type=click.Path(dir_okay=False),
+              help="Dense weights for a plain {layer: mask} file (default: the recipe's shipped weights).")
+@click.option("--m", "m", type=click.Choice(["4", "8", "16", "32"]), default=None,
+              help="Group size of a plain mask file (SLS checkpoints carry their own).")
+@click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-imported).")
+def import_sls(checkpoint, model_name, recipe_path, weights, m, out):
+    """Import masks searched elsewhere: an SLS checkpoint (<layer>.weight, .priority_scores, .pruning_units)
+    or a {layer: mask} safetensors file. Writes plan.json and the masked weights; continue with
+    `sls-deploy finetune BUNDLE`, `export`, `validate`."""
+    from .pipeline import run_import
+    from .recipe import resolve_recipe
+
+    recipe = resolve_recipe(model_name, recipe_path)
+    out_dir = Path(out) if out else Path("runs") / f"{model_name or Path(recipe_path).stem}-imported"
+    plan = run_import(recipe, Path(checkpoint), out_dir, weights, int(m) if m else None)
+    ns = sorted({l.n for l in plan.layers})
+    click.echo(f"{out_dir}: imported {plan.search['imported_layers']} masked layers, N in {ns} of M={plan.m}, "
+               f"MACs ratio {plan.ratio:.3f}; next: sls-deploy finetune {out_dir}")
+
+
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @click.option("--steps", type=click.IntRange(min=0), help="Finetune steps (default: the recipe's).")

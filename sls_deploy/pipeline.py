@@ -34,6 +34,7 @@ from .train import TrainConfig, train
 from .validate import compare_to_reference, crops_for_sizes, ort_infer
 
 SEARCH_WEIGHTS = "search.safetensors"
+IMPORTED_DENSE = "imported.dense.safetensors"  # the imported checkpoint's weights before masking
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 Log = Callable[[str], None]
 
@@ -160,6 +161,34 @@ def run_search(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> Plan:
     bundle.record_stage("search", inputs, outputs, time.perf_counter() - t0,
                         {"base_weights": str(base), "base_weights_sha256": atomic.sha256_file(base),
                          "init_weights": init})
+    return plan
+
+
+def run_import(recipe: Recipe, source: Path, out: Path, weights: str | None, m: int | None) -> Plan:
+    """``import-sls``: a bundle whose plan and starting weights come from masks searched elsewhere."""
+    from .importing import import_masks, masks_from_sls_checkpoint, read_mask_file
+
+    if source.suffix == ".safetensors" and not any(k.endswith(".priority_scores")
+                                                   for k in read_state_dict(source)):
+        base = resolve_base_weights(recipe, weights)
+        masks, group_m = read_mask_file(source), m or recipe.sparsity_m
+        dense_sd = recipe.adapter.convert_state_dict(read_state_dict(base), recipe.model)
+    else:
+        dense_sd, masks, group_m = masks_from_sls_checkpoint(read_state_dict(source))
+        if m and m != group_m:
+            raise UsageError(f"--m {m} differs from the checkpoint's pruning units (M={group_m})")
+    plan, model, dense = import_masks(recipe, dense_sd, masks, group_m)
+    bundle = Bundle(out)
+    key = {"model": recipe.name, "arch": recipe.model.arch, "scale": recipe.scale, "budget": plan.budget,
+           "method": "imported", "m": group_m}
+    bundle.claim(key, Path(recipe.path).read_text(), {"source": str(source), "weights": weights})
+    save_weights(dense, bundle.path(IMPORTED_DENSE), {"source": str(source)})
+    save_weights(model, bundle.path(SEARCH_WEIGHTS), {"plan": "imported"})
+    plan.save(bundle.path(PLAN))
+    bundle.record_stage("search", digest({"source": atomic.sha256_file(source)}), [PLAN, SEARCH_WEIGHTS,
+                        IMPORTED_DENSE], 0.0, {"base_weights": str(bundle.path(IMPORTED_DENSE)),
+                                               "init_weights": str(bundle.path(SEARCH_WEIGHTS)),
+                                               "source": str(source)})
     return plan
 
 

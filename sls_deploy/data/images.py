@@ -31,8 +31,8 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         img = np.repeat(img[:, :, None], 3, axis=2)
     elif img.ndim == 3 and img.shape[2] == 4:
         img = img[:, :, :3]
-    elif img.ndim == 3 and img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
+    elif img.ndim == 3 and img.shape[2] in (1, 2):  # gray, or gray + alpha
+        img = np.repeat(img[:, :, :1], 3, axis=2)
     if img.ndim != 3 or img.shape[2] != 3:
         raise DataError(f"image {path} has shape {img.shape}; expected H x W (gray), H x W x 3 or H x W x 4")
     if img.dtype == np.uint8:

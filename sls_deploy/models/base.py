@@ -61,6 +61,10 @@ class ModelAdapter(abc.ABC):
     def layers(self, model: nn.Module) -> list[LayerDecl]:
         """Every conv/linear layer with its prunable flag, in forward order."""
 
+    def key_map(self, keys) -> dict[str, str]:
+        """Foreign parameter names -> this adapter's names (keys mapped to nothing are dropped)."""
+        return {k: k for k in keys}
+
     @abc.abstractmethod
     def convert_state_dict(self, sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
         """Map a foreign checkpoint layout (BasicSR, official repos, ...) onto this adapter's names."""

@@ -124,24 +124,32 @@ class EDSRAdapter(ModelAdapter):
                 out.append(LayerDecl(name, "conv", True))
         return out
 
-    def convert_state_dict(self, sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-        if "head.0.weight" not in sd:  # already BasicSR layout
-            return dict(sd)
-        body_ids = sorted({int(m.group(1)) for k in sd if (m := re.match(r"^body\.(\d+)\.", k))})
+    def key_map(self, keys) -> dict[str, str]:
+        """Official EDSR-PyTorch names -> ours (identity for BasicSR names). MeanShift keys map to nothing."""
+        keys = list(keys)
+        if "head.0.weight" not in keys:  # already BasicSR layout
+            return {k: k for k in keys}
+        body_ids = sorted({int(m.group(1)) for k in keys if (m := re.match(r"^body\.(\d+)\.", k))})
         after_body = str(body_ids[-1]) if body_ids else None
-        out: dict[str, torch.Tensor] = {}
-        for key, value in sd.items():
+        out: dict[str, str] = {}
+        for key in keys:
             if key.startswith(("sub_mean.", "add_mean.")):
                 continue
             if after_body is not None and re.match(rf"^body\.{after_body}\.(weight|bias)$", key):
-                out["conv_after_body." + key.rsplit(".", 1)[1]] = value
+                out[key] = "conv_after_body." + key.rsplit(".", 1)[1]
                 continue
             for pattern, repl in _OFFICIAL_PATTERNS:
                 if pattern.match(key):
-                    out[pattern.sub(repl, key)] = value
+                    out[key] = pattern.sub(repl, key)
                     break
             else:
-                out[key] = value  # left as is; the fit check names it if it does not belong
+                out[key] = key  # left as is; the fit check names it if it does not belong
+        return out
+
+    def convert_state_dict(self, sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        out = {new: sd[old] for old, new in self.key_map(sd).items()}
+        if "head.0.weight" not in sd:
+            return out
         want = cfg.options["rgb_mean"]
         for key, sign in (("sub_mean", -1.0), ("add_mean", 1.0)):
             if f"{key}.bias" in sd:
