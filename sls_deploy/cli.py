@@ -84,6 +84,8 @@ def build(model_name, recipe_path, budget, method, lam, alpha, m, weights, seed,
                         progress=not no_progress, log=_log)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     rep = run_build(recipe, opts, out_dir)
+    if not rep:  # a non-zero rank of a torchrun job: rank 0 reports
+        return
     click.echo(json.dumps(rep, indent=2) if as_json else summary_text(rep))
     check_report(rep)
 
@@ -122,6 +124,7 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, seed, no_pro
 @_progress_option
 def search(model_name, recipe_path, budget, method, lam, alpha, m, weights, seed, out, data, steps, no_progress):
     """Only plan: write plan.json (one entry per prunable layer) into a new or matching bundle."""
+    from . import distributed as dist
     from .bundle import Bundle
     from .pipeline import BuildOptions, build_key, check_options, default_out, options_record, run_search
     from .recipe import resolve_recipe
@@ -132,8 +135,12 @@ def search(model_name, recipe_path, budget, method, lam, alpha, m, weights, seed
     check_options(recipe, opts)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     bundle = Bundle(out_dir)
-    bundle.claim(build_key(recipe, opts), Path(recipe.path).read_text(), options_record(opts))
+    if dist.is_main():
+        bundle.claim(build_key(recipe, opts), Path(recipe.path).read_text(), options_record(opts))
+    dist.barrier()
     plan = run_search(bundle, recipe, opts)
+    if not dist.is_main():
+        return
     ns = sorted({l.n for l in plan.layers})
     click.echo(f"{out_dir / 'plan.json'}: {plan.method}, {len(plan.layers)} layers at N in {ns} of M={plan.m}, "
                f"MACs ratio {plan.ratio:.3f} (2:4-accelerated bound {plan.trt_2to4_ratio:.3f})")
@@ -179,6 +186,10 @@ def finetune(bundle_dir, steps, data, resume, no_progress):
     if resume is False and ckpt.exists():  # --restart
         ckpt.unlink()
     info = run_finetune(bundle, recipe, opts, resume=bool(resume))
+    from . import distributed as dist
+
+    if not dist.is_main():
+        return
     click.echo(f"finetuned {info.get('steps')} steps -> {bundle.path('model.safetensors')}")
 
 
@@ -210,8 +221,14 @@ def validate(bundle_dir, eval_data, as_json):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: click in non-standalone mode so every error is a single line."""
+    """Entry point: click in non-standalone mode so every error is a single line.
+
+    Under torchrun (WORLD_SIZE > 1) it joins the process group first; see sls_deploy/distributed.py.
+    """
+    from . import distributed as dist
+
     try:
+        dist.init_from_env()
         rv = cli.main(args=argv, prog_name="sls-deploy", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
@@ -228,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     except SlsError as e:
         click.echo(f"error: {e}", err=True)
         return e.exit_code
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

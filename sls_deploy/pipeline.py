@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from . import atomic, report as report_mod
+from . import atomic, distributed as dist, report as report_mod
 from .bundle import ONNX, PLAN, RECIPE, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
 from .checkpoints import load_weights, read_state_dict
 from .data import PatchSampler, resolve_images
@@ -144,23 +144,30 @@ def run_search(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> Plan:
     if opts.method == "sls":
         sec = recipe.finetune
         sampler = PatchSampler(resolve_images(opts.data or recipe.data_train), recipe.scale, sec.lr_patch,
-                               sec.batch_size, seed=opts.seed)
+                               sec.batch_size, seed=opts.seed + 1000 * dist.rank())
         ckpt = bundle.work / "search.ckpt"
         plan, _ = search_sls(recipe, model, split, opts.budget, settings, sampler,
                              max_steps=min(recipe.sls_max_search_steps, total), lr=sec.lr, checkpoint=ckpt,
                              run_key=inputs, seed=opts.seed, progress=opts.progress)
-        save_weights(model, bundle.path(SEARCH_WEIGHTS), {"plan": "sls"})
+        plans = dist.gather([(l.name, l.n) for l in plan.layers])
+        if any(p != plans[0] for p in plans):
+            raise PlanError("the ranks of this torchrun job found different plans (non-deterministic search?)")
+        if dist.is_main():
+            save_weights(model, bundle.path(SEARCH_WEIGHTS), {"plan": "sls"})
+            if ckpt.exists():
+                ckpt.unlink()
         outputs.append(SEARCH_WEIGHTS)
         init = str(bundle.path(SEARCH_WEIGHTS))
-        if ckpt.exists():
-            ckpt.unlink()
     else:
         plan = plan_uniform(recipe, split, opts.budget, m, opts.method)
     plan.seed = opts.seed
-    plan.save(bundle.path(PLAN))
-    bundle.record_stage("search", inputs, outputs, time.perf_counter() - t0,
-                        {"base_weights": str(base), "base_weights_sha256": atomic.sha256_file(base),
-                         "init_weights": init})
+    plan.search["world_size"] = dist.world_size()
+    if dist.is_main():
+        plan.save(bundle.path(PLAN))
+        bundle.record_stage("search", inputs, outputs, time.perf_counter() - t0,
+                            {"base_weights": str(base), "base_weights_sha256": atomic.sha256_file(base),
+                             "init_weights": init})
+    dist.barrier()
     return plan
 
 
@@ -239,13 +246,17 @@ def run_finetune(bundle: Bundle, recipe: Recipe, opts: BuildOptions, resume: boo
                                   "changed); pass --restart to discard it")
         else:
             opts.log(f"  discarding {ckpt.name}: it belongs to other finetune settings")
-            ckpt.unlink()
+            dist.barrier()  # every rank has read it before rank 0 removes it
+            if dist.is_main():
+                ckpt.unlink()
+            dist.barrier()
     t0 = time.perf_counter()
     model = load_model(recipe, base)
     masks = masks_for(model, plan)
     controller = (SRSTE([(l.name, l.n) for l in plan.layers if l.n < l.m], plan.m, recipe.srste_decay)
                   if plan.method == "srste" else masks)
-    sampler = PatchSampler(resolve_images(data), recipe.scale, sec.lr_patch, sec.batch_size, seed=opts.seed + 1)
+    sampler = PatchSampler(resolve_images(data), recipe.scale, sec.lr_patch, sec.batch_size,
+                           seed=opts.seed + 1 + 1000 * dist.rank())
     cfg = TrainConfig(steps=steps, lr=sec.lr, warmup=sec.warmup, checkpoint_every=sec.checkpoint_every,
                       seed=opts.seed)
     result = train(model, sampler, cfg, checkpoint=ckpt, resume=True, run_key=inputs, controller=controller,
@@ -253,12 +264,14 @@ def run_finetune(bundle: Bundle, recipe: Recipe, opts: BuildOptions, resume: boo
     if plan.method == "srste":  # SR-STE's masks moved with the weights: take the final ones
         masks = masks_for(model, plan)
     masks.apply(model)  # steps == 0: the one-shot pruned model itself
-    save_weights(model, bundle.path(WEIGHTS), {"plan": plan.method, "budget": str(plan.budget)})
     info = {"steps": result.steps_done, "resumed_from": result.resumed_from,
-            "seconds": round(result.seconds, 1), "final_loss": result.final_loss}
-    bundle.record_stage("finetune", inputs, [WEIGHTS], time.perf_counter() - t0, {"result": info})
-    if ckpt.exists():
-        ckpt.unlink()
+            "seconds": round(result.seconds, 1), "final_loss": result.final_loss, "world_size": dist.world_size()}
+    if dist.is_main():
+        save_weights(model, bundle.path(WEIGHTS), {"plan": plan.method, "budget": str(plan.budget)})
+        bundle.record_stage("finetune", inputs, [WEIGHTS], time.perf_counter() - t0, {"result": info})
+        if ckpt.exists():
+            ckpt.unlink()
+    dist.barrier()
     return info
 
 
@@ -375,10 +388,15 @@ def options_from_bundle(bundle: Bundle, **overrides) -> BuildOptions:
 
 
 def build(recipe: Recipe, opts: BuildOptions, out: Path) -> dict:
+    """All stages into ``out``. Under torchrun every rank searches and finetunes; rank 0 alone writes files,
+    exports and validates (the other ranks return an empty report)."""
     check_options(recipe, opts)
     bundle = Bundle(out)
-    bundle.claim(build_key(recipe, opts), Path(recipe.path).read_text(), options_record(opts))
-    log = opts.log
+    if dist.is_main():
+        bundle.claim(build_key(recipe, opts), Path(recipe.path).read_text(), options_record(opts))
+    dist.barrier()
+    log = opts.log if dist.is_main() else (lambda msg: None)
+    opts.log = log
     stages = [("search", lambda: run_search(bundle, recipe, opts)),
               ("finetune", lambda: run_finetune(bundle, recipe, opts)),
               ("export", lambda: run_export(bundle, recipe, opts)),
@@ -386,6 +404,8 @@ def build(recipe: Recipe, opts: BuildOptions, out: Path) -> dict:
     t_all = time.perf_counter()
     rep: dict = {}
     for i, (name, fn) in enumerate(stages, 1):
+        if name in ("export", "validate") and not dist.is_main():
+            return {}
         t0 = time.perf_counter()
         log(f"[{i}/{len(stages)}] {name} ...")
         result = fn()

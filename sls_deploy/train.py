@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .atomic import atomic_path
 from .data.patches import PatchSampler
 from .errors import CheckpointError
@@ -67,7 +68,10 @@ class TrainResult:
 
 def _save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sampler: PatchSampler, step: int,
           run_key: str, controller: Controller | None) -> None:
-    state = {"model": model.state_dict(), "optim": opt.state_dict(), "sampler": sampler.state(),
+    samplers = dist.gather(sampler.state())  # every rank draws its own batches; keep each rank's position
+    if not dist.is_main():
+        return
+    state = {"model": model.state_dict(), "optim": opt.state_dict(), "sampler": samplers[0], "samplers": samplers,
              "step": step, "run_key": run_key, "controller": controller.state_dict() if controller else {}}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -98,21 +102,29 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
     if controller is not None:
         controller.attach(model)  # first: it may re-parametrize the weights
     groups = [{"params": list(model.parameters())}]
+    extra = []
     if controller is not None:
         groups += controller.param_groups()
+        extra = [p for g in groups[1:] for p in g["params"]]
     opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.99))
     start = 0
     if resume and checkpoint is not None and checkpoint.exists():
         state = read_checkpoint(checkpoint, run_key)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
-        sampler.set_state(state["sampler"])
+        samplers = state.get("samplers") or [state["sampler"]]
+        if len(samplers) != dist.world_size():
+            raise CheckpointError(f"{checkpoint} was written by {len(samplers)} process(es); resume it with as many")
+        sampler.set_state(samplers[dist.rank()])
         if controller is not None:
             controller.load_state_dict(state.get("controller", {}))
         start = int(state["step"])
+    net = model
+    if dist.active():  # torchrun: average the weight gradients across ranks
+        net = nn.parallel.DistributedDataParallel(model)
     t0, loss_v, done = time.perf_counter(), float("nan"), start
-    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True,
-               unit="step", mininterval=1.0)
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress or not dist.is_main(),
+               dynamic_ncols=True, unit="step", mininterval=1.0)
     try:
         for step in range(start, cfg.steps):
             before = sampler.state()
@@ -121,12 +133,13 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
                 break
             for group in opt.param_groups:
                 group["lr"] = group.get("fixed_lr") or cfg.lr_at(step) * group.get("lr_scale", 1.0)
-            loss = F.l1_loss(model(lr_img), hr_img)
+            loss = F.l1_loss(net(lr_img), hr_img)
             total = loss
             if controller is not None and (reg := controller.regularizer()) is not None:
                 total = loss + reg
             opt.zero_grad(set_to_none=True)
             total.backward()
+            dist.average_grads(extra)
             opt.step()
             done = step + 1  # from here on this step's update is in the weights
             if controller is not None:

@@ -1,0 +1,68 @@
+"""Running under ``torchrun``: process group set-up and the few collective helpers the pipeline needs.
+
+Every rank trains (DistributedDataParallel averages the weight gradients; controllers' own parameters, such as
+SLS scores, are averaged here), so weights, gates and therefore plans stay identical on every rank. Only rank
+0 writes files and runs export/validate. Outside torchrun everything here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes (NCCL with GPUs, gloo on CPU). True when distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return True
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def average_grads(params) -> None:
+    """All-reduce (mean) the gradients of parameters that DDP does not own."""
+    if not active():
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= dist.get_world_size()
+
+
+def gather(obj) -> list:
+    """Every rank's ``obj`` (on every rank)."""
+    if not active():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shutdown() -> None:
+    if active():
+        dist.destroy_process_group()
