@@ -35,10 +35,10 @@ def _plan_options(f):
                      "compression stalls (>= 1; default: the recipe's, 1.1 as the paper).")(f)
     f = click.option("--lam", "lam", type=float, help="SLS: lambda of the budget loss (>= 0; default: the "
                      "recipe's, 1e-10 as the paper).")(f)
-    f = click.option("--method", type=click.Choice(["sls", "oneshot", "srste"]), default="oneshot",
-                     show_default=True,
-                     help="Planner: sls = layer-wise N:M search (SLS); oneshot = uniform magnitude N:M (the SLS "
-                          "paper's baseline); srste = uniform N:M finetuned with SR-STE.")(f)
+    f = click.option("--method", type=click.Choice(["sls", "oneshot", "srste"]), default=None,
+                     help="Planner (default: the recipe's sparsity.method, sls for EDSR): sls = layer-wise N:M "
+                          "search (SLS); oneshot = uniform magnitude N:M (the SLS paper's baseline); srste = "
+                          "uniform N:M finetuned with SR-STE.")(f)
     f = click.option("--budget", required=True, type=BUDGET,
                      help="Fraction of the dense model's MACs (whole model, reference resolution) to keep, in (0, 1].")(f)
     return f
@@ -79,8 +79,8 @@ def build(model_name, recipe_path, budget, method, lam, alpha, m, weights, seed,
     from .report import summary_text
 
     recipe = resolve_recipe(model_name, recipe_path)
-    opts = BuildOptions(budget=budget, method=method, m=int(m) if m else None, lam=lam, alpha=alpha,
-                        weights=weights, data=data, eval_data=eval_data, steps=steps, seed=seed,
+    opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, lam=lam,
+                        alpha=alpha, weights=weights, data=data, eval_data=eval_data, steps=steps, seed=seed,
                         progress=not no_progress, log=_log)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     rep = run_build(recipe, opts, out_dir)
@@ -130,8 +130,9 @@ def search(model_name, recipe_path, budget, method, lam, alpha, m, weights, seed
     from .recipe import resolve_recipe
 
     recipe = resolve_recipe(model_name, recipe_path)
-    opts = BuildOptions(budget=budget, method=method, m=int(m) if m else None, lam=lam, alpha=alpha,
-                        weights=weights, seed=seed, data=data, steps=steps, progress=not no_progress, log=_log)
+    opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, lam=lam,
+                        alpha=alpha, weights=weights, seed=seed, data=data, steps=steps, progress=not no_progress,
+                        log=_log)
     check_options(recipe, opts)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     bundle = Bundle(out_dir)

@@ -42,7 +42,7 @@ Log = Callable[[str], None]
 @dataclass
 class BuildOptions:
     budget: float
-    method: str = "oneshot"
+    method: str = "sls"
     m: int | None = None  # None: the recipe's
     lam: float | None = None  # SLS lambda; None: the recipe's
     alpha: float | None = None  # SLS alpha; None: the recipe's
@@ -331,7 +331,9 @@ def run_validate(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
     rep = {
         "model": recipe.name, "budget": plan.budget, "method": plan.method, "m": plan.m,
         "macs": {"unit": "GMACs", "dense": plan.macs_dense / 1e9, "pruned": plan.macs_pruned / 1e9,
-                 "ratio": plan.ratio, "reference_output": plan.reference_output, "budget_scope": plan.budget_scope},
+                 "ratio": plan.ratio, "trt_2to4_ratio": plan.trt_2to4_ratio,
+                 "reference_output": plan.reference_output, "budget_scope": plan.budget_scope},
+        "search": plan.search,
         "psnr": {"bicubic": q_bic.psnr, "dense": q_dense.psnr, "pruned": q_pruned.psnr,
                  "pruned_onnx": q_onnx.psnr, "channel": ch, "crop_border": scale,
                  "eval_images": [p.name for p in eval_files],
@@ -352,7 +354,9 @@ def run_validate(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
     }
     atomic.write_json(bundle.path(REPORT_JSON), rep)
     atomic.write_text(bundle.path(REPORT_MD), report_mod.render_markdown(rep))
-    bundle.record_stage("validate", inputs, [REPORT_JSON, REPORT_MD], time.perf_counter() - t0)
+    report_mod.plot_layer_density(rep, bundle.path(report_mod.LAYER_PLOT))
+    bundle.record_stage("validate", inputs, [REPORT_JSON, REPORT_MD, report_mod.LAYER_PLOT],
+                        time.perf_counter() - t0)
     return rep
 
 

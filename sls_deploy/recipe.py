@@ -95,7 +95,7 @@ def recipe_for_model(model: str) -> Path:
 _TOP_KEYS = {"name", "model", "base_weights", "reference_output", "data", "train", "finetune", "sparsity",
              "export", "validate", "description", "sls", "srste"}
 _SLS_KEYS = {"lam", "alpha", "threshold", "check_every", "refresh_every", "score_lr", "score_clamp", "loss_scale",
-             "max_search_steps"}
+             "cost_patch", "max_search_steps"}
 
 
 def _sls(raw: Mapping[str, Any], m: int) -> tuple["SLSSettings", int]:
@@ -104,7 +104,7 @@ def _sls(raw: Mapping[str, Any], m: int) -> tuple["SLSSettings", int]:
     sec = _section(raw, "sls", _SLS_KEYS)
     try:
         max_steps = int(sec.pop("max_search_steps", 100))
-        casts = {"check_every": int, "refresh_every": int}
+        casts = {"check_every": int, "refresh_every": int, "cost_patch": int}
         settings = SLSSettings(m=m, **{k: casts.get(k, float)(v) for k, v in sec.items()}).validate()
     except (TypeError, ValueError) as e:
         raise RecipeError(f"recipe section 'sls': {e}") from None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+LAYER_PLOT = "report_layers.png"
 
 
 def _f(v: Any, nd: int = 2) -> str:
@@ -18,6 +21,7 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
         ("MACs dense / pruned", f"{_f(mac['dense'])} / {_f(mac['pruned'])} G at {mac['reference_output'][0]}x"
                                 f"{mac['reference_output'][1]} out"),
         ("MACs ratio", _f(mac["ratio"], 3)),
+        ("MACs ratio, 2:4 layers halved", f"{_f(mac.get('trt_2to4_ratio'), 3)} (the TensorRT bound)"),
         (f"PSNR-{ch} bicubic", f"{_f(p['bicubic'])} dB"),
         (f"PSNR-{ch} dense", f"{_f(p['dense'])} dB"),
         (f"PSNR-{ch} pruned (PyTorch)", f"{_f(p['pruned'])} dB ({p['pruned'] - p['dense']:+.2f} vs dense)"),
@@ -57,5 +61,31 @@ def render_markdown(rep: dict) -> str:
               for l in rep["layers"]]
     lines += [f"| {d['name']} | dense: {d['reason']} | - | no | {d['macs'] / 1e9:.3f} | {d['macs'] / 1e9:.3f} |"
               for d in rep["dense_layers"]]
-    lines += ["", f"TensorRT: {rep['tensorrt']}", ""]
+    lines += ["", f"![per-layer kept density]({LAYER_PLOT})", "", f"TensorRT: {rep['tensorrt']}", ""]
     return "\n".join(lines)
+
+
+def plot_layer_density(rep: dict, path: str | os.PathLike) -> None:
+    """Bar chart of each prunable layer's kept density N/M (2:4-compatible layers marked) as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_path
+
+    layers = rep["layers"]
+    names = [l["name"] for l in layers]
+    dens = [l["n"] / l["m"] for l in layers]
+    colors = ["tab:green" if l["sparse_2to4"] else "tab:gray" for l in layers]
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names) + 2), 3.4))
+    ax.bar(range(len(names)), dens, color=colors)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("kept density N/M")
+    ax.set_title(f"{rep['model']}: {rep['method']}, budget {rep['budget']:g}, MACs ratio {rep['macs']['ratio']:.3f} "
+                 "(green: 2:4-compatible)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

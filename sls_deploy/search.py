@@ -83,7 +83,7 @@ def search_sls(recipe: Recipe, model: torch.nn.Module, split: LayerSplit, budget
     check_reachable(split, budget, settings.m)
     h, w = recipe.reference_input_hw()
     controller = SLSSearch([(c.name, c.macs) for c in split.candidates], sum(d.macs for d in split.dense), budget,
-                           settings, patch_scale=sampler.lr_patch ** 2 / (h * w))
+                           settings, patch_scale=(settings.cost_patch / recipe.scale) ** 2 / (h * w))
     cfg = TrainConfig(steps=max_steps, lr=lr, min_lr_ratio=1.0, checkpoint_every=10, seed=seed)
     result = train(model, sampler, cfg, checkpoint=checkpoint, resume=True, run_key=run_key,
                    controller=_FinalizeSearch(controller), desc="search", progress=progress)

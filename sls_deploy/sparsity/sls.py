@@ -5,7 +5,7 @@ Per prunable layer, the weights of every group of M input channels are ranked by
 Gates come from M-1 trainable scores k: priority p = cumprod(clamp(k, 0, c)), b = 1[p > 0.5], trained with a
 straight-through estimator (b - p.detach() + p). The cumulative product makes small-magnitude units close first.
 N of a layer = 1 + sum(b). The loss adds lambda * coeff * sum(layer costs), cost = (N/M) * MACs of the layer for
-one training patch, task loss in 0-255 units as the paper's code (rgb_range 255). coeff grows by alpha when the
+one 192x192 HR patch (the paper's training patch), task loss in 0-255 units as the paper's code (rgb_range 255). coeff grows by alpha when the
 compression factor (dense / pruned MACs) moved less than T since the last check. When the whole model's MACs at
 the reference resolution fit the budget, the gates freeze and the search ends.
 
@@ -46,6 +46,8 @@ class SLSSettings:
     score_lr: float = 1e-2  # scores learn on their own schedule (the paper trains far longer)
     score_clamp: float = 1.03  # upper clamp of the scores (the public code's value)
     loss_scale: float = 255.0  # task loss in 0-255 units, as the paper's code
+    cost_patch: int = 192  # HR size of the patch costs are counted on (the paper's training patch), so that
+    #                        lambda means what it means in the paper whatever patch size we train on
 
     def validate(self) -> "SLSSettings":
         check_nm_args(1, self.m)
@@ -55,7 +57,7 @@ class SLSSettings:
                 raise ValueError(f"SLS {name} must be a non-negative number, not {v!r}")
         if self.alpha < 1:
             raise ValueError(f"SLS alpha must be >= 1 (coeff grows), not {self.alpha}")
-        if self.check_every < 1 or self.refresh_every < 1:
+        if self.check_every < 1 or self.refresh_every < 1 or self.cost_patch < 1:
             raise ValueError("SLS check_every and refresh_every must be >= 1")
         if self.score_clamp < 0.5:
             raise ValueError("SLS score_clamp must be >= 0.5 or no gate can ever open")
