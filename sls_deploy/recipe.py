@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -73,11 +72,8 @@ class Recipe:
 
 
 def builtin_recipe_dir() -> Path:
-    """The top-level recipes/ of a source checkout, else the copy installed as package data."""
-    checkout = Path(__file__).resolve().parent.parent / "recipes"
-    if checkout.is_dir():
-        return checkout
-    return Path(str(resources.files("sls_deploy.recipes")))
+    """The package's recipes/ (in a checkout a link to the top-level recipes/, in a wheel a copy of it)."""
+    return Path(__file__).resolve().parent / "recipes"
 
 
 def builtin_models() -> list[str]:
