@@ -31,6 +31,8 @@ def _plan_options(f):
                           "Default: the recipe's shipped weights.")(f)
     f = click.option("--m", "m", type=click.Choice(["4", "8", "16", "32"]), default=None,
                      help="Group size M of N:M sparsity (default: the recipe's, 4 for EDSR).")(f)
+    f = click.option("--n", "n", type=int, help="oneshot/srste: a fixed uniform N (1..M) instead of the largest "
+                     "N within the budget.")(f)
     f = click.option("--alpha", type=float, help="SLS: growth of the budget-loss coefficient when the "
                      "compression stalls (>= 1; default: the recipe's, 1.1 as the paper).")(f)
     f = click.option("--lam", "lam", type=float, help="SLS: lambda of the budget loss (>= 0; default: the "
@@ -67,7 +69,7 @@ def cli() -> None:
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @_progress_option
-def build(model_name, recipe_path, budget, method, lam, alpha, m, weights, seed, data, eval_data, steps, out,
+def build(model_name, recipe_path, budget, method, lam, alpha, n, m, weights, seed, data, eval_data, steps, out,
           as_json, no_progress):
     """Plan, finetune, export and validate: the whole pipeline into one bundle folder.
 
@@ -79,8 +81,8 @@ def build(model_name, recipe_path, budget, method, lam, alpha, m, weights, seed,
     from .report import summary_text
 
     recipe = resolve_recipe(model_name, recipe_path)
-    opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, lam=lam,
-                        alpha=alpha, weights=weights, data=data, eval_data=eval_data, steps=steps, seed=seed,
+    opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, n=n,
+                        lam=lam, alpha=alpha, weights=weights, data=data, eval_data=eval_data, steps=steps, seed=seed,
                         progress=not no_progress, log=_log)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     rep = run_build(recipe, opts, out_dir)
@@ -122,7 +124,7 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, seed, no_pro
 @click.option("--data", help="Training images for the SLS search (default: the recipe's list).")
 @click.option("--steps", type=click.IntRange(min=0), help="Search + finetune steps (default: the recipe's).")
 @_progress_option
-def search(model_name, recipe_path, budget, method, lam, alpha, m, weights, seed, out, data, steps, no_progress):
+def search(model_name, recipe_path, budget, method, lam, alpha, n, m, weights, seed, out, data, steps, no_progress):
     """Only plan: write plan.json (one entry per prunable layer) into a new or matching bundle."""
     from . import distributed as dist
     from .bundle import Bundle
@@ -130,9 +132,9 @@ def search(model_name, recipe_path, budget, method, lam, alpha, m, weights, seed
     from .recipe import resolve_recipe
 
     recipe = resolve_recipe(model_name, recipe_path)
-    opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, lam=lam,
-                        alpha=alpha, weights=weights, seed=seed, data=data, steps=steps, progress=not no_progress,
-                        log=_log)
+    opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, n=n,
+                        lam=lam, alpha=alpha, weights=weights, seed=seed, data=data, steps=steps,
+                        progress=not no_progress, log=_log)
     check_options(recipe, opts)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     bundle = Bundle(out_dir)

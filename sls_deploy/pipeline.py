@@ -44,6 +44,7 @@ class BuildOptions:
     budget: float
     method: str = "sls"
     m: int | None = None  # None: the recipe's
+    n: int | None = None  # uniform N for oneshot/srste; None: the largest N within the budget
     lam: float | None = None  # SLS lambda; None: the recipe's
     alpha: float | None = None  # SLS alpha; None: the recipe's
     weights: str | None = None  # base weights; None: the recipe's shipped weights
@@ -81,13 +82,16 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | 
 
 
 def build_key(recipe: Recipe, opts: BuildOptions) -> dict[str, Any]:
-    return {"model": recipe.name, "arch": recipe.model.arch, "scale": recipe.scale, "budget": opts.budget,
-            "method": opts.method, "m": opts.m or recipe.sparsity_m}
+    key = {"model": recipe.name, "arch": recipe.model.arch, "scale": recipe.scale, "budget": opts.budget,
+           "method": opts.method, "m": opts.m or recipe.sparsity_m}
+    if opts.n is not None:
+        key["n"] = opts.n
+    return key
 
 
 def options_record(opts: BuildOptions) -> dict[str, Any]:
     """What the manifest keeps of the options (the seed, weights and data that made the bundle)."""
-    return {k: getattr(opts, k) for k in ("seed", "weights", "data", "eval_data", "steps", "lam", "alpha")}
+    return {k: getattr(opts, k) for k in ("seed", "weights", "data", "eval_data", "steps", "n", "lam", "alpha")}
 
 
 def check_options(recipe: Recipe, opts: BuildOptions) -> None:
@@ -100,6 +104,11 @@ def check_options(recipe: Recipe, opts: BuildOptions) -> None:
     m = opts.m or recipe.sparsity_m
     if m not in VALID_M:
         raise UsageError(f"M must be one of {', '.join(map(str, VALID_M))}, not {m}")
+    if opts.n is not None:
+        if opts.method == "sls":
+            raise UsageError("--n fixes a uniform N: use it with --method oneshot or srste (SLS chooses N per layer)")
+        if not 1 <= opts.n <= m:
+            raise UsageError(f"--n must be in 1..{m} for M={m}, not {opts.n}")
     if opts.steps is not None and opts.steps < 0:
         raise UsageError(f"--steps must be >= 0, not {opts.steps}")
     try:
@@ -159,7 +168,7 @@ def run_search(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> Plan:
         outputs.append(SEARCH_WEIGHTS)
         init = str(bundle.path(SEARCH_WEIGHTS))
     else:
-        plan = plan_uniform(recipe, split, opts.budget, m, opts.method)
+        plan = plan_uniform(recipe, split, opts.budget, m, opts.method, n=opts.n)
     plan.seed = opts.seed
     plan.search["world_size"] = dist.world_size()
     if dist.is_main():
@@ -382,7 +391,7 @@ def options_from_bundle(bundle: Bundle, **overrides) -> BuildOptions:
     m = bundle.require()
     key, recorded = m["build_key"], m.get("options", {})
     opts = BuildOptions(budget=key["budget"], method=key["method"], m=key["m"])
-    for k in ("seed", "weights", "data", "steps", "lam", "alpha"):  # what the bundle was built with
+    for k in ("seed", "weights", "data", "steps", "n", "lam", "alpha"):  # what the bundle was built with
         if recorded.get(k) is not None:
             setattr(opts, k, recorded[k])
     for k, v in overrides.items():

@@ -68,9 +68,18 @@ def check_reachable(split: LayerSplit, budget: float, m: int) -> None:
             "are in layers that stay dense)")
 
 
-def plan_uniform(recipe: Recipe, split: LayerSplit, budget: float, m: int, method: str) -> Plan:
+def plan_uniform(recipe: Recipe, split: LayerSplit, budget: float, m: int, method: str,
+                 n: int | None = None) -> Plan:
+    """Uniform N: the largest that fits the budget, or ``n`` if given (which must fit it too)."""
     check_reachable(split, budget, m)
     plan = plan_oneshot(recipe.name, split.candidates, split.dense, budget, m, list(recipe.reference_output))
+    if n is not None:
+        if n > plan.layers[0].n:
+            need = (sum(d.macs for d in split.dense) + sum(c.macs for c in split.candidates) * n / m) / split.total
+            raise PlanError(f"N={n} of M={m} keeps {need:.3f} of the MACs, above the budget {budget:g} "
+                            f"(the largest N that fits is {plan.layers[0].n})")
+        for layer in plan.layers:
+            layer.n = n
     plan.method = method
     return plan
 

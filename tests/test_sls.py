@@ -183,3 +183,43 @@ def test_bad_search_settings(capsys, tmp_path, tiny_recipe, args, fragment):
     err = capsys.readouterr().err
     assert code == 2 and fragment in err and "Traceback" not in err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["--method", "oneshot", "--n", "0"], 2, "--n must be in 1..4"),
+    (["--method", "oneshot", "--n", "9"], 2, "--n must be in 1..4"),
+    (["--method", "oneshot", "--n", "x"], 2, "not a valid integer"),
+    (["--method", "sls", "--n", "2"], 2, "SLS chooses N per layer"),
+    (["--method", "oneshot", "--n", "3", "--budget", "0.5"], 1, "above the budget 0.5"),
+])
+def test_bad_uniform_n(capsys, tmp_path, tiny_recipe, tiny_weights, args, code, fragment):
+    argv = ["search", "--recipe", str(tiny_recipe), "--weights", str(tiny_weights), "--out", str(tmp_path / "b")]
+    if "--budget" not in args:
+        argv += ["--budget", "0.5"]
+    assert main(argv + args) == code
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_explicit_uniform_n(capsys, tmp_path, tiny_recipe, tiny_weights):
+    out = tmp_path / "b"
+    assert main(["search", "--recipe", str(tiny_recipe), "--weights", str(tiny_weights), "--budget", "0.9",
+                 "--method", "oneshot", "--n", "2", "--out", str(out)]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert {l["n"] for l in plan["layers"]} == {2}  # 3:4 would fit 0.9, but N=2 was asked for
+
+
+def test_model_without_eligible_layer(capsys, tmp_path, tiny_recipe):
+    import yaml
+    from safetensors.torch import save_file
+
+    raw = yaml.safe_load(tiny_recipe.read_text())
+    raw["model"]["num_feat"] = 6  # no input channel count divides by 4
+    path = tmp_path / "narrow.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    weights = tmp_path / "narrow.safetensors"
+    save_file({k: v.contiguous() for k, v in EDSR(scale=4, num_feat=6, num_block=2).state_dict().items()}, str(weights))
+    code = main(["build", "--recipe", str(path), "--budget", "0.5", "--weights", str(weights),
+                 "--out", str(tmp_path / "b"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no layer eligible" in err and "Traceback" not in err

@@ -1,0 +1,47 @@
+"""Every shipped recipe parses; the default recipe's shipped weights fit it and beat bicubic on a real image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sls_deploy.data import bicubic_up, load_pair, psnr, quantize, to_image
+from sls_deploy.data.sources import skimage_data_dir
+from sls_deploy.errors import RecipeError
+from sls_deploy.pipeline import load_model, resolve_base_weights
+from sls_deploy.recipe import builtin_models, load_recipe, resolve_recipe
+
+
+def test_builtin_models_listed():
+    assert "edsr" in builtin_models()
+
+
+@pytest.mark.parametrize("name", builtin_models())
+def test_every_recipe_parses(name):
+    r = resolve_recipe(name, None)
+    assert r.scale in (2, 3, 4) and r.sls.m == r.sparsity_m
+
+
+def test_shipped_weights_fit_and_beat_bicubic():
+    recipe = resolve_recipe("edsr", None)
+    model = load_model(recipe, resolve_base_weights(recipe, None))
+    hr, lr = load_pair(skimage_data_dir() / "astronaut.png", 4)
+    lr, hr = lr[:, :, 32:96, 32:96], hr[:, :, 128:384, 128:384]  # a 64x64 LR crop keeps the test fast
+    with torch.no_grad():
+        sr = model(lr)
+    gt = quantize(to_image(hr))
+    assert psnr(quantize(to_image(sr)), gt, 4, True) > psnr(quantize(to_image(bicubic_up(lr, 4))), gt, 4, True)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("model: {arch: edsr}\nsls: {alpha: 0.5}\n", "alpha"),
+    ("model: {arch: edsr}\nsls: {lam: abc}\n", "sls"),
+    ("model: {arch: edsr}\nsparsity: {m: 5}\n", "sparsity.m"),
+    ("model: {arch: edsr}\nfinetune: {stepz: 3}\n", "finetune.stepz"),
+    ("model: {arch: edsr, scale: 5}\n", "scale"),
+])
+def test_bad_recipe_fields(tmp_path, text, fragment):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=fragment):
+        load_recipe(path)
