@@ -46,6 +46,17 @@ def _plan_options(f):
     return f
 
 
+def _precision_options(f):
+    f = click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy"]),
+                     help="INT8 activation calibration (default: the recipe's, percentile 99.99).")(f)
+    f = click.option("--calib", type=click.Path(), help="Folder of LR calibration images for INT8 "
+                     "(default: the recipe's, the calib/ set shipped with the package).")(f)
+    f = click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
+                     help="Graphs to write (repeatable): model.onnx (always), model.fp16.onnx, model.int8.onnx. "
+                          "Default: the recipe's (all three).")(f)
+    return f
+
+
 def _progress_option(f):
     return click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")(f)
 
@@ -68,9 +79,10 @@ def cli() -> None:
 @click.option("--steps", type=click.IntRange(min=0), help="Finetune steps (default: the recipe's).")
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
+@_precision_options
 @_progress_option
 def build(model_name, recipe_path, budget, method, lam, alpha, n, m, weights, seed, data, eval_data, steps, out,
-          as_json, no_progress):
+          as_json, precisions, calib, calib_method, no_progress):
     """Plan, finetune, export and validate: the whole pipeline into one bundle folder.
 
     Re-running the same command resumes an interrupted build (finished stages are skipped, finetune continues
@@ -83,6 +95,7 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, m, weights, se
     recipe = resolve_recipe(model_name, recipe_path)
     opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, n=n,
                         lam=lam, alpha=alpha, weights=weights, data=data, eval_data=eval_data, steps=steps, seed=seed,
+                        precisions=tuple(precisions) or None, calib=calib, calib_method=calib_method,
                         progress=not no_progress, log=_log)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     rep = run_build(recipe, opts, out_dir)
@@ -198,14 +211,24 @@ def finetune(bundle_dir, steps, data, resume, no_progress):
 
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-def export(bundle_dir):
-    """Export the bundle's weights to model.onnx (opset >= 17, dynamic N/H/W) and check the N:M pattern in it."""
+@_precision_options
+@click.option("--io", type=click.Choice(["fp32", "fp16"]), help="Input/output dtype of the FP16 graph "
+              "(default: the recipe's, fp32).")
+def export(bundle_dir, precisions, calib, calib_method, io):
+    """Export ONNX graphs (opset >= 17, dynamic N/H/W): FP32, FP16 with FP32 islands, INT8 with Q/DQ.
+
+    Every graph passes onnx.checker, keeps every planned N:M / 2:4 pattern (checked through Cast and
+    DequantizeLinear) and runs in ONNX Runtime; nothing takes a final name unless all of that holds.
+    """
     from .pipeline import open_bundle, options_from_bundle, run_export
 
     bundle, recipe = open_bundle(Path(bundle_dir))
-    info = run_export(bundle, recipe, options_from_bundle(bundle, log=_log))
-    click.echo(f"{bundle.path('model.onnx')}: {info['layers_nm']} layers keep their N:M pattern, "
-               f"{info['layers_2to4']} are 2:4")
+    opts = options_from_bundle(bundle, precisions=tuple(precisions) or None, calib=calib,
+                               calib_method=calib_method, io=io, log=_log)
+    info = run_export(bundle, recipe, opts)
+    for name, g in info["graphs"].items():
+        click.echo(f"{bundle.path(g['file'])}: {g['layers_nm']} layers keep their N:M pattern, "
+                   f"{g['layers_2to4']} are 2:4")
 
 
 @cli.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,11 @@ from safetensors.torch import save_file
 from . import atomic, distributed as dist, report as report_mod
 from .bundle import ONNX, PLAN, RECIPE, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
 from .checkpoints import load_weights, read_state_dict
-from .data import PatchSampler, resolve_images
-from .errors import CheckpointError, PlanError, UsageError, ValidationError
+from .data import PatchSampler, load_pair, resolve_images
+from .errors import CheckpointError, PlanError, RecipeError, UsageError, ValidationError
 from .evaluate import bicubic_infer, evaluate, torch_infer
 from .export import export_onnx, load_onnx, verify_plan_in_graph
-from .recipe import Recipe, load_recipe
+from .recipe import PRECISIONS, Recipe, load_recipe
 from .search import METHODS, plan_uniform, search_sls, split_layers
 from .sparsity import MaskSet, Plan, nm_mask
 from .sparsity.nm import VALID_M
@@ -45,6 +46,10 @@ class BuildOptions:
     method: str = "sls"
     m: int | None = None  # None: the recipe's
     n: int | None = None  # uniform N for oneshot/srste; None: the largest N within the budget
+    precisions: tuple[str, ...] | None = None  # graphs to export; None: the recipe's
+    calib: str | None = None  # calibration folder; None: the recipe's
+    calib_method: str | None = None
+    io: str | None = None
     lam: float | None = None  # SLS lambda; None: the recipe's
     alpha: float | None = None  # SLS alpha; None: the recipe's
     weights: str | None = None  # base weights; None: the recipe's shipped weights
@@ -91,7 +96,8 @@ def build_key(recipe: Recipe, opts: BuildOptions) -> dict[str, Any]:
 
 def options_record(opts: BuildOptions) -> dict[str, Any]:
     """What the manifest keeps of the options (the seed, weights and data that made the bundle)."""
-    return {k: getattr(opts, k) for k in ("seed", "weights", "data", "eval_data", "steps", "n", "lam", "alpha")}
+    return {k: getattr(opts, k) for k in ("seed", "weights", "data", "eval_data", "steps", "n", "lam", "alpha",
+                                          "precisions", "calib", "calib_method", "io")}
 
 
 def check_options(recipe: Recipe, opts: BuildOptions) -> None:
@@ -111,6 +117,9 @@ def check_options(recipe: Recipe, opts: BuildOptions) -> None:
             raise UsageError(f"--n must be in 1..{m} for M={m}, not {opts.n}")
     if opts.steps is not None and opts.steps < 0:
         raise UsageError(f"--steps must be >= 0, not {opts.steps}")
+    for p in opts.precisions or ():
+        if p not in PRECISIONS:
+            raise UsageError(f"unknown precision '{p}' (known: {', '.join(PRECISIONS)})")
     try:
         sls_settings(recipe, opts)
     except ValueError as e:
@@ -130,6 +139,17 @@ def sls_settings(recipe: Recipe, opts: BuildOptions):
 def pruning_steps(recipe: Recipe, opts: BuildOptions) -> int:
     """Training steps after the base model, search and finetune together (the same for every method)."""
     return recipe.finetune.steps if opts.steps is None else opts.steps
+
+
+def fp32_islands(recipe: Recipe, model: torch.nn.Module) -> list[str]:
+    """The recipe's FP32 islands (or the adapter's default); each must name a weight layer of the model."""
+    islands = list(recipe.precision.fp32_islands if recipe.precision.fp32_islands is not None
+                   else recipe.adapter.default_fp32_islands(model))
+    layers = {d.name for d in recipe.adapter.layers(model)}
+    for name in islands:
+        if name not in layers:
+            raise RecipeError(f"precision.fp32_islands: '{name}' matches no layer of {recipe.describe_model()}")
+    return islands
 
 
 # -- stage: search ----------------------------------------------------------------------------------------
@@ -170,6 +190,9 @@ def run_search(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> Plan:
     else:
         plan = plan_uniform(recipe, split, opts.budget, m, opts.method, n=opts.n)
     plan.seed = opts.seed
+    plan.fp32_islands = fp32_islands(recipe, model)
+    for layer in plan.layers:
+        layer.precision = "fp32" if layer.name in plan.fp32_islands else "fp16/int8"
     plan.search["world_size"] = dist.world_size()
     if dist.is_main():
         plan.save(bundle.path(PLAN))
@@ -284,11 +307,67 @@ def run_finetune(bundle: Bundle, recipe: Recipe, opts: BuildOptions, resume: boo
     return info
 
 
-# -- stage: export ----------------------------------------------------------------------------------------
+# -- stage: export ---------------------------------------------------------------------------------------
+GRAPH_FILES = {"fp32": ONNX, "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+CALIB_CACHE = "calib_cache.json"
+BUILTIN_CALIB = Path(__file__).resolve().parent / "calib"
+
+
+@dataclass
+class PrecisionOptions:
+    graphs: tuple[str, ...]
+    calib: Path
+    calib_method: str
+    percentile: float
+    io: str
+
+
+def precision_options(recipe: Recipe, opts: BuildOptions) -> PrecisionOptions:
+    sec = recipe.precision
+    graphs = tuple(dict.fromkeys(("fp32",) + tuple(opts.precisions or sec.graphs)))
+    calib = opts.calib or sec.calib
+    return PrecisionOptions(graphs=graphs, calib=BUILTIN_CALIB if calib == "builtin" else Path(calib),
+                            calib_method=opts.calib_method or sec.calib_method, percentile=sec.percentile,
+                            io=opts.io or sec.io)
+
+
+def _calibration(bundle: Bundle, fp32_model, inputs: dict[str, str], images, hashes, po: PrecisionOptions,
+                 fp32_sha: str) -> tuple[dict[str, float], bool]:
+    """Activation ranges, from the bundle's cache when the same images, method and graph made it."""
+    from .precision.int8 import calibrate
+
+    key = {"method": po.calib_method, "percentile": po.percentile, "images": hashes, "fp32_graph": fp32_sha}
+    cache = bundle.path(CALIB_CACHE)
+    if cache.is_file():
+        try:
+            old = json.loads(cache.read_text())
+            if old.get("key") == key and set(inputs.values()) <= set(old.get("amax", {})):
+                return old["amax"], True
+        except json.JSONDecodeError:
+            pass
+    amax = calibrate(fp32_model, "lr", images, list(inputs.values()), po.calib_method, po.percentile)
+    atomic.write_json(cache, {"key": key, "amax": amax,
+                              "note": "per-tensor |x| ranges for INT8 (scale = amax / 127), by sls-deploy export"})
+    return amax, False
+
+
 def run_export(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
+    """model.onnx (FP32) and, as asked, model.fp16.onnx (FP32 islands) and model.int8.onnx (Q/DQ)."""
+    import onnx
+
+    from .precision.fp16 import to_fp16
+    from .precision.int8 import quantize_int8, quantized_inputs, read_calibration_images
+
     plan = Plan.load(bundle.path(PLAN))
+    po = precision_options(recipe, opts)
+    for g in po.graphs:
+        if g not in PRECISIONS:
+            raise UsageError(f"unknown precision '{g}' (known: {', '.join(PRECISIONS)})")
+    images, hashes = [], {}
+    if "int8" in po.graphs:  # read (and reject) calibration images before anything is written
+        images, hashes = read_calibration_images(po.calib, recipe.adapter.min_input_size(recipe.model))
     inputs = digest({"weights": atomic.sha256_file(bundle.path(WEIGHTS)), "plan": atomic.sha256_file(bundle.path(PLAN)),
-                     "opset": recipe.opset})
+                     "opset": recipe.opset, "precision": {**po.__dict__, "calib": hashes}})
     if bundle.stage_is_current("export", inputs):
         opts.log("  up to date")
         return bundle.manifest()["stages"]["export"].get("result", {})
@@ -297,27 +376,71 @@ def run_export(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
     spec = recipe.adapter.export_spec(recipe.model)
     spec = type(spec)(spec.input_names, spec.output_names, spec.dynamic_axes, recipe.opset)
     example = recipe.adapter.example_input(recipe.model, 32, 32)
-    export_onnx(model, spec, example, bundle.path(ONNX))
-    checks = verify_plan_in_graph(load_onnx(bundle.path(ONNX)), [(l.name, l.n, l.m) for l in plan.layers])
-    bad = [name for name, c in checks.items() if not c["nm"]]
-    if bad:
-        bundle.path(ONNX).unlink()
-        raise ValidationError(f"layer '{bad[0]}' lost its {plan.layer(bad[0]).n}:{plan.m} pattern in the ONNX graph")
-    info = {"opset": recipe.opset, "layers_nm": len(checks), "layers_2to4": sum(c["2to4"] for c in checks.values()),
-            "graph_sparsity": checks}
-    bundle.record_stage("export", inputs, [ONNX], time.perf_counter() - t0, {"result": info})
+    staged = bundle.work / "fp32.onnx"  # the FP32 graph takes its final name only once every check passed
+    export_onnx(model, spec, example, staged)
+    try:
+        fp32 = load_onnx(staged)
+        graphs = {"fp32": fp32}
+        info: dict[str, Any] = {"opset": recipe.opset, "graphs": {}, "fp32_islands": plan.fp32_islands}
+        if "fp16" in po.graphs:
+            graphs["fp16"] = to_fp16(fp32, plan.fp32_islands, io_fp16=po.io == "fp16")
+        if "int8" in po.graphs:
+            q_inputs = quantized_inputs(fp32, plan.fp32_islands)
+            amax, reused = _calibration(bundle, fp32, q_inputs, images, hashes, po, atomic.sha256_file(staged))
+            graphs["int8"] = quantize_int8(fp32, amax, plan.fp32_islands)
+            info["calibration"] = {"method": po.calib_method, "percentile": po.percentile, "images": len(images),
+                                   "folder": str(po.calib), "cache": CALIB_CACHE, "reused_cache": reused}
+        layers = [(l.name, l.n, l.m) for l in plan.layers]
+        for name, g in graphs.items():
+            checks = verify_plan_in_graph(g, layers)
+            bad = [k for k, c in checks.items() if not c["nm"]]
+            if bad:
+                raise ValidationError(f"layer '{bad[0]}' lost its {plan.layer(bad[0]).n}:{plan.m} pattern in the "
+                                      f"{name} graph")
+            lost = [l.name for l in plan.layers if l.sparse_2to4 and not checks[l.name]["2to4"]]
+            if lost:
+                raise ValidationError(f"layer '{lost[0]}' is planned 2:4 but is not 2:4 in the {name} graph")
+            _ort_smoke(g, name)
+            info["graphs"][name] = {"file": GRAPH_FILES[name], "layers_nm": len(checks),
+                                    "layers_2to4": sum(c["2to4"] for c in checks.values())}
+        for name, g in graphs.items():
+            if name != "fp32":
+                atomic.write_bytes(bundle.path(GRAPH_FILES[name]), g.SerializeToString())
+        os.replace(staged, bundle.path(ONNX))
+    finally:
+        if staged.exists():
+            staged.unlink()
+    info.update(layers_nm=info["graphs"]["fp32"]["layers_nm"], layers_2to4=info["graphs"]["fp32"]["layers_2to4"])
+    outputs = [GRAPH_FILES[g] for g in graphs] + ([CALIB_CACHE] if "int8" in graphs else [])
+    bundle.record_stage("export", inputs, outputs, time.perf_counter() - t0, {"result": info})
     return info
+
+
+def _ort_smoke(model, name: str) -> None:
+    """ONNX Runtime on CPU must load and run the graph (a 16x16 input)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        inp = sess.get_inputs()[0]
+        dtype = np.float16 if "float16" in inp.type else np.float32
+        sess.run(None, {inp.name: np.random.default_rng(0).random((1, 3, 16, 16)).astype(dtype)})
+    except Exception as e:
+        raise ValidationError(f"ONNX Runtime cannot run the {name} graph: {str(e).splitlines()[0]}") from None
 
 
 # -- stage: validate + report -----------------------------------------------------------------------------
 def run_validate(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
     """ONNX Runtime vs PyTorch at the recipe's sizes; PSNR of bicubic, dense and pruned; report files."""
     m = bundle.require()
-    bundle.verify([PLAN, WEIGHTS, ONNX])
+    export_info = m.get("stages", {}).get("export", {}).get("result", {})
+    graph_files = {p: g["file"] for p, g in export_info.get("graphs", {"fp32": {"file": ONNX}}).items()}
+    bundle.verify([PLAN, WEIGHTS, *graph_files.values()])
     plan = Plan.load(bundle.path(PLAN))
     base = Path(m["stages"]["search"]["base_weights"])
     eval_spec = opts.eval_data or recipe.data_eval
-    inputs = digest({f: atomic.sha256_file(bundle.path(f)) for f in (PLAN, WEIGHTS, ONNX)} | {
+    inputs = digest({f: atomic.sha256_file(bundle.path(f)) for f in (PLAN, WEIGHTS, *graph_files.values())} | {
         "base": atomic.sha256_file(base), "eval": eval_spec, "sizes": recipe.validate_sizes,
         "atol": recipe.fp32_atol, "channel": recipe.metric_channel})
     if bundle.stage_is_current("validate", inputs):
@@ -331,7 +454,13 @@ def run_validate(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
     with ort_infer(bundle.path(ONNX)) as ort_run:
         checks = compare_to_reference(torch_infer(pruned), ort_run,
                                       crops_for_sizes(eval_files, scale, recipe.validate_sizes))
-        q_onnx = evaluate(ort_run, eval_files, scale, ch, with_ssim=False)
+    refs = {}
+    for f in eval_files:
+        hr, lr = load_pair(f, scale)
+        with torch.no_grad():
+            refs[f.name] = (hr, lr, pruned(lr).clamp(0, 1).numpy())
+    precisions = {p: precision_quality(bundle.path(f), refs, scale, ch) | {"file": f}
+                  for p, f in graph_files.items()}
     q_bic = evaluate(bicubic_infer(scale), eval_files, scale, ch)
     q_dense = evaluate(torch_infer(dense), eval_files, scale, ch)
     q_pruned = evaluate(torch_infer(pruned), eval_files, scale, ch)
@@ -344,7 +473,7 @@ def run_validate(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
                  "reference_output": plan.reference_output, "budget_scope": plan.budget_scope},
         "search": plan.search,
         "psnr": {"bicubic": q_bic.psnr, "dense": q_dense.psnr, "pruned": q_pruned.psnr,
-                 "pruned_onnx": q_onnx.psnr, "channel": ch, "crop_border": scale,
+                 "pruned_onnx": precisions["fp32"][f"psnr_{ch}"], "channel": ch, "crop_border": scale,
                  "eval_images": [p.name for p in eval_files],
                  "per_image": {k: {"bicubic": q_bic.per_image[k]["psnr"], "dense": q_dense.per_image[k]["psnr"],
                                    "pruned": v["psnr"]} for k, v in q_pruned.per_image.items()}},
@@ -353,7 +482,8 @@ def run_validate(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
                           "passed": max_abs <= recipe.fp32_atol,
                           "sizes": [{"lr_hw": list(c.size), "output_shape": list(c.output_shape),
                                      "max_abs": c.max_abs, "mean_abs": c.mean_abs} for c in checks]},
-        "graph": {k: v for k, v in stages.get("export", {}).get("result", {}).items() if k != "graph_sparsity"},
+        "graph": {k: v for k, v in export_info.items() if k not in ("graph_sparsity", "graphs")},
+        "precisions": precisions,
         "layers": [{"name": l.name, "weight_shape": l.weight_shape, "n": l.n, "m": l.m, "sparse_2to4": l.sparse_2to4,
                     "macs_dense": l.macs_dense, "macs_pruned": l.macs_pruned} for l in plan.layers],
         "dense_layers": [{"name": d.name, "macs": d.macs, "reason": d.reason} for d in plan.dense_layers],
@@ -367,6 +497,24 @@ def run_validate(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
     bundle.record_stage("validate", inputs, [REPORT_JSON, REPORT_MD, report_mod.LAYER_PLOT],
                         time.perf_counter() - t0)
     return rep
+
+
+def precision_quality(onnx_path: Path, refs: dict, scale: int, channel: str) -> dict:
+    """One graph on the eval images (one run each): PSNR vs ground truth, and vs the FP32 PyTorch output."""
+    import numpy as np
+
+    from .data.images import quantize, to_image
+    from .data.metrics import psnr
+
+    gt_psnr, ref_psnr, max_abs = [], [], 0.0
+    with ort_infer(onnx_path) as run:
+        for hr, lr, ref in refs.values():
+            got = np.clip(run(lr), 0, 1)
+            gt_psnr.append(psnr(quantize(to_image(got)), quantize(to_image(hr)), scale, channel == "y"))
+            max_abs = max(max_abs, float(np.abs(got - ref).max()))
+            ref_psnr.append(psnr(got[0].transpose(1, 2, 0) * 255.0, ref[0].transpose(1, 2, 0) * 255.0))
+    return {f"psnr_{channel}": float(np.mean(gt_psnr)), "psnr_vs_torch_fp32": float(np.mean(ref_psnr)),
+            "max_abs_vs_torch_fp32": max_abs}
 
 
 def check_report(rep: dict) -> None:
@@ -391,7 +539,8 @@ def options_from_bundle(bundle: Bundle, **overrides) -> BuildOptions:
     m = bundle.require()
     key, recorded = m["build_key"], m.get("options", {})
     opts = BuildOptions(budget=key["budget"], method=key["method"], m=key["m"])
-    for k in ("seed", "weights", "data", "steps", "n", "lam", "alpha"):  # what the bundle was built with
+    for k in ("seed", "weights", "data", "steps", "n", "lam", "alpha", "precisions", "calib", "calib_method",
+              "io"):  # what the bundle was built with
         if recorded.get(k) is not None:
             setattr(opts, k, recorded[k])
     for k, v in overrides.items():

@@ -29,6 +29,19 @@ class StepsSection:
     warmup: int = 0
 
 
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class PrecisionSection:
+    graphs: tuple[str, ...] = PRECISIONS  # which graphs export writes (fp32 always)
+    fp32_islands: tuple[str, ...] | None = None  # None: the adapter's default
+    calib: str = "builtin"  # the package's calib/ images, or a folder
+    calib_method: str = "percentile"
+    percentile: float = 99.99
+    io: str = "fp32"
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -47,6 +60,7 @@ class Recipe:
     opset: int
     validate_sizes: tuple[tuple[int, int], ...]
     fp32_atol: float
+    precision: "PrecisionSection"
     sls: "SLSSettings"
     sls_max_search_steps: int
     srste_decay: float
@@ -89,7 +103,7 @@ def recipe_for_model(model: str) -> Path:
 
 
 _TOP_KEYS = {"name", "model", "base_weights", "reference_output", "data", "train", "finetune", "sparsity",
-             "export", "validate", "description", "sls", "srste"}
+             "export", "validate", "description", "sls", "srste", "precision"}
 _SLS_KEYS = {"lam", "alpha", "threshold", "check_every", "refresh_every", "score_lr", "score_clamp", "loss_scale",
              "cost_patch", "max_search_steps"}
 
@@ -132,6 +146,27 @@ def _steps(raw: Mapping[str, Any], key: str) -> StepsSection:
     return out
 
 
+def _precision(raw: Mapping[str, Any]) -> PrecisionSection:
+    sec = _section(raw, "precision", {"graphs", "fp32_islands", "calib", "calib_method", "percentile", "io"})
+    try:
+        graphs = tuple(str(g) for g in sec.get("graphs", PRECISIONS))
+        islands = sec.get("fp32_islands")
+        out = PrecisionSection(graphs=graphs, fp32_islands=None if islands is None else tuple(map(str, islands)),
+                               calib=str(sec.get("calib", "builtin")),
+                               calib_method=str(sec.get("calib_method", "percentile")),
+                               percentile=float(sec.get("percentile", 99.99)), io=str(sec.get("io", "fp32")))
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe section 'precision': {e}") from None
+    bad = [g for g in out.graphs if g not in PRECISIONS]
+    if bad:
+        raise RecipeError(f"precision.graphs: unknown precision '{bad[0]}' (known: {', '.join(PRECISIONS)})")
+    if out.calib_method not in ("max", "percentile", "entropy"):
+        raise RecipeError(f"precision.calib_method must be max, percentile or entropy, not '{out.calib_method}'")
+    if not 0 < out.percentile <= 100 or out.io not in ("fp32", "fp16"):
+        raise RecipeError("precision.percentile must be in (0, 100] and precision.io fp32 or fp16")
+    return out
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path)
     if not path.is_file():
@@ -168,6 +203,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError(f"export.opset must be >= 17, not {opset}")
     if m not in (4, 8, 16, 32):
         raise RecipeError(f"sparsity.m must be 4, 8, 16 or 32, not {m}")
+    precision = _precision(raw)
     sls_settings, max_search = _sls(raw, m)
     try:
         decay = float(srste.get("decay", 2e-4))
@@ -182,7 +218,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data_train=str(data.get("train", "skimage:train")), data_eval=str(data.get("eval", "skimage:eval")),
         metric_channel=channel, train=_steps(raw, "train"), finetune=_steps(raw, "finetune"),
         sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, opset=opset,
-        validate_sizes=sizes, fp32_atol=atol, sls=sls_settings, sls_max_search_steps=max_search,
+        validate_sizes=sizes, fp32_atol=atol, precision=precision, sls=sls_settings, sls_max_search_steps=max_search,
         srste_decay=decay, adapter=adapter)
 
 

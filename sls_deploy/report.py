@@ -28,7 +28,8 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
         (f"PSNR-{ch} pruned (ONNX Runtime)", f"{_f(p['pruned_onnx'])} dB"),
         ("ONNX Runtime vs PyTorch", f"max |diff| {o['max_abs']:.1e} (tolerance {o['tolerance']:.0e}: "
                                     f"{'pass' if o['passed'] else 'FAIL'})"),
-    ]
+    ] + [(f"PSNR-{ch} {k} graph", f"{_f(v['psnr_' + p['channel']])} dB ({_f(v['psnr_vs_torch_fp32'])} dB vs FP32 "
+                                  f"PyTorch)") for k, v in rep.get("precisions", {}).items() if k != "fp32"]
 
 
 def summary_text(rep: dict) -> str:
@@ -54,6 +55,15 @@ def render_markdown(rep: dict) -> str:
               "|---|---|---|---|"]
     lines += [f"| {s['lr_hw'][0]}x{s['lr_hw'][1]} | {tuple(s['output_shape'])} | {s['max_abs']:.2e} | {s['mean_abs']:.2e} |"
               for s in rep["onnx_vs_torch"]["sizes"]]
+    if rep.get("precisions"):
+        ch = p["channel"]
+        lines += ["", "## Precisions (ONNX Runtime, CPU)", "",
+                  f"FP32 islands: {', '.join(rep.get('graph', {}).get('fp32_islands', [])) or 'none'}. "
+                  "PSNR vs FP32 PyTorch is on the [0,1] outputs of the eval images.", "",
+                  f"| graph | file | PSNR-{ch.upper()} vs ground truth | PSNR vs FP32 PyTorch | max abs diff |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['file']} | {_f(v['psnr_' + ch])} | {_f(v['psnr_vs_torch_fp32'])} | "
+                  f"{v['max_abs_vs_torch_fp32']:.2e} |" for k, v in rep["precisions"].items()]
     lines += ["", "## Layers", "", "| layer | weight | N:M | 2:4 | GMACs dense | GMACs pruned |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {l['name']} | {'x'.join(map(str, l['weight_shape']))} | {l['n']}:{l['m']} | "

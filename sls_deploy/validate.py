@@ -26,7 +26,8 @@ def quiet_polygraphy() -> None:
     G_LOGGER.module_severity = G_LOGGER.WARNING
 
 
-def onnx_input_names(path: Path) -> list[str]:
+def onnx_inputs(path: Path) -> dict[str, type]:
+    """{input name: numpy dtype} of a graph's real inputs (FP16-I/O graphs take float16)."""
     import onnx
 
     try:
@@ -34,7 +35,8 @@ def onnx_input_names(path: Path) -> list[str]:
     except Exception as e:
         raise ValidationError(f"cannot read {path} as ONNX (corrupt?): {type(e).__name__}") from None
     inits = {t.name for t in graph.initializer}
-    return [i.name for i in graph.input if i.name not in inits]
+    return {i.name: np.float16 if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else np.float32
+            for i in graph.input if i.name not in inits}
 
 
 @contextlib.contextmanager
@@ -46,13 +48,15 @@ def ort_infer(onnx_path: str | os.PathLike, input_name: str = "lr", output_name:
     path = Path(onnx_path)
     if not path.is_file():
         raise ValidationError(f"ONNX file not found: {path}")
-    inputs = onnx_input_names(path)
+    inputs = onnx_inputs(path)
     if input_name not in inputs:
         raise ValidationError(f"{path.name} has no input '{input_name}' (inputs: {', '.join(inputs) or 'none'})")
+    dtype = inputs[input_name]
     with OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])) as runner:
 
         def infer(lr: torch.Tensor) -> np.ndarray:
-            return runner.infer({input_name: lr.detach().cpu().numpy().astype(np.float32)})[output_name]
+            out = runner.infer({input_name: lr.detach().cpu().numpy().astype(dtype)})[output_name]
+            return np.asarray(out, dtype=np.float32)
 
         yield infer
 

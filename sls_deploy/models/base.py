@@ -78,5 +78,9 @@ class ModelAdapter(abc.ABC):
         """An input of the given low-resolution size (values in [0, 1])."""
 
     def min_input_size(self, cfg: ModelConfig) -> int:
-        """The smallest LR height/width the model accepts."""
-        return 1
+        """The smallest LR height/width the model accepts (and that calibration images must have)."""
+        return 8
+
+    def default_fp32_islands(self, model: nn.Module) -> list[str]:
+        """Layers an FP16/INT8 graph keeps at FP32 unless the recipe says otherwise."""
+        return []

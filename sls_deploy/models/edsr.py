@@ -160,6 +160,11 @@ class EDSRAdapter(ModelAdapter):
                         f"recipe's model.rgb_mean {tuple(want)}")
         return out
 
+    def default_fp32_islands(self, model: nn.Module) -> list[str]:
+        """First conv, last conv and the final upsampler conv (the SLS paper found it the most sensitive)."""
+        ups = [f"upsample.{i}" for i, m in enumerate(model.upsample) if isinstance(m, nn.Conv2d)]
+        return ["conv_first", ups[-1], "conv_last"]
+
     def export_spec(self, cfg: ModelConfig) -> ExportSpec:
         return ExportSpec(
             input_names=("lr",),

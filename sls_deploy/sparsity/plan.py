@@ -71,6 +71,7 @@ class Plan:
     budget_scope: str = "whole_model"  # the budget is a fraction of the whole dense model's MACs
     seed: int = 0
     target: str = "trt"  # what the plan is for: "trt" (2:4 kernels) or "none"
+    fp32_islands: list[str] = field(default_factory=list)  # layers the FP16/INT8 graphs keep at FP32
     search: dict[str, Any] = field(default_factory=dict)  # what the search did (steps, coeff, ...)
 
     @property
@@ -103,6 +104,7 @@ class Plan:
             "budget_scope": self.budget_scope, "m": self.m, "seed": self.seed,
             "reference_output": self.reference_output,
             "target": self.target,
+            "fp32_islands": self.fp32_islands,
             "macs": {"dense": self.macs_dense, "pruned": self.macs_pruned, "ratio": self.ratio,
                      "trt_2to4_ratio": self.trt_2to4_ratio},
             "layers": [l.to_json() | ({"trt_kernel": "sparse 2:4" if l.sparse_2to4 else "dense"}
@@ -123,7 +125,8 @@ class Plan:
                    layers=[LayerPlan(**{k: v for k, v in l.items() if k in lp_fields}) for l in d["layers"]],
                    dense_layers=[DenseLayer(**x) for x in d.get("dense_layers", [])],
                    budget_scope=d.get("budget_scope", "whole_model"), seed=int(d.get("seed", 0)),
-                   target=d.get("target", "trt"), search=dict(d.get("search", {})))
+                   target=d.get("target", "trt"), search=dict(d.get("search", {})),
+                   fp32_islands=list(d.get("fp32_islands", [])))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
