@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import SlsError
+from .errors import SlsError, ValidationError
 
 BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
 
@@ -232,18 +232,111 @@ def export(bundle_dir, precisions, calib, calib_method, io):
 
 
 @cli.command()
-@click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--eval-data", help="Eval images: a folder of HR images (default: the recipe's eval list).")
+@click.argument("bundle_path", type=click.Path())
+@click.option("--eval-data", help="Eval images: a folder of HR images (default: the recipe's eval list, or the "
+              "val/ images of a packed bundle).")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime graphs vs the PyTorch reference (writes report.json/md); trt: the bundle's "
+                   "TensorRT engine vs the FP32 graph, against the recipe's PSNR thresholds.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
+              help="With --backend trt: which graph the engine was built from.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the summary.")
-def validate(bundle_dir, eval_data, as_json):
-    """ONNX Runtime vs PyTorch, and PSNR of bicubic / dense / pruned; writes report.json and report.md."""
+def validate(bundle_path, eval_data, backend, precision, as_json):
+    """Accuracy of a bundle: ONNX Runtime vs PyTorch and PSNR of bicubic / dense / pruned (--backend ort), or
+    the TensorRT engine against the FP32 graph (--backend trt)."""
     from .pipeline import check_report, open_bundle, options_from_bundle, run_validate
     from .report import summary_text
 
-    bundle, recipe = open_bundle(Path(bundle_dir))
+    if backend == "trt":
+        from .engine import require_tensorrt
+        from .engine_validate import validate_engine
+
+        require_tensorrt()  # before anything is read or written
+        root, recipe = _device_bundle(Path(bundle_path))
+        res = validate_engine(root, recipe, precision, Path(eval_data) if eval_data else None)
+        click.echo(json.dumps(res, indent=2))
+        if not res["passed"]:
+            raise ValidationError(res["verdict"])
+        return
+    bundle, recipe = open_bundle(Path(bundle_path))
     rep = run_validate(bundle, recipe, options_from_bundle(bundle, eval_data=eval_data, log=_log))
     click.echo(json.dumps(rep, indent=2) if as_json else summary_text(rep))
     check_report(rep)
+
+
+def _device_bundle(path: Path):
+    """A bundle folder or a packed .tar.gz (unpacked beside it), hash-checked; returns (root, recipe)."""
+    from .bundle import Bundle
+    from .errors import BundleError
+    from .packing import PACK_MANIFEST, unpack, verify_packed
+    from .recipe import load_recipe
+
+    if path.is_file():
+        root = unpack(path)
+    elif (path / PACK_MANIFEST).is_file():
+        root = path
+        verify_packed(root)
+    else:
+        root = path
+        bundle = Bundle(root)
+        names = [n for n in bundle.require().get("files", {}) if n.endswith((".onnx", ".json")) and n != "report.json"]
+        bundle.verify(names)
+    if not (root / "recipe.yaml").is_file():
+        raise BundleError(f"{root} is not a bundle (no recipe.yaml)")
+    return root, load_recipe(root / "recipe.yaml")
+
+
+@cli.command()
+@click.argument("bundle_path", type=click.Path())
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
+              help="Which graph to build: model.onnx, model.fp16.onnx or model.int8.onnx.")
+@click.option("--sparsity", type=click.Choice(["enable", "disable"]), default="enable", show_default=True,
+              help="TensorRT's SPARSE_WEIGHTS flag (2:4 layers may then use sparse tactics).")
+@click.option("--workspace-mb", type=click.IntRange(min=1), help="Workspace limit (default: the recipe's).")
+@click.option("--dry-run", is_flag=True, help="Print the settings and the equivalent trtexec / polygraphy "
+              "command lines and write engine/build.json; needs no TensorRT.")
+def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
+    """Build a TensorRT engine from a bundle (folder or packed .tar.gz) on this machine, with Polygraphy.
+
+    Writes engine/model.plan, the build log, the inspector JSON, the timing cache and engine/layers.json
+    (per plan layer: 2:4 weights, TensorRT-eligible, sparse tactic picked). Refuses a bundle whose files do not
+    match their recorded sha256.
+    """
+    from .engine import build_engine, dry_run as do_dry_run, engine_settings, require_tensorrt
+    from .errors import BundleError
+
+    if not dry_run:
+        require_tensorrt()  # one line, nothing written
+    root, recipe = _device_bundle(Path(bundle_path))
+    settings = engine_settings(recipe, precision, sparsity, workspace_mb)
+    if not (root / settings.graph).is_file():
+        raise BundleError(f"{root} has no {settings.graph} (run `sls-deploy export {root} --precision {precision}`)")
+    if dry_run:
+        info = do_dry_run(root, settings)
+        click.echo(f"# {info['path']}")
+        click.echo(info["trtexec"])
+        click.echo(info["polygraphy"])
+        click.echo(f"# settings written to {root / 'engine' / 'build.json'}")
+        return
+    plan = json.loads((root / "plan.json").read_text())
+    info = build_engine(root, settings, plan["layers"])
+    click.echo(f"engine {root / settings.engine_file} built in {info['seconds']}s ({info['path']}); "
+               f"per-layer sparsity in {root / 'engine' / 'layers.json'}")
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Tar file (default <bundle>.tar.gz).")
+def pack(bundle_dir, out):
+    """Pack what a device needs (graphs, plan, recipe, manifest, calibration cache, eval images) into a tar."""
+    from .data import resolve_images
+    from .packing import pack as do_pack
+    from .pipeline import open_bundle
+
+    bundle, recipe = open_bundle(Path(bundle_dir))
+    dest = Path(out) if out else bundle.root.with_name(bundle.root.name + ".tar.gz")
+    do_pack(bundle.root, dest, resolve_images(recipe.data_eval), recipe.opset, recipe.digest())
+    click.echo(f"wrote {dest}")
 
 
 def main(argv: list[str] | None = None) -> int:

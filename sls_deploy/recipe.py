@@ -43,6 +43,18 @@ class PrecisionSection:
 
 
 @dataclass(frozen=True)
+class EngineSection:
+    min_shape: tuple[int, ...] = (1, 3, 32, 32)
+    opt_shape: tuple[int, ...] = (1, 3, 180, 320)  # the deployment resolution: 1280x720 output at x4
+    max_shape: tuple[int, ...] = (1, 3, 270, 480)
+    workspace_mb: int = 4096
+    max_psnr_drop_db: tuple[tuple[str, float], ...] = (("fp32", 0.05), ("fp16", 0.1), ("int8", 0.5))
+
+    def max_drop(self, precision: str) -> float:
+        return dict(self.max_psnr_drop_db)[precision]
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     path: str
@@ -61,6 +73,7 @@ class Recipe:
     validate_sizes: tuple[tuple[int, int], ...]
     fp32_atol: float
     precision: "PrecisionSection"
+    engine: "EngineSection"
     sls: "SLSSettings"
     sls_max_search_steps: int
     srste_decay: float
@@ -103,7 +116,7 @@ def recipe_for_model(model: str) -> Path:
 
 
 _TOP_KEYS = {"name", "model", "base_weights", "reference_output", "data", "train", "finetune", "sparsity",
-             "export", "validate", "description", "sls", "srste", "precision"}
+             "export", "validate", "description", "sls", "srste", "precision", "engine"}
 _SLS_KEYS = {"lam", "alpha", "threshold", "check_every", "refresh_every", "score_lr", "score_clamp", "loss_scale",
              "cost_patch", "max_search_steps"}
 
@@ -143,6 +156,24 @@ def _steps(raw: Mapping[str, Any], key: str) -> StepsSection:
         raise RecipeError(f"recipe section '{key}': {e}") from None
     if out.steps < 0 or out.lr <= 0 or out.batch_size < 1 or out.lr_patch < 1 or out.checkpoint_every < 0:
         raise RecipeError(f"recipe section '{key}': steps >= 0, lr > 0, batch_size >= 1, lr_patch >= 1 needed")
+    return out
+
+
+def _engine(raw: Mapping[str, Any]) -> EngineSection:
+    sec = _section(raw, "engine", {"min", "opt", "max", "workspace_mb", "max_psnr_drop_db"})
+    d = EngineSection()
+    try:
+        shapes = [tuple(int(v) for v in sec[k]) if k in sec else None for k in ("min", "opt", "max")]
+        shapes = [(s_[0], 3, s_[1], s_[2]) if s_ else default
+                  for s_, default in zip(shapes, (d.min_shape, d.opt_shape, d.max_shape))]
+        drops = {**dict(d.max_psnr_drop_db), **{str(k): float(v) for k, v in (sec.get("max_psnr_drop_db") or {}).items()}}
+        out = EngineSection(min_shape=shapes[0], opt_shape=shapes[1], max_shape=shapes[2],
+                            workspace_mb=int(sec.get("workspace_mb", d.workspace_mb)),
+                            max_psnr_drop_db=tuple(sorted(drops.items())))
+    except (TypeError, ValueError, IndexError) as e:
+        raise RecipeError(f"recipe section 'engine' (min/opt/max are [N, H, W]): {e}") from None
+    if not all(a <= b <= c for a, b, c in zip(out.min_shape, out.opt_shape, out.max_shape)) or out.workspace_mb < 1:
+        raise RecipeError("engine: need min <= opt <= max in every dimension and workspace_mb >= 1")
     return out
 
 
@@ -204,6 +235,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if m not in (4, 8, 16, 32):
         raise RecipeError(f"sparsity.m must be 4, 8, 16 or 32, not {m}")
     precision = _precision(raw)
+    engine = _engine(raw)
     sls_settings, max_search = _sls(raw, m)
     try:
         decay = float(srste.get("decay", 2e-4))
@@ -218,7 +250,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data_train=str(data.get("train", "skimage:train")), data_eval=str(data.get("eval", "skimage:eval")),
         metric_channel=channel, train=_steps(raw, "train"), finetune=_steps(raw, "finetune"),
         sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, opset=opset,
-        validate_sizes=sizes, fp32_atol=atol, precision=precision, sls=sls_settings, sls_max_search_steps=max_search,
+        validate_sizes=sizes, fp32_atol=atol, precision=precision, engine=engine, sls=sls_settings, sls_max_search_steps=max_search,
         srste_decay=decay, adapter=adapter)
 
 
