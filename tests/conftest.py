@@ -49,21 +49,30 @@ def tiny_images(tmp_path_factory) -> dict[str, Path]:
     return {"train": train, "eval": evald}
 
 
-@pytest.fixture
-def tiny_recipe(tmp_path, tiny_images) -> Path:
-    r = {**TINY_RECIPE, "data": {"train": str(tiny_images["train"]), "eval": str(tiny_images["eval"]),
-                                 "metric_channel": "y"}}
-    path = tmp_path / "tiny.yaml"
+def write_tiny_recipe(folder: Path, images: dict[str, Path], **extra) -> Path:
+    """The tiny recipe with the given train/eval image folders (and extra top-level sections) as a YAML file."""
+    r = {**TINY_RECIPE, "data": {"train": str(images["train"]), "eval": str(images["eval"]), "metric_channel": "y"},
+         **extra}
+    path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(r))
     return path
 
 
-@pytest.fixture
-def tiny_weights(tmp_path, tiny_recipe) -> Path:
+def write_tiny_weights(recipe: Path, dest: Path) -> Path:
+    """Random (seeded) base weights for a recipe's model, as safetensors."""
     from sls_deploy.recipe import load_recipe
 
     torch.manual_seed(0)
-    model = load_recipe(tiny_recipe).build_model()
-    path = tmp_path / "tiny_base.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+    model = load_recipe(recipe).build_model()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dest))
+    return dest
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_images) -> Path:
+    return write_tiny_recipe(tmp_path, tiny_images)
+
+
+@pytest.fixture
+def tiny_weights(tmp_path, tiny_recipe) -> Path:
+    return write_tiny_weights(tiny_recipe, tmp_path / "tiny_base.safetensors")

@@ -21,25 +21,15 @@ pytestmark = pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_images):
-    import torch
-    import yaml
-    from safetensors.torch import save_file
-
-    from tests.conftest import TINY_RECIPE
+    from tests.conftest import write_tiny_recipe, write_tiny_weights
 
     tmp = tmp_path_factory.mktemp("eng")
-    recipe = tmp / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "data": {"train": str(tiny_images["train"]),
-                                                              "eval": str(tiny_images["eval"])},
-                                      "engine": {"min": [1, 8, 8], "opt": [1, 45, 80], "max": [2, 90, 160]}}))
-    from sls_deploy.recipe import load_recipe
-
-    torch.manual_seed(0)
-    w = tmp / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in load_recipe(recipe).build_model().state_dict().items()}, str(w))
+    recipe = write_tiny_recipe(tmp, tiny_images,
+                               engine={"min": [1, 8, 8], "opt": [1, 45, 80], "max": [2, 90, 160]})
+    weights = write_tiny_weights(recipe, tmp / "w.safetensors")
     out = tmp / "b"
-    assert main(["build", "--recipe", str(recipe), "--weights", str(w), "--budget", "0.6", "--method", "oneshot",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert main(["build", "--recipe", str(recipe), "--weights", str(weights), "--budget", "0.6", "--method",
+                 "oneshot", "--out", str(out), "--no-progress"]) == 0
     return out
 
 

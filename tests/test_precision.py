@@ -8,7 +8,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import numpy_helper
 
 from sls_deploy.cli import main
@@ -19,41 +18,17 @@ ISLANDS = {"conv_first", "upsample.2", "conv_last"}
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, request):
+def bundle(tmp_path_factory, tiny_images):
     """One tiny oneshot 2:4 build with all three graphs, shared by the structural tests."""
+    from tests.conftest import write_tiny_recipe, write_tiny_weights
+
     tmp = tmp_path_factory.mktemp("prec")
-    recipe = request.getfixturevalue("tiny_recipe_module")
-    weights = request.getfixturevalue("tiny_weights_module")
+    recipe = write_tiny_recipe(tmp, tiny_images)
+    weights = write_tiny_weights(recipe, tmp / "w.safetensors")
     out = tmp / "b"
     assert main(["build", "--recipe", str(recipe), "--weights", str(weights), "--budget", "0.9", "--method",
                  "oneshot", "--n", "2", "--out", str(out), "--no-progress"]) == 0
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_recipe_module(tmp_path_factory, tiny_images):
-    import yaml
-
-    from tests.conftest import TINY_RECIPE
-
-    r = {**TINY_RECIPE, "data": {"train": str(tiny_images["train"]), "eval": str(tiny_images["eval"]),
-                                 "metric_channel": "y"}}
-    path = tmp_path_factory.mktemp("r") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(r))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_weights_module(tmp_path_factory, tiny_recipe_module):
-    from safetensors.torch import save_file
-
-    from sls_deploy.recipe import load_recipe
-
-    torch.manual_seed(0)
-    model = load_recipe(tiny_recipe_module).build_model()
-    path = tmp_path_factory.mktemp("w") / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 def _conv_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
