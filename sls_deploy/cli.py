@@ -31,6 +31,9 @@ def _plan_options(f):
                           "Default: the recipe's shipped weights.")(f)
     f = click.option("--m", "m", type=click.Choice(["4", "8", "16", "32"]), default=None,
                      help="Group size M of N:M sparsity (default: the recipe's, 4 for EDSR).")(f)
+    f = click.option("--target", type=click.Choice(["trt", "none"]), default="trt", show_default=True,
+                     help="trt: the plan states per layer whether it runs on TensorRT's 2:4 sparse kernels "
+                          "(N <= 2 of M = 4) or dense, and reports give the 2:4-accelerated MAC bound.")(f)
     f = click.option("--n", "n", type=int, help="oneshot/srste: a fixed uniform N (1..M) instead of the largest "
                      "N within the budget.")(f)
     f = click.option("--alpha", type=float, help="SLS: growth of the budget-loss coefficient when the "
@@ -81,7 +84,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @_precision_options
 @_progress_option
-def build(model_name, recipe_path, budget, method, lam, alpha, n, m, weights, seed, data, eval_data, steps, out,
+def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, data, eval_data, steps, out,
           as_json, precisions, calib, calib_method, no_progress):
     """Plan, finetune, export and validate: the whole pipeline into one bundle folder.
 
@@ -94,7 +97,7 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, m, weights, se
 
     recipe = resolve_recipe(model_name, recipe_path)
     opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, n=n,
-                        lam=lam, alpha=alpha, weights=weights, data=data, eval_data=eval_data, steps=steps, seed=seed,
+                        target=target, lam=lam, alpha=alpha, weights=weights, data=data, eval_data=eval_data, steps=steps, seed=seed,
                         precisions=tuple(precisions) or None, calib=calib, calib_method=calib_method,
                         progress=not no_progress, log=_log)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
@@ -137,7 +140,7 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, seed, no_pro
 @click.option("--data", help="Training images for the SLS search (default: the recipe's list).")
 @click.option("--steps", type=click.IntRange(min=0), help="Search + finetune steps (default: the recipe's).")
 @_progress_option
-def search(model_name, recipe_path, budget, method, lam, alpha, n, m, weights, seed, out, data, steps, no_progress):
+def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, out, data, steps, no_progress):
     """Only plan: write plan.json (one entry per prunable layer) into a new or matching bundle."""
     from . import distributed as dist
     from .bundle import Bundle
@@ -146,7 +149,7 @@ def search(model_name, recipe_path, budget, method, lam, alpha, n, m, weights, s
 
     recipe = resolve_recipe(model_name, recipe_path)
     opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, n=n,
-                        lam=lam, alpha=alpha, weights=weights, seed=seed, data=data, steps=steps,
+                        target=target, lam=lam, alpha=alpha, weights=weights, seed=seed, data=data, steps=steps,
                         progress=not no_progress, log=_log)
     check_options(recipe, opts)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)

@@ -46,6 +46,7 @@ class BuildOptions:
     method: str = "sls"
     m: int | None = None  # None: the recipe's
     n: int | None = None  # uniform N for oneshot/srste; None: the largest N within the budget
+    target: str = "trt"  # "trt": the plan states which layers run on 2:4 sparse kernels; "none": no target
     precisions: tuple[str, ...] | None = None  # graphs to export; None: the recipe's
     calib: str | None = None  # calibration folder; None: the recipe's
     calib_method: str | None = None
@@ -97,7 +98,7 @@ def build_key(recipe: Recipe, opts: BuildOptions) -> dict[str, Any]:
 def options_record(opts: BuildOptions) -> dict[str, Any]:
     """What the manifest keeps of the options (the seed, weights and data that made the bundle)."""
     return {k: getattr(opts, k) for k in ("seed", "weights", "data", "eval_data", "steps", "n", "lam", "alpha",
-                                          "precisions", "calib", "calib_method", "io")}
+                                          "target", "precisions", "calib", "calib_method", "io")}
 
 
 def check_options(recipe: Recipe, opts: BuildOptions) -> None:
@@ -117,6 +118,8 @@ def check_options(recipe: Recipe, opts: BuildOptions) -> None:
             raise UsageError(f"--n must be in 1..{m} for M={m}, not {opts.n}")
     if opts.steps is not None and opts.steps < 0:
         raise UsageError(f"--steps must be >= 0, not {opts.steps}")
+    if opts.target not in ("trt", "none"):
+        raise UsageError(f"--target must be trt or none, not '{opts.target}'")
     for p in opts.precisions or ():
         if p not in PRECISIONS:
             raise UsageError(f"unknown precision '{p}' (known: {', '.join(PRECISIONS)})")
@@ -190,6 +193,7 @@ def run_search(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> Plan:
     else:
         plan = plan_uniform(recipe, split, opts.budget, m, opts.method, n=opts.n)
     plan.seed = opts.seed
+    plan.target = opts.target
     plan.fp32_islands = fp32_islands(recipe, model)
     for layer in plan.layers:
         layer.precision = "fp32" if layer.name in plan.fp32_islands else "fp16/int8"
@@ -539,8 +543,8 @@ def options_from_bundle(bundle: Bundle, **overrides) -> BuildOptions:
     m = bundle.require()
     key, recorded = m["build_key"], m.get("options", {})
     opts = BuildOptions(budget=key["budget"], method=key["method"], m=key["m"])
-    for k in ("seed", "weights", "data", "steps", "n", "lam", "alpha", "precisions", "calib", "calib_method",
-              "io"):  # what the bundle was built with
+    for k in ("seed", "weights", "data", "steps", "n", "lam", "alpha", "target", "precisions", "calib",
+              "calib_method", "io"):  # what the bundle was built with
         if recorded.get(k) is not None:
             setattr(opts, k, recorded[k])
     for k, v in overrides.items():

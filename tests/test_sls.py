@@ -223,3 +223,14 @@ def test_model_without_eligible_layer(capsys, tmp_path, tiny_recipe):
                  "--out", str(tmp_path / "b"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and "no layer eligible" in err and "Traceback" not in err
+
+
+def test_target_none_plan_has_no_kernel_field(tmp_path, tiny_recipe, tiny_weights, capsys):
+    plans = {}
+    for target in ("trt", "none"):
+        out = tmp_path / target
+        assert main(["search", "--recipe", str(tiny_recipe), "--weights", str(tiny_weights), "--budget", "0.5",
+                     "--method", "oneshot", "--target", target, "--out", str(out)]) == 0
+        plans[target] = json.loads((out / "plan.json").read_text())
+    assert plans["trt"]["target"] == "trt" and all("trt_kernel" in l for l in plans["trt"]["layers"])
+    assert plans["none"]["target"] == "none" and not any("trt_kernel" in l for l in plans["none"]["layers"])
