@@ -26,6 +26,7 @@ WEIGHTS = "model.safetensors"
 ONNX = "model.onnx"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+GRAPH_FILES = {"fp32": ONNX, "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}  # one graph per precision
 WORK = "work"  # resumable training checkpoints live here, outside the final artifact names
 
 

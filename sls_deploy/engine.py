@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
+from .bundle import GRAPH_FILES
 from .errors import BackendMissingError, UsageError
 
-GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 ENGINE_DIR = "engine"
 TRT_HINT = ("TensorRT was not found (import tensorrt failed): on x86 install it with "
             "pip install 'sls-deploy[tensorrt]' (NVIDIA's wheels), on Jetson it comes with JetPack")

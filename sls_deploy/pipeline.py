@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import atomic, distributed as dist, report as report_mod
-from .bundle import ONNX, PLAN, RECIPE, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
+from .bundle import GRAPH_FILES, ONNX, PLAN, RECIPE, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
 from .checkpoints import load_weights, read_state_dict
 from .data import PatchSampler, load_pair, resolve_images
 from .errors import CheckpointError, PlanError, RecipeError, UsageError, ValidationError
@@ -312,7 +312,6 @@ def run_finetune(bundle: Bundle, recipe: Recipe, opts: BuildOptions, resume: boo
 
 
 # -- stage: export ---------------------------------------------------------------------------------------
-GRAPH_FILES = {"fp32": ONNX, "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 CALIB_CACHE = "calib_cache.json"
 BUILTIN_CALIB = Path(__file__).resolve().parent / "calib"
 
@@ -357,7 +356,6 @@ def _calibration(bundle: Bundle, fp32_model, inputs: dict[str, str], images, has
 
 def run_export(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
     """model.onnx (FP32) and, as asked, model.fp16.onnx (FP32 islands) and model.int8.onnx (Q/DQ)."""
-    import onnx
 
     from .precision.fp16 import to_fp16
     from .precision.int8 import quantize_int8, quantized_inputs, read_calibration_images

@@ -11,12 +11,15 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
 from .errors import RecipeError, UsageError
 from .models import ModelAdapter, ModelConfig, get_adapter
+
+if TYPE_CHECKING:
+    from .sparsity.sls import SLSSettings
 
 
 @dataclass(frozen=True)
