@@ -342,6 +342,21 @@ def pack(bundle_dir, out):
     click.echo(f"wrote {dest}")
 
 
+@cli.command()
+@click.argument("target", type=click.Path())
+@click.option("--size", help="LR input size HxW at which to count MACs, e.g. 180x320 (default: none).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def inspect(target, size, as_json):
+    """Per-layer op, weight shape, precision, 2:4 status (through DequantizeLinear and Cast) and MACs of any
+    ONNX model, or of a bundle's model.onnx."""
+    from .export import load_onnx
+    from .inspect_graph import inspect_model, parse_size, render, resolve_target
+
+    hw = parse_size(size)
+    rows = inspect_model(load_onnx(resolve_target(Path(target))), hw)
+    click.echo(json.dumps(rows, indent=2) if as_json else render(rows, hw))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: click in non-standalone mode so every error is a single line.
 
