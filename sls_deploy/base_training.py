@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .atomic import atomic_path
+from .checkpoints import save_weights
 from .data import PatchSampler, resolve_images
 from .evaluate import bicubic_infer, evaluate, torch_infer
 from .recipe import Recipe
@@ -27,9 +26,7 @@ def train_base(recipe: Recipe, out: Path, *, steps: int | None = None, data: str
     ckpt = out.with_name(out.name + ".ckpt")
     result: TrainResult = train(model, sampler, cfg, checkpoint=ckpt, resume=resume,
                                 run_key=f"train:{recipe.digest()}:{seed}", desc="train", progress=progress)
-    sd = {k: (v.half() if half else v).contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out) as tmp:
-        save_file(sd, str(tmp), metadata={"recipe": recipe.name, "steps": str(result.steps_done)})
+    save_weights(model, out, {"recipe": recipe.name, "steps": str(result.steps_done)}, half=half)
     if ckpt.exists():
         ckpt.unlink()
     eval_files = resolve_images(recipe.data_eval)

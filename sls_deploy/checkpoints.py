@@ -11,9 +11,10 @@ from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_path
 from .errors import CheckpointError
 
 # Keys under which training frameworks nest the weights, in order of preference.
@@ -76,3 +77,11 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str) ->
     own = model.state_dict()
     model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own})
     return model
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                 half: bool = False) -> None:
+    """The model's state dict as safetensors (FP16 if ``half``), written atomically."""
+    sd = {k: (v.half() if half else v).detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=metadata)

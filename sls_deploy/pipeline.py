@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save_file
 
 from . import atomic, distributed as dist, report as report_mod
 from .bundle import GRAPH_FILES, ONNX, PLAN, RECIPE, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
-from .checkpoints import load_weights, read_state_dict
+from .checkpoints import load_weights, read_state_dict, save_weights
 from .data import PatchSampler, load_pair, resolve_images
 from .errors import CheckpointError, PlanError, RecipeError, UsageError, ValidationError
 from .evaluate import bicubic_infer, evaluate, torch_infer
@@ -79,12 +78,6 @@ def load_model(recipe: Recipe, weights: Path) -> torch.nn.Module:
     sd = recipe.adapter.convert_state_dict(read_state_dict(weights), recipe.model)
     load_weights(model, sd, recipe.describe_model())
     return model.eval()
-
-
-def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic.atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata=metadata)
 
 
 def build_key(recipe: Recipe, opts: BuildOptions) -> dict[str, Any]:

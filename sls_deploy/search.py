@@ -115,7 +115,6 @@ class _FinalizeSearch:
 
     def __init__(self, inner: SLSSearch):
         self.inner = inner
-        inner.closed_by_force = 0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

@@ -76,3 +76,15 @@ def tiny_recipe(tmp_path, tiny_images) -> Path:
 @pytest.fixture
 def tiny_weights(tmp_path, tiny_recipe) -> Path:
     return write_tiny_weights(tiny_recipe, tmp_path / "tiny_base.safetensors")
+
+
+def build_tiny_2to4_bundle(folder: Path, images: dict[str, Path]) -> Path:
+    """A tiny one-shot 2:4 build with all three graphs (FP32, FP16, INT8) in ``folder / "b"``."""
+    from sls_deploy.cli import main
+
+    recipe = write_tiny_recipe(folder, images)
+    weights = write_tiny_weights(recipe, folder / "w.safetensors")
+    out = folder / "b"
+    assert main(["build", "--recipe", str(recipe), "--weights", str(weights), "--budget", "0.9", "--method",
+                 "oneshot", "--n", "2", "--out", str(out), "--no-progress"]) == 0
+    return out

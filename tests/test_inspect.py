@@ -12,15 +12,9 @@ from sls_deploy.cli import main
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_images):
-    from tests.conftest import write_tiny_recipe, write_tiny_weights
+    from tests.conftest import build_tiny_2to4_bundle
 
-    tmp = tmp_path_factory.mktemp("insp")
-    recipe = write_tiny_recipe(tmp, tiny_images)
-    weights = write_tiny_weights(recipe, tmp / "w.safetensors")
-    out = tmp / "b"
-    assert main(["build", "--recipe", str(recipe), "--weights", str(weights), "--budget", "0.9", "--method",
-                 "oneshot", "--n", "2", "--out", str(out), "--no-progress"]) == 0
-    return out
+    return build_tiny_2to4_bundle(tmp_path_factory.mktemp("insp"), tiny_images)
 
 
 def _rows(capsys, *args):

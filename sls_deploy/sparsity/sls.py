@@ -130,6 +130,7 @@ class SLSSearch:
         self.coeff = 1.0
         self.last_factor: float | None = None
         self.frozen_at: int | None = None
+        self.closed_by_force = 0  # gates closed by force_budget() when the search ran out of steps
         self.history: list[dict] = []
         self._modules: dict[str, nn.Module] = {}
 
