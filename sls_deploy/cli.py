@@ -91,7 +91,8 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
     Re-running the same command resumes an interrupted build (finished stages are skipped, finetune continues
     from its last checkpoint).
     """
-    from .pipeline import BuildOptions, build as run_build, check_report, default_out
+    from .pipeline import BuildOptions, build as run_build, default_out
+    from .validate_stage import check_report
     from .recipe import resolve_recipe
     from .report import summary_text
 
@@ -238,17 +239,26 @@ def export(bundle_dir, precisions, calib, calib_method, io):
 @click.argument("bundle_path", type=click.Path())
 @click.option("--eval-data", help="Eval images: a folder of HR images (default: the recipe's eval list, or the "
               "val/ images of a packed bundle).")
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
-              help="ort: ONNX Runtime graphs vs the PyTorch reference (writes report.json/md); trt: the bundle's "
-                   "TensorRT engine vs the FP32 graph, against the recipe's PSNR thresholds.")
+@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="ort", show_default=True,
+              help="ort: every ONNX graph (FP32/FP16/INT8) in ONNX Runtime vs the PyTorch reference; torch: the "
+                   "PyTorch model alone (quality and latency); trt: the bundle's TensorRT engine vs the FP32 graph. "
+                   "ort and torch write report.json/md/html.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
               help="With --backend trt: which graph the engine was built from.")
+@click.option("--latency-runs", type=click.IntRange(min=1), help="Timed runs per model and size "
+              "(default: the recipe's validate.latency_runs).")
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for latency "
+              "(default: every core).")
+@click.option("--no-latency", is_flag=True, help="Skip the dense-vs-pruned latency measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the summary.")
-def validate(bundle_path, eval_data, backend, precision, as_json):
-    """Accuracy of a bundle: ONNX Runtime vs PyTorch and PSNR of bicubic / dense / pruned (--backend ort), or
-    the TensorRT engine against the FP32 graph (--backend trt)."""
-    from .pipeline import check_report, open_bundle, options_from_bundle, run_validate
+@_progress_option
+def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, no_latency, as_json, no_progress):
+    """Does a bundle ship? Accuracy at the engine profile's min/opt/max and an odd size against the PyTorch
+    reference and the ground truth (thresholds per precision from the recipe), dense-vs-pruned latency side by
+    side, and report.md / report.html with plots. Exits 1 naming the first failed check."""
+    from .pipeline import open_bundle, options_from_bundle
     from .report import summary_text
+    from .validate_stage import ValidateOptions, check_report, run_validate
 
     if backend == "trt":
         from .engine import require_tensorrt
@@ -262,7 +272,9 @@ def validate(bundle_path, eval_data, backend, precision, as_json):
             raise ValidationError(res["verdict"])
         return
     bundle, recipe = open_bundle(Path(bundle_path))
-    rep = run_validate(bundle, recipe, options_from_bundle(bundle, eval_data=eval_data, log=_log))
+    vopts = ValidateOptions(backend=backend, latency=not no_latency, latency_runs=latency_runs, threads=threads)
+    rep = run_validate(bundle, recipe, options_from_bundle(bundle, eval_data=eval_data, log=_log,
+                                                           progress=not no_progress), vopts)
     click.echo(json.dumps(rep, indent=2) if as_json else summary_text(rep))
     check_report(rep)
 

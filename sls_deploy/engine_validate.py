@@ -2,7 +2,7 @@
 
 Needs TensorRT (and a GPU). The reference is the FP32 ONNX graph in ONNX Runtime, so a packed bundle, which
 carries no PyTorch weights, can be validated on the device. Fails when the engine's eval PSNR is more than the
-recipe's ``engine.max_psnr_drop_db[precision]`` below the FP32 graph's.
+recipe's ``validate.max_psnr_drop_db[precision]`` below the FP32 graph's.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def validate_engine(root: Path, recipe, precision: str, eval_data: Path | None) 
             ref_psnr.append(psnr(quantize(to_image(want)), gt, scale, y))
             trt_psnr.append(psnr(quantize(to_image(got)), gt, scale, y))
     drop = float(np.mean(ref_psnr) - np.mean(trt_psnr))
-    limit = recipe.engine.max_drop(precision)
+    limit = recipe.validate.max_drop(precision)
     res = {"backend": "tensorrt", "precision": precision, "eval_images": [f.name for f in files],
            "psnr_fp32_graph": float(np.mean(ref_psnr)), "psnr_engine": float(np.mean(trt_psnr)),
            "psnr_drop_db": drop, "max_psnr_drop_db": limit, "max_abs_vs_fp32_graph": max_abs,

@@ -17,12 +17,11 @@ from typing import Any, Callable
 
 import torch
 
-from . import atomic, distributed as dist, report as report_mod
-from .bundle import GRAPH_FILES, ONNX, PLAN, RECIPE, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
+from . import atomic, distributed as dist
+from .bundle import GRAPH_FILES, ONNX, PLAN, RECIPE, WEIGHTS, Bundle, digest
 from .checkpoints import load_weights, read_state_dict, save_weights
-from .data import PatchSampler, load_pair, resolve_images
+from .data import PatchSampler, resolve_images
 from .errors import CheckpointError, PlanError, RecipeError, UsageError, ValidationError
-from .evaluate import bicubic_infer, evaluate, torch_infer
 from .export import export_onnx, load_onnx, verify_plan_in_graph
 from .recipe import PRECISIONS, Recipe, load_recipe
 from .search import METHODS, plan_uniform, search_sls, split_layers
@@ -31,7 +30,6 @@ from .sparsity.nm import VALID_M
 from .sparsity.oneshot import check_budget
 from .sparsity.srste import SRSTE
 from .train import TrainConfig, train
-from .validate import compare_to_reference, crops_for_sizes, ort_infer
 
 SEARCH_WEIGHTS = "search.safetensors"
 IMPORTED_DENSE = "imported.dense.safetensors"  # the imported checkpoint's weights before masking
@@ -425,100 +423,6 @@ def _ort_smoke(model, name: str) -> None:
         raise ValidationError(f"ONNX Runtime cannot run the {name} graph: {str(e).splitlines()[0]}") from None
 
 
-# -- stage: validate + report -----------------------------------------------------------------------------
-def run_validate(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
-    """ONNX Runtime vs PyTorch at the recipe's sizes; PSNR of bicubic, dense and pruned; report files."""
-    m = bundle.require()
-    export_info = m.get("stages", {}).get("export", {}).get("result", {})
-    graph_files = {p: g["file"] for p, g in export_info.get("graphs", {"fp32": {"file": ONNX}}).items()}
-    bundle.verify([PLAN, WEIGHTS, *graph_files.values()])
-    plan = Plan.load(bundle.path(PLAN))
-    base = Path(m["stages"]["search"]["base_weights"])
-    eval_spec = opts.eval_data or recipe.data_eval
-    inputs = digest({f: atomic.sha256_file(bundle.path(f)) for f in (PLAN, WEIGHTS, *graph_files.values())} | {
-        "base": atomic.sha256_file(base), "eval": eval_spec, "sizes": recipe.validate_sizes,
-        "atol": recipe.fp32_atol, "channel": recipe.metric_channel})
-    if bundle.stage_is_current("validate", inputs):
-        opts.log("  up to date")
-        return json.loads(bundle.path(REPORT_JSON).read_text())
-    t0 = time.perf_counter()
-    eval_files = resolve_images(eval_spec)
-    dense = load_model(recipe, base)
-    pruned = load_model(recipe, bundle.path(WEIGHTS))
-    scale, ch = recipe.scale, recipe.metric_channel
-    with ort_infer(bundle.path(ONNX)) as ort_run:
-        checks = compare_to_reference(torch_infer(pruned), ort_run,
-                                      crops_for_sizes(eval_files, scale, recipe.validate_sizes))
-    refs = {}
-    for f in eval_files:
-        hr, lr = load_pair(f, scale)
-        with torch.no_grad():
-            refs[f.name] = (hr, lr, pruned(lr).clamp(0, 1).numpy())
-    precisions = {p: precision_quality(bundle.path(f), refs, scale, ch) | {"file": f}
-                  for p, f in graph_files.items()}
-    q_bic = evaluate(bicubic_infer(scale), eval_files, scale, ch)
-    q_dense = evaluate(torch_infer(dense), eval_files, scale, ch)
-    q_pruned = evaluate(torch_infer(pruned), eval_files, scale, ch)
-    max_abs = max(c.max_abs for c in checks)
-    stages = m.get("stages", {})
-    rep = {
-        "model": recipe.name, "budget": plan.budget, "method": plan.method, "m": plan.m,
-        "macs": {"unit": "GMACs", "dense": plan.macs_dense / 1e9, "pruned": plan.macs_pruned / 1e9,
-                 "ratio": plan.ratio, "trt_2to4_ratio": plan.trt_2to4_ratio,
-                 "reference_output": plan.reference_output, "budget_scope": plan.budget_scope},
-        "search": plan.search,
-        "psnr": {"bicubic": q_bic.psnr, "dense": q_dense.psnr, "pruned": q_pruned.psnr,
-                 "pruned_onnx": precisions["fp32"][f"psnr_{ch}"], "channel": ch, "crop_border": scale,
-                 "eval_images": [p.name for p in eval_files],
-                 "per_image": {k: {"bicubic": q_bic.per_image[k]["psnr"], "dense": q_dense.per_image[k]["psnr"],
-                                   "pruned": v["psnr"]} for k, v in q_pruned.per_image.items()}},
-        "ssim": {"bicubic": q_bic.ssim, "dense": q_dense.ssim, "pruned": q_pruned.ssim, "channel": ch},
-        "onnx_vs_torch": {"backend": "onnxruntime-cpu", "max_abs": max_abs, "tolerance": recipe.fp32_atol,
-                          "passed": max_abs <= recipe.fp32_atol,
-                          "sizes": [{"lr_hw": list(c.size), "output_shape": list(c.output_shape),
-                                     "max_abs": c.max_abs, "mean_abs": c.mean_abs} for c in checks]},
-        "graph": {k: v for k, v in export_info.items() if k not in ("graph_sparsity", "graphs")},
-        "precisions": precisions,
-        "layers": [{"name": l.name, "weight_shape": l.weight_shape, "n": l.n, "m": l.m, "sparse_2to4": l.sparse_2to4,
-                    "macs_dense": l.macs_dense, "macs_pruned": l.macs_pruned} for l in plan.layers],
-        "dense_layers": [{"name": d.name, "macs": d.macs, "reason": d.reason} for d in plan.dense_layers],
-        "finetune": stages.get("finetune", {}).get("result", {}),
-        "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
-        "tensorrt": "no engine in this bundle (the engine stage needs TensorRT; see README)",
-    }
-    atomic.write_json(bundle.path(REPORT_JSON), rep)
-    atomic.write_text(bundle.path(REPORT_MD), report_mod.render_markdown(rep))
-    report_mod.plot_layer_density(rep, bundle.path(report_mod.LAYER_PLOT))
-    bundle.record_stage("validate", inputs, [REPORT_JSON, REPORT_MD, report_mod.LAYER_PLOT],
-                        time.perf_counter() - t0)
-    return rep
-
-
-def precision_quality(onnx_path: Path, refs: dict, scale: int, channel: str) -> dict:
-    """One graph on the eval images (one run each): PSNR vs ground truth, and vs the FP32 PyTorch output."""
-    import numpy as np
-
-    from .data.images import quantize, to_image
-    from .data.metrics import psnr
-
-    gt_psnr, ref_psnr, max_abs = [], [], 0.0
-    with ort_infer(onnx_path) as run:
-        for hr, lr, ref in refs.values():
-            got = np.clip(run(lr), 0, 1)
-            gt_psnr.append(psnr(quantize(to_image(got)), quantize(to_image(hr)), scale, channel == "y"))
-            max_abs = max(max_abs, float(np.abs(got - ref).max()))
-            ref_psnr.append(psnr(got[0].transpose(1, 2, 0) * 255.0, ref[0].transpose(1, 2, 0) * 255.0))
-    return {f"psnr_{channel}": float(np.mean(gt_psnr)), "psnr_vs_torch_fp32": float(np.mean(ref_psnr)),
-            "max_abs_vs_torch_fp32": max_abs}
-
-
-def check_report(rep: dict) -> None:
-    o = rep["onnx_vs_torch"]
-    if not o["passed"]:
-        raise ValidationError(f"ONNX Runtime differs from PyTorch by {o['max_abs']:.2e} (> tolerance "
-                              f"{o['tolerance']:.0e}); see report.json")
-
-
 # -- build ------------------------------------------------------------------------------------------------
 def default_out(model_name: str, budget: float) -> Path:
     return Path("runs") / f"{model_name}-b{budget:.2f}"
@@ -547,6 +451,8 @@ def options_from_bundle(bundle: Bundle, **overrides) -> BuildOptions:
 def build(recipe: Recipe, opts: BuildOptions, out: Path) -> dict:
     """All stages into ``out``. Under torchrun every rank searches and finetunes; rank 0 alone writes files,
     exports and validates (the other ranks return an empty report)."""
+    from .validate_stage import run_validate
+
     check_options(recipe, opts)
     bundle = Bundle(out)
     if dist.is_main():

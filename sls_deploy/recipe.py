@@ -51,7 +51,25 @@ class EngineSection:
     opt_shape: tuple[int, ...] = (1, 3, 180, 320)  # the deployment resolution: 1280x720 output at x4
     max_shape: tuple[int, ...] = (1, 3, 270, 480)
     workspace_mb: int = 4096
+
+    def profile_sizes(self) -> dict[str, tuple[int, int]]:
+        """{"min"|"opt"|"max": LR (H, W)} of the optimization profile."""
+        return {k: (s[2], s[3]) for k, s in (("min", self.min_shape), ("opt", self.opt_shape),
+                                              ("max", self.max_shape))}
+
+
+@dataclass(frozen=True)
+class ValidateSection:
+    """What `validate` checks and the thresholds a bundle must meet to ship."""
+
+    sizes: tuple[tuple[int, int], ...] = ((32, 32), (45, 61))  # extra LR (H, W) sizes beside the profile's
+    odd_size: tuple[int, int] = (123, 157)  # an LR size no stride or tile divides
+    fp32_atol: float = 1e-4  # FP32 graph vs PyTorch: max abs difference on [0, 1] outputs
+    # a graph (or engine) fails when its eval PSNR is more than this below the FP32 PyTorch model's
     max_psnr_drop_db: tuple[tuple[str, float], ...] = (("fp32", 0.05), ("fp16", 0.1), ("int8", 0.5))
+    latency_warmup: int = 2
+    latency_runs: int = 10
+    latency_sizes: tuple[tuple[int, int], ...] | None = None  # None: the engine profile's opt size
 
     def max_drop(self, precision: str) -> float:
         return dict(self.max_psnr_drop_db)[precision]
@@ -73,8 +91,7 @@ class Recipe:
     sparsity_method: str
     sparsity_m: int
     opset: int
-    validate_sizes: tuple[tuple[int, int], ...]
-    fp32_atol: float
+    validate: ValidateSection
     precision: "PrecisionSection"
     engine: "EngineSection"
     sls: "SLSSettings"
@@ -163,20 +180,51 @@ def _steps(raw: Mapping[str, Any], key: str) -> StepsSection:
 
 
 def _engine(raw: Mapping[str, Any]) -> EngineSection:
+    # max_psnr_drop_db moved to the validate section; recipes (and bundles) that still carry it here are read
     sec = _section(raw, "engine", {"min", "opt", "max", "workspace_mb", "max_psnr_drop_db"})
     d = EngineSection()
     try:
         shapes = [tuple(int(v) for v in sec[k]) if k in sec else None for k in ("min", "opt", "max")]
         shapes = [(s_[0], 3, s_[1], s_[2]) if s_ else default
                   for s_, default in zip(shapes, (d.min_shape, d.opt_shape, d.max_shape))]
-        drops = {**dict(d.max_psnr_drop_db), **{str(k): float(v) for k, v in (sec.get("max_psnr_drop_db") or {}).items()}}
         out = EngineSection(min_shape=shapes[0], opt_shape=shapes[1], max_shape=shapes[2],
-                            workspace_mb=int(sec.get("workspace_mb", d.workspace_mb)),
-                            max_psnr_drop_db=tuple(sorted(drops.items())))
+                            workspace_mb=int(sec.get("workspace_mb", d.workspace_mb)))
     except (TypeError, ValueError, IndexError) as e:
         raise RecipeError(f"recipe section 'engine' (min/opt/max are [N, H, W]): {e}") from None
     if not all(a <= b <= c for a, b, c in zip(out.min_shape, out.opt_shape, out.max_shape)) or out.workspace_mb < 1:
         raise RecipeError("engine: need min <= opt <= max in every dimension and workspace_mb >= 1")
+    return out
+
+
+def _hw_list(value: Any) -> tuple[tuple[int, int], ...]:
+    out = tuple((int(h), int(w)) for h, w in value)
+    if any(h < 1 or w < 1 for h, w in out):
+        raise ValueError("sizes are [H, W] with H, W >= 1")
+    return out
+
+
+def _validate(raw: Mapping[str, Any]) -> ValidateSection:
+    sec = _section(raw, "validate", {"sizes", "odd_size", "fp32_atol", "max_psnr_drop_db", "latency_warmup",
+                                     "latency_runs", "latency_sizes"})
+    d = ValidateSection()
+    legacy = (raw.get("engine") or {}).get("max_psnr_drop_db") or {}
+    try:
+        drops = {**dict(d.max_psnr_drop_db), **{str(k): float(v) for k, v in legacy.items()},
+                 **{str(k): float(v) for k, v in (sec.get("max_psnr_drop_db") or {}).items()}}
+        out = ValidateSection(
+            sizes=_hw_list(sec.get("sizes", d.sizes)), odd_size=_hw_list([sec.get("odd_size", d.odd_size)])[0],
+            fp32_atol=float(sec.get("fp32_atol", d.fp32_atol)), max_psnr_drop_db=tuple(sorted(drops.items())),
+            latency_warmup=int(sec.get("latency_warmup", d.latency_warmup)),
+            latency_runs=int(sec.get("latency_runs", d.latency_runs)),
+            latency_sizes=_hw_list(sec["latency_sizes"]) if sec.get("latency_sizes") else None)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe section 'validate': {e}") from None
+    bad = sorted(set(drops) - set(PRECISIONS))
+    if bad:
+        raise RecipeError(f"validate.max_psnr_drop_db: unknown precision '{bad[0]}' (known: {', '.join(PRECISIONS)})")
+    if out.fp32_atol <= 0 or min(drops.values()) < 0 or out.latency_warmup < 0 or out.latency_runs < 1:
+        raise RecipeError("validate: fp32_atol > 0, max_psnr_drop_db >= 0, latency_warmup >= 0 and "
+                          "latency_runs >= 1 needed")
     return out
 
 
@@ -222,13 +270,11 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     sparsity = _section(raw, "sparsity", {"method", "m"})
     srste = _section(raw, "srste", {"decay"})
     export = _section(raw, "export", {"opset"})
-    validate = _section(raw, "validate", {"sizes", "fp32_atol"})
+    validate = _validate(raw)
     try:
         ref = tuple(int(v) for v in raw.get("reference_output", (1280, 720)))
-        sizes = tuple((int(h), int(w)) for h, w in validate.get("sizes", [[32, 32], [45, 61]]))
         opset = int(export.get("opset", 17))
         m = int(sparsity.get("m", 4))
-        atol = float(validate.get("fp32_atol", 1e-4))
     except (TypeError, ValueError) as e:
         raise RecipeError(f"recipe {path}: {e}") from None
     if len(ref) != 2 or min(ref) < model_cfg.scale:
@@ -253,7 +299,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data_train=str(data.get("train", "skimage:train")), data_eval=str(data.get("eval", "skimage:eval")),
         metric_channel=channel, train=_steps(raw, "train"), finetune=_steps(raw, "finetune"),
         sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, opset=opset,
-        validate_sizes=sizes, fp32_atol=atol, precision=precision, engine=engine, sls=sls_settings, sls_max_search_steps=max_search,
+        validate=validate, precision=precision, engine=engine, sls=sls_settings, sls_max_search_steps=max_search,
         srste_decay=decay, adapter=adapter)
 
 

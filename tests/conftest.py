@@ -23,7 +23,8 @@ TINY_RECIPE = {
     "finetune": {"steps": 4, "lr": 1e-3, "batch_size": 2, "lr_patch": 8, "checkpoint_every": 2},
     "sparsity": {"method": "oneshot", "m": 4},
     "export": {"opset": 17},
-    "validate": {"sizes": [[8, 8], [9, 13]], "fp32_atol": 1e-4},
+    "validate": {"sizes": [[9, 13]], "odd_size": [11, 7], "fp32_atol": 1e-4, "latency_warmup": 1, "latency_runs": 3},
+    "engine": {"min": [1, 8, 8], "opt": [1, 16, 24], "max": [1, 24, 32]},
     # a tiny model's MACs are ~1000x smaller than EDSR-baseline's: a larger lambda and a fast score LR let the
     # search reach its budget within the test's few steps
     "sls": {"lam": 1e-3, "score_lr": 0.3, "check_every": 1, "refresh_every": 2, "max_search_steps": 3},

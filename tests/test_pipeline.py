@@ -36,7 +36,7 @@ def built(tmp_path, tiny_recipe, tiny_weights):
 def test_bundle_holds_every_artifact_with_recorded_hashes(built):
     out, rep, _, _ = built
     for name in ("manifest.json", "plan.json", "model.safetensors", "model.onnx", "report.json", "report.md",
-                 "recipe.yaml", "report_layers.png"):
+                 "recipe.yaml", "report_layers.png", "report.html", "report_tradeoff.png", "report_crop.png"):
         assert (out / name).is_file(), name
     manifest = json.loads((out / "manifest.json").read_text())
     for name, sha in manifest["files"].items():
@@ -55,7 +55,8 @@ def test_report_fields_and_budget(built):
         assert key in on_disk["psnr"]
     assert on_disk["psnr"]["eval_images"] == ["astronaut.png", "chelsea.png"]
     assert on_disk["onnx_vs_torch"]["max_abs"] <= 1e-4
-    assert [s["lr_hw"] for s in on_disk["onnx_vs_torch"]["sizes"]] == [[8, 8], [9, 13]]
+    # the profile's min/opt/max, then the odd size, then the recipe's extra sizes
+    assert [s["lr_hw"] for s in on_disk["onnx_vs_torch"]["sizes"]] == [[8, 8], [16, 24], [24, 32], [11, 7], [9, 13]]
     plan = Plan.load(out / "plan.json")
     assert [l["name"] for l in on_disk["layers"]] == [l.name for l in plan.layers]
     for l in on_disk["layers"]:
@@ -202,7 +203,8 @@ def test_corrupt_base_weights(tmp_path, tiny_recipe):
 
 
 def test_tampered_file_is_detected(built):
-    from sls_deploy.pipeline import open_bundle, options_from_bundle, run_validate
+    from sls_deploy.pipeline import open_bundle, options_from_bundle
+    from sls_deploy.validate_stage import run_validate
 
     out, _, _, _ = built
     data = bytearray((out / "model.onnx").read_bytes())

@@ -44,6 +44,23 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     raise DataError(f"image {path} has unsupported pixel type {img.dtype}")
 
 
+def conversion_note(path: str | os.PathLike) -> str | None:
+    """What ``read_rgb`` does to this file's channels, when it is not plain RGB (for reports)."""
+    import imageio.v3 as iio
+
+    try:
+        shape = iio.improps(path).shape
+    except Exception:
+        return None
+    if len(shape) == 2 or (len(shape) == 3 and shape[2] == 1):
+        return "grayscale, replicated to RGB"
+    if len(shape) == 3 and shape[2] == 2:
+        return "grayscale + alpha: alpha dropped, gray replicated to RGB"
+    if len(shape) == 3 and shape[2] == 4:
+        return "RGBA: alpha dropped"
+    return None
+
+
 def to_tensor(img: np.ndarray) -> torch.Tensor:
     """HWC [0,1] array -> 1x3xHxW float tensor."""
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).unsqueeze(0).float()
@@ -78,6 +95,22 @@ def bicubic_up(lr: torch.Tensor, scale: int) -> torch.Tensor:
 def quantize(img: np.ndarray) -> np.ndarray:
     """[0,1] float -> the 8-bit values a saved PNG would hold, as float64 in [0, 255] (for metrics)."""
     return np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.float64)
+
+
+def pair_at_size(path: str | os.PathLike, scale: int, lr_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """An HR centre crop of exactly ``lr_hw * scale`` and its bicubic LR; ``extended`` is True when the image
+    was smaller and had to be mirror-extended (symmetric padding) to reach that size."""
+    h, w = lr_hw[0] * scale, lr_hw[1] * scale
+    img = read_rgb(path)
+    H, W = img.shape[:2]
+    extended = H < h or W < w
+    if extended:
+        ph, pw = max(0, h - H), max(0, w - W)
+        img = np.pad(img, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="symmetric")
+        H, W = img.shape[:2]
+    y, x = (H - h) // 2, (W - w) // 2
+    hr = to_tensor(img[y:y + h, x:x + w])
+    return hr, bicubic_down(hr, scale), extended
 
 
 def load_pair(path: str | os.PathLike, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
