@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from ..errors import UsageError
-from .base import ExportSpec, LayerDecl, ModelAdapter, ModelConfig
+from .base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig
+from .basicvsr import BasicVSRAdapter, StreamVSRAdapter
 from .edsr import EDSRAdapter
 
-_ADAPTERS: dict[str, type[ModelAdapter]] = {"edsr": EDSRAdapter}
+_ADAPTERS: dict[str, type[ModelAdapter]] = {"edsr": EDSRAdapter, "basicvsr": BasicVSRAdapter,
+                                            "streamvsr": StreamVSRAdapter}
 
 
 def get_adapter(arch: str) -> ModelAdapter:
@@ -20,4 +22,4 @@ def known_archs() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-__all__ = ["ExportSpec", "LayerDecl", "ModelAdapter", "ModelConfig", "get_adapter", "known_archs"]
+__all__ = ["ChannelGroup", "ExportSpec", "LayerDecl", "ModelAdapter", "ModelConfig", "get_adapter", "known_archs"]

@@ -23,6 +23,10 @@ class ExportSpec:
     output_names: tuple[str, ...]
     dynamic_axes: Mapping[str, Mapping[int, str]]
     opset: int = 17
+    # Step graphs of streaming models: {input name: the name whose value it takes at the next step}, e.g.
+    # {"hidden": "hidden_out", "prev_lr": "lr"} (an output, or an input of the previous step). Empty for
+    # graphs that are run once per input.
+    recurrent: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,21 @@ class LayerDecl:
     op: str  # "conv" or "linear"
     prunable: bool
     reason: str = ""  # why a layer stays dense
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels pruned together, declared by the adapter (never inferred by a tracer).
+
+    Unit k is output channels [k*unit, (k+1)*unit) of ``producer`` (weight rows and bias) and input channel k
+    of every conv in ``consumers``. unit = r*r for a conv that feeds PixelShuffle(r) (group k becomes
+    post-shuffle channel k), else 1.
+    """
+
+    name: str
+    producer: str
+    consumers: tuple[str, ...]
+    unit: int = 1
 
 
 @dataclass
@@ -74,8 +93,10 @@ class ModelAdapter(abc.ABC):
         """Names and dynamic axes of the ONNX graph."""
 
     @abc.abstractmethod
-    def example_input(self, cfg: ModelConfig, height: int, width: int, batch: int = 1) -> torch.Tensor:
-        """An input of the given low-resolution size (values in [0, 1])."""
+    def example_input(self, cfg: ModelConfig, height: int, width: int,
+                      batch: int = 1) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """An input of the given low-resolution size (values in [0, 1]): the arguments of ``export_module``'s
+        forward (one tensor, or a tuple for a graph with several inputs)."""
 
     def min_input_size(self, cfg: ModelConfig) -> int:
         """The smallest LR height/width the model accepts (and that calibration images must have)."""
@@ -84,3 +105,20 @@ class ModelAdapter(abc.ABC):
     def default_fp32_islands(self, model: nn.Module) -> list[str]:
         """Layers an FP16/INT8 graph keeps at FP32 unless the recipe says otherwise."""
         return []
+
+    def channel_groups(self, model: nn.Module) -> list[ChannelGroup]:
+        """Channel groups a structured pruner may shrink; their kept widths come back as ``options["widths"]``
+        ({group name: kept units}), which ``build`` honours. Default: none (no structured pruning)."""
+        return []
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        """The module whose forward is exactly the ONNX graph (same parameter names as ``model``)."""
+        return model
+
+    def kind(self) -> str:
+        """Either "image" (one frame in, one out) or "video" (clips, or one step of a recurrent model)."""
+        return "image"
+
+    def is_streaming(self) -> bool:
+        """True when the graph is one step of a recurrent model (see ExportSpec.recurrent)."""
+        return False
