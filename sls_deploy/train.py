@@ -91,10 +91,12 @@ def read_checkpoint(path: Path, run_key: str) -> dict:
 
 def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoint: Path | None = None,
           resume: bool = False, run_key: str = "", controller: Controller | None = None, desc: str = "train",
-          progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+          progress: bool = True, on_step: Callable[[int, float], None] | None = None,
+          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` steps; return what happened.
 
-    The weights' learning rate follows the cosine schedule; a controller's own parameter groups (e.g. SLS
+    ``loss_fn(sr, hr)`` defaults to L1 (video finetuning passes a temporal one). The weights' learning rate
+    follows the cosine schedule; a controller's own parameter groups (e.g. SLS
     scores) may set ``fixed_lr``. A controller whose ``finished`` turns true ends the run early.
     """
     torch.manual_seed(cfg.seed)
@@ -133,7 +135,7 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
                 break
             for group in opt.param_groups:
                 group["lr"] = group.get("fixed_lr") or cfg.lr_at(step) * group.get("lr_scale", 1.0)
-            loss = F.l1_loss(net(lr_img), hr_img)
+            loss = (loss_fn or F.l1_loss)(net(lr_img), hr_img)
             total = loss
             if controller is not None and (reg := controller.regularizer()) is not None:
                 total = loss + reg
