@@ -266,7 +266,7 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
 
         require_tensorrt()  # before anything is read or written
         root, recipe = _device_bundle(Path(bundle_path))
-        res = validate_engine(root, recipe, precision, Path(eval_data) if eval_data else None)
+        res = validate_engine(root, recipe, precision, Path(eval_data) if eval_data else None, runs=latency_runs)
         click.echo(json.dumps(res, indent=2))
         if not res["passed"]:
             raise ValidationError(res["verdict"])
@@ -306,7 +306,9 @@ def _device_bundle(path: Path):
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
               help="Which graph to build: model.onnx, model.fp16.onnx or model.int8.onnx.")
 @click.option("--sparsity", type=click.Choice(["enable", "disable"]), default="enable", show_default=True,
-              help="TensorRT's SPARSE_WEIGHTS flag (2:4 layers may then use sparse tactics).")
+              help="TensorRT's SPARSE_WEIGHTS flag (2:4 layers may then use sparse tactics). disable builds the "
+                   "dense baseline engine/model.dense.plan that `validate --backend trt` times the sparse one "
+                   "against.")
 @click.option("--workspace-mb", type=click.IntRange(min=1), help="Workspace limit (default: the recipe's).")
 @click.option("--dry-run", is_flag=True, help="Print the settings and the equivalent trtexec / polygraphy "
               "command lines and write engine/build.json; needs no TensorRT.")

@@ -59,6 +59,11 @@ class EngineSettings:
     engine_file: str = f"{ENGINE_DIR}/model.plan"
     profiling_verbosity: str = "detailed"
 
+    def out_name(self, name: str) -> str:
+        """engine/<name>, with ".dense" before the suffix for the --sparsity disable baseline build."""
+        stem, dot, ext = name.partition(".")
+        return f"{stem}.dense.{ext}" if not self.sparse_weights else name
+
     def precision_flags(self, trt_major: int | None) -> dict[str, bool]:
         """TensorRT 10: FP16/INT8 flags allow the graph's reduced precision. TensorRT 11: strongly typed, none."""
         if trt_major is not None and trt_major >= 11:
@@ -76,9 +81,11 @@ def engine_settings(recipe, precision: str, sparsity: str, workspace_mb: int | N
         raise UsageError(f"--sparsity must be enable or disable, not '{sparsity}'")
     p = recipe.engine
     spec = recipe.adapter.export_spec(recipe.model)
+    # a --sparsity disable engine is the dense baseline `validate --backend trt` times the sparse one against
     return EngineSettings(precision=precision, graph=GRAPH_FILES[precision], input_name=spec.input_names[0],
                           min_shape=p.min_shape, opt_shape=p.opt_shape, max_shape=p.max_shape,
-                          sparse_weights=sparsity == "enable", workspace_mb=workspace_mb or p.workspace_mb)
+                          sparse_weights=sparsity == "enable", workspace_mb=workspace_mb or p.workspace_mb,
+                          engine_file=f"{ENGINE_DIR}/{'model.plan' if sparsity == 'enable' else 'model.dense.plan'}")
 
 
 def polygraphy_loaders(s: EngineSettings, bundle_root: Path, trt_major: int | None):
@@ -122,7 +129,7 @@ def trtexec_command(s: EngineSettings, trt_major: int | None) -> list[str]:
            f"--minShapes={s.input_name}:{_dims(s.min_shape)}", f"--optShapes={s.input_name}:{_dims(s.opt_shape)}",
            f"--maxShapes={s.input_name}:{_dims(s.max_shape)}", f"--memPoolSize=workspace:{s.workspace_mb}M",
            f"--timingCacheFile={s.timing_cache}", "--profilingVerbosity=detailed",
-           f"--exportLayerInfo={ENGINE_DIR}/inspector.json", f"--sparsity={'enable' if s.sparse_weights else 'disable'}"]
+           f"--exportLayerInfo={ENGINE_DIR}/{s.out_name('inspector.json')}", f"--sparsity={'enable' if s.sparse_weights else 'disable'}"]
     if s.strongly_typed(trt_major):
         cmd.append("--stronglyTyped")
     cmd += [f"--{k}" for k, v in s.precision_flags(trt_major).items() if v]
@@ -156,7 +163,7 @@ def build_plan(s: EngineSettings, trt_major: int | None) -> dict[str, Any]:
 def dry_run(bundle_root: Path, s: EngineSettings) -> dict[str, Any]:
     info = build_plan(s, tensorrt_major())
     info["dry_run"] = True
-    atomic.write_json(bundle_root / ENGINE_DIR / "build.json", info)
+    atomic.write_json(bundle_root / ENGINE_DIR / s.out_name("build.json"), info)
     return info
 
 
@@ -171,7 +178,7 @@ def build_engine(bundle_root: Path, s: EngineSettings, plan_layers: list[dict]) 
     major = tensorrt_major()
     out = bundle_root / ENGINE_DIR
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "build.log"
+    log_path = out / s.out_name("build.log")
     G_LOGGER.severity = G_LOGGER.VERBOSE  # TensorRT's "(Sparsity) ..." lines are informational/verbose
     G_LOGGER.log_file = str(log_path)
     t0 = time.perf_counter()
@@ -180,11 +187,11 @@ def build_engine(bundle_root: Path, s: EngineSettings, plan_layers: list[dict]) 
         engine = SaveEngine(engine_loader, str(tmp))()
     inspector = engine.create_engine_inspector()
     info_json = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
-    atomic.write_text(out / "inspector.json", info_json)
+    atomic.write_text(out / s.out_name("inspector.json"), info_json)
     layers = layer_report(plan_layers, onnx_layer_nodes(bundle_root / s.graph), json.loads(info_json),
                           log_path.read_text(errors="replace"))
-    atomic.write_json(out / "layers.json", layers)
+    atomic.write_json(out / s.out_name("layers.json"), layers)
     info = build_plan(s, major) | {"dry_run": False, "seconds": round(time.perf_counter() - t0, 1),
                                    "tensorrt_version": str(trt.__version__)}
-    atomic.write_json(out / "build.json", info)
+    atomic.write_json(out / s.out_name("build.json"), info)
     return info

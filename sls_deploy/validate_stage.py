@@ -83,7 +83,8 @@ def run_validate(bundle: Bundle, recipe: Recipe, opts, vopts: ValidateOptions | 
     warmup = val.latency_warmup if vopts.latency_warmup is None else vopts.latency_warmup
     inputs = digest({f: atomic.sha256_file(bundle.path(f)) for f in (PLAN, WEIGHTS, *graph_files.values())} | {
         "base": atomic.sha256_file(base), "eval": eval_spec, "validate": repr(val), "engine": repr(recipe.engine),
-        "channel": recipe.metric_channel, "backend": vopts.backend, "latency": [vopts.latency, runs, warmup,
+        "channel": recipe.metric_channel, "backend": vopts.backend,
+        "engine_layers": atomic.sha256_file(bundle.path(LAYERS_JSON)) if bundle.path(LAYERS_JSON).is_file() else None, "latency": [vopts.latency, runs, warmup,
                                                                                  vopts.threads]})
     if bundle.stage_is_current("validate", inputs):
         opts.log("  up to date")
@@ -262,9 +263,10 @@ def _merge_engine_layers(bundle: Bundle, layers: list[dict]) -> None:
     if not path.is_file():
         return
     try:
-        rows = {r["name"]: r for r in json.loads(path.read_text()).get("layers", [])}
-    except (json.JSONDecodeError, AttributeError):
-        return
+        data = json.loads(path.read_text())
+        rows = {r["name"]: r for r in (data if isinstance(data, list) else data.get("layers", []))}
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+        return  # not a layers.json we wrote: the columns stay out
     for l in layers:
         r = rows.get(l["name"])
         if r:

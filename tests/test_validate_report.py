@@ -159,3 +159,60 @@ def test_bad_backend_value_and_graph_without_input(bundle, tmp_path):
     with pytest.raises(ValidationError, match="has no input 'lr'"):
         with ort_infer(path):
             pass
+
+
+def test_trt_backend_runs_shape_checks_and_times_sparse_vs_dense(bundle, tmp_path):
+    """The TensorRT path with the engine opener replaced by ONNX Runtime on the FP16 graph (no TensorRT here)."""
+    import contextlib
+
+    from sls_deploy.engine_validate import validate_engine
+    from sls_deploy.recipe import load_recipe
+
+    root = tmp_path / "dev"
+    shutil.copytree(bundle, root, ignore=shutil.ignore_patterns("work"))
+    (root / "engine").mkdir(exist_ok=True)
+    (root / "engine" / "model.plan").write_bytes(b"stand-in")
+    (root / "engine" / "model.dense.plan").write_bytes(b"stand-in")
+    recipe = load_recipe(root / "recipe.yaml")
+
+    @contextlib.contextmanager
+    def fake_engine(path):
+        with ort_infer(root / "model.fp16.onnx") as run:
+            yield run
+
+    res = validate_engine(root, recipe, "fp16", None, runs=2, open_engine=fake_engine)
+    assert res["passed"] and [r["label"] for r in res["shapes"]] == ["min", "opt", "max", "odd", "extra"]
+    assert res["latency"][0]["sparse"]["runs"] == 2 and "ratio_sparse_over_dense" in res["latency"][0]
+    assert json.loads((root / "engine" / "validate.json").read_text())["passed"]
+
+    @contextlib.contextmanager
+    def broken_engine(path):
+        yield lambda lr: np.zeros((1, 3, lr.shape[2] * 4, lr.shape[3] * 4), np.float32)
+
+    res = validate_engine(root, recipe, "fp16", None, runs=1, open_engine=broken_engine)
+    assert not res["passed"] and res["verdict"].startswith("tensorrt fp16 at min 8x8: PSNR drop")
+
+
+def test_engine_layers_json_adds_trt_columns(bundle, tmp_path):
+    root = tmp_path / "withengine"
+    shutil.copytree(bundle, root)
+    rep = json.loads((root / "report.json").read_text())
+    names = [l["name"] for l in rep["layers"]]
+    (root / "engine").mkdir(exist_ok=True)
+    (root / "engine" / "layers.json").write_text(json.dumps(
+        [{"name": n, "trt_eligible": True, "trt_picked_sparse": i == 0} for i, n in enumerate(names)]))
+    b, recipe = open_bundle(root)
+    rep = run_validate(b, recipe, options_from_bundle(b, log=lambda s: None), ValidateOptions(latency=False))
+    assert rep["layers"][0]["trt_picked_sparse"] is True and rep["layers"][1]["trt_picked_sparse"] is False
+    assert "| TRT eligible | TRT picked sparse |" in (root / "report.md").read_text()
+
+
+def test_dense_engine_build_writes_separate_files(bundle):
+    from sls_deploy.engine import engine_settings, trtexec_command
+    from sls_deploy.recipe import load_recipe
+
+    recipe = load_recipe(bundle / "recipe.yaml")
+    dense = engine_settings(recipe, "fp16", "disable")
+    assert dense.engine_file == "engine/model.dense.plan" and dense.out_name("layers.json") == "layers.dense.json"
+    assert "--exportLayerInfo=engine/inspector.dense.json" in trtexec_command(dense, 10)
+    assert engine_settings(recipe, "fp16", "enable").engine_file == "engine/model.plan"
