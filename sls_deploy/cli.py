@@ -12,9 +12,11 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import SlsError, ValidationError
+from .errors import SlsError, UsageError, ValidationError
 
 BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
+IMAGE_METHODS = ("sls", "oneshot", "srste")  # N:M planners (image models)
+STRUCTURED_METHODS = ("ssl", "l1", "l1-global")  # = recipe.STRUCTURED_METHODS, not imported: --help stays fast
 
 
 def _recipe_options(f):
@@ -31,8 +33,8 @@ def _plan_options(f):
                           "Default: the recipe's shipped weights.")(f)
     f = click.option("--m", "m", type=click.Choice(["4", "8", "16", "32"]), default=None,
                      help="Group size M of N:M sparsity (default: the recipe's, 4 for EDSR).")(f)
-    f = click.option("--target", type=click.Choice(["trt", "none"]), default="trt", show_default=True,
-                     help="trt: the plan states per layer whether it runs on TensorRT's 2:4 sparse kernels "
+    f = click.option("--target", type=click.Choice(["trt", "none"]), default=None,
+                     help="trt (default): the plan states per layer whether it runs on TensorRT's 2:4 sparse kernels "
                           "(N <= 2 of M = 4) or dense, and reports give the 2:4-accelerated MAC bound.")(f)
     f = click.option("--n", "n", type=int, help="oneshot/srste: a fixed uniform N (1..M) instead of the largest "
                      "N within the budget.")(f)
@@ -40,13 +42,40 @@ def _plan_options(f):
                      "compression stalls (>= 1; default: the recipe's, 1.1 as the paper).")(f)
     f = click.option("--lam", "lam", type=float, help="SLS: lambda of the budget loss (>= 0; default: the "
                      "recipe's, 1e-10 as the paper).")(f)
-    f = click.option("--method", type=click.Choice(["sls", "oneshot", "srste"]), default=None,
-                     help="Planner (default: the recipe's sparsity.method, sls for EDSR): sls = layer-wise N:M "
-                          "search (SLS); oneshot = uniform magnitude N:M (the SLS paper's baseline); srste = "
-                          "uniform N:M finetuned with SR-STE.")(f)
+    f = click.option("--method", type=click.Choice(IMAGE_METHODS + STRUCTURED_METHODS), default=None,
+                     help="Planner. Image models (N:M; default: the recipe's sparsity.method, sls for EDSR): sls = "
+                          "layer-wise N:M search (SLS); oneshot = uniform magnitude N:M (the SLS paper's baseline); "
+                          "srste = uniform N:M finetuned with SR-STE. Video models (channel pruning; default: the "
+                          "recipe's structured.method, ssl): ssl = learned channel scales with a growing penalty; "
+                          "l1 = uniform L1-norm channel pruning; l1-global = one global L1-norm threshold.")(f)
     f = click.option("--budget", required=True, type=BUDGET,
                      help="Fraction of the dense model's MACs (whole model, reference resolution) to keep, in (0, 1].")(f)
     return f
+
+
+def _video_options(f):
+    f = click.option("--temporal-weight", type=click.FloatRange(min=0.0),
+                     help="Video: weight of the temporal term of the finetuning loss (L1 of frame-to-frame "
+                          "differences; 0 = per-frame L1; default: the recipe's structured.temporal_weight).")(f)
+    f = click.option("--round-to", type=click.IntRange(min=1),
+                     help="Video: kept channels per group are a multiple of this, or the full width (default: the "
+                          "recipe's structured.round_to, 8).")(f)
+    return f
+
+
+def _model_kind(recipe, method: str | None, video_only: dict, image_only: dict) -> bool:
+    """True for a video recipe (channel pruning); options of the other kind are usage errors naming them."""
+    video = recipe.adapter.kind() == "video"
+    wrong_method = IMAGE_METHODS if video else STRUCTURED_METHODS
+    if method in wrong_method:
+        raise UsageError(f"--method {method} does not apply to {recipe.describe_model()}: "
+                         + ("video models take ssl, l1 or l1-global (channel pruning)" if video
+                            else "ssl, l1 and l1-global are for video models; image models take sls, oneshot or srste"))
+    given = [name for name, v in (image_only if video else video_only).items() if v not in (None, ())]
+    if given:
+        raise UsageError(f"{given[0]} does not apply to {recipe.describe_model()}: it is "
+                         + ("an N:M option (video models are channel-pruned)" if video else "an option of video models"))
+    return video
 
 
 def _precision_options(f):
@@ -77,15 +106,17 @@ def cli() -> None:
 @cli.command()
 @_recipe_options
 @_plan_options
-@click.option("--data", help="Training images for finetune: a folder of HR images (default: the recipe's list).")
-@click.option("--eval-data", help="Eval images: a folder of HR images (default: the recipe's eval list).")
+@_video_options
+@click.option("--data", help="Training data for finetune: a folder of HR images, or for video models of clips "
+              "(default: the recipe's list).")
+@click.option("--eval-data", help="Eval data: a folder of HR images or clips (default: the recipe's eval list).")
 @click.option("--steps", type=click.IntRange(min=0), help="Finetune steps (default: the recipe's).")
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @_precision_options
 @_progress_option
-def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, data, eval_data, steps, out,
-          as_json, precisions, calib, calib_method, no_progress):
+def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, temporal_weight,
+          data, eval_data, steps, out, as_json, precisions, calib, calib_method, no_progress):
     """Plan, finetune, export and validate: the whole pipeline into one bundle folder.
 
     Re-running the same command resumes an interrupted build (finished stages are skipped, finetune continues
@@ -97,14 +128,24 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
     from .report import summary_text
 
     recipe = resolve_recipe(model_name, recipe_path)
-    opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, n=n,
-                        target=target, lam=lam, alpha=alpha, weights=weights, data=data, eval_data=eval_data, steps=steps, seed=seed,
-                        precisions=tuple(precisions) or None, calib=calib, calib_method=calib_method,
-                        progress=not no_progress, log=_log)
+    video = _model_kind(recipe, method, {"--round-to": round_to, "--temporal-weight": temporal_weight},
+                        {"--m": m, "--n": n, "--lam": lam, "--alpha": alpha, "--target": target,
+                         "--precision": precisions, "--calib": calib, "--calib-method": calib_method})
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
-    rep = run_build(recipe, opts, out_dir)
-    if not rep:  # a non-zero rank of a torchrun job: rank 0 reports
-        return
+    if video:
+        from .video_pipeline import VideoBuildOptions, build as run_video_build
+
+        rep = run_video_build(recipe, VideoBuildOptions(
+            budget=budget, method=method, round_to=round_to, temporal_weight=temporal_weight, weights=weights,
+            data=data, eval_data=eval_data, steps=steps, seed=seed, progress=not no_progress, log=_log), out_dir)
+    else:
+        opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, n=n,
+                            target=target or "trt", lam=lam, alpha=alpha, weights=weights, data=data,
+                            eval_data=eval_data, steps=steps, seed=seed, precisions=tuple(precisions) or None,
+                            calib=calib, calib_method=calib_method, progress=not no_progress, log=_log)
+        rep = run_build(recipe, opts, out_dir)
+        if not rep:  # a non-zero rank of a torchrun job: rank 0 reports
+            return
     click.echo(json.dumps(rep, indent=2) if as_json else summary_text(rep))
     check_report(rep)
 
@@ -138,22 +179,42 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, seed, no_pro
 @_recipe_options
 @_plan_options
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>).")
-@click.option("--data", help="Training images for the SLS search (default: the recipe's list).")
+@_video_options
+@click.option("--data", help="Training images for the SLS search, or clips for the ssl search (default: the "
+              "recipe's list).")
 @click.option("--steps", type=click.IntRange(min=0), help="Search + finetune steps (default: the recipe's).")
 @_progress_option
-def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, out, data, steps, no_progress):
-    """Only plan: write plan.json (one entry per prunable layer) into a new or matching bundle."""
+def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to,
+           temporal_weight, out, data, steps, no_progress):
+    """Only plan: write plan.json (one entry per prunable layer, or per channel group for video models) into a
+    new or matching bundle."""
     from . import distributed as dist
     from .bundle import Bundle
     from .pipeline import BuildOptions, build_key, check_options, default_out, options_record, run_search
     from .recipe import resolve_recipe
 
     recipe = resolve_recipe(model_name, recipe_path)
-    opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, n=n,
-                        target=target, lam=lam, alpha=alpha, weights=weights, seed=seed, data=data, steps=steps,
-                        progress=not no_progress, log=_log)
-    check_options(recipe, opts)
+    video = _model_kind(recipe, method, {"--round-to": round_to, "--temporal-weight": temporal_weight},
+                        {"--m": m, "--n": n, "--lam": lam, "--alpha": alpha, "--target": target})
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
+    if video:
+        from . import video_pipeline as vp
+
+        vopts = vp.VideoBuildOptions(budget=budget, method=method, round_to=round_to, temporal_weight=temporal_weight,
+                                     weights=weights, data=data, steps=steps, seed=seed, progress=not no_progress,
+                                     log=_log)
+        vp.check_options(recipe, vopts)
+        bundle = Bundle(out_dir)
+        bundle.claim(vp.build_key(recipe, vopts), Path(recipe.path).read_text(), vp.options_record(vopts))
+        vplan = vp.run_search(bundle, recipe, vopts)
+        click.echo(f"{out_dir / 'plan.json'}: {vplan.method}, widths "
+                   f"{', '.join(f'{g.name}={g.kept_units}/{g.dense_units}' for g in vplan.groups)}, "
+                   f"MACs ratio {vplan.ratio:.3f}")
+        return
+    opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, n=n,
+                        target=target or "trt", lam=lam, alpha=alpha, weights=weights, seed=seed, data=data,
+                        steps=steps, progress=not no_progress, log=_log)
+    check_options(recipe, opts)
     bundle = Bundle(out_dir)
     if dist.is_main():
         bundle.claim(build_key(recipe, opts), Path(recipe.path).read_text(), options_record(opts))
@@ -201,6 +262,15 @@ def finetune(bundle_dir, steps, data, resume, no_progress):
     from .pipeline import finetune_checkpoint, open_bundle, options_from_bundle, run_finetune
 
     bundle, recipe = open_bundle(Path(bundle_dir))
+    if recipe.adapter.kind() == "video":
+        from . import video_pipeline as vp
+
+        vopts = vp.options_from_bundle(bundle, steps=steps, data=data, progress=not no_progress, log=_log)
+        if resume is False and (bundle.work / "finetune.ckpt").exists():  # --restart
+            (bundle.work / "finetune.ckpt").unlink()
+        info = vp.run_finetune(bundle, recipe, vopts, resume=bool(resume))
+        click.echo(f"finetuned {info.get('steps')} steps -> {bundle.path('model.safetensors')}")
+        return
     opts = options_from_bundle(bundle, steps=steps, data=data, progress=not no_progress, log=_log)
     ckpt = finetune_checkpoint(bundle)
     if resume is False and ckpt.exists():  # --restart
@@ -227,6 +297,15 @@ def export(bundle_dir, precisions, calib, calib_method, io):
     from .pipeline import open_bundle, options_from_bundle, run_export
 
     bundle, recipe = open_bundle(Path(bundle_dir))
+    if _model_kind(recipe, None, {}, {"--precision": precisions, "--calib": calib, "--calib-method": calib_method,
+                                      "--io": io}):
+        from . import video_pipeline as vp
+        from .video_export import run_export as run_video_export
+
+        info = run_video_export(bundle, recipe, vp.options_from_bundle(bundle, log=_log))
+        click.echo(f"{bundle.path('model.onnx')}: FP32 {info['graph']} graph, {info['narrower_convs']} narrower "
+                   f"convs, the dense graph's op types")
+        return
     opts = options_from_bundle(bundle, precisions=tuple(precisions) or None, calib=calib,
                                calib_method=calib_method, io=io, log=_log)
     info = run_export(bundle, recipe, opts)
@@ -266,6 +345,8 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
 
         require_tensorrt()  # before anything is read or written
         root, recipe = _device_bundle(Path(bundle_path))
+        if recipe.adapter.kind() == "video":
+            raise UsageError("--backend trt is not available for video bundles (use ort)")
         res = validate_engine(root, recipe, precision, Path(eval_data) if eval_data else None, runs=latency_runs)
         click.echo(json.dumps(res, indent=2))
         if not res["passed"]:
@@ -273,8 +354,15 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
         return
     bundle, recipe = open_bundle(Path(bundle_path))
     vopts = ValidateOptions(backend=backend, latency=not no_latency, latency_runs=latency_runs, threads=threads)
-    rep = run_validate(bundle, recipe, options_from_bundle(bundle, eval_data=eval_data, log=_log,
-                                                           progress=not no_progress), vopts)
+    if recipe.adapter.kind() == "video":
+        from . import video_pipeline as vp
+        from .video_validate import run_validate as run_video_validate
+
+        rep = run_video_validate(bundle, recipe, vp.options_from_bundle(bundle, eval_data=eval_data, log=_log,
+                                                                        progress=not no_progress), vopts)
+    else:
+        rep = run_validate(bundle, recipe, options_from_bundle(bundle, eval_data=eval_data, log=_log,
+                                                               progress=not no_progress), vopts)
     click.echo(json.dumps(rep, indent=2) if as_json else summary_text(rep))
     check_report(rep)
 

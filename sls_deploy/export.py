@@ -22,16 +22,22 @@ from .models.base import ExportSpec
 from .sparsity.nm import is_nm, max_nonzeros_per_group
 
 
-def export_onnx(model: torch.nn.Module, spec: ExportSpec, example: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write ``model`` as ONNX (dynamic axes from ``spec``), atomically, and run onnx.checker on it."""
+def export_onnx(model: torch.nn.Module, spec: ExportSpec, example: torch.Tensor | tuple[torch.Tensor, ...],
+                path: str | os.PathLike) -> Path:
+    """Write ``model`` as ONNX (dynamic axes from ``spec``), atomically, and run onnx.checker on it.
+
+    ``model`` is the module whose forward is the graph (the adapter's ``export_module``); ``example`` its one
+    input tensor or a tuple of its inputs (in ``spec.input_names`` order).
+    """
     path = Path(path)
+    args = example if isinstance(example, tuple) else (example,)
     model.eval()
     with atomic_path(path) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             try:
                 torch.onnx.export(
-                    model, (example,), str(tmp), dynamo=False, opset_version=spec.opset,
+                    model, args, str(tmp), dynamo=False, opset_version=spec.opset,
                     input_names=list(spec.input_names), output_names=list(spec.output_names),
                     dynamic_axes={k: dict(v) for k, v in spec.dynamic_axes.items()}, do_constant_folding=True)
             except Exception as e:

@@ -237,6 +237,34 @@ def finetune_checkpoint(bundle: Bundle) -> Path:
     return bundle.work / "finetune.ckpt"
 
 
+def check_resume(ckpt: Path, inputs: str, steps: int, resume: bool | None, log: Log, what: str = "finetune") -> None:
+    """What to do with a checkpoint an interrupted ``what`` left: keep it to resume (its run key matches),
+    refuse (``resume`` False, or True and it does not match) or discard it (``resume`` None, no match)."""
+    if not ckpt.exists():
+        return
+    if resume is False:
+        raise CheckpointError(f"{ckpt} exists (an interrupted {what}); pass --resume to continue it "
+                              "or --restart to discard it")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        matches = isinstance(state, dict) and state.get("run_key") == inputs
+    except Exception:
+        if resume:
+            raise CheckpointError(f"cannot read {ckpt} (corrupt?); pass --restart to discard it") from None
+        state, matches = None, False
+    if matches:
+        log(f"  resuming {what} from step {state['step']}/{steps}")
+    elif resume:
+        raise CheckpointError(f"{ckpt} belongs to other {what} settings (plan, weights, steps or data "
+                              "changed); pass --restart to discard it")
+    else:
+        log(f"  discarding {ckpt.name}: it belongs to other {what} settings")
+        dist.barrier()  # every rank has read it before rank 0 removes it
+        if dist.is_main():
+            ckpt.unlink()
+        dist.barrier()
+
+
 def run_finetune(bundle: Bundle, recipe: Recipe, opts: BuildOptions, resume: bool | None = None) -> dict:
     """Masked finetuning from the base weights.
 
@@ -255,28 +283,7 @@ def run_finetune(bundle: Bundle, recipe: Recipe, opts: BuildOptions, resume: boo
         opts.log("  up to date")
         return bundle.manifest()["stages"]["finetune"].get("result", {})
     ckpt = finetune_checkpoint(bundle)
-    if ckpt.exists():
-        if resume is False:
-            raise CheckpointError(f"{ckpt} exists (an interrupted finetune); pass --resume to continue it "
-                                  "or --restart to discard it")
-        try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            matches = isinstance(state, dict) and state.get("run_key") == inputs
-        except Exception:
-            if resume:
-                raise CheckpointError(f"cannot read {ckpt} (corrupt?); pass --restart to discard it") from None
-            state, matches = None, False
-        if matches:
-            opts.log(f"  resuming finetune from step {state['step']}/{steps}")
-        elif resume:
-            raise CheckpointError(f"{ckpt} belongs to other finetune settings (plan, weights, steps or data "
-                                  "changed); pass --restart to discard it")
-        else:
-            opts.log(f"  discarding {ckpt.name}: it belongs to other finetune settings")
-            dist.barrier()  # every rank has read it before rank 0 removes it
-            if dist.is_main():
-                ckpt.unlink()
-            dist.barrier()
+    check_resume(ckpt, inputs, steps, resume, opts.log)
     t0 = time.perf_counter()
     model = load_model(recipe, base)
     masks = masks_for(model, plan)
@@ -366,11 +373,10 @@ def run_export(bundle: Bundle, recipe: Recipe, opts: BuildOptions) -> dict:
         return bundle.manifest()["stages"]["export"].get("result", {})
     t0 = time.perf_counter()
     model = load_model(recipe, bundle.path(WEIGHTS))
-    spec = recipe.adapter.export_spec(recipe.model)
-    spec = type(spec)(spec.input_names, spec.output_names, spec.dynamic_axes, recipe.opset)
+    spec = dataclasses.replace(recipe.adapter.export_spec(recipe.model), opset=recipe.opset)
     example = recipe.adapter.example_input(recipe.model, 32, 32)
     staged = bundle.work / "fp32.onnx"  # the FP32 graph takes its final name only once every check passed
-    export_onnx(model, spec, example, staged)
+    export_onnx(recipe.adapter.export_module(model), spec, example, staged)
     try:
         fp32 = load_onnx(staged)
         graphs = {"fp32": fp32}

@@ -75,6 +75,31 @@ class ValidateSection:
         return dict(self.max_psnr_drop_db)[precision]
 
 
+STRUCTURED_METHODS = ("ssl", "l1", "l1-global")
+
+
+@dataclass(frozen=True)
+class StructuredSection:
+    """Structured (channel) pruning of the channel groups an adapter declares (video models).
+
+    ``ssl``: learned per-unit scales (``ChannelScales``) trained ``ssl_steps`` steps with a growing L2 penalty
+    on the units that fall below the budget's global L1 threshold, then one global threshold on |scale|;
+    ``l1``: the same kept fraction in every group by filter L1 norm (the uniform baseline); ``l1-global``: one
+    global threshold on the normalised L1 norms. Penalty constants are for the L1 loss on [0, 1] pixels.
+    """
+
+    method: str = "ssl"
+    round_to: int = 8  # kept units per group: a multiple of this (or the full width)
+    ssl_steps: int = 100  # learned-scale training steps before selection (ssl only)
+    reg: float = 0.0  # initial penalty coefficient on the marked units' scales
+    delta: float = 1.0e-5  # added to the coefficient every grow_every steps (task gradients of a scale: ~1e-5) ...
+    grow_every: int = 5
+    cap: float = 1.0e-2  # ... up to this
+    scale_lr: float = 2.0e-2  # Adam learning rate of the scales (fixed; the weights follow the finetune schedule)
+    temporal_weight: float = 0.5  # temporal_l1 weight during ssl and finetuning; 0 = plain per-frame L1
+    hybrid_2to4: bool = False  # 2:4 on top of the sliced layers (not implemented yet)
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -98,6 +123,7 @@ class Recipe:
     sls_max_search_steps: int
     srste_decay: float
     adapter: ModelAdapter = field(compare=False, repr=False)
+    structured: StructuredSection = field(default_factory=StructuredSection)
 
     @property
     def scale(self) -> int:
@@ -136,7 +162,7 @@ def recipe_for_model(model: str) -> Path:
 
 
 _TOP_KEYS = {"name", "model", "base_weights", "reference_output", "data", "train", "finetune", "sparsity",
-             "export", "validate", "description", "sls", "srste", "precision", "engine"}
+             "export", "validate", "description", "sls", "srste", "precision", "engine", "structured"}
 _SLS_KEYS = {"lam", "alpha", "threshold", "check_every", "refresh_every", "score_lr", "score_clamp", "loss_scale",
              "cost_patch", "max_search_steps"}
 
@@ -228,6 +254,29 @@ def _validate(raw: Mapping[str, Any]) -> ValidateSection:
     return out
 
 
+def _structured(raw: Mapping[str, Any]) -> StructuredSection:
+    d = StructuredSection()
+    sec = _section(raw, "structured", set(d.__dataclass_fields__))
+    casts = {"method": str, "round_to": int, "ssl_steps": int, "grow_every": int}
+    try:
+        values = {k: casts.get(k, float)(v) for k, v in sec.items() if k != "hybrid_2to4"}
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe section 'structured': {e}") from None
+    hybrid = sec.get("hybrid_2to4", False)
+    if not isinstance(hybrid, bool):
+        raise RecipeError(f"structured.hybrid_2to4 must be true or false, not {hybrid!r}")
+    if hybrid:
+        raise RecipeError("structured.hybrid_2to4 (2:4 on top of channel pruning) is not implemented yet")
+    out = StructuredSection(**values, hybrid_2to4=hybrid)
+    if out.method not in STRUCTURED_METHODS:
+        raise RecipeError(f"structured.method must be one of {', '.join(STRUCTURED_METHODS)}, not '{out.method}'")
+    if out.round_to < 1 or out.ssl_steps < 1 or out.grow_every < 1:
+        raise RecipeError("structured: round_to, ssl_steps and grow_every must be >= 1")
+    if min(out.reg, out.delta, out.cap, out.temporal_weight) < 0 or out.reg > out.cap or out.scale_lr <= 0:
+        raise RecipeError("structured: reg, delta, cap and temporal_weight must be >= 0, reg <= cap, scale_lr > 0")
+    return out
+
+
 def _precision(raw: Mapping[str, Any]) -> PrecisionSection:
     sec = _section(raw, "precision", {"graphs", "fp32_islands", "calib", "calib_method", "percentile", "io"})
     try:
@@ -300,7 +349,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         metric_channel=channel, train=_steps(raw, "train"), finetune=_steps(raw, "finetune"),
         sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, opset=opset,
         validate=validate, precision=precision, engine=engine, sls=sls_settings, sls_max_search_steps=max_search,
-        srste_decay=decay, adapter=adapter)
+        srste_decay=decay, adapter=adapter, structured=_structured(raw))
 
 
 def resolve_recipe(model: str | None, recipe: str | os.PathLike | None) -> Recipe:

@@ -55,6 +55,10 @@ def _latency_rows(rep: dict) -> list[tuple[str, str]]:
 
 
 def summary_rows(rep: dict) -> list[tuple[str, str]]:
+    if rep.get("kind") == "video":
+        from . import report_video
+
+        return report_video.summary_rows(rep)
     p, mac, o = rep["psnr"], rep["macs"], rep["onnx_vs_torch"]
     ch = p["channel"].upper()
     rows = [
@@ -85,6 +89,10 @@ def summary_text(rep: dict) -> str:
 
 
 def sections(rep: dict) -> list[Section]:
+    if rep.get("kind") == "video":  # structured pruning of a video model: its own sections, the same renderers
+        from . import report_video
+
+        return report_video.sections(rep)
     p, s = rep["psnr"], rep["ssim"]
     ch = p["channel"]
     out = [Section("Summary", [

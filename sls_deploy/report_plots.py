@@ -127,3 +127,45 @@ def plot_crop(image: Path, scale: int, dense: torch.nn.Module, pruned: torch.nn.
     fig.suptitle(f"{Path(image).name}, HR crop {size}x{size} at ({x}, {y}), x{scale}", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
+
+
+WIDTHS_PLOT = "report_widths.png"
+FRAMES_PLOT = "report_frames.png"
+
+
+def plot_group_widths(rep: dict, path: str | os.PathLike) -> None:
+    """Bar chart of each channel group's kept units over its dense units (structured plans)."""
+    plt = _plt()
+    groups = rep["groups"]
+    names = [g["name"] for g in groups]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 3.8))
+    x = range(len(names))
+    ax.bar(x, [g["dense_units"] for g in groups], color="0.85", label="dense units")
+    ax.bar(x, [g["kept_units"] for g in groups], color="tab:blue", label="kept units")
+    for i, g in enumerate(groups):
+        ax.text(i, g["kept_units"], f"{g['kept_units']}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(x), [f"{n} (x{g['unit']})" if g["unit"] > 1 else n for n, g in zip(names, groups)],
+                  rotation=90, fontsize=7)
+    ax.set_ylabel("units (channels; x4: pixel-shuffle units of 4)")
+    ax.set_title(f"{rep['model']}: {rep['method']}, budget {rep['budget']:g}, MACs ratio {rep['macs']['ratio']:.3f}",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_per_frame(rep: dict, path: str | os.PathLike) -> None:
+    """PSNR of frame t averaged over the eval clips: bicubic, dense and pruned along the recurrence."""
+    plt = _plt()
+    p = rep["psnr"]
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    for k, style in (("bicubic", ":"), ("dense", "-"), ("pruned", "-")):
+        v = p["per_frame_mean"][k]
+        ax.plot(range(len(v)), v, style, marker="o", ms=3, label=k)
+    ax.set_xlabel("frame in the eval window")
+    ax.set_ylabel(f"PSNR-{p['channel'].upper()} (dB), mean over clips")
+    ax.set_title(f"{rep['model']}: per-frame quality", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)

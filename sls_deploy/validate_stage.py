@@ -8,6 +8,7 @@ makes ``check_report`` raise with the check's name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -206,7 +207,7 @@ def _latency(bundle: Bundle, recipe: Recipe, dense, dense_sha: str, vopts: Valid
     sizes = list(recipe.validate.latency_sizes or [recipe.engine.profile_sizes()["opt"]])
     out: dict = {"backend": vopts.backend, "warmup": warmup, "runs": runs, "sizes": []}
     if vopts.backend == "ort":
-        dense_path = _dense_graph(bundle, recipe, dense, dense_sha)
+        dense_path = dense_graph(bundle, recipe, dense, dense_sha)
         sessions = {}
         for name, path in (("dense", dense_path), ("pruned", bundle.path(ONNX))):
             sessions[name], threads = ort_session(path, vopts.threads)
@@ -240,7 +241,7 @@ def _latency(bundle: Bundle, recipe: Recipe, dense, dense_sha: str, vopts: Valid
     return out
 
 
-def _dense_graph(bundle: Bundle, recipe: Recipe, dense, dense_sha: str) -> Path:
+def dense_graph(bundle: Bundle, recipe: Recipe, dense, dense_sha: str) -> Path:
     """The dense base model as FP32 ONNX in work/ (exported once per base weights)."""
     from .export import export_onnx
 
@@ -249,10 +250,9 @@ def _dense_graph(bundle: Bundle, recipe: Recipe, dense, dense_sha: str) -> Path:
     key = digest({"weights": dense_sha, "opset": recipe.opset, "model": recipe.model.options})
     if path.is_file() and stamp.is_file() and stamp.read_text() == key:
         return path
-    spec = recipe.adapter.export_spec(recipe.model)
-    spec = type(spec)(spec.input_names, spec.output_names, spec.dynamic_axes, recipe.opset)
+    spec = dataclasses.replace(recipe.adapter.export_spec(recipe.model), opset=recipe.opset)
     bundle.work.mkdir(parents=True, exist_ok=True)
-    export_onnx(dense, spec, recipe.adapter.example_input(recipe.model, 32, 32), path)
+    export_onnx(recipe.adapter.export_module(dense), spec, recipe.adapter.example_input(recipe.model, 32, 32), path)
     atomic.write_text(stamp, key)
     return path
 
@@ -291,6 +291,10 @@ def precision_quality(onnx_path: Path, refs: dict, scale: int, channel: str) -> 
 
 def check_report(rep: dict) -> None:
     """Raise ValidationError naming the first failed check (and how many others failed)."""
+    if rep.get("kind") == "video":
+        from .video_validate import check_video_report
+
+        return check_video_report(rep)
     failed = [s for s in rep.get("shapes", []) if not s["passed"]]
     if failed:
         s = failed[0]

@@ -274,6 +274,8 @@ def _mod(n: int, scale: int) -> int:
 
 def _to_tensor(frames: np.ndarray) -> torch.Tensor:
     """(T,H,W,3) uint8 -> (T,3,H,W) float in [0,1]."""
+    if not frames.flags.writeable:  # a view of the read-only frame cache: torch wants a writable array
+        frames = frames.copy()
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
 
 

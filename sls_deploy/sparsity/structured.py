@@ -189,6 +189,7 @@ class ChannelScales:
         self.reg = {g.name: float(reg) for g in self.groups}
         self.unimportant = {g.name: torch.zeros(units[g.name], dtype=torch.bool) for g in self.groups}
         self.last_step = 0
+        self.folded_importance: dict[str, torch.Tensor] | None = None  # |scale| at the last fold
         self._handles: list = []
         self._producers: dict[str, nn.Conv2d] = {}
 
@@ -265,7 +266,11 @@ class ChannelScales:
 
     @torch.no_grad()
     def fold(self) -> None:
-        """Multiply the scales into the producers' weight rows and biases; remove the hooks; scales back to 1."""
+        """Multiply the scales into the producers' weight rows and biases; remove the hooks; scales back to 1.
+
+        The scales' values just before folding stay readable as ``folded_importance`` ({group: |scale|})."""
+        if self._producers:
+            self.folded_importance = self.importance()
         for g in self.groups:
             mod = self._producers.get(g.name)
             if mod is None:

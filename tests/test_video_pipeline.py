@@ -1,0 +1,461 @@
+"""The video build (BasicVSR / StreamVSR, channel pruning) on tiny models and synthetic clips: slicing a channel
+group equals zeroing it, end-to-end builds (clip and step graph, l1 and ssl), resume, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from sls_deploy.cli import STRUCTURED_METHODS as CLI_METHODS, main
+from sls_deploy.errors import RecipeError, UsageError
+from sls_deploy.models import get_adapter
+from sls_deploy.recipe import STRUCTURED_METHODS, load_recipe
+from sls_deploy.sparsity.structured import slice_into, zero_units
+from sls_deploy.video_export import op_types
+from sls_deploy.video_pipeline import VideoBuildOptions, build, load_video_model
+from sls_deploy.video_validate import graph_runner
+
+torch.set_num_threads(1)  # the tests' models are tiny; more threads only contend
+
+ARCHS = ("basicvsr", "streamvsr")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- synthetic clips and recipes
+
+
+def frames(n: int, h: int, w: int, seed: int) -> list[np.ndarray]:
+    """A smooth pattern drifting 2 px per frame with a moving bright box, plus a little noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    phase = rng.uniform(0, 6, 3)
+    out = []
+    for t in range(n):
+        img = np.stack([127 + 100 * np.sin(0.2 * (xx + 2 * t) + 0.1 * yy + phase[c]) for c in range(3)], -1)
+        img[6 + t:14 + t, 8 + t:18 + t] = 240
+        out.append(np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8))
+    return out
+
+
+def write_clip(folder: Path, imgs: list[np.ndarray]) -> Path:
+    folder.mkdir(parents=True)
+    for i, f in enumerate(imgs):
+        iio.imwrite(folder / f"{i:04d}.png", f)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("clips")
+    write_clip(root / "train" / "a", frames(5, 32, 32, 1))
+    write_clip(root / "train" / "b", frames(4, 36, 40, 2))
+    write_clip(root / "eval" / "e", frames(4, 32, 40, 3))
+    return {"train": root / "train", "eval": root / "eval"}
+
+
+def write_recipe(folder: Path, arch: str, clips: dict[str, Path], **sections) -> Path:
+    r = {"name": f"{arch}-tiny", "model": {"arch": arch, "scale": 4, "num_feat": 8, "num_block": 1, "clip_len": 3},
+         "reference_output": [128, 128],
+         "data": {"train": str(clips["train"]), "eval": str(clips["eval"]), "metric_channel": "y"},
+         "finetune": {"steps": 2, "lr": 1e-3, "batch_size": 1, "lr_patch": 8, "checkpoint_every": 1},
+         "validate": {"latency_warmup": 0, "latency_runs": 1},
+         "structured": {"round_to": 2, "ssl_steps": 2, "delta": 1e-3, "grow_every": 1}, **sections}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{arch}.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def with_flow(model: torch.nn.Module) -> torch.nn.Module:
+    """A fresh SpyNet predicts zero flow; give it a few pixels of non-uniform flow so warping is exercised."""
+    with torch.no_grad():
+        for level in model.spynet.basic_module:
+            last = level.basic_module[8]
+            last.weight.normal_(0.0, 0.02)
+            last.bias.copy_(torch.tensor([0.05, -0.04]))
+    return model
+
+
+def write_weights(recipe: Path, dest: Path, seed: int = 0, **model_opts) -> Path:
+    r = load_recipe(recipe)
+    torch.manual_seed(seed)
+    cfg = r.model if not model_opts else r.adapter.parse_config({**r.raw["model"], **model_opts})
+    model = with_flow(r.adapter.build(cfg))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dest))
+    return dest
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def error_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- slicing a group == zeroing it
+
+
+def tiny(arch: str, seed: int = 0):
+    adapter = get_adapter(arch)
+    cfg = adapter.parse_config({"arch": arch, "num_feat": 8, "num_block": 1, "clip_len": 3})
+    torch.manual_seed(seed)
+    return adapter, cfg, with_flow(adapter.build(cfg)).eval()
+
+
+CLIP = torch.rand(1, 3, 3, 20, 24, generator=torch.Generator().manual_seed(5))
+GROUP_KINDS = [("basicvsr", "backward_trunk.main.2.0.conv1"), ("basicvsr", "forward_trunk.main.2.0.conv1"),
+               ("basicvsr", "fusion"), ("basicvsr", "upconv1"), ("basicvsr", "upconv2"), ("basicvsr", "conv_hr"),
+               ("streamvsr", "forward_trunk.main.2.0.conv1"), ("streamvsr", "upconv1"), ("streamvsr", "upconv2"),
+               ("streamvsr", "conv_hr")]
+
+
+@pytest.mark.parametrize("arch, group", GROUP_KINDS)
+def test_zeroed_units_sliced_away_give_the_same_output(arch, group):
+    adapter, cfg, dense = tiny(arch)
+    groups = adapter.channel_groups(dense)
+    g = next(x for x in groups if x.name == group)
+    units = dense.widths[group]
+    keep = torch.tensor([i for i in range(units) if i % 3 != 1])  # drop every third unit, the first kept
+    zero_units(dense, g, torch.tensor([i for i in range(units) if i % 3 == 1]))
+    sliced = adapter.build(model_config_of(cfg, {group: len(keep)})).eval()
+    slice_into(dense, sliced, groups, {group: keep})
+    with torch.no_grad():
+        want, got = dense(CLIP), sliced(CLIP)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5
+    producer = dict(sliced.named_modules())[g.producer]
+    assert producer.out_channels == g.unit * len(keep) < g.unit * units  # really narrower
+    if arch == "streamvsr":  # the step (the exported graph) too, with its hidden state
+        h = torch.rand(1, 8, 20, 24, generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            (s1, h1), (s2, h2) = dense.step(CLIP[:, 0], CLIP[:, 1], h), sliced.step(CLIP[:, 0], CLIP[:, 1], h)
+        assert (s1 - s2).abs().max() <= 1e-5 and (h1 - h2).abs().max() <= 1e-5
+
+
+def model_config_of(cfg, widths):
+    from dataclasses import replace
+
+    return replace(cfg, options={**cfg.options, "widths": widths})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_slicing_single_channels_inside_a_pixel_shuffle_unit_does_not_match(arch):
+    """upconv2 feeds PixelShuffle(2): post-shuffle channel k is conv channels 4k..4k+3. Removing four channels
+    that straddle two units (1..4) and input channel 0 of conv_hr is not the model with those channels zeroed;
+    removing the whole unit 0 (channels 0..3) is."""
+    adapter, cfg, dense = tiny(arch)
+    up = dense.upconv2
+    outs = {}
+    for name, chans in (("unit", [0, 1, 2, 3]), ("straddling", [1, 2, 3, 4])):
+        zeroed = tiny(arch)[2]
+        with torch.no_grad():
+            for conv in (zeroed.conv_hr, zeroed.conv_last):  # a louder head (fresh convs are scaled down)
+                conv.weight.mul_(5.0)
+            zeroed.upconv2.weight[chans] = 0
+            zeroed.upconv2.bias[chans] = 0
+        sliced = adapter.build(model_config_of(cfg, {"upconv2": dense.widths["upconv2"] - 1})).eval()
+        sd = zeroed.state_dict()
+        rows = torch.tensor([c for c in range(up.out_channels) if c not in chans])
+        sd["upconv2.weight"], sd["upconv2.bias"] = sd["upconv2.weight"][rows], sd["upconv2.bias"][rows]
+        sd["conv_hr.weight"] = sd["conv_hr.weight"][:, 1:]
+        sliced.load_state_dict(sd)
+        with torch.no_grad():
+            outs[name] = float((sliced(CLIP) - zeroed(CLIP)).abs().max())
+    assert outs["unit"] <= 1e-5
+    assert outs["straddling"] > 1e-3
+
+
+# --------------------------------------------------------------------------- end-to-end builds
+
+
+@pytest.fixture(scope="module")
+def bv_l1(tmp_path_factory, clips):
+    """basicvsr, l1, budget 0.5, through the command line."""
+    root = tmp_path_factory.mktemp("bv")
+    recipe = write_recipe(root, "basicvsr", clips)
+    weights = write_weights(recipe, root / "w.safetensors")
+    out = root / "bundle"
+    code = main(["build", "--recipe", str(recipe), "--weights", str(weights), "--budget", "0.5", "--method", "l1",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    return {"recipe": recipe, "weights": weights, "out": out}
+
+
+@pytest.fixture(scope="module")
+def sv_ssl(tmp_path_factory, clips):
+    """streamvsr, ssl (the recipe's default method), budget 0.5, through the Python API."""
+    root = tmp_path_factory.mktemp("sv")
+    recipe = write_recipe(root, "streamvsr", clips)
+    weights = write_weights(recipe, root / "w.safetensors")
+    out = root / "bundle"
+    logs: list[str] = []
+    rep = build(load_recipe(recipe), VideoBuildOptions(budget=0.5, weights=str(weights), progress=False,
+                                                       log=logs.append), out)
+    return {"recipe": recipe, "weights": weights, "out": out, "rep": rep, "logs": logs}
+
+
+BUNDLE_FILES = ("manifest.json", "recipe.yaml", "plan.json", "search.safetensors", "model.safetensors", "model.onnx",
+                "report.json", "report.md", "report.html", "report_widths.png", "report_frames.png")
+
+
+@pytest.mark.parametrize("which", ["bv_l1", "sv_ssl"])
+def test_bundle_plan_and_report(request, which):
+    b = request.getfixturevalue(which)
+    out = b["out"]
+    for name in BUNDLE_FILES:
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.tmp")) and not (out / "work" / "finetune.ckpt").exists()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["kind"] == "structured" and plan["budget"] == 0.5
+    assert plan["method"] == ("l1" if which == "bv_l1" else "ssl")
+    assert 0 < plan["macs"]["ratio"] <= 0.5
+    assert plan["macs"]["pruned"] == sum(l["macs_pruned"] for l in plan["layers"]) + sum(
+        d["macs"] for d in plan["dense_layers"])
+    assert any(d["name"].startswith("spynet.") and "SpyNet" in d["reason"] for d in plan["dense_layers"])
+    for g in plan["groups"]:
+        assert g["kept_units"] == g["dense_units"] or g["kept_units"] % plan["round_to"] == 0, g
+        assert g["kept"] == sorted(set(g["kept"])) and len(g["kept"]) == g["kept_units"]
+        assert plan["widths"][g["name"]] == g["kept_units"]
+    assert any(g["kept_units"] < g["dense_units"] for g in plan["groups"])
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["kind"] == "video" and rep["checks"] == {"onnx_vs_torch": True, "budget": True}
+    assert rep["onnx_vs_torch"]["max_abs"] <= 1e-4 and rep["onnx_vs_torch"]["frames"] == 3
+    for k in ("bicubic", "dense", "pruned"):
+        assert len(rep["psnr"]["per_frame_mean"][k]) == 3
+        assert all(np.isfinite(rep["psnr"]["per_frame_mean"][k]))
+        assert len(rep["psnr"]["per_clip"]["e"][k]) == 3
+    lat = rep["latency"]["sizes"][0]
+    assert lat["lr_hw"] == [32, 32] and lat["ratio_pruned_over_dense"] > 0 and rep["latency"]["threads"] >= 1
+    md = (out / "report.md").read_text()
+    assert "Channel groups" in md and "Per frame" in md and "upconv2" in md
+    assert "<table>" in (out / "report.html").read_text()
+
+
+def test_ssl_search_learned_scales(sv_ssl):
+    plan = json.loads((sv_ssl["out"] / "plan.json").read_text())
+    s = plan["search"]
+    assert s["ssl_steps"] == 2 and sum(s["marked_units"].values()) > 0
+    assert all(0 < v <= 1e-2 for v in s["final_reg"].values())  # the penalty grew
+    assert any(l.startswith("[1/4] search") for l in sv_ssl["logs"])
+    assert any(l.startswith("[4/4] validate") for l in sv_ssl["logs"])
+    assert any("plan: ssl" in l and "per frame" in l for l in sv_ssl["logs"])
+
+
+def eval_lr_clip(clips, frames_n: int) -> torch.Tensor:
+    from sls_deploy.data.video import load_clip_pair, resolve_clips
+
+    _, lr = load_clip_pair(resolve_clips(str(clips["eval"]))[0], frames_n, 4)
+    return lr
+
+
+def test_clip_graph_matches_pytorch_over_a_clip(bv_l1, clips):
+    recipe = load_recipe(bv_l1["recipe"])
+    plan = json.loads((bv_l1["out"] / "plan.json").read_text())
+    model = load_video_model(recipe, bv_l1["out"] / "model.safetensors", plan["widths"])
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(bv_l1["out"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["lr"] and [o.name for o in sess.get_outputs()] == ["sr"]
+    lr = eval_lr_clip(clips, 3)
+    with torch.no_grad():
+        want = model(lr).numpy()
+    got = graph_runner(sess, recipe.adapter.export_spec(recipe.model))(lr)
+    assert got.shape == want.shape == (1, 3, 3, 32, 40)
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_step_graph_matches_pytorch_frame_by_frame(sv_ssl, clips):
+    """The step graph driven over more frames than clip_len, hidden_out fed back as hidden."""
+    recipe = load_recipe(sv_ssl["recipe"])
+    plan = json.loads((sv_ssl["out"] / "plan.json").read_text())
+    model = load_video_model(recipe, sv_ssl["out"] / "model.safetensors", plan["widths"])
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(sv_ssl["out"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["prev_lr", "lr", "hidden"]
+    assert [o.name for o in sess.get_outputs()] == ["sr", "hidden_out"]
+    lr = eval_lr_clip(clips, 4)
+    with torch.no_grad():
+        want = model(lr).numpy()
+    got = graph_runner(sess, recipe.adapter.export_spec(recipe.model))(lr)
+    assert got.shape == want.shape == (1, 4, 3, 32, 40)
+    assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("which", ["bv_l1", "sv_ssl"])
+def test_pruned_graph_has_narrower_plain_convs_and_the_dense_ops(request, which):
+    from sls_deploy.export import graph_weights
+
+    out = request.getfixturevalue(which)["out"]
+    pruned, dense = onnx.load(str(out / "model.onnx")), onnx.load(str(out / "work" / "dense.onnx"))
+    assert op_types(pruned) == op_types(dense)  # no Gather/Scatter/Slice added by pruning
+    assert "Gather" not in op_types(pruned) or op_types(pruned)["Gather"] == op_types(dense)["Gather"]
+    pw = {w.tensor: w.shape for w in graph_weights(pruned) if w.op == "Conv"}
+    dw = {w.tensor: w.shape for w in graph_weights(dense) if w.op == "Conv"}
+    assert pw["upconv2.weight"][0] < dw["upconv2.weight"][0] or pw["upconv1.weight"][0] < dw["upconv1.weight"][0]
+    smaller = [k for k in pw if k in dw and np.prod(pw[k]) < np.prod(dw[k])]
+    assert "conv_hr.weight" in smaller or "conv_last.weight" in smaller
+    assert sum(np.prod(s) for s in pw.values()) < sum(np.prod(dw[k]) for k in pw)
+    info = json.loads((out / "manifest.json").read_text())["stages"]["export"]["result"]
+    assert info["graph"] == ("clip" if which == "bv_l1" else "step") and info["opset"] >= 17
+    assert info["narrower_convs"] > 0
+
+
+def test_second_build_is_up_to_date_and_digests_rerun_only_what_changed(capsys, bv_l1):
+    args = ["build", "--recipe", bv_l1["recipe"], "--weights", bv_l1["weights"], "--budget", "0.5", "--method", "l1",
+            "--out", bv_l1["out"], "--no-progress"]
+    code, out, err = run(capsys, *args)
+    assert code == 0 and err.count("up to date") == 4, err
+    assert "verdict" in out
+    code, _, err = run(capsys, *args, "--temporal-weight", "0")  # finetune loss changed: search stays
+    assert code == 0
+    stages = err.split("[2/4]")
+    assert "up to date" in stages[0] and "up to date" not in stages[1].split("[3/4]")[0], err
+
+
+def test_stage_commands_on_a_video_bundle(capsys, bv_l1):
+    out = bv_l1["out"]
+    code, stdout, err = run(capsys, "export", out)
+    assert code == 0 and "up to date" in err and "clip graph" in stdout
+    code, stdout, _ = run(capsys, "validate", out, "--no-latency", "--threads", "1")
+    assert code == 0 and "verdict" in stdout and "pass" in stdout
+    assert json.loads((out / "report.json").read_text())["latency"] == {"skipped": "--no-latency"}
+    code, _, err = run(capsys, "validate", out, "--backend", "torch")
+    assert code == 2 and "not available for video bundles" in error_line(err)
+    code, _, err = run(capsys, "export", out, "--precision", "fp16")
+    assert code == 2 and "--precision does not apply" in error_line(err)
+
+
+def test_interrupted_finetune_resumes_from_its_checkpoint(tmp_path, clips, monkeypatch):
+    from sls_deploy.data.video import ClipSampler
+
+    recipe = write_recipe(tmp_path, "basicvsr", clips, finetune={
+        "steps": 3, "lr": 1e-3, "batch_size": 1, "lr_patch": 8, "checkpoint_every": 1})
+    weights = write_weights(recipe, tmp_path / "w.safetensors")
+    out, calls, batch = tmp_path / "b", [], ClipSampler.batch
+
+    def interrupted_at_second_batch(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return batch(self)
+
+    opts = lambda logs: VideoBuildOptions(budget=0.5, method="l1", weights=str(weights), progress=False,  # noqa: E731
+                                          log=logs.append)
+    monkeypatch.setattr(ClipSampler, "batch", interrupted_at_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        build(load_recipe(recipe), opts([]), out)
+    assert (out / "work" / "finetune.ckpt").is_file() and not (out / "model.safetensors").exists()
+    monkeypatch.setattr(ClipSampler, "batch", batch)
+    logs: list[str] = []
+    build(load_recipe(recipe), opts(logs), out)
+    assert "  resuming finetune from step 1/3" in logs
+    result = json.loads((out / "manifest.json").read_text())["stages"]["finetune"]["result"]
+    assert result["resumed_from"] == 1 and result["steps"] == 3
+    assert not (out / "work" / "finetune.ckpt").exists()
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_methods_agree():
+    assert CLI_METHODS == STRUCTURED_METHODS
+
+
+@pytest.mark.parametrize("budget", ["0", "1.5"])
+def test_budget_out_of_range_is_usage_error(capsys, tmp_path, clips, budget):
+    recipe = write_recipe(tmp_path, "basicvsr", clips)
+    code, _, err = run(capsys, "build", "--recipe", recipe, "--budget", budget, "--out", tmp_path / "b")
+    assert code == 2 and "0<x<=1" in error_line(err)
+    with pytest.raises(UsageError, match="budget"):
+        build(load_recipe(recipe), VideoBuildOptions(budget=float(budget), log=lambda s: None), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_unreachable_budget_is_one_line_plan_error(capsys, tmp_path, clips):
+    recipe = write_recipe(tmp_path, "basicvsr", clips)
+    weights = write_weights(recipe, tmp_path / "w.safetensors")
+    code, _, err = run(capsys, "build", "--recipe", recipe, "--weights", weights, "--budget", "0.05", "--method", "l1",
+                       "--out", tmp_path / "b", "--no-progress")
+    assert code == 1 and "smallest reachable ratio" in error_line(err)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--n", "2"], "--n does not apply"), (["--m", "8"], "--m does not apply"),
+    (["--precision", "fp16"], "--precision does not apply"), (["--calib-method", "max"], "--calib-method"),
+    (["--method", "oneshot"], "--method oneshot does not apply"), (["--method", "sls"], "video models take ssl")])
+def test_nm_options_on_a_video_recipe_are_usage_errors(capsys, tmp_path, clips, extra, fragment):
+    recipe = write_recipe(tmp_path, "streamvsr", clips)
+    code, _, err = run(capsys, "build", "--recipe", recipe, "--budget", "0.5", "--out", tmp_path / "b", *extra)
+    assert code == 2 and fragment in error_line(err)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--method", "l1"], "--method l1 does not apply"), (["--round-to", "4"], "--round-to does not apply"),
+    (["--temporal-weight", "0"], "--temporal-weight does not apply")])
+def test_video_options_on_an_image_recipe_are_usage_errors(capsys, tmp_path, extra, fragment):
+    code, _, err = run(capsys, "build", "--model", "edsr", "--budget", "0.5", "--out", tmp_path / "b", *extra)
+    assert code == 2 and fragment in error_line(err)
+
+
+def test_checkpoint_of_another_width_is_checkpoint_error(capsys, tmp_path, clips):
+    recipe = write_recipe(tmp_path, "basicvsr", clips)
+    wide = write_weights(recipe, tmp_path / "wide.safetensors", num_feat=12)
+    code, _, err = run(capsys, "build", "--recipe", recipe, "--weights", wide, "--budget", "0.5", "--method", "l1",
+                       "--out", tmp_path / "b", "--no-progress")
+    assert code == 1
+    line = error_line(err)
+    assert "checkpoint does not fit" in line and "has shape" in line
+
+
+def bad_clip_folder(root: Path, kind: str) -> Path:
+    data = root / f"bad_{kind}"
+    if kind == "sizes":
+        imgs = frames(4, 32, 32, 0)
+        imgs[2] = frames(1, 36, 32, 1)[0]
+        write_clip(data / "c", imgs)
+    elif kind == "short":
+        write_clip(data / "c", frames(2, 32, 32, 0))  # clip_len is 3
+    else:
+        data.mkdir()
+        (data / "c.mp4").write_bytes(b"this is not a video\n" * 20)
+    return data
+
+
+@pytest.mark.parametrize("kind, fragment", [("sizes", "frame 0002.png is 32x36 but 0000.png is 32x32"),
+                                            ("short", "has 2 frames; 3 are needed"),
+                                            ("notvideo", "cannot read video")])
+def test_bad_clip_folders_are_one_line_data_errors(capsys, tmp_path, clips, kind, fragment):
+    recipe = write_recipe(tmp_path, "basicvsr", clips)
+    weights = write_weights(recipe, tmp_path / "w.safetensors")
+    data = bad_clip_folder(tmp_path, kind)
+    code, _, err = run(capsys, "build", "--recipe", recipe, "--weights", weights, "--budget", "0.5", "--method", "l1",
+                       "--data", data, "--out", tmp_path / "b", "--no-progress")
+    assert code == 1 and fragment in error_line(err)
+
+
+def test_structured_recipe_section_is_checked(tmp_path, clips):
+    for section, fragment in (({"methd": "l1"}, "unknown recipe key 'structured.methd'"),
+                              ({"method": "magic"}, "structured.method must be one of"),
+                              ({"round_to": 0}, "round_to, ssl_steps and grow_every must be >= 1"),
+                              ({"reg": 1.0, "cap": 0.1}, "reg <= cap"),
+                              ({"hybrid_2to4": True}, "not implemented")):
+        path = write_recipe(tmp_path / fragment[:8].replace(" ", "_"), "basicvsr", clips, structured=section)
+        with pytest.raises(RecipeError, match=fragment.replace("(", r"\(")):
+            load_recipe(path)
+    assert load_recipe(ROOT / "recipes" / "edsr.yaml").structured.method == "ssl"  # image recipes: defaults, unused
