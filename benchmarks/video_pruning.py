@@ -86,8 +86,11 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["ssl", "l1"])
     ap.add_argument("--temporal-weights", type=float, nargs="+", default=None,
                     help="default: 0 and the recipe's structured.temporal_weight")
-    ap.add_argument("--steps", type=int, help="finetune steps (default: the recipe's)")
+    ap.add_argument("--steps", type=int, help="finetune steps of ssl (default: the recipe's); the other methods "
+                    "get these plus ssl's search steps, so every method trains as many steps")
     ap.add_argument("--ssl-steps", type=int, help="ssl search steps (default: the recipe's)")
+    ap.add_argument("--configs", nargs="+", help="method:temporal_weight pairs instead of every method x weight, "
+                    "e.g. ssl:0.5 ssl:0 l1:0.5")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_video"), help="bundles go here")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
@@ -97,26 +100,32 @@ def main() -> int:
     recipe = resolve_recipe(None if args.recipe else args.model, args.recipe)
     tws = args.temporal_weights if args.temporal_weights is not None else sorted({0.0, recipe.structured.temporal_weight},
                                                                                   reverse=True)
+    configs = ([(c.split(":")[0], float(c.split(":")[1])) for c in args.configs] if args.configs
+               else [(m, tw) for m in args.methods for tw in tws])
+    # the same training steps for every method: ssl spends ssl_steps on its learned-scale search before the
+    # finetune, so the other methods finetune that many steps longer
+    total = args.steps if args.steps is not None else recipe.finetune.steps
+    ssl_steps = args.ssl_steps if args.ssl_steps is not None else recipe.structured.ssl_steps
     rows = []
-    for method in args.methods:
-        for tw in tws:
-            out = Path(args.out) / f"{recipe.name}-{method}-tw{tw:g}-b{args.budget:.2f}-s{args.steps or 'r'}"
-            t0 = time.perf_counter()
-            try:
-                rep = build(recipe, VideoBuildOptions(
-                    budget=args.budget, method=method, temporal_weight=tw, weights=args.weights, data=args.data,
-                    eval_data=args.eval_data, steps=args.steps, ssl_steps=args.ssl_steps, seed=args.seed,
-                    progress=False, log=lambda s: None), out)
-            except SlsError as e:
-                print(f"{method} tw={tw:g}: {e}", flush=True)
-                rows.append({"method": method, "temporal_weight": tw, "budget": args.budget, "error": str(e)})
-                continue
-            row = row_of(rep, method, tw, time.perf_counter() - t0)
-            rows.append(row)
-            lat = row["latency_ms_per_frame"]
-            print(f"{method:4s} tw={tw:g}: ratio {row['macs_ratio']:.3f}  PSNR-Y {row['psnr_y']['pruned']:.3f} dB "
-                  f"(drop {row['psnr_y']['drop']:+.3f})  latency {lat['pruned']:.1f} / {lat['dense']:.1f} ms/frame "
-                  f"= {lat['ratio']:.3f}  ({row['seconds']:.0f}s)", flush=True)
+    for method, tw in configs:
+        steps = total if method == "ssl" else total + ssl_steps
+        out = Path(args.out) / f"{recipe.name}-{method}-tw{tw:g}-b{args.budget:.2f}-s{steps}"
+        t0 = time.perf_counter()
+        try:
+            rep = build(recipe, VideoBuildOptions(
+                budget=args.budget, method=method, temporal_weight=tw, weights=args.weights, data=args.data,
+                eval_data=args.eval_data, steps=steps, ssl_steps=ssl_steps, seed=args.seed,
+                progress=False, log=lambda s: None), out)
+        except SlsError as e:
+            print(f"{method} tw={tw:g}: {e}", flush=True)
+            rows.append({"method": method, "temporal_weight": tw, "budget": args.budget, "error": str(e)})
+            continue
+        row = row_of(rep, method, tw, time.perf_counter() - t0)
+        rows.append(row)
+        lat = row["latency_ms_per_frame"]
+        print(f"{method:4s} tw={tw:g}: ratio {row['macs_ratio']:.3f}  PSNR-Y {row['psnr_y']['pruned']:.3f} dB "
+              f"(drop {row['psnr_y']['drop']:+.3f})  latency {lat['pruned']:.1f} / {lat['dense']:.1f} ms/frame "
+              f"= {lat['ratio']:.3f}  ({row['seconds']:.0f}s)", flush=True)
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     stem = f"video_pruning{args.tag}"
