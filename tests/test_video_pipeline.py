@@ -234,6 +234,10 @@ def test_bundle_plan_and_report(request, which):
     rep = json.loads((out / "report.json").read_text())
     assert rep["kind"] == "video" and rep["checks"] == {"onnx_vs_torch": True, "budget": True}
     assert rep["onnx_vs_torch"]["max_abs"] <= 1e-4 and rep["onnx_vs_torch"]["frames"] == 3
+    # the whole eval clip (4 frames): the step graph carries its hidden state through all of them, the T=3 clip
+    # graph covers the one whole window
+    whole = rep["onnx_vs_torch"]["whole_clip"]
+    assert whole["clip"] == "e" and whole["frames"] == (3 if which == "bv_l1" else 4) and whole["max_abs"] <= 1e-4
     for k in ("bicubic", "dense", "pruned"):
         assert len(rep["psnr"]["per_frame_mean"][k]) == 3
         assert all(np.isfinite(rep["psnr"]["per_frame_mean"][k]))
