@@ -51,8 +51,8 @@ def row_of(rep: dict, method: str, tw: float, seconds: float) -> dict:
 
 def markdown(rows: list[dict], args, recipe) -> str:
     ok = [r for r in rows if "error" not in r]
-    head = (f"{recipe.name} ({recipe.model.arch}), budget {args.budget}, finetune steps "
-            f"{ok[0]['finetune_steps'] if ok else '?'} per configuration (ssl adds its search steps), eval Y-PSNR on "
+    head = (f"{recipe.name} ({recipe.model.arch}), budget {args.budget}, the same training "
+            f"steps for every configuration (ssl: learned-scale search + finetune), eval Y-PSNR on "
             f"{args.eval_data or recipe.data_eval}, first {recipe.model.options['clip_len']} frames per clip.")
     lines = [head, ""]
     if ok:
