@@ -440,18 +440,23 @@ def open_bundle(root: Path) -> tuple[Bundle, Recipe]:
     return bundle, load_recipe(bundle.path(RECIPE))
 
 
-def options_from_bundle(bundle: Bundle, **overrides) -> BuildOptions:
-    m = bundle.require()
-    key, recorded = m["build_key"], m.get("options", {})
-    opts = BuildOptions(budget=key["budget"], method=key["method"], m=key["m"])
-    for k in ("seed", "weights", "data", "steps", "n", "lam", "alpha", "target", "precisions", "calib",
-              "calib_method", "io"):  # what the bundle was built with
+def restore_options(opts, recorded: dict, keys, overrides: dict):
+    """``opts`` with what the bundle was built with (``recorded`` options among ``keys``), then ``overrides``."""
+    for k in keys:
         if recorded.get(k) is not None:
             setattr(opts, k, recorded[k])
     for k, v in overrides.items():
         if v is not None:
             setattr(opts, k, v)
     return opts
+
+
+def options_from_bundle(bundle: Bundle, **overrides) -> BuildOptions:
+    m = bundle.require()
+    key = m["build_key"]
+    return restore_options(BuildOptions(budget=key["budget"], method=key["method"], m=key["m"]),
+                           m.get("options", {}), ("seed", "weights", "data", "steps", "n", "lam", "alpha", "target",
+                                                  "precisions", "calib", "calib_method", "io"), overrides)
 
 
 def build(recipe: Recipe, opts: BuildOptions, out: Path) -> dict:

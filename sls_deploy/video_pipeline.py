@@ -29,12 +29,13 @@ from .checkpoints import load_weights, read_state_dict, save_weights
 from .data.video import ClipSampler, resolve_clips
 from .errors import PlanError, UsageError
 from .models import ModelConfig
-from .pipeline import SEARCH_WEIGHTS, Log, check_resume, load_model, resolve_base_weights
+from .pipeline import SEARCH_WEIGHTS, Log, check_resume, load_model, resolve_base_weights, restore_options
 from .recipe import STRUCTURED_METHODS, Recipe, StructuredSection
 from .sparsity.oneshot import check_budget
 from .sparsity.structured import (ChannelScales, GroupCosts, l1_importance, select_global, select_uniform,
                                   slice_into, widths_of)
-from .sparsity.structured_plan import DenseLayerCost, GroupPlan, LayerCost, StructuredPlan
+from .sparsity.plan import DenseLayer
+from .sparsity.structured_plan import GroupPlan, LayerCost, StructuredPlan
 from .train import TrainConfig, train
 from .video_loss import temporal_l1
 
@@ -103,15 +104,9 @@ def options_record(opts: VideoBuildOptions) -> dict[str, Any]:
 
 def options_from_bundle(bundle: Bundle, **overrides) -> VideoBuildOptions:
     m = bundle.require()
-    key, recorded = m["build_key"], m.get("options", {})
-    opts = VideoBuildOptions(budget=key["budget"], method=key["method"])
-    for k in OPTION_KEYS:
-        if recorded.get(k) is not None:
-            setattr(opts, k, recorded[k])
-    for k, v in overrides.items():
-        if v is not None:
-            setattr(opts, k, v)
-    return opts
+    key = m["build_key"]
+    return restore_options(VideoBuildOptions(budget=key["budget"], method=key["method"]), m.get("options", {}),
+                           OPTION_KEYS, overrides)
 
 
 def model_config(recipe: Recipe, widths: dict[str, int] | None) -> ModelConfig:
@@ -243,7 +238,7 @@ def _plan(recipe, opts, st, model, groups, costs: GroupCosts, keep, frames: int,
             d = decls.get(name)
             reason = d.reason if d is not None and not d.prunable and d.reason else \
                 "no channel group changes its channels"
-            dense.append(DenseLayerCost(name, macs, reason))
+            dense.append(DenseLayer(name, macs, reason))
     return StructuredPlan(
         model=recipe.name, method=st.method, budget=opts.budget, round_to=st.round_to,
         reference_output=list(recipe.reference_output), frames=frames,

@@ -89,3 +89,31 @@ def build_tiny_2to4_bundle(folder: Path, images: dict[str, Path]) -> Path:
     assert main(["build", "--recipe", str(recipe), "--weights", str(weights), "--budget", "0.9", "--method",
                  "oneshot", "--n", "2", "--out", str(out), "--no-progress"]) == 0
     return out
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`sls-deploy ARGS` in-process: (exit code, stdout, stderr)."""
+    from sls_deploy.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def error_line(err: str) -> str:
+    """Stage progress may precede it, but the error itself is exactly one line and no traceback."""
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, f"expected one error line, got: {err!r}"
+    return lines[0]
+
+
+def data_error(fn, *args, **kw) -> str:
+    """The one-line DataError message that ``fn(*args, **kw)`` raises."""
+    from sls_deploy.errors import DataError
+
+    with pytest.raises(DataError) as exc:
+        fn(*args, **kw)
+    msg = str(exc.value)
+    assert msg and "\n" not in msg
+    return msg

@@ -10,23 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sls_deploy.cli import cli, main
+from sls_deploy.cli import cli
+from tests.conftest import error_line, run_cli as run
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def error_line(err: str) -> str:
-    """Stage progress may precede it, but the error itself is exactly one line and no traceback."""
-    assert "Traceback" not in err
-    lines = [l for l in err.splitlines() if l.startswith("error: ")]
-    assert len(lines) == 1, f"expected one error line, got: {err!r}"
-    return lines[0]
 
 
 @pytest.mark.parametrize("command", [[]] + [[name] for name in cli.commands])

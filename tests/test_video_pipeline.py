@@ -22,6 +22,7 @@ from sls_deploy.sparsity.structured import slice_into, zero_units
 from sls_deploy.video_export import op_types
 from sls_deploy.video_pipeline import VideoBuildOptions, build, load_video_model
 from sls_deploy.video_validate import graph_runner
+from tests.conftest import error_line, run_cli as run
 
 torch.set_num_threads(1)  # the tests' models are tiny; more threads only contend
 
@@ -91,19 +92,6 @@ def write_weights(recipe: Path, dest: Path, seed: int = 0, **model_opts) -> Path
     model = with_flow(r.adapter.build(cfg))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dest))
     return dest
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def error_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = [l for l in err.splitlines() if l.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- slicing a group == zeroing it

@@ -54,13 +54,18 @@ class PatchSampler:
             x = int(torch.randint(0, w - p + 1, (1,), generator=g))
             lp = lr[:, :, y:y + p, x:x + p]
             hp = hr[:, :, y * s:(y + p) * s, x * s:(x + p) * s]
-            k = int(torch.randint(0, 8, (1,), generator=g))
-            if k & 1:
-                lp, hp = lp.flip(-1), hp.flip(-1)
-            if k & 2:
-                lp, hp = lp.flip(-2), hp.flip(-2)
-            if k & 4:
-                lp, hp = lp.transpose(-1, -2), hp.transpose(-1, -2)
+            lp, hp = dihedral(lp, hp, int(torch.randint(0, 8, (1,), generator=g)))
             lrs.append(lp)
             hrs.append(hp)
         return torch.cat(lrs).contiguous(), torch.cat(hrs).contiguous()
+
+
+def dihedral(lr: torch.Tensor, hr: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One of the 8 flips/transpositions of a patch pair (bits of ``k``: flip W, flip H, transpose)."""
+    if k & 1:
+        lr, hr = lr.flip(-1), hr.flip(-1)
+    if k & 2:
+        lr, hr = lr.flip(-2), hr.flip(-2)
+    if k & 4:
+        lr, hr = lr.transpose(-1, -2), hr.transpose(-1, -2)
+    return lr, hr

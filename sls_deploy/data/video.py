@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from .images import bicubic_down, read_rgb
+from .patches import dihedral
 from .sources import IMAGE_SUFFIXES
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm")
@@ -363,14 +364,8 @@ class ClipSampler:
             y = int(torch.randint(0, h // self.scale - p + 1, (1,), generator=g))
             x = int(torch.randint(0, w // self.scale - p + 1, (1,), generator=g))
             k = int(torch.randint(0, 16, (1,), generator=g))
-            lp, hp = self._crop(i, t0, y, x)
-            if k & 1:
-                lp, hp = lp.flip(-1), hp.flip(-1)
-            if k & 2:
-                lp, hp = lp.flip(-2), hp.flip(-2)
-            if k & 4:
-                lp, hp = lp.transpose(-1, -2), hp.transpose(-1, -2)
-            if k & 8:
+            lp, hp = dihedral(*self._crop(i, t0, y, x), k)
+            if k & 8:  # time reversal
                 lp, hp = lp.flip(0), hp.flip(0)
             lrs.append(lp)
             hrs.append(hp)

@@ -59,20 +59,14 @@ class DenseLayer:
     reason: str
 
 
-@dataclass
-class Plan:
-    model: str  # recipe name
-    method: str
-    budget: float
-    m: int
-    reference_output: list[int]  # [W, H]
-    layers: list[LayerPlan]
-    dense_layers: list[DenseLayer] = field(default_factory=list)
-    budget_scope: str = "whole_model"  # the budget is a fraction of the whole dense model's MACs
-    seed: int = 0
-    target: str = "trt"  # what the plan is for: "trt" (2:4 kernels) or "none"
-    fp32_islands: list[str] = field(default_factory=list)  # layers the FP16/INT8 graphs keep at FP32
-    search: dict[str, Any] = field(default_factory=dict)  # what the search did (steps, coeff, ...)
+class PlanFile:
+    """What every plan shares: whole-model MAC totals from its layers and dense layers, and its JSON file.
+
+    A subclass has ``layers`` (each with ``macs_dense`` and ``macs_pruned``), ``dense_layers`` (DenseLayer),
+    ``to_json`` and ``from_json``.
+    """
+
+    what = "plan"  # for error messages
 
     @property
     def macs_dense(self) -> int:
@@ -85,6 +79,35 @@ class Plan:
     @property
     def ratio(self) -> float:
         return self.macs_pruned / self.macs_dense
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic.write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        path = Path(path)
+        if not path.is_file():
+            raise BundleError(f"plan not found: {path}")
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{path} is not a valid {cls.what} ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class Plan(PlanFile):
+    model: str  # recipe name
+    method: str
+    budget: float
+    m: int
+    reference_output: list[int]  # [W, H]
+    layers: list[LayerPlan]
+    dense_layers: list[DenseLayer] = field(default_factory=list)
+    budget_scope: str = "whole_model"  # the budget is a fraction of the whole dense model's MACs
+    seed: int = 0
+    target: str = "trt"  # what the plan is for: "trt" (2:4 kernels) or "none"
+    fp32_islands: list[str] = field(default_factory=list)  # layers the FP16/INT8 graphs keep at FP32
+    search: dict[str, Any] = field(default_factory=dict)  # what the search did (steps, coeff, ...)
 
     @property
     def trt_2to4_ratio(self) -> float:
@@ -113,9 +136,6 @@ class Plan:
             "search": self.search,
         }
 
-    def save(self, path: str | os.PathLike) -> None:
-        atomic.write_json(path, self.to_json())
-
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Plan":
         lp_fields = {"name", "op", "weight_shape", "n", "m", "macs_dense", "group_axis", "kept_out", "kept_in",
@@ -127,13 +147,3 @@ class Plan:
                    budget_scope=d.get("budget_scope", "whole_model"), seed=int(d.get("seed", 0)),
                    target=d.get("target", "trt"), search=dict(d.get("search", {})),
                    fp32_islands=list(d.get("fp32_islands", [])))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Plan":
-        path = Path(path)
-        if not path.is_file():
-            raise BundleError(f"plan not found: {path}")
-        try:
-            return cls.from_json(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{path} is not a valid plan ({type(e).__name__}: {e})") from None

@@ -10,14 +10,10 @@ Knows nothing of any architecture.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .. import atomic
-from ..errors import BundleError
+from .plan import DenseLayer, PlanFile
 
 STRUCTURED_PLAN_VERSION = 1
 
@@ -52,14 +48,8 @@ class LayerCost:
 
 
 @dataclass
-class DenseLayerCost:
-    name: str
-    macs: int
-    reason: str
-
-
-@dataclass
-class StructuredPlan:
+class StructuredPlan(PlanFile):
+    what = "structured plan"
     model: str  # recipe name
     method: str  # ssl | l1 | l1-global
     budget: float
@@ -68,7 +58,7 @@ class StructuredPlan:
     frames: int  # frames per graph run at which MACs are counted
     groups: list[GroupPlan]
     layers: list[LayerCost]
-    dense_layers: list[DenseLayerCost] = field(default_factory=list)
+    dense_layers: list[DenseLayer] = field(default_factory=list)
     budget_scope: str = "whole_model"
     seed: int = 0
     search: dict[str, Any] = field(default_factory=dict)
@@ -77,24 +67,6 @@ class StructuredPlan:
     def widths(self) -> dict[str, int]:
         """{group: kept units}: what the adapter's ``build`` takes as ``options["widths"]``."""
         return {g.name: g.kept_units for g in self.groups}
-
-    @property
-    def macs_dense(self) -> int:
-        return sum(l.macs_dense for l in self.layers) + sum(d.macs for d in self.dense_layers)
-
-    @property
-    def macs_pruned(self) -> int:
-        return sum(l.macs_pruned for l in self.layers) + sum(d.macs for d in self.dense_layers)
-
-    @property
-    def ratio(self) -> float:
-        return self.macs_pruned / self.macs_dense
-
-    def group(self, name: str) -> GroupPlan:
-        for g in self.groups:
-            if g.name == name:
-                return g
-        raise KeyError(name)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,9 +84,6 @@ class StructuredPlan:
             "search": self.search,
         }
 
-    def save(self, path: str | os.PathLike) -> None:
-        atomic.write_json(path, self.to_json())
-
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "StructuredPlan":
         if d.get("kind") != "structured":
@@ -125,16 +94,6 @@ class StructuredPlan:
                    reference_output=list(d["reference_output"]), frames=int(d["frames"]),
                    groups=[GroupPlan(**{k: v for k, v in g.items() if k in gp}) for g in d["groups"]],
                    layers=[LayerCost(**{k: v for k, v in l.items() if k in lc}) for l in d["layers"]],
-                   dense_layers=[DenseLayerCost(**x) for x in d.get("dense_layers", [])],
+                   dense_layers=[DenseLayer(**x) for x in d.get("dense_layers", [])],
                    budget_scope=d.get("budget_scope", "whole_model"), seed=int(d.get("seed", 0)),
                    search=dict(d.get("search", {})))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "StructuredPlan":
-        path = Path(path)
-        if not path.is_file():
-            raise BundleError(f"plan not found: {path}")
-        try:
-            return cls.from_json(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{path} is not a valid structured plan ({type(e).__name__}: {e})") from None
