@@ -1,4 +1,4 @@
-"""Backends behind one interface, and the comparison of a backend against the PyTorch reference.
+"""Backends behind one interface, and the checks of a backend against the PyTorch reference at every shape.
 
 Backends follow Polygraphy's runner style: ONNX Runtime runs through Polygraphy's ``OnnxrtRunner`` and
 ``SessionFromOnnx`` loaders, so the TensorRT runner (engine stage) drops in beside it.
@@ -15,7 +15,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .data.images import load_pair
 from .errors import ValidationError
 
 
@@ -61,46 +60,8 @@ def ort_infer(onnx_path: str | os.PathLike, input_name: str = "lr", output_name:
         yield infer
 
 
-@dataclass
-class SizeCheck:
-    size: tuple[int, int]  # LR (H, W)
-    max_abs: float
-    mean_abs: float
-    output_shape: tuple[int, ...]
-
-
-def crops_for_sizes(files: Sequence[Path], scale: int, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-    """One LR input per size: a centre crop of an eval image (cycling through the list)."""
-    out = []
-    for i, (h, w) in enumerate(sizes):
-        _, lr = load_pair(files[i % len(files)], scale)
-        H, W = lr.shape[-2:]
-        if H < h or W < w:
-            raise ValidationError(f"eval image {Path(files[i % len(files)]).name} ({W}x{H} LR) is smaller than "
-                                  f"the check size {w}x{h}")
-        y, x = (H - h) // 2, (W - w) // 2
-        out.append(lr[:, :, y:y + h, x:x + w].contiguous())
-    return out
-
-
 def _as_array(out) -> np.ndarray:
     return out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
-
-
-def compare_to_reference(reference, backend, inputs: Sequence[torch.Tensor]) -> list[SizeCheck]:
-    """Run both on each input; max and mean absolute difference of the outputs."""
-    checks = []
-    for x in inputs:
-        with torch.no_grad():
-            ref = _as_array(reference(x))
-            got = _as_array(backend(x))
-        if got.shape != ref.shape:
-            raise ValidationError(f"backend output shape {got.shape} differs from PyTorch's {ref.shape} "
-                                  f"for input {tuple(x.shape)}")
-        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-        checks.append(SizeCheck(size=(int(x.shape[-2]), int(x.shape[-1])), max_abs=float(diff.max()),
-                                mean_abs=float(diff.mean()), output_shape=tuple(got.shape)))
-    return checks
 
 
 @dataclass
