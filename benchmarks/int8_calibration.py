@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sls_deploy.data import load_pair, resolve_images  # noqa: E402
-from sls_deploy.pipeline import WEIGHTS, load_model, open_bundle, options_from_bundle, run_export  # noqa: E402
-from sls_deploy.validate_stage import precision_quality  # noqa: E402
+from sls_deploy.stages.pipeline import WEIGHTS, load_model, open_bundle, options_from_bundle, run_export  # noqa: E402
+from sls_deploy.stages.validate import precision_quality  # noqa: E402
 
 
 def main() -> int:

@@ -52,11 +52,11 @@ def one_mode(mode: str, steps: int) -> dict:
     import torch
 
     from sls_deploy.data import PatchSampler, resolve_images
-    from sls_deploy.pipeline import load_model, masks_for, resolve_base_weights
-    from sls_deploy.recipe import resolve_recipe
-    from sls_deploy.search import plan_uniform, split_layers
-    from sls_deploy.sparsity.sls import SLSSearch
-    from sls_deploy.train import TrainConfig, train
+    from sls_deploy.stages.pipeline import load_model, masks_for, resolve_base_weights
+    from sls_deploy.config.recipe import resolve_recipe
+    from sls_deploy.pruning.nm.search import plan_uniform, split_layers
+    from sls_deploy.pruning.nm.sls import SLSSearch
+    from sls_deploy.training.loop import TrainConfig, train
 
     recipe = resolve_recipe("edsr", None)
     model = load_model(recipe, resolve_base_weights(recipe, None))

@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sls_deploy.errors import SlsError  # noqa: E402
-from sls_deploy.pipeline import BuildOptions, build  # noqa: E402
-from sls_deploy.recipe import resolve_recipe  # noqa: E402
+from sls_deploy.core.errors import SlsError  # noqa: E402
+from sls_deploy.stages.pipeline import BuildOptions, build  # noqa: E402
+from sls_deploy.config.recipe import resolve_recipe  # noqa: E402
 
 
 def main() -> int:

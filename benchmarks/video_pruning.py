@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sls_deploy.errors import SlsError  # noqa: E402
-from sls_deploy.recipe import resolve_recipe  # noqa: E402
-from sls_deploy.video_pipeline import VideoBuildOptions, build  # noqa: E402
+from sls_deploy.core.errors import SlsError  # noqa: E402
+from sls_deploy.config.recipe import resolve_recipe  # noqa: E402
+from sls_deploy.stages.video_pipeline import VideoBuildOptions, build  # noqa: E402
 
 
 def row_of(rep: dict, method: str, tw: float, seconds: float) -> dict:

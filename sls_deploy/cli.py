@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import SlsError, UsageError, ValidationError
+from sls_deploy import __version__
+from sls_deploy.core.errors import SlsError, UsageError, ValidationError
 
 BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
 IMAGE_METHODS = ("sls", "oneshot", "srste")  # N:M planners (image models)
@@ -122,10 +122,10 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
     Re-running the same command resumes an interrupted build (finished stages are skipped, finetune continues
     from its last checkpoint).
     """
-    from .pipeline import BuildOptions, build as run_build, default_out
-    from .validate_stage import check_report
-    from .recipe import resolve_recipe
-    from .report import summary_text
+    from sls_deploy.stages.pipeline import BuildOptions, build as run_build, default_out
+    from sls_deploy.stages.validate import check_report
+    from sls_deploy.config.recipe import resolve_recipe
+    from sls_deploy.report.document import summary_text
 
     recipe = resolve_recipe(model_name, recipe_path)
     video = _model_kind(recipe, method, {"--round-to": round_to, "--temporal-weight": temporal_weight},
@@ -133,7 +133,7 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
                          "--precision": precisions, "--calib": calib, "--calib-method": calib_method})
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     if video:
-        from .video_pipeline import VideoBuildOptions, build as run_video_build
+        from sls_deploy.stages.video_pipeline import VideoBuildOptions, build as run_video_build
 
         rep = run_video_build(recipe, VideoBuildOptions(
             budget=budget, method=method, round_to=round_to, temporal_weight=temporal_weight, weights=weights,
@@ -162,8 +162,8 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
 @_progress_option
 def train(model_name, recipe_path, out, steps, data, fp16, restart, seed, no_progress):
     """Train the recipe's dense model from scratch (the base weights that `build` starts from)."""
-    from .base_training import train_base
-    from .recipe import resolve_recipe
+    from sls_deploy.training.base import train_base
+    from sls_deploy.config.recipe import resolve_recipe
 
     recipe = resolve_recipe(model_name, recipe_path)
     out_path = Path(out) if out else Path("runs") / f"{recipe.name}.safetensors"
@@ -188,17 +188,17 @@ def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, we
            temporal_weight, out, data, steps, no_progress):
     """Only plan: write plan.json (one entry per prunable layer, or per channel group for video models) into a
     new or matching bundle."""
-    from . import distributed as dist
-    from .bundle import Bundle
-    from .pipeline import BuildOptions, build_key, check_options, default_out, options_record, run_search
-    from .recipe import resolve_recipe
+    from sls_deploy.core import distributed as dist
+    from sls_deploy.core.bundle import Bundle
+    from sls_deploy.stages.pipeline import BuildOptions, build_key, check_options, default_out, options_record, run_search
+    from sls_deploy.config.recipe import resolve_recipe
 
     recipe = resolve_recipe(model_name, recipe_path)
     video = _model_kind(recipe, method, {"--round-to": round_to, "--temporal-weight": temporal_weight},
                         {"--m": m, "--n": n, "--lam": lam, "--alpha": alpha, "--target": target})
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     if video:
-        from . import video_pipeline as vp
+        from sls_deploy.stages import video_pipeline as vp
 
         vopts = vp.VideoBuildOptions(budget=budget, method=method, round_to=round_to, temporal_weight=temporal_weight,
                                      weights=weights, data=data, steps=steps, seed=seed, progress=not no_progress,
@@ -239,8 +239,8 @@ def import_sls(checkpoint, model_name, recipe_path, weights, m, out):
     """Import masks searched elsewhere: an SLS checkpoint (<layer>.weight, .priority_scores, .pruning_units)
     or a {layer: mask} safetensors file. Writes plan.json and the masked weights; continue with
     `sls-deploy finetune BUNDLE`, `export`, `validate`."""
-    from .pipeline import run_import
-    from .recipe import resolve_recipe
+    from sls_deploy.stages.pipeline import run_import
+    from sls_deploy.config.recipe import resolve_recipe
 
     recipe = resolve_recipe(model_name, recipe_path)
     out_dir = Path(out) if out else Path("runs") / f"{model_name or Path(recipe_path).stem}-imported"
@@ -259,11 +259,11 @@ def import_sls(checkpoint, model_name, recipe_path, weights, m, out):
 @_progress_option
 def finetune(bundle_dir, steps, data, resume, no_progress):
     """Masked finetuning of a bundle's plan (pruned weights stay exactly zero) -> model.safetensors."""
-    from .pipeline import finetune_checkpoint, open_bundle, options_from_bundle, run_finetune
+    from sls_deploy.stages.pipeline import finetune_checkpoint, open_bundle, options_from_bundle, run_finetune
 
     bundle, recipe = open_bundle(Path(bundle_dir))
     if recipe.adapter.kind() == "video":
-        from . import video_pipeline as vp
+        from sls_deploy.stages import video_pipeline as vp
 
         vopts = vp.options_from_bundle(bundle, steps=steps, data=data, progress=not no_progress, log=_log)
         if resume is False and (bundle.work / "finetune.ckpt").exists():  # --restart
@@ -276,7 +276,7 @@ def finetune(bundle_dir, steps, data, resume, no_progress):
     if resume is False and ckpt.exists():  # --restart
         ckpt.unlink()
     info = run_finetune(bundle, recipe, opts, resume=bool(resume))
-    from . import distributed as dist
+    from sls_deploy.core import distributed as dist
 
     if not dist.is_main():
         return
@@ -294,13 +294,13 @@ def export(bundle_dir, precisions, calib, calib_method, io):
     Every graph passes onnx.checker, keeps every planned N:M / 2:4 pattern (checked through Cast and
     DequantizeLinear) and runs in ONNX Runtime; nothing takes a final name unless all of that holds.
     """
-    from .pipeline import open_bundle, options_from_bundle, run_export
+    from sls_deploy.stages.pipeline import open_bundle, options_from_bundle, run_export
 
     bundle, recipe = open_bundle(Path(bundle_dir))
     if _model_kind(recipe, None, {}, {"--precision": precisions, "--calib": calib, "--calib-method": calib_method,
                                       "--io": io}):
-        from . import video_pipeline as vp
-        from .video_export import run_export as run_video_export
+        from sls_deploy.stages import video_pipeline as vp
+        from sls_deploy.stages.video_export import run_export as run_video_export
 
         info = run_video_export(bundle, recipe, vp.options_from_bundle(bundle, log=_log))
         click.echo(f"{bundle.path('model.onnx')}: FP32 {info['graph']} graph, {info['narrower_convs']} narrower "
@@ -335,13 +335,13 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
     """Does a bundle ship? Accuracy at the engine profile's min/opt/max and an odd size against the PyTorch
     reference and the ground truth (thresholds per precision from the recipe), dense-vs-pruned latency side by
     side, and report.md / report.html with plots. Exits 1 naming the first failed check."""
-    from .pipeline import open_bundle, options_from_bundle
-    from .report import summary_text
-    from .validate_stage import ValidateOptions, check_report, run_validate
+    from sls_deploy.stages.pipeline import open_bundle, options_from_bundle
+    from sls_deploy.report.document import summary_text
+    from sls_deploy.stages.validate import ValidateOptions, check_report, run_validate
 
     if backend == "trt":
-        from .engine import require_tensorrt
-        from .engine_validate import validate_engine
+        from sls_deploy.trt.engine import require_tensorrt
+        from sls_deploy.stages.validate_engine import validate_engine
 
         require_tensorrt()  # before anything is read or written
         root, recipe = _device_bundle(Path(bundle_path))
@@ -355,8 +355,8 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
     bundle, recipe = open_bundle(Path(bundle_path))
     vopts = ValidateOptions(backend=backend, latency=not no_latency, latency_runs=latency_runs, threads=threads)
     if recipe.adapter.kind() == "video":
-        from . import video_pipeline as vp
-        from .video_validate import run_validate as run_video_validate
+        from sls_deploy.stages import video_pipeline as vp
+        from sls_deploy.stages.video_validate import run_validate as run_video_validate
 
         rep = run_video_validate(bundle, recipe, vp.options_from_bundle(bundle, eval_data=eval_data, log=_log,
                                                                         progress=not no_progress), vopts)
@@ -369,10 +369,10 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
 
 def _device_bundle(path: Path):
     """A bundle folder or a packed .tar.gz (unpacked beside it), hash-checked; returns (root, recipe)."""
-    from .bundle import Bundle
-    from .errors import BundleError
-    from .packing import PACK_MANIFEST, unpack, verify_packed
-    from .recipe import load_recipe
+    from sls_deploy.core.bundle import Bundle
+    from sls_deploy.core.errors import BundleError
+    from sls_deploy.core.packing import PACK_MANIFEST, unpack, verify_packed
+    from sls_deploy.config.recipe import load_recipe
 
     if path.is_file():
         root = unpack(path)
@@ -407,8 +407,8 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
     (per plan layer: 2:4 weights, TensorRT-eligible, sparse tactic picked). Refuses a bundle whose files do not
     match their recorded sha256.
     """
-    from .engine import build_engine, dry_run as do_dry_run, engine_settings, require_tensorrt
-    from .errors import BundleError
+    from sls_deploy.trt.engine import build_engine, dry_run as do_dry_run, engine_settings, require_tensorrt
+    from sls_deploy.core.errors import BundleError
 
     if not dry_run:
         require_tensorrt()  # one line, nothing written
@@ -434,9 +434,9 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
 @click.option("--out", type=click.Path(dir_okay=False), help="Tar file (default <bundle>.tar.gz).")
 def pack(bundle_dir, out):
     """Pack what a device needs (graphs, plan, recipe, manifest, calibration cache, eval images) into a tar."""
-    from .data import resolve_images
-    from .packing import pack as do_pack
-    from .pipeline import open_bundle
+    from sls_deploy.data import resolve_images
+    from sls_deploy.core.packing import pack as do_pack
+    from sls_deploy.stages.pipeline import open_bundle
 
     bundle, recipe = open_bundle(Path(bundle_dir))
     dest = Path(out) if out else bundle.root.with_name(bundle.root.name + ".tar.gz")
@@ -451,8 +451,8 @@ def pack(bundle_dir, out):
 def inspect(target, size, as_json):
     """Per-layer op, weight shape, precision, 2:4 status (through DequantizeLinear and Cast) and MACs of any
     ONNX model, or of a bundle's model.onnx."""
-    from .export import load_onnx
-    from .inspect_graph import inspect_model, parse_size, render, resolve_target
+    from sls_deploy.onnx.export import load_onnx
+    from sls_deploy.onnx.inspect import inspect_model, parse_size, render, resolve_target
 
     hw = parse_size(size)
     rows = inspect_model(load_onnx(resolve_target(Path(target))), hw)
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Under torchrun (WORLD_SIZE > 1) it joins the process group first; see sls_deploy/distributed.py.
     """
-    from . import distributed as dist
+    from sls_deploy.core import distributed as dist
 
     try:
         dist.init_from_env()

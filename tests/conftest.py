@@ -61,7 +61,7 @@ def write_tiny_recipe(folder: Path, images: dict[str, Path], **extra) -> Path:
 
 def write_tiny_weights(recipe: Path, dest: Path) -> Path:
     """Random (seeded) base weights for a recipe's model, as safetensors."""
-    from sls_deploy.recipe import load_recipe
+    from sls_deploy.config.recipe import load_recipe
 
     torch.manual_seed(0)
     model = load_recipe(recipe).build_model()
@@ -110,7 +110,7 @@ def error_line(err: str) -> str:
 
 def data_error(fn, *args, **kw) -> str:
     """The one-line DataError message that ``fn(*args, **kw)`` raises."""
-    from sls_deploy.errors import DataError
+    from sls_deploy.core.errors import DataError
 
     with pytest.raises(DataError) as exc:
         fn(*args, **kw)

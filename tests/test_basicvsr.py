@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sls_deploy.checkpoints import load_weights, read_state_dict
-from sls_deploy.errors import CheckpointError, RecipeError
+from sls_deploy.core.checkpoints import load_weights, read_state_dict
+from sls_deploy.core.errors import CheckpointError, RecipeError
 from sls_deploy.models import ChannelGroup, get_adapter
 from sls_deploy.models.basicvsr import SpyNet, flow_warp
-from sls_deploy.sparsity.macs import layer_macs
+from sls_deploy.pruning.macs import layer_macs
 
 ARCHS = ("basicvsr", "streamvsr")
 

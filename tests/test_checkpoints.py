@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sls_deploy.checkpoints import check_fit, load_weights, read_state_dict
-from sls_deploy.errors import CheckpointError, RecipeError
+from sls_deploy.core.checkpoints import check_fit, load_weights, read_state_dict
+from sls_deploy.core.errors import CheckpointError, RecipeError
 from sls_deploy.models.edsr import DEFAULT_RGB_MEAN, EDSRAdapter
 
 ADAPTER = EDSRAdapter()

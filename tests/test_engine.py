@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from sls_deploy.cli import main
-from sls_deploy.engine import engine_settings, polygraphy_loaders, trtexec_command
-from sls_deploy.recipe import resolve_recipe
-from sls_deploy.trt_layers import layer_report
+from sls_deploy.trt.engine import engine_settings, polygraphy_loaders, trtexec_command
+from sls_deploy.config.recipe import resolve_recipe
+from sls_deploy.trt.layers import layer_report
 
 FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None,

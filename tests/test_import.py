@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 from sls_deploy.cli import main
 from sls_deploy.models.edsr import EDSR
-from sls_deploy.sparsity.nm import nm_mask
-from sls_deploy.sparsity.sls import group_ranks
+from sls_deploy.pruning.nm.patterns import nm_mask
+from sls_deploy.pruning.nm.sls import group_ranks
 
 OURS_TO_OFFICIAL = {"conv_first": "head.0", "conv_after_body": "body.2", "upsample.0": "tail.0.0",
                     "upsample.2": "tail.0.2", "conv_last": "tail.1",

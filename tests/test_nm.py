@@ -14,14 +14,14 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from sls_deploy.errors import PlanError
-from sls_deploy.export import graph_weights, weight_is_2to4
+from sls_deploy.core.errors import PlanError
+from sls_deploy.onnx.export import graph_weights, weight_is_2to4
 from sls_deploy.models.edsr import EDSRAdapter
-from sls_deploy.sparsity.macs import layer_macs
-from sls_deploy.sparsity.masking import MaskSet
-from sls_deploy.sparsity.nm import VALID_M, eligible, is_2to4, is_nm, nm_mask
-from sls_deploy.sparsity.oneshot import Candidate, check_budget, plan_oneshot
-from sls_deploy.sparsity.plan import DenseLayer
+from sls_deploy.pruning.macs import layer_macs
+from sls_deploy.pruning.nm.masking import MaskSet
+from sls_deploy.pruning.nm.patterns import VALID_M, eligible, is_2to4, is_nm, nm_mask
+from sls_deploy.pruning.nm.oneshot import Candidate, check_budget, plan_oneshot
+from sls_deploy.pruning.nm.plan import DenseLayer
 
 PROPS = settings(max_examples=40, deadline=None)
 
@@ -301,8 +301,8 @@ def test_gemm_matmul_axes_agree_with_polygraphy(op, trans_b, along_reduction):
 
 
 def test_verify_plan_in_graph_on_an_exported_edsr(tmp_path):
-    from sls_deploy.errors import ExportError
-    from sls_deploy.export import export_onnx, verify_plan_in_graph
+    from sls_deploy.core.errors import ExportError
+    from sls_deploy.onnx.export import export_onnx, verify_plan_in_graph
 
     adapter = EDSRAdapter()
     cfg = adapter.parse_config({"arch": "edsr", "scale": 2, "num_feat": 8, "num_block": 1})

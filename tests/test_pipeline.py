@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sls_deploy import atomic
-from sls_deploy.errors import BundleError, CheckpointError, PlanError, UsageError
-from sls_deploy.export import graph_weights, reduction_last
-from sls_deploy.pipeline import BuildOptions, build, load_model
-from sls_deploy.recipe import load_recipe
-from sls_deploy.sparsity import Plan, nm_mask
-from sls_deploy.validate import ort_infer
+from sls_deploy.core import atomic
+from sls_deploy.core.errors import BundleError, CheckpointError, PlanError, UsageError
+from sls_deploy.onnx.export import graph_weights, reduction_last
+from sls_deploy.stages.pipeline import BuildOptions, build, load_model
+from sls_deploy.config.recipe import load_recipe
+from sls_deploy.pruning.nm import Plan, nm_mask
+from sls_deploy.backends.runners import ort_infer
 
 
 def _opts(weights: Path, budget: float = 0.4, logs: list | None = None, **kw) -> BuildOptions:
@@ -171,7 +171,7 @@ def test_non_bundle_folder_is_refused(tmp_path, tiny_recipe, tiny_weights):
 def test_unreachable_budget_names_smallest_reachable(tmp_path, tiny_recipe, tiny_weights):
     import re
 
-    from sls_deploy.search import plan_uniform, split_layers
+    from sls_deploy.pruning.nm.search import plan_uniform, split_layers
 
     def make_plan(recipe, model, budget, method, m):
         return plan_uniform(recipe, split_layers(recipe, model, m), budget, m, method)
@@ -203,8 +203,8 @@ def test_corrupt_base_weights(tmp_path, tiny_recipe):
 
 
 def test_tampered_file_is_detected(built):
-    from sls_deploy.pipeline import open_bundle, options_from_bundle
-    from sls_deploy.validate_stage import run_validate
+    from sls_deploy.stages.pipeline import open_bundle, options_from_bundle
+    from sls_deploy.stages.validate import run_validate
 
     out, _, _, _ = built
     data = bytearray((out / "model.onnx").read_bytes())

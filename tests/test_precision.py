@@ -11,8 +11,8 @@ import pytest
 from onnx import numpy_helper
 
 from sls_deploy.cli import main
-from sls_deploy.export import graph_weights, weight_is_2to4
-from sls_deploy.precision.int8 import calibrate, quantized_inputs
+from sls_deploy.onnx.export import graph_weights, weight_is_2to4
+from sls_deploy.onnx.precision.int8 import calibrate, quantized_inputs
 
 ISLANDS = {"conv_first", "upsample.2", "conv_last"}
 

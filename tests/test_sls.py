@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from sls_deploy.cli import main
 from sls_deploy.data import PatchSampler, resolve_images
 from sls_deploy.models.edsr import EDSR
-from sls_deploy.sparsity.macs import layer_macs
-from sls_deploy.sparsity.nm import is_nm, nm_mask
-from sls_deploy.sparsity.sls import LayerGates, SLSSearch, SLSSettings, _UnitMask, group_ranks
-from sls_deploy.sparsity.srste import SRSTE
-from sls_deploy.train import TrainConfig, train
+from sls_deploy.pruning.macs import layer_macs
+from sls_deploy.pruning.nm.patterns import is_nm, nm_mask
+from sls_deploy.pruning.nm.sls import LayerGates, SLSSearch, SLSSettings, _UnitMask, group_ranks
+from sls_deploy.pruning.nm.srste import SRSTE
+from sls_deploy.training.loop import TrainConfig, train
 
 
 @settings(max_examples=30, deadline=None)
@@ -87,7 +87,7 @@ def test_search_reaches_budget_freezes_and_bakes_exact_nm():
 
 def test_search_out_of_steps_is_forced_into_budget():
     model, ctl, sampler, names = _tiny_search(budget=0.5, lam=0.0, steps=2)  # no pressure: gates stay open
-    from sls_deploy.search import _FinalizeSearch
+    from sls_deploy.pruning.nm.search import _FinalizeSearch
 
     wrapped = _FinalizeSearch(ctl)
     train(model, sampler, TrainConfig(steps=2, lr=1e-4), controller=wrapped, progress=False)

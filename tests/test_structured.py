@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sls_deploy.errors import PlanError
+from sls_deploy.core.errors import PlanError
 from sls_deploy.models.base import ChannelGroup as Group
-from sls_deploy.sparsity.macs import layer_macs
-from sls_deploy.sparsity.structured import (
+from sls_deploy.pruning.macs import layer_macs
+from sls_deploy.pruning.channels.structured import (
     ChannelScales,
     GroupCosts,
     check_groups,
@@ -30,7 +30,7 @@ from sls_deploy.sparsity.structured import (
     widths_of,
     zero_units,
 )
-from sls_deploy.train import TrainConfig, train
+from sls_deploy.training.loop import TrainConfig, train
 
 PROPS = settings(max_examples=15, deadline=None)
 

@@ -14,13 +14,13 @@ import torch
 
 from sls_deploy.cli import main
 from sls_deploy.data.images import pair_at_size, read_rgb
-from sls_deploy.errors import ValidationError
-from sls_deploy.latency import time_side_by_side
-from sls_deploy.pipeline import open_bundle, options_from_bundle
-from sls_deploy.predict import layer_outlook
-from sls_deploy.report_plots import tradeoff_points
-from sls_deploy.validate import Limits, check_shapes, ort_infer
-from sls_deploy.validate_stage import ValidateOptions, check_report, run_validate
+from sls_deploy.core.errors import ValidationError
+from sls_deploy.backends.latency import time_side_by_side
+from sls_deploy.stages.pipeline import open_bundle, options_from_bundle
+from sls_deploy.trt.outlook import layer_outlook
+from sls_deploy.report.plots import tradeoff_points
+from sls_deploy.backends.runners import Limits, check_shapes, ort_infer
+from sls_deploy.stages.validate import ValidateOptions, check_report, run_validate
 
 from tests.conftest import build_tiny_2to4_bundle
 
@@ -165,8 +165,8 @@ def test_trt_backend_runs_shape_checks_and_times_sparse_vs_dense(bundle, tmp_pat
     """The TensorRT path with the engine opener replaced by ONNX Runtime on the FP16 graph (no TensorRT here)."""
     import contextlib
 
-    from sls_deploy.engine_validate import validate_engine
-    from sls_deploy.recipe import load_recipe
+    from sls_deploy.stages.validate_engine import validate_engine
+    from sls_deploy.config.recipe import load_recipe
 
     root = tmp_path / "dev"
     shutil.copytree(bundle, root, ignore=shutil.ignore_patterns("work"))
@@ -208,8 +208,8 @@ def test_engine_layers_json_adds_trt_columns(bundle, tmp_path):
 
 
 def test_dense_engine_build_writes_separate_files(bundle):
-    from sls_deploy.engine import engine_settings, trtexec_command
-    from sls_deploy.recipe import load_recipe
+    from sls_deploy.trt.engine import engine_settings, trtexec_command
+    from sls_deploy.config.recipe import load_recipe
 
     recipe = load_recipe(bundle / "recipe.yaml")
     dense = engine_settings(recipe, "fp16", "disable")

@@ -15,13 +15,13 @@ import yaml
 from safetensors.torch import save_file
 
 from sls_deploy.cli import STRUCTURED_METHODS as CLI_METHODS, main
-from sls_deploy.errors import RecipeError, UsageError
+from sls_deploy.core.errors import RecipeError, UsageError
 from sls_deploy.models import get_adapter
-from sls_deploy.recipe import STRUCTURED_METHODS, load_recipe
-from sls_deploy.sparsity.structured import slice_into, zero_units
-from sls_deploy.video_export import op_types
-from sls_deploy.video_pipeline import VideoBuildOptions, build, load_video_model
-from sls_deploy.video_validate import graph_runner
+from sls_deploy.config.recipe import STRUCTURED_METHODS, load_recipe
+from sls_deploy.pruning.channels.structured import slice_into, zero_units
+from sls_deploy.stages.video_export import op_types
+from sls_deploy.stages.video_pipeline import VideoBuildOptions, build, load_video_model
+from sls_deploy.stages.video_validate import graph_runner
 from tests.conftest import error_line, run_cli as run
 
 torch.set_num_threads(1)  # the tests' models are tiny; more threads only contend
@@ -290,7 +290,7 @@ def test_step_graph_matches_pytorch_frame_by_frame(sv_ssl, clips):
 
 @pytest.mark.parametrize("which", ["bv_l1", "sv_ssl"])
 def test_pruned_graph_has_narrower_plain_convs_and_the_dense_ops(request, which):
-    from sls_deploy.export import graph_weights
+    from sls_deploy.onnx.export import graph_weights
 
     out = request.getfixturevalue(which)["out"]
     pruned, dense = onnx.load(str(out / "model.onnx")), onnx.load(str(out / "work" / "dense.onnx"))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
+from sls_deploy.core.errors import DataError
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:

@@ -8,8 +8,8 @@ from typing import Sequence
 
 import torch
 
-from ..errors import DataError
-from .images import load_pair
+from sls_deploy.core.errors import DataError
+from sls_deploy.data.images import load_pair
 
 
 class PatchSampler:

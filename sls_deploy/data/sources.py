@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import DataError
+from sls_deploy.core.errors import DataError
 
 SKIMAGE_TRAIN = (
     "coffee.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "rocket.jpg",

@@ -45,10 +45,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
-from .images import bicubic_down, read_rgb
-from .patches import dihedral
-from .sources import IMAGE_SUFFIXES
+from sls_deploy.core.errors import DataError
+from sls_deploy.data.images import bicubic_down, read_rgb
+from sls_deploy.data.patches import dihedral
+from sls_deploy.data.sources import IMAGE_SUFFIXES
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm")
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..errors import UsageError
-from .base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig
-from .basicvsr import BasicVSRAdapter, StreamVSRAdapter
-from .edsr import EDSRAdapter
+from sls_deploy.core.errors import UsageError
+from sls_deploy.models.base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig
+from sls_deploy.models.basicvsr import BasicVSRAdapter, StreamVSRAdapter
+from sls_deploy.models.edsr import EDSRAdapter
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {"edsr": EDSRAdapter, "basicvsr": BasicVSRAdapter,
                                             "streamvsr": StreamVSRAdapter}

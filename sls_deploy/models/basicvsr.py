@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import RecipeError
-from .base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig
+from sls_deploy.core.errors import RecipeError
+from sls_deploy.models.base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig
 
 SPYNET_MEAN = (0.485, 0.456, 0.406)  # ImageNet, as SpyNet was trained
 SPYNET_STD = (0.229, 0.224, 0.225)

@@ -14,8 +14,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, RecipeError
-from .base import ExportSpec, LayerDecl, ModelAdapter, ModelConfig
+from sls_deploy.core.errors import CheckpointError, RecipeError
+from sls_deploy.models.base import ExportSpec, LayerDecl, ModelAdapter, ModelConfig
 
 DEFAULT_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 

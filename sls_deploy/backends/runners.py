@@ -1,0 +1,170 @@
+"""Backends behind one interface, and the checks of a backend against the PyTorch reference at every shape.
+
+Backends follow Polygraphy's runner style: ONNX Runtime runs through Polygraphy's ``OnnxrtRunner`` and
+``SessionFromOnnx`` loaders, so the TensorRT runner (engine stage) drops in beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from sls_deploy.core.errors import ValidationError
+
+
+def quiet_polygraphy() -> None:
+    """Polygraphy logs every session it creates; keep its warnings and errors only."""
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+
+
+def onnx_inputs(path: Path) -> dict[str, type]:
+    """{input name: numpy dtype} of a graph's real inputs (FP16-I/O graphs take float16)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:
+        raise ValidationError(f"cannot read {path} as ONNX (corrupt?): {type(e).__name__}") from None
+    inits = {t.name for t in graph.initializer}
+    return {i.name: np.float16 if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else np.float32
+            for i in graph.input if i.name not in inits}
+
+
+@contextlib.contextmanager
+def ort_infer(onnx_path: str | os.PathLike, input_name: str = "lr", output_name: str = "sr") -> Iterator:
+    """An ``infer(lr_tensor) -> np.ndarray`` function backed by ONNX Runtime on CPU (via Polygraphy)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    quiet_polygraphy()
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise ValidationError(f"ONNX file not found: {path}")
+    inputs = onnx_inputs(path)
+    if input_name not in inputs:
+        raise ValidationError(f"{path.name} has no input '{input_name}' (inputs: {', '.join(inputs) or 'none'})")
+    dtype = inputs[input_name]
+    with OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])) as runner:
+
+        def infer(lr: torch.Tensor) -> np.ndarray:
+            out = runner.infer({input_name: lr.detach().cpu().numpy().astype(dtype)})[output_name]
+            return np.asarray(out, dtype=np.float32)
+
+        yield infer
+
+
+def _as_array(out) -> np.ndarray:
+    return out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+
+
+@dataclass
+class ShapeResult:
+    """One backend at one LR size, over the eval images, against the PyTorch reference and the ground truth."""
+
+    label: str  # min / opt / max / odd / extra
+    size: tuple[int, int]  # LR (H, W)
+    backend: str  # e.g. "onnxruntime fp16"
+    precision: str
+    output_shape: tuple[int, ...]
+    max_abs: float  # vs the PyTorch FP32 reference, [0, 1] outputs
+    mean_abs: float
+    psnr_vs_reference: float  # dB between backend and reference outputs (inf when identical)
+    psnr_gt: float  # mean over images, on the report's channel
+    ssim_gt: float
+    reference_psnr_gt: float
+    extended_images: int  # images mirror-extended to reach this size
+    failures: list[str]
+
+    @property
+    def psnr_drop(self) -> float:
+        return self.reference_psnr_gt - self.psnr_gt
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict:
+        def fin(v: float) -> float | None:  # JSON has no inf/nan: identical outputs have no finite PSNR
+            return v if np.isfinite(v) else None
+
+        return {"label": self.label, "lr_hw": list(self.size), "backend": self.backend, "precision": self.precision,
+                "output_shape": list(self.output_shape), "max_abs": fin(self.max_abs), "mean_abs": fin(self.mean_abs),
+                "psnr_vs_reference": fin(self.psnr_vs_reference), "psnr_gt": fin(self.psnr_gt),
+                "ssim_gt": fin(self.ssim_gt), "reference_psnr_gt": self.reference_psnr_gt,
+                "psnr_drop_db": fin(self.psnr_drop),
+                "extended_images": self.extended_images, "passed": self.passed, "failures": self.failures}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_psnr_drop_db: float
+    max_abs: float | None = None  # only FP32 graphs are held to an absolute tolerance
+
+
+def check_shapes(reference, backends: dict[str, tuple[str, object]], files: Sequence[Path], scale: int,
+                 sizes: Sequence[tuple[str, tuple[int, int]]], channel: str, limits: dict[str, Limits],
+                 progress=None) -> list[ShapeResult]:
+    """Every backend ({name: (precision, infer)}) at every labelled LR size on every eval image.
+
+    Images smaller than a size are mirror-extended (counted per row), so large profile shapes are checked on
+    real content. A row fails when the output shape is wrong, the PSNR drop vs the reference exceeds the
+    precision's limit, or (FP32) the max abs difference exceeds the tolerance.
+    """
+    from sls_deploy.data.images import pair_at_size, quantize, to_image
+    from sls_deploy.data.metrics import psnr, ssim
+
+    y = channel == "y"
+    results = []
+    for label, hw in sizes:
+        acc = {name: {"max": 0.0, "mean": [], "pref": [], "gt": [], "ssim": [], "shape": None} for name in backends}
+        ref_gt, extended = [], 0
+        for f in files:
+            hr, lr, ext = pair_at_size(f, scale, hw)
+            extended += ext
+            gt = quantize(to_image(hr))
+            with torch.no_grad():
+                ref = np.clip(_as_array(reference(lr)), 0, 1).astype(np.float64)
+            ref_gt.append(psnr(quantize(to_image(ref)), gt, scale, y))
+            for name, (_, infer) in backends.items():
+                out = _as_array(infer(lr))
+                a = acc[name]
+                a["shape"] = tuple(out.shape)
+                if out.shape != ref.shape:
+                    continue
+                out = np.clip(out, 0, 1).astype(np.float64)
+                diff = np.abs(out - ref)
+                a["max"] = max(a["max"], float(diff.max()))
+                a["mean"].append(float(diff.mean()))
+                a["pref"].append(psnr(out[0].transpose(1, 2, 0) * 255.0, ref[0].transpose(1, 2, 0) * 255.0))
+                img = quantize(to_image(out))
+                a["gt"].append(psnr(img, gt, scale, y))
+                a["ssim"].append(ssim(img, gt, scale, y))
+            if progress:
+                progress()
+        want = (1, 3, hw[0] * scale, hw[1] * scale)
+        for name, (precision, _) in backends.items():
+            a = acc[name]
+            fails = []
+            if a["shape"] != want:
+                fails.append(f"output shape {a['shape']} != {want}")
+                results.append(ShapeResult(label, hw, name, precision, a["shape"] or (), float("nan"), float("nan"),
+                                           float("nan"), float("nan"), float("nan"), float(np.mean(ref_gt)),
+                                           extended, fails))
+                continue
+            r = ShapeResult(label, hw, name, precision, a["shape"], a["max"], float(np.mean(a["mean"])),
+                            float(np.mean(a["pref"])), float(np.mean(a["gt"])), float(np.mean(a["ssim"])),
+                            float(np.mean(ref_gt)), extended, fails)
+            lim = limits[precision]
+            if r.psnr_drop > lim.max_psnr_drop_db:
+                fails.append(f"PSNR drop {r.psnr_drop:.3f} dB > {lim.max_psnr_drop_db} dB")
+            if lim.max_abs is not None and r.max_abs > lim.max_abs:
+                fails.append(f"max abs diff {r.max_abs:.2e} > {lim.max_abs:.0e}")
+            results.append(r)
+    return results

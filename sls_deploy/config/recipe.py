@@ -1,0 +1,365 @@
+"""Recipes: one YAML file per model, parsed into typed, validated sections.
+
+``--model edsr`` means the recipe ``recipes/edsr.yaml`` shipped with the package; ``--recipe PATH`` reads any
+file. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import yaml
+
+from sls_deploy.core.errors import RecipeError, UsageError
+from sls_deploy.models import ModelAdapter, ModelConfig, get_adapter
+
+if TYPE_CHECKING:
+    from sls_deploy.pruning.nm.sls import SLSSettings
+
+
+@dataclass(frozen=True)
+class StepsSection:
+    steps: int
+    lr: float
+    batch_size: int
+    lr_patch: int
+    checkpoint_every: int
+    warmup: int = 0
+
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class PrecisionSection:
+    graphs: tuple[str, ...] = PRECISIONS  # which graphs export writes (fp32 always)
+    fp32_islands: tuple[str, ...] | None = None  # None: the adapter's default
+    calib: str = "builtin"  # the package's calib/ images, or a folder
+    calib_method: str = "percentile"
+    percentile: float = 99.99
+    io: str = "fp32"
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    min_shape: tuple[int, ...] = (1, 3, 32, 32)
+    opt_shape: tuple[int, ...] = (1, 3, 180, 320)  # the deployment resolution: 1280x720 output at x4
+    max_shape: tuple[int, ...] = (1, 3, 270, 480)
+    workspace_mb: int = 4096
+
+    def profile_sizes(self) -> dict[str, tuple[int, int]]:
+        """{"min"|"opt"|"max": LR (H, W)} of the optimization profile."""
+        return {k: (s[2], s[3]) for k, s in (("min", self.min_shape), ("opt", self.opt_shape),
+                                              ("max", self.max_shape))}
+
+
+@dataclass(frozen=True)
+class ValidateSection:
+    """What `validate` checks and the thresholds a bundle must meet to ship."""
+
+    sizes: tuple[tuple[int, int], ...] = ((32, 32), (45, 61))  # extra LR (H, W) sizes beside the profile's
+    odd_size: tuple[int, int] = (123, 157)  # an LR size no stride or tile divides
+    fp32_atol: float = 1e-4  # FP32 graph vs PyTorch: max abs difference on [0, 1] outputs
+    # a graph (or engine) fails when its eval PSNR is more than this below the FP32 PyTorch model's
+    max_psnr_drop_db: tuple[tuple[str, float], ...] = (("fp32", 0.05), ("fp16", 0.1), ("int8", 0.5))
+    latency_warmup: int = 2
+    latency_runs: int = 10
+    latency_sizes: tuple[tuple[int, int], ...] | None = None  # None: the engine profile's opt size
+
+    def max_drop(self, precision: str) -> float:
+        return dict(self.max_psnr_drop_db)[precision]
+
+
+STRUCTURED_METHODS = ("ssl", "l1", "l1-global")
+
+
+@dataclass(frozen=True)
+class StructuredSection:
+    """Structured (channel) pruning of the channel groups an adapter declares (video models).
+
+    ``ssl``: learned per-unit scales (``ChannelScales``) trained ``ssl_steps`` steps with a growing L2 penalty
+    on the units that fall below the budget's global L1 threshold, then one global threshold on |scale|;
+    ``l1``: the same kept fraction in every group by filter L1 norm (the uniform baseline); ``l1-global``: one
+    global threshold on the normalised L1 norms. Penalty constants are for the L1 loss on [0, 1] pixels.
+    """
+
+    method: str = "ssl"
+    round_to: int = 8  # kept units per group: a multiple of this (or the full width)
+    ssl_steps: int = 100  # learned-scale training steps before selection (ssl only)
+    reg: float = 0.0  # initial penalty coefficient on the marked units' scales
+    delta: float = 1.0e-5  # added to the coefficient every grow_every steps (task gradients of a scale: ~1e-5) ...
+    grow_every: int = 5
+    cap: float = 1.0e-2  # ... up to this
+    scale_lr: float = 2.0e-2  # Adam learning rate of the scales (fixed; the weights follow the finetune schedule)
+    temporal_weight: float = 0.5  # temporal_l1 weight during ssl and finetuning; 0 = plain per-frame L1
+    hybrid_2to4: bool = False  # 2:4 on top of the sliced layers (not implemented yet)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    path: str
+    raw: Mapping[str, Any]
+    model: ModelConfig
+    base_weights: str | None
+    reference_output: tuple[int, int]  # (W, H) of the SR output for MAC counting
+    data_train: str
+    data_eval: str
+    metric_channel: str
+    train: StepsSection
+    finetune: StepsSection
+    sparsity_method: str
+    sparsity_m: int
+    opset: int
+    validate: ValidateSection
+    precision: "PrecisionSection"
+    engine: "EngineSection"
+    sls: "SLSSettings"
+    sls_max_search_steps: int
+    srste_decay: float
+    adapter: ModelAdapter = field(compare=False, repr=False)
+    structured: StructuredSection = field(default_factory=StructuredSection)
+
+    @property
+    def scale(self) -> int:
+        return self.model.scale
+
+    def digest(self) -> str:
+        """A stable hash of the recipe's content (not of its file path)."""
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def reference_input_hw(self) -> tuple[int, int]:
+        w, h = self.reference_output
+        return h // self.scale, w // self.scale
+
+    def build_model(self):
+        return self.adapter.build(self.model)
+
+    def describe_model(self) -> str:
+        return f"recipe '{self.name}' ({self.model.arch} x{self.scale}, {json.dumps(self.model.options)})"
+
+
+def builtin_recipe_dir() -> Path:
+    """The package's recipes/ (in a checkout a link to the top-level recipes/, in a wheel a copy of it)."""
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_models() -> list[str]:
+    return sorted(p.stem for p in builtin_recipe_dir().glob("*.yaml"))
+
+
+def recipe_for_model(model: str) -> Path:
+    path = builtin_recipe_dir() / f"{model}.yaml"
+    if not path.is_file():
+        raise UsageError(f"unknown model '{model}' (known: {', '.join(builtin_models())}); "
+                         "or give --recipe PATH")
+    return path
+
+
+_TOP_KEYS = {"name", "model", "base_weights", "reference_output", "data", "train", "finetune", "sparsity",
+             "export", "validate", "description", "sls", "srste", "precision", "engine", "structured"}
+_SLS_KEYS = {"lam", "alpha", "threshold", "check_every", "refresh_every", "score_lr", "score_clamp", "loss_scale",
+             "cost_patch", "max_search_steps"}
+
+
+def _sls(raw: Mapping[str, Any], m: int) -> tuple["SLSSettings", int]:
+    from sls_deploy.pruning.nm.sls import SLSSettings
+
+    sec = _section(raw, "sls", _SLS_KEYS)
+    try:
+        max_steps = int(sec.pop("max_search_steps", 100))
+        casts = {"check_every": int, "refresh_every": int, "cost_patch": int}
+        settings = SLSSettings(m=m, **{k: casts.get(k, float)(v) for k, v in sec.items()}).validate()
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe section 'sls': {e}") from None
+    if max_steps < 1:
+        raise RecipeError("sls.max_search_steps must be >= 1")
+    return settings, max_steps
+
+
+def _section(raw: Mapping[str, Any], key: str, known: set[str]) -> dict[str, Any]:
+    sec = raw.get(key) or {}
+    if not isinstance(sec, Mapping):
+        raise RecipeError(f"recipe section '{key}' must be a mapping")
+    unknown = sorted(set(sec) - known)
+    if unknown:
+        raise RecipeError(f"unknown recipe key '{key}.{unknown[0]}' (known: {', '.join(sorted(known))})")
+    return dict(sec)
+
+
+def _steps(raw: Mapping[str, Any], key: str) -> StepsSection:
+    sec = _section(raw, key, {"steps", "lr", "batch_size", "lr_patch", "checkpoint_every", "warmup"})
+    try:
+        out = StepsSection(steps=int(sec.get("steps", 100)), lr=float(sec.get("lr", 1e-4)),
+                           batch_size=int(sec.get("batch_size", 16)), lr_patch=int(sec.get("lr_patch", 24)),
+                           checkpoint_every=int(sec.get("checkpoint_every", 50)), warmup=int(sec.get("warmup", 0)))
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe section '{key}': {e}") from None
+    if out.steps < 0 or out.lr <= 0 or out.batch_size < 1 or out.lr_patch < 1 or out.checkpoint_every < 0:
+        raise RecipeError(f"recipe section '{key}': steps >= 0, lr > 0, batch_size >= 1, lr_patch >= 1 needed")
+    return out
+
+
+def _engine(raw: Mapping[str, Any]) -> EngineSection:
+    # max_psnr_drop_db moved to the validate section; recipes (and bundles) that still carry it here are read
+    sec = _section(raw, "engine", {"min", "opt", "max", "workspace_mb", "max_psnr_drop_db"})
+    d = EngineSection()
+    try:
+        shapes = [tuple(int(v) for v in sec[k]) if k in sec else None for k in ("min", "opt", "max")]
+        shapes = [(s_[0], 3, s_[1], s_[2]) if s_ else default
+                  for s_, default in zip(shapes, (d.min_shape, d.opt_shape, d.max_shape))]
+        out = EngineSection(min_shape=shapes[0], opt_shape=shapes[1], max_shape=shapes[2],
+                            workspace_mb=int(sec.get("workspace_mb", d.workspace_mb)))
+    except (TypeError, ValueError, IndexError) as e:
+        raise RecipeError(f"recipe section 'engine' (min/opt/max are [N, H, W]): {e}") from None
+    if not all(a <= b <= c for a, b, c in zip(out.min_shape, out.opt_shape, out.max_shape)) or out.workspace_mb < 1:
+        raise RecipeError("engine: need min <= opt <= max in every dimension and workspace_mb >= 1")
+    return out
+
+
+def _hw_list(value: Any) -> tuple[tuple[int, int], ...]:
+    out = tuple((int(h), int(w)) for h, w in value)
+    if any(h < 1 or w < 1 for h, w in out):
+        raise ValueError("sizes are [H, W] with H, W >= 1")
+    return out
+
+
+def _validate(raw: Mapping[str, Any]) -> ValidateSection:
+    sec = _section(raw, "validate", {"sizes", "odd_size", "fp32_atol", "max_psnr_drop_db", "latency_warmup",
+                                     "latency_runs", "latency_sizes"})
+    d = ValidateSection()
+    legacy = (raw.get("engine") or {}).get("max_psnr_drop_db") or {}
+    try:
+        drops = {**dict(d.max_psnr_drop_db), **{str(k): float(v) for k, v in legacy.items()},
+                 **{str(k): float(v) for k, v in (sec.get("max_psnr_drop_db") or {}).items()}}
+        out = ValidateSection(
+            sizes=_hw_list(sec.get("sizes", d.sizes)), odd_size=_hw_list([sec.get("odd_size", d.odd_size)])[0],
+            fp32_atol=float(sec.get("fp32_atol", d.fp32_atol)), max_psnr_drop_db=tuple(sorted(drops.items())),
+            latency_warmup=int(sec.get("latency_warmup", d.latency_warmup)),
+            latency_runs=int(sec.get("latency_runs", d.latency_runs)),
+            latency_sizes=_hw_list(sec["latency_sizes"]) if sec.get("latency_sizes") else None)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe section 'validate': {e}") from None
+    bad = sorted(set(drops) - set(PRECISIONS))
+    if bad:
+        raise RecipeError(f"validate.max_psnr_drop_db: unknown precision '{bad[0]}' (known: {', '.join(PRECISIONS)})")
+    if out.fp32_atol <= 0 or min(drops.values()) < 0 or out.latency_warmup < 0 or out.latency_runs < 1:
+        raise RecipeError("validate: fp32_atol > 0, max_psnr_drop_db >= 0, latency_warmup >= 0 and "
+                          "latency_runs >= 1 needed")
+    return out
+
+
+def _structured(raw: Mapping[str, Any]) -> StructuredSection:
+    d = StructuredSection()
+    sec = _section(raw, "structured", set(d.__dataclass_fields__))
+    casts = {"method": str, "round_to": int, "ssl_steps": int, "grow_every": int}
+    try:
+        values = {k: casts.get(k, float)(v) for k, v in sec.items() if k != "hybrid_2to4"}
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe section 'structured': {e}") from None
+    hybrid = sec.get("hybrid_2to4", False)
+    if not isinstance(hybrid, bool):
+        raise RecipeError(f"structured.hybrid_2to4 must be true or false, not {hybrid!r}")
+    if hybrid:
+        raise RecipeError("structured.hybrid_2to4 (2:4 on top of channel pruning) is not implemented yet")
+    out = StructuredSection(**values, hybrid_2to4=hybrid)
+    if out.method not in STRUCTURED_METHODS:
+        raise RecipeError(f"structured.method must be one of {', '.join(STRUCTURED_METHODS)}, not '{out.method}'")
+    if out.round_to < 1 or out.ssl_steps < 1 or out.grow_every < 1:
+        raise RecipeError("structured: round_to, ssl_steps and grow_every must be >= 1")
+    if min(out.reg, out.delta, out.cap, out.temporal_weight) < 0 or out.reg > out.cap or out.scale_lr <= 0:
+        raise RecipeError("structured: reg, delta, cap and temporal_weight must be >= 0, reg <= cap, scale_lr > 0")
+    return out
+
+
+def _precision(raw: Mapping[str, Any]) -> PrecisionSection:
+    sec = _section(raw, "precision", {"graphs", "fp32_islands", "calib", "calib_method", "percentile", "io"})
+    try:
+        graphs = tuple(str(g) for g in sec.get("graphs", PRECISIONS))
+        islands = sec.get("fp32_islands")
+        out = PrecisionSection(graphs=graphs, fp32_islands=None if islands is None else tuple(map(str, islands)),
+                               calib=str(sec.get("calib", "builtin")),
+                               calib_method=str(sec.get("calib_method", "percentile")),
+                               percentile=float(sec.get("percentile", 99.99)), io=str(sec.get("io", "fp32")))
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe section 'precision': {e}") from None
+    bad = [g for g in out.graphs if g not in PRECISIONS]
+    if bad:
+        raise RecipeError(f"precision.graphs: unknown precision '{bad[0]}' (known: {', '.join(PRECISIONS)})")
+    if out.calib_method not in ("max", "percentile", "entropy"):
+        raise RecipeError(f"precision.calib_method must be max, percentile or entropy, not '{out.calib_method}'")
+    if not 0 < out.percentile <= 100 or out.io not in ("fp32", "fp16"):
+        raise RecipeError("precision.percentile must be in (0, 100] and precision.io fp32 or fp16")
+    return out
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RecipeError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"recipe {path} must be a YAML mapping")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise RecipeError(f"unknown recipe key '{unknown[0]}' in {path}")
+    if not isinstance(raw.get("model"), Mapping) or "arch" not in raw["model"]:
+        raise RecipeError(f"recipe {path} needs a 'model' section with 'arch'")
+    adapter = get_adapter(str(raw["model"]["arch"]))
+    model_cfg = adapter.parse_config(raw["model"])
+    data = _section(raw, "data", {"train", "eval", "metric_channel"})
+    sparsity = _section(raw, "sparsity", {"method", "m"})
+    srste = _section(raw, "srste", {"decay"})
+    export = _section(raw, "export", {"opset"})
+    validate = _validate(raw)
+    try:
+        ref = tuple(int(v) for v in raw.get("reference_output", (1280, 720)))
+        opset = int(export.get("opset", 17))
+        m = int(sparsity.get("m", 4))
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe {path}: {e}") from None
+    if len(ref) != 2 or min(ref) < model_cfg.scale:
+        raise RecipeError("reference_output must be [width, height], each at least the scale factor")
+    if opset < 17:
+        raise RecipeError(f"export.opset must be >= 17, not {opset}")
+    if m not in (4, 8, 16, 32):
+        raise RecipeError(f"sparsity.m must be 4, 8, 16 or 32, not {m}")
+    precision = _precision(raw)
+    engine = _engine(raw)
+    sls_settings, max_search = _sls(raw, m)
+    try:
+        decay = float(srste.get("decay", 2e-4))
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe section 'srste': {e}") from None
+    channel = str(data.get("metric_channel", "y")).lower()
+    if channel not in ("y", "rgb"):
+        raise RecipeError(f"data.metric_channel must be 'y' or 'rgb', not '{channel}'")
+    return Recipe(
+        name=str(raw.get("name", path.stem)), path=str(path), raw=raw, model=model_cfg,
+        base_weights=raw.get("base_weights"), reference_output=(ref[0], ref[1]),
+        data_train=str(data.get("train", "skimage:train")), data_eval=str(data.get("eval", "skimage:eval")),
+        metric_channel=channel, train=_steps(raw, "train"), finetune=_steps(raw, "finetune"),
+        sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, opset=opset,
+        validate=validate, precision=precision, engine=engine, sls=sls_settings, sls_max_search_steps=max_search,
+        srste_decay=decay, adapter=adapter, structured=_structured(raw))
+
+
+def resolve_recipe(model: str | None, recipe: str | os.PathLike | None) -> Recipe:
+    """``--model NAME`` or ``--recipe PATH`` (exactly one) -> Recipe."""
+    if model and recipe:
+        raise UsageError("give either --model or --recipe, not both")
+    if not model and not recipe:
+        raise UsageError("give --model NAME or --recipe PATH")
+    return load_recipe(recipe_for_model(model) if model else recipe)
+
+
+def recipe_summary(r: Recipe) -> dict[str, Any]:
+    return {"name": r.name, "path": r.path, "digest": r.digest(), "model": asdict(r.model)}

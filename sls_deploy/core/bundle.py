@@ -1,0 +1,136 @@
+"""The artifact folder ("bundle") a build writes, and its manifest.
+
+The manifest records tool and library versions, the command line, the build key (recipe, budget, method, M),
+and for every stage the digest of its inputs and the sha256 of each file it wrote. A stage whose inputs
+digest matches and whose outputs are intact is skipped on a re-run, so an interrupted build resumes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+from sls_deploy import __version__
+from sls_deploy.core import atomic
+from sls_deploy.core.errors import BundleError
+
+MANIFEST = "manifest.json"
+RECIPE = "recipe.yaml"
+PLAN = "plan.json"
+WEIGHTS = "model.safetensors"
+ONNX = "model.onnx"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+GRAPH_FILES = {"fp32": ONNX, "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}  # one graph per precision
+WORK = "work"  # resumable training checkpoints live here, outside the final artifact names
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "onnx", "onnxruntime", "onnx-graphsurgeon", "polygraphy", "numpy", "tensorrt"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Bundle:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def work(self) -> Path:
+        return self.root / WORK
+
+    # -- manifest -------------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        p = self.path(MANIFEST)
+        if not p.is_file():
+            return {}
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{p} is corrupt ({e.msg}); remove the folder or choose another --out") from None
+
+    def _write_manifest(self, m: Mapping[str, Any]) -> None:
+        m = dict(m)
+        m["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        m["files"] = {name: atomic.sha256_file(self.path(name))
+                      for name in sorted({f for s in m.get("stages", {}).values() for f in s["outputs"]})
+                      if self.path(name).is_file()}
+        atomic.write_json(self.path(MANIFEST), m)
+
+    def claim(self, build_key: Mapping[str, Any], recipe_text: str, options: Mapping[str, Any] | None = None) -> None:
+        """Make this folder the bundle of ``build_key``; refuse a folder that holds a different build."""
+        if self.root.exists() and not self.root.is_dir():
+            raise BundleError(f"{self.root} exists and is not a folder")
+        m = self.manifest()
+        if m:
+            old = m.get("build_key", {})
+            if old != dict(build_key):
+                what = ", ".join(f"{k}={old.get(k)}" for k in ("model", "budget", "method", "m"))
+                raise BundleError(f"{self.root} holds another bundle ({what}); choose another --out or remove it")
+        elif self.root.is_dir() and any(self.root.iterdir()):
+            raise BundleError(f"{self.root} is not empty and holds no sls-deploy bundle; choose another --out")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not m:
+            m = {"tool": "sls-deploy", "version": __version__, "build_key": dict(build_key),
+                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "stages": {}}
+        m["libraries"] = library_versions()
+        m["command"] = sys.argv
+        if options is not None:
+            m["options"] = dict(options)
+        atomic.write_text(self.path(RECIPE), recipe_text)
+        m.setdefault("stages", {})
+        self._write_manifest(m)
+
+    def require(self) -> dict[str, Any]:
+        m = self.manifest()
+        if not self.root.is_dir():
+            raise BundleError(f"bundle not found: {self.root}")
+        if not m:
+            raise BundleError(f"{self.root} is not a bundle (no {MANIFEST})")
+        return m
+
+    # -- stages ---------------------------------------------------------------------------------------
+    def stage_is_current(self, stage: str, inputs_digest: str) -> bool:
+        rec = self.manifest().get("stages", {}).get(stage)
+        if not rec or rec.get("inputs") != inputs_digest:
+            return False
+        return all(self.path(f).is_file() and atomic.sha256_file(self.path(f)) == h
+                   for f, h in rec["outputs"].items())
+
+    def record_stage(self, stage: str, inputs_digest: str, outputs: list[str], seconds: float,
+                     info: Mapping[str, Any] | None = None) -> None:
+        m = self.require()
+        m.setdefault("stages", {})[stage] = {
+            "inputs": inputs_digest, "seconds": round(seconds, 2),
+            "outputs": {f: atomic.sha256_file(self.path(f)) for f in outputs}, **(dict(info) if info else {})}
+        self._write_manifest(m)
+
+    def verify(self, names: list[str]) -> None:
+        """Every named file exists and matches the sha256 the manifest recorded for it."""
+        files = self.require().get("files", {})
+        for name in names:
+            p = self.path(name)
+            if not p.is_file():
+                raise BundleError(f"bundle {self.root} lacks {name}")
+            want = files.get(name)
+            if want is None:
+                raise BundleError(f"bundle {self.root}: {name} is not recorded in the manifest")
+            if atomic.sha256_file(p) != want:
+                raise BundleError(f"bundle {self.root}: {name} was changed after it was written (sha256 mismatch)")

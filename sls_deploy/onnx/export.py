@@ -1,0 +1,143 @@
+"""Generic ONNX export and the checks every exported graph must pass.
+
+Export knows nothing of training or of any architecture: it takes a module, the adapter's ExportSpec and an
+example input. The graph's weights are then read back and checked for the N:M pattern the plan promises.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from sls_deploy.core.atomic import atomic_path
+from sls_deploy.core.errors import ExportError
+from sls_deploy.models.base import ExportSpec
+from sls_deploy.pruning.nm.patterns import is_nm, max_nonzeros_per_group
+
+
+def export_onnx(model: torch.nn.Module, spec: ExportSpec, example: torch.Tensor | tuple[torch.Tensor, ...],
+                path: str | os.PathLike) -> Path:
+    """Write ``model`` as ONNX (dynamic axes from ``spec``), atomically, and run onnx.checker on it.
+
+    ``model`` is the module whose forward is the graph (the adapter's ``export_module``); ``example`` its one
+    input tensor or a tuple of its inputs (in ``spec.input_names`` order).
+    """
+    path = Path(path)
+    args = example if isinstance(example, tuple) else (example,)
+    model.eval()
+    with atomic_path(path) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            try:
+                torch.onnx.export(
+                    model, args, str(tmp), dynamo=False, opset_version=spec.opset,
+                    input_names=list(spec.input_names), output_names=list(spec.output_names),
+                    dynamic_axes={k: dict(v) for k, v in spec.dynamic_axes.items()}, do_constant_folding=True)
+            except Exception as e:
+                raise ExportError(f"torch.onnx.export failed: {str(e).splitlines()[0]}") from None
+        check_graph(tmp)
+    return path
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX file not found: {path}")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:
+        raise ExportError(f"cannot read {path} as ONNX (corrupt?): {str(e).splitlines()[0] if str(e) else e}") from None
+
+
+def check_graph(path: str | os.PathLike) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        raise ExportError(f"onnx.checker rejects {Path(path).name}: {str(e).splitlines()[0]}") from None
+
+
+@dataclass(frozen=True)
+class GraphWeight:
+    """A weight tensor feeding a Conv/Gemm/MatMul, found by looking back through Cast/Q/DQ nodes."""
+
+    tensor: str  # initializer name
+    node: str
+    op: str
+    shape: tuple[int, ...]
+    axis: int  # reduction axis (input channels)
+    values: np.ndarray
+
+
+_PASS_THROUGH = {"Cast", "QuantizeLinear", "DequantizeLinear"}
+
+
+def graph_weights(model: onnx.ModelProto) -> list[GraphWeight]:
+    """Every Conv/Gemm/MatMul weight initializer with its reduction axis (TensorRT's sparsity rule)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def find(name: str) -> str | None:
+        seen = 0
+        while name not in inits and name in producer and producer[name].op_type in _PASS_THROUGH and seen < 8:
+            name, seen = producer[name].input[0], seen + 1
+        return name if name in inits else None
+
+    out = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            cands = [(node.input[1], 1)]
+        elif node.op_type == "Gemm":
+            trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+            cands = [(node.input[1], 1 if trans_b else 0)]
+        elif node.op_type == "MatMul":
+            cands = [(node.input[1], 0)]
+        else:
+            continue
+        for tname, axis in cands:
+            init = find(tname)
+            if init is None:
+                continue
+            arr = numpy_helper.to_array(inits[init])
+            out.append(GraphWeight(init, node.name, node.op_type, tuple(arr.shape), axis, arr))
+    return out
+
+
+def reduction_last(w: GraphWeight) -> np.ndarray:
+    """The weight with its reduction axis moved to position 1 (the layout the N:M checker reads)."""
+    arr = w.values
+    if arr.ndim == 2 and w.axis == 0:  # MatMul / Gemm without transB: (K, N) -> (N, K)
+        arr = arr.T
+    return arr
+
+
+def weight_is_nm(w: GraphWeight, n: int, m: int) -> bool:
+    arr = reduction_last(w)
+    return arr.shape[1] % m == 0 and is_nm(arr, n, m)
+
+
+def weight_is_2to4(w: GraphWeight) -> bool:
+    return weight_is_nm(w, 2, 4)
+
+
+def verify_plan_in_graph(model: onnx.ModelProto, layers: list[tuple[str, int, int]]) -> dict[str, dict]:
+    """For each (layer, n, m), find ``<layer>.weight`` in the graph and check its N:M pattern.
+
+    Returns {layer: {"nm": bool, "2to4": bool, "max_nonzeros": int}}; raises ExportError if a layer is missing.
+    """
+    by_name = {w.tensor: w for w in graph_weights(model)}
+    result = {}
+    for layer, n, m in layers:
+        w = by_name.get(f"{layer}.weight")
+        if w is None:
+            raise ExportError(f"layer '{layer}' has no weight tensor '{layer}.weight' in the ONNX graph")
+        arr = reduction_last(w)
+        result[layer] = {"nm": weight_is_nm(w, n, m), "2to4": weight_is_2to4(w),
+                         "max_nonzeros": max_nonzeros_per_group(arr, m)}
+    return result

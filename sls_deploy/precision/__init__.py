@@ -1,7 +1,0 @@
-"""Precision written into the ONNX graph itself (TensorRT 11 is strongly typed; TensorRT 10 accepts the same):
-an FP16 graph with FP32 islands (Cast nodes at their borders) and an explicit-quantization INT8 graph (Q/DQ)."""
-
-from .fp16 import to_fp16
-from .int8 import calibrate, quantize_int8
-
-__all__ = ["calibrate", "quantize_int8", "to_fp16"]

@@ -1,0 +1,99 @@
+"""The structured (channel) plan: which units of each channel group are kept, and what that costs.
+
+The counterpart of ``plan.Plan`` (N:M) for channel pruning, written as ``plan.json`` with ``"kind":
+"structured"``. It holds everything downstream stages need (the kept widths, from which the adapter builds the
+narrower model) and everything a reader needs to check the budget from the file alone: every layer's MACs dense
+and pruned, and the dense layers with the reason they stay dense. MACs are for one run of the exported graph at
+the reference resolution (``frames`` frames: a clip graph runs a whole clip, a step graph one frame).
+Knows nothing of any architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sls_deploy.pruning.nm.plan import DenseLayer, PlanFile
+
+STRUCTURED_PLAN_VERSION = 1
+
+
+@dataclass
+class GroupPlan:
+    name: str
+    producer: str
+    consumers: list[str]
+    unit: int  # channels per unit (4 for a conv feeding PixelShuffle(2))
+    dense_units: int
+    kept: list[int]  # kept unit indices, ascending
+
+    @property
+    def kept_units(self) -> int:
+        return len(self.kept)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kept_units"] = self.kept_units
+        d["kept_fraction"] = self.kept_units / self.dense_units
+        return d
+
+
+@dataclass
+class LayerCost:
+    name: str
+    macs_dense: int
+    macs_pruned: int
+    out_group: str | None = None  # the group whose producer it is (its output channels shrink)
+    in_group: str | None = None  # the group it consumes (its input channels shrink)
+
+
+@dataclass
+class StructuredPlan(PlanFile):
+    what = "structured plan"
+    model: str  # recipe name
+    method: str  # ssl | l1 | l1-global
+    budget: float
+    round_to: int
+    reference_output: list[int]  # [W, H] of the SR output at which MACs are counted
+    frames: int  # frames per graph run at which MACs are counted
+    groups: list[GroupPlan]
+    layers: list[LayerCost]
+    dense_layers: list[DenseLayer] = field(default_factory=list)
+    budget_scope: str = "whole_model"
+    seed: int = 0
+    search: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """{group: kept units}: what the adapter's ``build`` takes as ``options["widths"]``."""
+        return {g.name: g.kept_units for g in self.groups}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": STRUCTURED_PLAN_VERSION, "kind": "structured", "model": self.model, "method": self.method,
+            "budget": self.budget, "budget_scope": self.budget_scope, "round_to": self.round_to, "seed": self.seed,
+            "reference_output": self.reference_output, "frames": self.frames,
+            "macs": {"dense": self.macs_dense, "pruned": self.macs_pruned, "ratio": self.ratio,
+                     "per_frame_dense": self.macs_dense / self.frames,
+                     "per_frame_pruned": self.macs_pruned / self.frames},
+            "widths": self.widths,
+            "groups": [g.to_json() for g in self.groups],
+            "layers": [asdict(l) | {"ratio": l.macs_pruned / l.macs_dense if l.macs_dense else 1.0}
+                       for l in self.layers],
+            "dense_layers": [asdict(d) for d in self.dense_layers],
+            "search": self.search,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "StructuredPlan":
+        if d.get("kind") != "structured":
+            raise ValueError("not a structured plan (no \"kind\": \"structured\")")
+        gp = {"name", "producer", "consumers", "unit", "dense_units", "kept"}
+        lc = {"name", "macs_dense", "macs_pruned", "out_group", "in_group"}
+        return cls(model=d["model"], method=d["method"], budget=float(d["budget"]), round_to=int(d["round_to"]),
+                   reference_output=list(d["reference_output"]), frames=int(d["frames"]),
+                   groups=[GroupPlan(**{k: v for k, v in g.items() if k in gp}) for g in d["groups"]],
+                   layers=[LayerCost(**{k: v for k, v in l.items() if k in lc}) for l in d["layers"]],
+                   dense_layers=[DenseLayer(**x) for x in d.get("dense_layers", [])],
+                   budget_scope=d.get("budget_scope", "whole_model"), seed=int(d.get("seed", 0)),
+                   search=dict(d.get("search", {})))

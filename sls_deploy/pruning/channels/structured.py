@@ -1,0 +1,560 @@
+"""Structured (channel) pruning for any network, driven by the channel groups an adapter declares.
+
+A group (``ChannelGroup`` of the model adapter; read here by duck typing: ``name``, ``producer``,
+``consumers``, ``unit``) ties the output channels of one conv (the producer) to the input channels of the convs
+that read them (the consumers). Unit k is the producer's output channels [k*unit, (k+1)*unit) (weight rows and
+bias) and input channel k of every consumer; unit = r*r when the producer feeds PixelShuffle(r) (unit k becomes
+post-shuffle channel k), else 1. Pruning a group keeps some of its units; ``widths`` = {group name: kept units}.
+
+This module gives, for any ``nn.Module`` and list of groups:
+
+- unit importances: ``l1_importance`` (filter magnitude) and learned per-unit scales (``ChannelScales``, a
+  training controller with SSL's growing L2 penalty on the units marked unimportant, folded into the weights
+  at the end);
+- MACs as a function of the widths (``GroupCosts``), exact against ``layer_macs`` of the sliced model;
+- width selection under a whole-model MAC budget (``select_global``: one threshold on normalised importances
+  across groups; ``select_uniform``: the same kept fraction in every group, the L1-norm baseline);
+- physical slicing of a dense model's tensors into a narrower model with the same parameter names
+  (``slice_into``), and ``zero_units`` (the dense equivalent of removing units).
+
+It knows nothing of any particular architecture; the narrower model is built by the adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from fractions import Fraction
+
+import torch
+from torch import nn
+
+from sls_deploy.core.errors import PlanError, UsageError
+from sls_deploy.pruning.macs import layer_macs
+from sls_deploy.pruning.nm.patterns import eligible
+from sls_deploy.pruning.nm.oneshot import check_budget
+
+__all__ = ["ChannelScales", "GroupCosts", "check_groups", "l1_importance", "nm_eligible", "select_global",
+           "select_uniform", "slice_into", "unit_count", "widths_of", "zero_units"]
+
+
+# --------------------------------------------------------------------------- groups and units
+
+
+def _unit(group) -> int:
+    return int(getattr(group, "unit", 1))
+
+
+def _conv(model: nn.Module, name: str, group, role: str) -> nn.Conv2d:
+    mod = dict(model.named_modules()).get(name)
+    if mod is None:
+        raise PlanError(f"channel group '{group.name}': {role} '{name}' is not a module of the model")
+    if not isinstance(mod, nn.Conv2d):
+        raise PlanError(f"channel group '{group.name}': {role} '{name}' is a {type(mod).__name__}, not a Conv2d")
+    return mod
+
+
+def unit_count(model: nn.Module, group) -> int:
+    """Number of units of ``group``: the producer's output channels // unit, which every consumer must read."""
+    unit = _unit(group)
+    if unit < 1:
+        raise PlanError(f"channel group '{group.name}': unit must be >= 1, not {unit}")
+    prod = _conv(model, group.producer, group, "producer")
+    if prod.out_channels % unit:
+        raise PlanError(f"channel group '{group.name}': producer '{group.producer}' has {prod.out_channels} output "
+                        f"channels, not a multiple of the unit {unit}")
+    units = prod.out_channels // unit
+    for name in group.consumers:
+        cons = _conv(model, name, group, "consumer")
+        if cons.in_channels != units:
+            raise PlanError(f"channel group '{group.name}': consumer '{name}' reads {cons.in_channels} channels but "
+                            f"producer '{group.producer}' gives {units} units of {unit} channel(s)")
+    return units
+
+
+def _check_roles(groups: Sequence) -> None:
+    """Group names unique; a layer produces for at most one group and consumes from at most one."""
+    names, producers, consumers = set(), {}, {}
+    for g in groups:
+        if g.name in names:
+            raise PlanError(f"channel group '{g.name}' is declared twice")
+        names.add(g.name)
+        if g.producer in producers:
+            raise PlanError(f"layer '{g.producer}' is the producer of two channel groups "
+                            f"('{producers[g.producer]}', '{g.name}')")
+        producers[g.producer] = g.name
+        for c in g.consumers:
+            if c == g.producer:
+                raise PlanError(f"channel group '{g.name}': layer '{c}' cannot consume its own output")
+            if c in consumers:
+                raise PlanError(f"layer '{c}' is a consumer of two channel groups ('{consumers[c]}', '{g.name}')")
+            consumers[c] = g.name
+
+
+def check_groups(model: nn.Module, groups: Sequence) -> dict[str, int]:
+    """Validate ``groups`` against ``model`` for slicing and costing; return {group name: units}.
+
+    Beyond ``unit_count``: names are unique, a layer produces for / consumes from at most one group, and no
+    producer or consumer is a grouped (depthwise) conv, whose channels cannot be removed on one side only.
+    """
+    _check_roles(groups)
+    units = {}
+    for g in groups:
+        units[g.name] = unit_count(model, g)
+        for role, name in [("producer", g.producer)] + [("consumer", c) for c in g.consumers]:
+            mod = _conv(model, name, g, role)
+            if mod.groups != 1:
+                raise PlanError(f"channel group '{g.name}': {role} '{name}' is a grouped/depthwise conv "
+                                f"(groups={mod.groups}); channel pruning through it is not supported")
+    return units
+
+
+def _channels(units: torch.Tensor, unit: int) -> torch.Tensor:
+    """Unit indices -> channel indices: unit k -> k*unit, ..., k*unit + unit - 1, in order."""
+    return (units.view(-1, 1) * unit + torch.arange(unit, device=units.device)).reshape(-1)
+
+
+def _as_units(idx, n_units: int, what: str) -> torch.Tensor:
+    t = torch.as_tensor(idx).reshape(-1).long().cpu()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_units):
+        raise PlanError(f"{what}: unit indices must lie in 0..{n_units - 1}")
+    u = torch.unique(t)  # sorted ascending
+    if u.numel() != t.numel():
+        raise PlanError(f"{what}: unit indices repeat")
+    return u
+
+
+def widths_of(keep: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """{group name: number of kept units}."""
+    return {k: int(torch.as_tensor(v).numel()) for k, v in keep.items()}
+
+
+# --------------------------------------------------------------------------- importance
+
+
+def l1_importance(model: nn.Module, group, normalize: bool = True) -> torch.Tensor:
+    """Per-unit L1 norm of the producer's filters (float32, shape [units]).
+
+    A unit's value is the sum of |w| over its ``unit`` weight rows (bias excluded). With ``normalize`` (the
+    default) it is divided by the number of weights summed, unit * fan-in (in_channels/groups * kh * kw):
+    the mean |w| of the unit, so units of layers with different fan-in or unit size compare on one scale.
+    """
+    units = unit_count(model, group)
+    w = _conv(model, group.producer, group, "producer").weight.detach().float()
+    per_unit = w.abs().reshape(units, -1).sum(1)  # rows are contiguous: unit k = rows k*unit .. k*unit+unit-1
+    if normalize:
+        per_unit = per_unit / (_unit(group) * w[0].numel())
+    return per_unit
+
+
+# --------------------------------------------------------------------------- learned scales (SSL)
+
+
+class ChannelScales:
+    """Learnable per-unit scales on each group's producer output, with SSL's growing L2 penalty.
+
+    A forward hook multiplies output channel c of the producer by ``scale[c // unit]`` (scales start at 1, so
+    attaching changes nothing). ``mark(keep)`` names the units to keep; every other unit of a marked group is
+    unimportant. ``penalty()`` = sum over groups of reg_g * ||scales of g's unimportant units||^2. reg_g starts
+    at ``reg`` and, every ``grow_every`` steps, grows by ``delta`` (capped at ``cap``) in each group that has
+    unimportant units at that step: the penalty grows until the marked units are driven to ~0, while the kept
+    ones train freely. ``fold()`` multiplies the scales into the producers' weight rows and biases, removes the
+    hooks and resets the scales to 1, so the model alone computes what the hooked model computed.
+
+    Training controller (``sls_deploy.training.loop.Controller``): ``attach`` registers the hooks, ``param_groups`` adds
+    the scales to the optimiser (at ``lr`` if given, else on the weights' schedule), ``regularizer`` is the
+    penalty, ``after_step`` grows the coefficients (a repeated step number is ignored), ``detach`` folds.
+    """
+
+    def __init__(self, model: nn.Module, groups: Sequence, *, reg: float = 0.0, delta: float = 1e-4,
+                 grow_every: int = 10, cap: float = 1.0, lr: float | None = None):
+        for name, v in (("reg", reg), ("delta", delta), ("cap", cap)):
+            if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+                raise UsageError(f"channel scales: {name} must be a non-negative number, not {v!r}")
+        if reg > cap:
+            raise UsageError(f"channel scales: initial reg {reg:g} exceeds its cap {cap:g}")
+        if not isinstance(grow_every, int) or grow_every < 1:
+            raise UsageError(f"channel scales: grow_every must be an integer >= 1, not {grow_every!r}")
+        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+            raise UsageError(f"channel scales: lr must be a positive number, not {lr!r}")
+        self.groups = list(groups)
+        units = check_groups(model, self.groups)
+        modules = dict(model.named_modules())
+        self.units = units
+        self.delta, self.grow_every, self.cap, self.lr = float(delta), grow_every, float(cap), lr
+        self.scales: dict[str, nn.Parameter] = {}
+        for g in self.groups:
+            w = modules[g.producer].weight
+            self.scales[g.name] = nn.Parameter(torch.ones(units[g.name], device=w.device, dtype=w.dtype))
+        self.reg = {g.name: float(reg) for g in self.groups}
+        self.unimportant = {g.name: torch.zeros(units[g.name], dtype=torch.bool) for g in self.groups}
+        self.last_step = 0
+        self.folded_importance: dict[str, torch.Tensor] | None = None  # |scale| at the last fold
+        self._handles: list = []
+        self._producers: dict[str, nn.Conv2d] = {}
+
+    # -- the scales ------------------------------------------------------------------------------------
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return iter(self.scales.values())
+
+    def importance(self) -> dict[str, torch.Tensor]:
+        """{group: |scale| per unit} (meaningful before ``fold``, which resets the scales to 1)."""
+        return {k: s.detach().abs().float().cpu() for k, s in self.scales.items()}
+
+    def _expanded(self, g) -> torch.Tensor:
+        return self.scales[g.name].repeat_interleave(_unit(g))
+
+    def mark(self, keep: Mapping[str, torch.Tensor]) -> None:
+        """For each named group, every unit not in ``keep[name]`` becomes unimportant (others keep their marks)."""
+        for name, idx in keep.items():
+            if name not in self.unimportant:
+                raise PlanError(f"mark: '{name}' is not one of the channel groups")
+            kept = _as_units(idx, self.units[name], f"mark '{name}'")
+            flags = torch.ones(self.units[name], dtype=torch.bool)
+            flags[kept] = False
+            self.unimportant[name] = flags
+
+    def penalty(self) -> torch.Tensor:
+        total = None
+        for name, s in self.scales.items():
+            flags = self.unimportant[name].to(s.device)
+            if not bool(flags.any()):
+                continue
+            term = self.reg[name] * s[flags].pow(2).sum()
+            total = term if total is None else total + term
+        if total is None:
+            return next(iter(self.scales.values())).new_zeros(()) if self.scales else torch.zeros(())
+        return total
+
+    # -- controller interface ------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        if self._handles:
+            raise PlanError("channel scales are already attached to a model")
+        units = check_groups(model, self.groups)
+        if units != self.units:
+            raise PlanError(f"channel scales were made for units {self.units}, the model has {units}")
+        modules = dict(model.named_modules())
+        for g in self.groups:
+            mod = modules[g.producer]
+
+            def hook(m, inp, out, g=g):
+                return out * self._expanded(g).view(-1, 1, 1)  # channel axis is -3 of (N, C, H, W) and (C, H, W)
+
+            self._handles.append(mod.register_forward_hook(hook))
+            self._producers[g.name] = mod
+
+    def param_groups(self) -> list[dict]:
+        group: dict = {"params": list(self.parameters())}
+        if self.lr is not None:
+            group["fixed_lr"] = self.lr
+        return [group]
+
+    def regularizer(self) -> torch.Tensor | None:
+        if not any(bool(f.any()) for f in self.unimportant.values()):
+            return None
+        return self.penalty()
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        if step <= self.last_step:  # the loop may repeat a step's bookkeeping after Ctrl-C
+            return
+        for s in range(self.last_step + 1, step + 1):
+            if s % self.grow_every == 0:
+                for name, flags in self.unimportant.items():
+                    if bool(flags.any()):
+                        self.reg[name] = min(self.cap, self.reg[name] + self.delta)
+        self.last_step = step
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Multiply the scales into the producers' weight rows and biases; remove the hooks; scales back to 1.
+
+        The scales' values just before folding stay readable as ``folded_importance`` ({group: |scale|})."""
+        if self._producers:
+            self.folded_importance = self.importance()
+        for g in self.groups:
+            mod = self._producers.get(g.name)
+            if mod is None:
+                continue
+            s = self._expanded(g).to(mod.weight.dtype)
+            mod.weight.mul_(s.view(-1, *([1] * (mod.weight.dim() - 1))))
+            if mod.bias is not None:
+                mod.bias.mul_(s.to(mod.bias.dtype))
+            self.scales[g.name].fill_(1.0)  # in place: the optimiser holds this parameter
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._producers.clear()
+
+    def detach(self, model: nn.Module) -> None:
+        self.fold()
+
+    def state_dict(self) -> dict:
+        return {"scales": {k: s.detach().clone() for k, s in self.scales.items()}, "reg": dict(self.reg),
+                "unimportant": {k: f.clone() for k, f in self.unimportant.items()}, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        with torch.no_grad():
+            for k, s in self.scales.items():
+                s.copy_(state["scales"][k])
+        self.reg = {k: float(v) for k, v in state["reg"].items()}
+        self.unimportant = {k: f.clone().bool() for k, f in state["unimportant"].items()}
+        self.last_step = int(state["last_step"])
+
+
+# --------------------------------------------------------------------------- MACs as a function of widths
+
+
+class GroupCosts:
+    """Whole-model MACs as a function of the groups' widths.
+
+    ``macs``: dense MACs per layer (``layer_macs``); ``units``: units per group. A producer's MACs scale with
+    (kept units / units) of its group, a consumer's with (kept units / units) of the group it reads, a layer
+    that is both with the product; other layers are unchanged. Integer arithmetic: the totals equal
+    ``layer_macs`` of the sliced model exactly.
+    """
+
+    def __init__(self, macs: Mapping[str, int], groups: Sequence, units: Mapping[str, int]):
+        _check_roles(groups)
+        self.macs = {k: int(v) for k, v in macs.items()}
+        self.units = {g.name: int(units[g.name]) for g in groups}
+        self._out: dict[str, str] = {}
+        self._in: dict[str, str] = {}
+        for g in groups:
+            for layer in (g.producer, *g.consumers):
+                if layer not in self.macs:
+                    raise PlanError(f"channel group '{g.name}': layer '{layer}' has no MAC count")
+            self._out[g.producer] = g.name
+            for c in g.consumers:
+                self._in[c] = g.name
+
+    @classmethod
+    def measure(cls, model: nn.Module, groups: Sequence,
+                example: torch.Tensor | tuple[torch.Tensor, ...]) -> GroupCosts:
+        """Count ``model``'s layer MACs for ``example``'s shape (``layer_macs``) and check the groups against it."""
+        units = check_groups(model, groups)
+        return cls(layer_macs(model, example), groups, units)
+
+    @property
+    def dense(self) -> int:
+        return sum(self.macs.values())
+
+    def _widths(self, widths: Mapping[str, int]) -> dict[str, int]:
+        full = dict(self.units)
+        for name, w in widths.items():
+            if name not in full:
+                raise PlanError(f"width given for '{name}', which is not a channel group")
+            if int(w) != w or not 1 <= w <= full[name]:
+                raise PlanError(f"width of group '{name}' must be an integer in 1..{full[name]}, not {w}")
+            full[name] = int(w)
+        return full
+
+    def per_layer(self, widths: Mapping[str, int]) -> dict[str, int]:
+        w = self._widths(widths)
+        out = {}
+        for layer, macs in self.macs.items():
+            num, den = 1, 1
+            if layer in self._out:
+                g = self._out[layer]
+                num, den = num * w[g], den * self.units[g]
+            if layer in self._in:
+                g = self._in[layer]
+                num, den = num * w[g], den * self.units[g]
+            out[layer] = macs * num // den
+        return out
+
+    def total(self, widths: Mapping[str, int]) -> int:
+        return sum(self.per_layer(widths).values())
+
+    def ratio(self, widths: Mapping[str, int]) -> float:
+        return self.total(widths) / self.dense
+
+    def min_widths(self, round_to: int = 8, names: Sequence[str] | None = None) -> dict[str, int]:
+        """The narrowest widths selection can reach: min(round_to, units) per group (``names``: those pruned)."""
+        names = list(self.units) if names is None else names
+        return {n: min(round_to, self.units[n]) for n in names}
+
+
+# --------------------------------------------------------------------------- width selection
+
+
+def _rounded(count: int, units: int, round_to: int) -> int:
+    """Round a kept count down to a multiple of round_to; full width stays; never below min(round_to, units)."""
+    if count >= units:
+        return units
+    return max(min(round_to, units), count // round_to * round_to)
+
+
+def _prepare(importances: Mapping[str, torch.Tensor], costs: GroupCosts, budget: float, round_to: int):
+    budget = check_budget(budget)
+    if not isinstance(round_to, int) or round_to < 1:
+        raise PlanError(f"round_to must be an integer >= 1, not {round_to!r}")
+    if not importances:
+        raise PlanError("no channel group to prune")
+    imps = {}
+    for name, v in importances.items():
+        if name not in costs.units:
+            raise PlanError(f"importance given for '{name}', which is not a channel group")
+        t = torch.as_tensor(v).detach().float().cpu().reshape(-1)
+        if t.numel() != costs.units[name]:
+            raise PlanError(f"importance of group '{name}' has {t.numel()} values for {costs.units[name]} units")
+        if not bool(torch.isfinite(t).all()):
+            raise PlanError(f"importance of group '{name}' is not finite")
+        imps[name] = t
+    limit = budget * costs.dense * (1 + 1e-9)
+    lowest = costs.total(costs.min_widths(round_to, list(imps)))
+    if lowest > limit:
+        raise PlanError(
+            f"budget {budget:g} cannot be met by channel pruning: the smallest reachable ratio is "
+            f"{lowest / costs.dense:.4f} (every pruned group at min({round_to}, units) units)")
+    return imps, limit
+
+
+def _top(imp: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values (ties: lowest index first), sorted ascending."""
+    order = torch.argsort(imp, descending=True, stable=True)
+    return torch.sort(order[:k]).values.long()
+
+
+def _last_true(n: int, fits: Callable[[int], bool]) -> int:
+    """Largest i in 0..n-1 with fits(i), for fits true on a prefix (fits(0) must hold)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def select_global(importances: Mapping[str, torch.Tensor], costs: GroupCosts, budget: float,
+                  round_to: int = 8) -> dict[str, torch.Tensor]:
+    """Kept units per group from one importance threshold shared by all groups, the lowest meeting the budget.
+
+    Each group's importances are divided by their mean (unless all zero), so groups measured on different
+    scales compare. At threshold t a group keeps its units with normalised importance >= t, the count rounded
+    down to a multiple of ``round_to`` (full width stays, at least min(round_to, units)), the top-k by
+    importance. t is bisected over the importance values so that the whole model's MACs are <= budget * dense.
+    Groups not in ``importances`` stay at full width. Returns {group: kept unit indices, ascending}.
+    """
+    imps, limit = _prepare(importances, costs, budget, round_to)
+    normed = {n: (t / t.mean() if float(t.mean()) > 0 else t) for n, t in imps.items()}
+    desc = {n: torch.sort(t, descending=True).values for n, t in normed.items()}
+    # thresholds from the lowest (everything kept) up to +inf (every group at its minimum)
+    cands = torch.unique(torch.cat(list(normed.values()))).tolist() + [float("inf")]
+
+    def widths(i: int) -> dict[str, int]:
+        t = cands[i]
+        return {n: _rounded(int((d >= t).sum()), d.numel(), round_to) for n, d in desc.items()}
+
+    # total MACs fall as the threshold rises: find the first threshold that fits (from the top, a prefix fits)
+    rev = len(cands) - 1
+    j = _last_true(len(cands), lambda k: costs.total(widths(rev - k)) <= limit)
+    chosen = widths(rev - j)
+    return {n: _top(imps[n], chosen[n]) for n in imps}
+
+
+def select_uniform(importances: Mapping[str, torch.Tensor], costs: GroupCosts, budget: float,
+                   round_to: int = 8) -> dict[str, torch.Tensor]:
+    """The same kept fraction f in every group (L1-norm uniform pruning), the largest f meeting the budget.
+
+    A group keeps floor(f * units) units rounded as in ``select_global``, the top-k by importance. Groups not in
+    ``importances`` stay at full width. Returns {group: kept unit indices, ascending}.
+    """
+    imps, limit = _prepare(importances, costs, budget, round_to)
+    cands = sorted({Fraction(k, t.numel()) for t in imps.values() for k in range(t.numel() + 1)})
+
+    def widths(i: int) -> dict[str, int]:
+        f = cands[i]
+        return {n: _rounded(int(f * t.numel()), t.numel(), round_to) for n, t in imps.items()}
+
+    i = _last_true(len(cands), lambda k: costs.total(widths(k)) <= limit)
+    chosen = widths(i)
+    return {n: _top(imps[n], chosen[n]) for n in imps}
+
+
+# --------------------------------------------------------------------------- physical slicing
+
+
+def _key(module: str, tensor: str) -> str:
+    return f"{module}.{tensor}" if module else tensor
+
+
+@torch.no_grad()
+def zero_units(model: nn.Module, group, units) -> None:
+    """Zero the producer's weight rows and bias of ``units`` in place.
+
+    When every op between producer and consumers maps 0 to 0 (ReLU, LeakyReLU, PixelShuffle, ...), the model
+    then computes what the model with those units sliced away computes.
+    """
+    n = unit_count(model, group)
+    idx = _as_units(units, n, f"zero_units '{group.name}'")
+    prod = _conv(model, group.producer, group, "producer")
+    ch = _channels(idx, _unit(group)).to(prod.weight.device)
+    prod.weight[ch] = 0
+    if prod.bias is not None:
+        prod.bias[ch] = 0
+
+
+@torch.no_grad()
+def slice_into(src: nn.Module, dst: nn.Module, groups: Sequence, keep: Mapping[str, torch.Tensor]) -> None:
+    """Copy every parameter and buffer of ``src`` into ``dst`` (same names), keeping only the kept units.
+
+    Each group's producer weight/bias rows are sliced to the kept units' channels (unit k -> channels
+    k*unit .. k*unit+unit-1), each consumer's weight columns (dim 1) to the kept units. Groups absent from
+    ``keep`` are copied whole. Every other tensor must already match ``dst``'s shape.
+    """
+    units = check_groups(src, groups)
+    for name in keep:
+        if name not in units:
+            raise PlanError(f"kept units given for '{name}', which is not a channel group")
+    plan: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for g in groups:
+        if g.name not in keep:
+            continue
+        idx = _as_units(keep[g.name], units[g.name], f"kept units of '{g.name}'")
+        if idx.numel() == 0:
+            raise PlanError(f"group '{g.name}' keeps no unit")
+        ch = _channels(idx, _unit(g))
+        plan.setdefault(_key(g.producer, "weight"), []).append((0, ch))
+        if _conv(src, g.producer, g, "producer").bias is not None:
+            plan.setdefault(_key(g.producer, "bias"), []).append((0, ch))
+        for c in g.consumers:
+            plan.setdefault(_key(c, "weight"), []).append((1, idx))
+    sd_src, sd_dst = src.state_dict(), dst.state_dict()
+    for k in sd_src:
+        if k not in sd_dst:
+            raise PlanError(f"tensor '{k}' of the source model is missing from the target model")
+    for k in sd_dst:
+        if k not in sd_src:
+            raise PlanError(f"tensor '{k}' of the target model is missing from the source model")
+    for k in plan:
+        if k not in sd_src:
+            raise PlanError(f"tensor '{k}' to slice is not in the model's state dict (parametrized layer?)")
+    out = {}
+    for k, v in sd_src.items():
+        for dim, idx in plan.get(k, []):
+            v = v.index_select(dim, idx.to(v.device))
+        if tuple(v.shape) != tuple(sd_dst[k].shape):
+            raise PlanError(f"tensor '{k}': the sliced source has shape {tuple(v.shape)}, the target model "
+                            f"{tuple(sd_dst[k].shape)}")
+        out[k] = v
+    dst.load_state_dict(out, strict=True)
+
+
+# --------------------------------------------------------------------------- hybrid: N:M on top
+
+
+def nm_eligible(model: nn.Module, m: int, names: Sequence[str] | None = None) -> list[str]:
+    """Conv/linear layers of a (sliced) model that can take N:M masks with this M (``nm.eligible``)."""
+    wanted = set(names) if names is not None else None
+    found = []
+    for name, mod in model.named_modules():
+        if wanted is not None and name not in wanted:
+            continue
+        if isinstance(mod, (nn.Conv2d, nn.Linear)) and eligible(tuple(mod.weight.shape), m,
+                                                                 getattr(mod, "groups", 1)):
+            found.append(name)
+    return found

@@ -1,0 +1,126 @@
+"""The search stage: measure layers, split prunable from dense, and plan N:M per layer.
+
+- ``oneshot``: uniform N (magnitude masks), the SLS paper's one-shot baseline;
+- ``srste``: the same uniform plan, finetuned with SR-STE (see sparsity/srste.py);
+- ``sls``: the SLS search (sparsity/sls.py), which trains while it searches and hands its weights on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sls_deploy.data import PatchSampler
+from sls_deploy.core.errors import PlanError
+from sls_deploy.config.recipe import Recipe
+from sls_deploy.pruning.nm import eligible
+from sls_deploy.pruning.macs import layer_macs
+from sls_deploy.pruning.nm.oneshot import Candidate, check_budget, plan_oneshot
+from sls_deploy.pruning.nm.plan import DenseLayer, LayerPlan, Plan
+from sls_deploy.pruning.nm.sls import SLSSearch, SLSSettings
+from sls_deploy.training.loop import TrainConfig, train
+
+METHODS = ("sls", "oneshot", "srste")
+
+
+@dataclass
+class LayerSplit:
+    candidates: list[Candidate]
+    dense: list[DenseLayer]
+
+    @property
+    def total(self) -> int:
+        return sum(c.macs for c in self.candidates) + sum(d.macs for d in self.dense)
+
+    def smallest_ratio(self, m: int) -> float:
+        return (sum(d.macs for d in self.dense) + sum(c.macs for c in self.candidates) / m) / self.total
+
+
+def split_layers(recipe: Recipe, model: torch.nn.Module, m: int) -> LayerSplit:
+    """Every weight layer's MACs at the reference resolution; prunable-and-eligible vs dense (with the reason)."""
+    h, w = recipe.reference_input_hw()
+    macs = layer_macs(model, recipe.adapter.example_input(recipe.model, h, w))
+    modules = dict(model.named_modules())
+    candidates, dense = [], []
+    for decl in recipe.adapter.layers(model):
+        mod = modules[decl.name]
+        shape = tuple(mod.weight.shape)
+        cost = macs.get(decl.name, 0)
+        if not decl.prunable:
+            dense.append(DenseLayer(decl.name, cost, decl.reason or "declared dense by the adapter"))
+        elif not eligible(shape, m, getattr(mod, "groups", 1)):
+            dense.append(DenseLayer(decl.name, cost, f"input channels {shape[1]} not a multiple of M={m}"))
+        else:
+            candidates.append(Candidate(decl.name, decl.op, shape, cost))
+    if not candidates:
+        raise PlanError(f"model has no layer eligible for {m}-wide N:M groups (input channels must divide by {m})")
+    return LayerSplit(candidates, dense)
+
+
+def check_reachable(split: LayerSplit, budget: float, m: int) -> None:
+    floor = split.smallest_ratio(m)
+    if budget < floor - 1e-12:
+        raise PlanError(
+            f"budget {budget:g} cannot be met with M={m}: the smallest reachable budget is {floor:.4f} "
+            f"(N=1 on every eligible layer; {sum(d.macs for d in split.dense) / split.total:.1%} of the MACs "
+            "are in layers that stay dense)")
+
+
+def plan_uniform(recipe: Recipe, split: LayerSplit, budget: float, m: int, method: str,
+                 n: int | None = None) -> Plan:
+    """Uniform N: the largest that fits the budget, or ``n`` if given (which must fit it too)."""
+    check_reachable(split, budget, m)
+    plan = plan_oneshot(recipe.name, split.candidates, split.dense, budget, m, list(recipe.reference_output))
+    if n is not None:
+        if n > plan.layers[0].n:
+            need = (sum(d.macs for d in split.dense) + sum(c.macs for c in split.candidates) * n / m) / split.total
+            raise PlanError(f"N={n} of M={m} keeps {need:.3f} of the MACs, above the budget {budget:g} "
+                            f"(the largest N that fits is {plan.layers[0].n})")
+        for layer in plan.layers:
+            layer.n = n
+    plan.method = method
+    return plan
+
+
+def search_sls(recipe: Recipe, model: torch.nn.Module, split: LayerSplit, budget: float, settings: SLSSettings,
+               sampler: PatchSampler, max_steps: int, lr: float, *, checkpoint: Path | None, run_key: str,
+               seed: int, progress: bool) -> tuple[Plan, dict]:
+    """Run the SLS search on ``model`` in place (its weights are trained too); return the plan and a summary."""
+    check_budget(budget)
+    check_reachable(split, budget, settings.m)
+    h, w = recipe.reference_input_hw()
+    controller = SLSSearch([(c.name, c.macs) for c in split.candidates], sum(d.macs for d in split.dense), budget,
+                           settings, patch_scale=(settings.cost_patch / recipe.scale) ** 2 / (h * w))
+    cfg = TrainConfig(steps=max_steps, lr=lr, min_lr_ratio=1.0, checkpoint_every=10, seed=seed)
+    result = train(model, sampler, cfg, checkpoint=checkpoint, resume=True, run_key=run_key,
+                   controller=_FinalizeSearch(controller), desc="search", progress=progress)
+    forced = controller.closed_by_force
+    n = controller.n_per_layer()
+    layers = [LayerPlan(name=c.name, op=c.op, weight_shape=list(c.weight_shape), n=n[c.name], m=settings.m,
+                        macs_dense=c.macs) for c in split.candidates]
+    plan = Plan(model=recipe.name, method="sls", budget=budget, m=settings.m,
+                reference_output=list(recipe.reference_output), layers=layers, dense_layers=list(split.dense),
+                seed=seed)
+    info = {"steps": result.steps_done, "reached_budget_at": controller.frozen_at, "gates_closed_by_force": forced,
+            "coeff": controller.coeff, "history": controller.history[-20:],
+            "settings": settings.__dict__}
+    plan.search = info
+    return plan, info
+
+
+class _FinalizeSearch:
+    """Wraps the SLS controller so that a search that ran out of steps still ends within the budget."""
+
+    def __init__(self, inner: SLSSearch):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def detach(self, model: torch.nn.Module) -> None:
+        if not self.inner.finished:
+            self.inner.closed_by_force = self.inner.force_budget()
+            self.inner.refresh()
+        self.inner.detach(model)

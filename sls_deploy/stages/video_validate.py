@@ -1,0 +1,263 @@
+"""The video build's validate stage: does the pruned graph ship?
+
+- ONNX Runtime vs PyTorch over every eval clip window (``clip_len`` frames): the clip graph runs the window at
+  once; the step graph is driven frame by frame, its recurrent outputs fed back as the spec says
+  (``ExportSpec.recurrent``); max abs difference against the PyTorch pruned model, tolerance
+  ``validate.fp32_atol``.
+- per-frame Y-PSNR/SSIM of bicubic, the dense base and the pruned model on the eval clips (and of the ONNX
+  graph), with the per-frame means along the recurrence;
+- latency of the dense and the pruned FP32 graphs in ONNX Runtime, interleaved in one run, per frame at the
+  recipe's reference LR size;
+- report.json / report.md / report.html and a per-group kept-width chart.
+
+``check_video_report`` raises ValidationError naming the first failed check.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from sls_deploy.core import atomic
+from sls_deploy.report import document as report_mod
+from sls_deploy.report import plots as report_plots
+from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
+from sls_deploy.data.video import resolve_clips
+from sls_deploy.core.errors import UsageError, ValidationError
+from sls_deploy.config.recipe import Recipe
+from sls_deploy.pruning.channels.plan import StructuredPlan
+from sls_deploy.stages.validate import DENSE_ONNX, REPORT_HTML, ValidateOptions, _bar, dense_graph
+from sls_deploy.modalities.clip import VideoQuality, bicubic_clip_infer, evaluate_clips
+
+FP_NOTE = ("FP16/INT8 graphs are not written for video models: the flow warp's GridSample sampling grid must "
+           "stay FP32 (pixel coordinates lose sub-pixel precision in FP16) and INT8 calibration of clips is not done")
+
+
+def graph_runner(sess, spec) -> Callable[[torch.Tensor], np.ndarray]:
+    """An LR clip (1, T, 3, h, w) -> the graph's SR clip (1, T, 3, sh, sw).
+
+    A clip graph runs once. A step graph (``spec.recurrent``) runs once per frame: its frame input gets frame
+    t; each recurrent input gets, from the second step on, the value of the output or input it names; at the
+    first step an input fed from an input gets that input's first value (prev_lr = the first frame) and one fed
+    from an output gets zeros (N, C, h, w) with C from the graph (the zero hidden state).
+    """
+    inputs = {i.name: i for i in sess.get_inputs()}
+    first_out = spec.output_names[0]
+    if not spec.recurrent:
+        name = spec.input_names[0]
+        return lambda lr: sess.run([first_out], {name: lr.numpy()})[0]
+    frame_in = [n for n in spec.input_names if n not in spec.recurrent]
+    if len(frame_in) != 1:
+        raise UsageError(f"a step graph needs exactly one per-frame input, not {frame_in}")
+    out_names = [o.name for o in sess.get_outputs()]
+
+    def run(lr: torch.Tensor) -> np.ndarray:
+        x = lr.numpy()
+        n, t, _, h, w = x.shape
+        state = {}
+        for k, src in spec.recurrent.items():
+            if src in inputs:
+                state[k] = x[:, 0]
+            else:
+                state[k] = np.zeros((n, int(inputs[k].shape[1]), h, w), np.float32)
+        frames = []
+        for i in range(t):
+            feed = {frame_in[0]: x[:, i], **state}
+            res = dict(zip(out_names, sess.run(None, feed)))
+            frames.append(res[first_out])
+            state = {k: res[src] if src in res else feed[src] for k, src in spec.recurrent.items()}
+        return np.stack(frames, axis=1)
+
+    return run
+
+
+def _torch_infer(model, record: list | None = None):
+    def infer(lr: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = model(lr)
+        if record is not None:
+            record.append(out.numpy())
+        return out
+
+    return infer
+
+
+def run_validate(bundle: Bundle, recipe: Recipe, opts, vopts: ValidateOptions | None = None) -> dict:
+    """Every check and the report files; returns report.json's dict (``check_video_report`` says if it ships)."""
+    from sls_deploy.stages.pipeline import load_model
+    from sls_deploy.stages.video_pipeline import graph_spec, load_video_model
+
+    vopts = vopts or ValidateOptions()
+    vopts.check()
+    if vopts.backend != "ort":
+        raise UsageError(f"--backend {vopts.backend} is not available for video bundles (use ort)")
+    m = bundle.require()
+    bundle.verify([PLAN, WEIGHTS, ONNX])
+    plan = StructuredPlan.load(bundle.path(PLAN))
+    base = Path(m["stages"]["search"]["base_weights"])
+    eval_spec = opts.eval_data or recipe.data_eval
+    val, T = recipe.validate, int(recipe.model.options["clip_len"])
+    runs = vopts.latency_runs or val.latency_runs
+    warmup = val.latency_warmup if vopts.latency_warmup is None else vopts.latency_warmup
+    inputs = digest({f: atomic.sha256_file(bundle.path(f)) for f in (PLAN, WEIGHTS, ONNX)} | {
+        "base": atomic.sha256_file(base), "eval": eval_spec, "validate": repr(val), "clip_len": T,
+        "channel": recipe.metric_channel, "latency": [vopts.latency, runs, warmup, vopts.threads]})
+    if bundle.stage_is_current("validate", inputs):
+        opts.log("  up to date")
+        return json.loads(bundle.path(REPORT_JSON).read_text())
+    t0 = time.perf_counter()
+    from sls_deploy.backends.latency import ort_session
+
+    clips = resolve_clips(eval_spec)
+    dense = load_model(recipe, base)
+    pruned = load_video_model(recipe, bundle.path(WEIGHTS), plan.widths)
+    spec = graph_spec(recipe)
+    scale, ch = recipe.scale, recipe.metric_channel
+    bar = _bar(opts, 4 * len(clips) + (runs if vopts.latency else 0))
+    try:
+        quality: dict[str, VideoQuality] = {}
+        torch_out: list[np.ndarray] = []
+        for name, infer in (("bicubic", bicubic_clip_infer(scale)), ("dense", _torch_infer(dense)),
+                            ("pruned", _torch_infer(pruned, torch_out))):
+            quality[name] = evaluate_clips(_ticking(infer, bar), clips, T, scale, ch)
+        sess, _ = ort_session(bundle.path(ONNX), vopts.threads)
+        run = graph_runner(sess, spec)
+        diffs: list[float] = []
+
+        def onnx_infer(lr):
+            got = run(lr)
+            ref = torch_out[len(diffs)]
+            if got.shape != ref.shape:
+                raise ValidationError(f"the ONNX graph's output is {got.shape}, PyTorch's {ref.shape}")
+            diffs.append(float(np.abs(got - ref).max()))
+            return got
+
+        quality["onnx"] = evaluate_clips(_ticking(onnx_infer, bar), clips, T, scale, ch, with_ssim=False)
+        whole = whole_clip_check(run, pruned, clips[0], T, scale, bool(spec.recurrent))
+        dense_sha = m["stages"]["search"].get("base_weights_sha256") or atomic.sha256_file(base)
+        latency = (_latency(bundle, recipe, dense, dense_sha, spec, plan.frames, vopts, runs, warmup, bar.update)
+                   if vopts.latency else {"skipped": "--no-latency"})
+    finally:
+        bar.close()
+    rep = _report(bundle, recipe, plan, m, quality, clips, T, diffs, latency, spec, whole)
+    images = {report_plots.WIDTHS_PLOT: lambda p: report_plots.plot_group_widths(rep, p),
+              report_plots.FRAMES_PLOT: lambda p: report_plots.plot_per_frame(rep, p)}
+    for name, draw in images.items():
+        draw(bundle.path(name))
+    atomic.write_json(bundle.path(REPORT_JSON), rep)
+    atomic.write_text(bundle.path(REPORT_MD), report_mod.render_markdown(rep))
+    atomic.write_text(bundle.path(REPORT_HTML), report_mod.render_html(rep, {n: bundle.path(n) for n in images}))
+    bundle.record_stage("validate", inputs, [REPORT_JSON, REPORT_MD, REPORT_HTML, *images], time.perf_counter() - t0)
+    return rep
+
+
+def _ticking(infer, bar):
+    def run(lr):
+        out = infer(lr)
+        bar.update(1)
+        return out
+
+    return run
+
+
+def whole_clip_check(run, model, clip, T: int, scale: int, streaming: bool) -> dict:
+    """ONNX Runtime vs PyTorch over every frame of one whole eval clip: the step graph driven through all of it
+    (its hidden state carried the whole way), the fixed-T clip graph over consecutive T-frame windows."""
+    from sls_deploy.data.video import load_clip_pair
+
+    _, lr = load_clip_pair(clip, None, scale)
+    n = lr.shape[1] if streaming else lr.shape[1] // T * T
+    worst = 0.0
+    for s in ([0] if streaming else range(0, n, T)):
+        x = lr[:, s:s + (n if streaming else T)]
+        with torch.no_grad():
+            ref = model(x).numpy()
+        worst = max(worst, float(np.abs(run(x) - ref).max()))
+    return {"clip": clip.name, "frames": int(n), "max_abs": worst}
+
+
+def _report(bundle, recipe, plan: StructuredPlan, manifest, q: dict[str, VideoQuality], clips, T, diffs, latency,
+            spec, whole: dict) -> dict:
+    val = recipe.validate
+    max_abs = max(max(diffs), whole["max_abs"])
+    stages = manifest.get("stages", {})
+    f = plan.frames
+    rep = {
+        "kind": "video", "model": recipe.name, "arch": recipe.model.arch, "graph": "step" if spec.recurrent else "clip",
+        "budget": plan.budget, "method": plan.method, "round_to": plan.round_to,
+        "macs": {"unit": "GMACs per frame", "dense": plan.macs_dense / f / 1e9, "pruned": plan.macs_pruned / f / 1e9,
+                 "ratio": plan.ratio, "reference_output": plan.reference_output, "budget_scope": plan.budget_scope,
+                 "frames_per_graph_run": f},
+        "search": plan.search,
+        "psnr": {"bicubic": q["bicubic"].psnr, "dense": q["dense"].psnr, "pruned": q["pruned"].psnr,
+                 "pruned_onnx": q["onnx"].psnr, "channel": recipe.metric_channel, "crop_border": recipe.scale,
+                 "eval_clips": [c.name for c in clips], "frames_per_clip": T,
+                 "per_frame_mean": {k: q[k].per_frame_mean for k in ("bicubic", "dense", "pruned")},
+                 "per_clip": {c: {k: q[k].per_clip[c]["psnr"] for k in ("bicubic", "dense", "pruned")}
+                              for c in q["pruned"].per_clip}},
+        "ssim": {"bicubic": q["bicubic"].ssim, "dense": q["dense"].ssim, "pruned": q["pruned"].ssim,
+                 "channel": recipe.metric_channel,
+                 "per_frame_mean": {k: q[k].per_frame_ssim_mean for k in ("bicubic", "dense", "pruned")}},
+        "onnx_vs_torch": {"backend": "onnxruntime fp32", "graph": "step" if spec.recurrent else "clip",
+                          "max_abs": max_abs, "tolerance": val.fp32_atol, "passed": max_abs <= val.fp32_atol,
+                          "frames": T, "per_clip": dict(zip([c.name for c in clips], diffs)), "whole_clip": whole,
+                          "driven": ("frame by frame, recurrent outputs fed back " + json.dumps(dict(spec.recurrent))
+                                     if spec.recurrent else "whole window at once")},
+        "latency": latency,
+        "groups": [{k: v for k, v in g.to_json().items() if k != "kept"} for g in plan.groups],
+        "widths": plan.widths,
+        "layers": [{"name": l.name, "macs_dense": l.macs_dense, "macs_pruned": l.macs_pruned,
+                    "out_group": l.out_group, "in_group": l.in_group} for l in plan.layers],
+        "dense_layers": [{"name": d.name, "macs": d.macs, "reason": d.reason} for d in plan.dense_layers],
+        "export": {k: v for k, v in stages.get("export", {}).get("result", {}).items() if k != "convs"},
+        "finetune": stages.get("finetune", {}).get("result", {}),
+        "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
+        "notes": [FP_NOTE],
+    }
+    rep["checks"] = {"onnx_vs_torch": rep["onnx_vs_torch"]["passed"], "budget": plan.ratio <= plan.budget + 1e-9}
+    return rep
+
+
+def _latency(bundle: Bundle, recipe: Recipe, dense, dense_sha: str, spec, frames: int, vopts: ValidateOptions,
+             runs: int, warmup: int, progress) -> dict:
+    """Dense vs pruned FP32 graphs in ONNX Runtime, interleaved, per frame at each latency size."""
+    from sls_deploy.backends.latency import ort_call, ort_session, time_side_by_side
+
+    dense_path = dense_graph(bundle, recipe, dense, dense_sha)
+    sessions = {}
+    for name, path in (("dense", dense_path), ("pruned", bundle.path(ONNX))):
+        sessions[name], threads = ort_session(path, vopts.threads)
+    sizes = list(recipe.validate.latency_sizes or [recipe.reference_input_hw()])
+    out: dict = {"backend": "onnxruntime", "threads": threads, "warmup": warmup, "runs": runs,
+                 "frames_per_run": frames, "graphs": {"dense": f"work/{DENSE_ONNX} (FP32)", "pruned": f"{ONNX} (FP32)"},
+                 "sizes": []}
+    for h, w in sizes:
+        x = recipe.adapter.example_input(recipe.model, h, w)
+        args = x if isinstance(x, tuple) else (x,)
+        feed = {n: a.numpy() for n, a in zip(spec.input_names, args)}
+        t = time_side_by_side({k: ort_call(s, feed) for k, s in sessions.items()}, warmup, runs,
+                              progress=progress if len(sizes) == 1 else None)
+        row = {"lr_hw": [h, w]}
+        for k in ("dense", "pruned"):
+            row[k] = {"median_ms_per_frame": t[k].median_ms / frames, "p90_ms_per_frame": t[k].p90_ms / frames,
+                      "frames_per_s": frames * t[k].images_per_s, "median_ms_per_run": t[k].median_ms,
+                      "runs": len(t[k].runs_ms)}
+        row["ratio_pruned_over_dense"] = t["pruned"].median_ms / t["dense"].median_ms
+        out["sizes"].append(row)
+    return out
+
+
+def check_video_report(rep: dict) -> None:
+    """Raise ValidationError naming the first failed check."""
+    o = rep["onnx_vs_torch"]
+    if not o["passed"]:
+        raise ValidationError(f"check onnx_vs_torch failed: ONNX Runtime differs from PyTorch by {o['max_abs']:.2e} "
+                              f"over the eval clips (> tolerance {o['tolerance']:.0e}); see report.json")
+    if not rep.get("checks", {}).get("budget", True):
+        raise ValidationError(f"check budget failed: MACs ratio {rep['macs']['ratio']:.4f} exceeds the budget "
+                              f"{rep['budget']:g}")

@@ -1,0 +1,61 @@
+"""Per-layer truth after an engine build: was each planned layer 2:4, eligible, and given a sparse tactic?
+
+Sources: the plan (2:4 by construction), TensorRT's build log lines
+``(Sparsity) Layers eligible for sparse math: A, B + C, ...`` and
+``(Sparsity) TRT inference plan picked sparse implementation for layers: ...``, and the engine inspector JSON
+(ProfilingVerbosity DETAILED: ``Layers[].Name``, ``HasSparseWeights``, ``TacticName``). TensorRT names fused
+layers by joining ONNX node names with " + ", so a plan layer is matched through its Conv node's name.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+_ELIGIBLE = re.compile(r"\(Sparsity\) Layers eligible for sparse math:(.*)$", re.M)
+_PICKED = re.compile(r"\(Sparsity\) TRT inference plan picked sparse implementation for layers:(.*)$", re.M)
+
+
+def onnx_layer_nodes(onnx_path: str | Path) -> dict[str, str]:
+    """{plan layer: ONNX Conv node name} (the layer's weight initializer is ``<layer>.weight``)."""
+    import onnx
+
+    from sls_deploy.onnx.export import graph_weights
+
+    model = onnx.load(str(onnx_path))
+    return {w.tensor[: -len(".weight")]: w.node for w in graph_weights(model) if w.tensor.endswith(".weight")}
+
+
+def _names(pattern: re.Pattern, log: str) -> list[str]:
+    """Every layer name listed on any matching log line (a build may print them more than once)."""
+    return [n.strip() for m in pattern.finditer(log) for n in m.group(1).split(",") if n.strip()]
+
+
+def _parts(fused: str) -> set[str]:
+    """'A + B + PWN(C)' -> {'A', 'B', 'C', 'A + B + PWN(C)'}."""
+    parts = {p.strip() for p in fused.split(" + ")}
+    parts |= {m.group(1) for p in list(parts) if (m := re.match(r"^\w+\((.*)\)$", p))}
+    return parts | {fused}
+
+
+def layer_report(plan_layers: list[dict], nodes: dict[str, str], inspector: dict, build_log: str) -> list[dict]:
+    eligible = set().union(*[_parts(n) for n in _names(_ELIGIBLE, build_log or "")])
+    picked = set().union(*[_parts(n) for n in _names(_PICKED, build_log or "")])
+    by_node: dict[str, dict[str, Any]] = {}
+    for layer in inspector.get("Layers", []):
+        if isinstance(layer, dict) and "Name" in layer:
+            for part in _parts(layer["Name"]):
+                by_node[part] = layer
+    out = []
+    for pl in plan_layers:
+        node = nodes.get(pl["name"])
+        trt_layer = by_node.get(node) if node else None
+        tactic = (trt_layer or {}).get("TacticName", "")
+        sparse_tactic = bool(trt_layer) and (bool(trt_layer.get("HasSparseWeights")) or "sparse" in tactic.lower())
+        out.append({"name": pl["name"], "onnx_node": node, "n": pl["n"], "m": pl["m"],
+                    "weights_2to4": bool(pl.get("sparse_2to4")),
+                    "trt_eligible": node in eligible if node else False,
+                    "trt_picked_sparse": (node in picked if node else False) or sparse_tactic,
+                    "trt_layer": (trt_layer or {}).get("Name"), "tactic": tactic or None})
+    return out
