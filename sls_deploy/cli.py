@@ -15,8 +15,8 @@ from sls_deploy import __version__
 from sls_deploy.core.errors import SlsError, UsageError, ValidationError
 
 BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
-IMAGE_METHODS = ("sls", "oneshot", "srste")  # N:M planners (image models)
-STRUCTURED_METHODS = ("ssl", "l1", "l1-global")  # = recipe.STRUCTURED_METHODS, not imported: --help stays fast
+NM_METHODS = ("sls", "oneshot", "srste")  # = pruning.registry's, not imported: --help stays fast
+CHANNEL_METHODS = ("ssl", "l1", "l1-global")
 
 
 def _recipe_options(f):
@@ -42,12 +42,12 @@ def _plan_options(f):
                      "compression stalls (>= 1; default: the recipe's, 1.1 as the paper).")(f)
     f = click.option("--lam", "lam", type=float, help="SLS: lambda of the budget loss (>= 0; default: the "
                      "recipe's, 1e-10 as the paper).")(f)
-    f = click.option("--method", type=click.Choice(IMAGE_METHODS + STRUCTURED_METHODS), default=None,
-                     help="Planner. Image models (N:M; default: the recipe's sparsity.method, sls for EDSR): sls = "
+    f = click.option("--method", type=click.Choice(NM_METHODS + CHANNEL_METHODS), default=None,
+                     help="Pruning method (default: the recipe's). N:M strategy, masks on weights: sls = "
                           "layer-wise N:M search (SLS); oneshot = uniform magnitude N:M (the SLS paper's baseline); "
-                          "srste = uniform N:M finetuned with SR-STE. Video models (channel pruning; default: the "
-                          "recipe's structured.method, ssl): ssl = learned channel scales with a growing penalty; "
-                          "l1 = uniform L1-norm channel pruning; l1-global = one global L1-norm threshold.")(f)
+                          "srste = uniform N:M finetuned with SR-STE. Channel strategy, the adapter's channel groups "
+                          "sliced: ssl = learned channel scales with a growing penalty; l1 = uniform L1-norm channel "
+                          "pruning; l1-global = one global L1-norm threshold. Any method runs on any modality.")(f)
     f = click.option("--budget", required=True, type=BUDGET,
                      help="Fraction of the dense model's MACs (whole model, reference resolution) to keep, in (0, 1].")(f)
     return f
@@ -55,27 +55,24 @@ def _plan_options(f):
 
 def _video_options(f):
     f = click.option("--temporal-weight", type=click.FloatRange(min=0.0),
-                     help="Video: weight of the temporal term of the finetuning loss (L1 of frame-to-frame "
-                          "differences; 0 = per-frame L1; default: the recipe's structured.temporal_weight).")(f)
+                     help="Clip/step (video) models: weight of the frame-difference term of the training loss "
+                          "(this project's own term, L1 of frame-to-frame differences; 0 = per-frame L1; default: "
+                          "the recipe's structured.temporal_weight).")(f)
     f = click.option("--round-to", type=click.IntRange(min=1),
-                     help="Video: kept channels per group are a multiple of this, or the full width (default: the "
-                          "recipe's structured.round_to, 8).")(f)
+                     help="Channel methods: kept channels per group are a multiple of this, or the full width "
+                          "(default: the recipe's structured.round_to, 8).")(f)
     return f
 
 
-def _model_kind(recipe, method: str | None, video_only: dict, image_only: dict) -> bool:
-    """True for a video recipe (channel pruning); options of the other kind are usage errors naming them."""
-    video = recipe.adapter.kind() == "video"
-    wrong_method = IMAGE_METHODS if video else STRUCTURED_METHODS
-    if method in wrong_method:
-        raise UsageError(f"--method {method} does not apply to {recipe.describe_model()}: "
-                         + ("video models take ssl, l1 or l1-global (channel pruning)" if video
-                            else "ssl, l1 and l1-global are for video models; image models take sls, oneshot or srste"))
-    given = [name for name, v in (image_only if video else video_only).items() if v not in (None, ())]
-    if given:
-        raise UsageError(f"{given[0]} does not apply to {recipe.describe_model()}: it is "
-                         + ("an N:M option (video models are channel-pruned)" if video else "an option of video models"))
-    return video
+def _settings(recipe, budget, method, **cli):
+    """Settings resolved once from the recipe and the command line (one-line usage errors)."""
+    from sls_deploy.config.settings import Settings
+
+    if cli.get("m") is not None:
+        cli["m"] = int(cli["m"])
+    if cli.get("precisions") == ():
+        cli["precisions"] = None
+    return Settings.resolve(recipe, budget=budget, method=method, **cli)
 
 
 def _precision_options(f):
@@ -122,30 +119,20 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
     Re-running the same command resumes an interrupted build (finished stages are skipped, finetune continues
     from its last checkpoint).
     """
-    from sls_deploy.stages.pipeline import BuildOptions, build as run_build, default_out
-    from sls_deploy.stages.validate import check_report
     from sls_deploy.config.recipe import resolve_recipe
     from sls_deploy.report.document import summary_text
+    from sls_deploy.stages.build import build as run_build, default_out, start
+    from sls_deploy.stages.validate import check_report
 
     recipe = resolve_recipe(model_name, recipe_path)
-    video = _model_kind(recipe, method, {"--round-to": round_to, "--temporal-weight": temporal_weight},
-                        {"--m": m, "--n": n, "--lam": lam, "--alpha": alpha, "--target": target,
-                         "--precision": precisions, "--calib": calib, "--calib-method": calib_method})
+    settings = _settings(recipe, budget, method, lam=lam, alpha=alpha, n=n, target=target, m=m, weights=weights,
+                         seed=seed, round_to=round_to, temporal_weight=temporal_weight, data=data,
+                         eval_data=eval_data, steps=steps, precisions=tuple(precisions), calib=calib,
+                         calib_method=calib_method)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
-    if video:
-        from sls_deploy.stages.video_pipeline import VideoBuildOptions, build as run_video_build
-
-        rep = run_video_build(recipe, VideoBuildOptions(
-            budget=budget, method=method, round_to=round_to, temporal_weight=temporal_weight, weights=weights,
-            data=data, eval_data=eval_data, steps=steps, seed=seed, progress=not no_progress, log=_log), out_dir)
-    else:
-        opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, n=n,
-                            target=target or "trt", lam=lam, alpha=alpha, weights=weights, data=data,
-                            eval_data=eval_data, steps=steps, seed=seed, precisions=tuple(precisions) or None,
-                            calib=calib, calib_method=calib_method, progress=not no_progress, log=_log)
-        rep = run_build(recipe, opts, out_dir)
-        if not rep:  # a non-zero rank of a torchrun job: rank 0 reports
-            return
+    rep = run_build(start(recipe, settings, out_dir, _log, not no_progress))
+    if not rep:  # a non-zero rank of a torchrun job: rank 0 reports
+        return
     click.echo(json.dumps(rep, indent=2) if as_json else summary_text(rep))
     check_report(rep)
 
@@ -188,43 +175,27 @@ def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, we
            temporal_weight, out, data, steps, no_progress):
     """Only plan: write plan.json (one entry per prunable layer, or per channel group for video models) into a
     new or matching bundle."""
-    from sls_deploy.core import distributed as dist
-    from sls_deploy.core.bundle import Bundle
-    from sls_deploy.stages.pipeline import BuildOptions, build_key, check_options, default_out, options_record, run_search
     from sls_deploy.config.recipe import resolve_recipe
+    from sls_deploy.core import distributed as dist
+    from sls_deploy.pruning.nm import Plan
+    from sls_deploy.stages.build import default_out, start
+    from sls_deploy.stages.search import run_search
 
     recipe = resolve_recipe(model_name, recipe_path)
-    video = _model_kind(recipe, method, {"--round-to": round_to, "--temporal-weight": temporal_weight},
-                        {"--m": m, "--n": n, "--lam": lam, "--alpha": alpha, "--target": target})
+    settings = _settings(recipe, budget, method, lam=lam, alpha=alpha, n=n, target=target, m=m, weights=weights,
+                         seed=seed, round_to=round_to, temporal_weight=temporal_weight, data=data, steps=steps)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
-    if video:
-        from sls_deploy.stages import video_pipeline as vp
-
-        vopts = vp.VideoBuildOptions(budget=budget, method=method, round_to=round_to, temporal_weight=temporal_weight,
-                                     weights=weights, data=data, steps=steps, seed=seed, progress=not no_progress,
-                                     log=_log)
-        vp.check_options(recipe, vopts)
-        bundle = Bundle(out_dir)
-        bundle.claim(vp.build_key(recipe, vopts), Path(recipe.path).read_text(), vp.options_record(vopts))
-        vplan = vp.run_search(bundle, recipe, vopts)
-        click.echo(f"{out_dir / 'plan.json'}: {vplan.method}, widths "
-                   f"{', '.join(f'{g.name}={g.kept_units}/{g.dense_units}' for g in vplan.groups)}, "
-                   f"MACs ratio {vplan.ratio:.3f}")
-        return
-    opts = BuildOptions(budget=budget, method=method or recipe.sparsity_method, m=int(m) if m else None, n=n,
-                        target=target or "trt", lam=lam, alpha=alpha, weights=weights, seed=seed, data=data,
-                        steps=steps, progress=not no_progress, log=_log)
-    check_options(recipe, opts)
-    bundle = Bundle(out_dir)
-    if dist.is_main():
-        bundle.claim(build_key(recipe, opts), Path(recipe.path).read_text(), options_record(opts))
-    dist.barrier()
-    plan = run_search(bundle, recipe, opts)
+    plan = run_search(start(recipe, settings, out_dir, _log, not no_progress))
     if not dist.is_main():
         return
-    ns = sorted({l.n for l in plan.layers})
-    click.echo(f"{out_dir / 'plan.json'}: {plan.method}, {len(plan.layers)} layers at N in {ns} of M={plan.m}, "
-               f"MACs ratio {plan.ratio:.3f} (2:4-accelerated bound {plan.trt_2to4_ratio:.3f})")
+    if isinstance(plan, Plan):
+        ns = sorted({l.n for l in plan.layers})
+        click.echo(f"{out_dir / 'plan.json'}: {plan.method}, {len(plan.layers)} layers at N in {ns} of M={plan.m}, "
+                   f"MACs ratio {plan.ratio:.3f} (2:4-accelerated bound {plan.trt_2to4_ratio:.3f})")
+    else:
+        click.echo(f"{out_dir / 'plan.json'}: {plan.method}, widths "
+                   f"{', '.join(f'{g.name}={g.kept_units}/{g.dense_units}' for g in plan.groups)}, "
+                   f"MACs ratio {plan.ratio:.3f}")
 
 
 @cli.command("import-sls")
@@ -239,8 +210,8 @@ def import_sls(checkpoint, model_name, recipe_path, weights, m, out):
     """Import masks searched elsewhere: an SLS checkpoint (<layer>.weight, .priority_scores, .pruning_units)
     or a {layer: mask} safetensors file. Writes plan.json and the masked weights; continue with
     `sls-deploy finetune BUNDLE`, `export`, `validate`."""
-    from sls_deploy.stages.pipeline import run_import
     from sls_deploy.config.recipe import resolve_recipe
+    from sls_deploy.stages.importing import run_import
 
     recipe = resolve_recipe(model_name, recipe_path)
     out_dir = Path(out) if out else Path("runs") / f"{model_name or Path(recipe_path).stem}-imported"
@@ -259,28 +230,18 @@ def import_sls(checkpoint, model_name, recipe_path, weights, m, out):
 @_progress_option
 def finetune(bundle_dir, steps, data, resume, no_progress):
     """Masked finetuning of a bundle's plan (pruned weights stay exactly zero) -> model.safetensors."""
-    from sls_deploy.stages.pipeline import finetune_checkpoint, open_bundle, options_from_bundle, run_finetune
+    from sls_deploy.core import distributed as dist
+    from sls_deploy.stages.build import reopen
+    from sls_deploy.stages.finetune import finetune_checkpoint, run_finetune
 
-    bundle, recipe = open_bundle(Path(bundle_dir))
-    if recipe.adapter.kind() == "video":
-        from sls_deploy.stages import video_pipeline as vp
-
-        vopts = vp.options_from_bundle(bundle, steps=steps, data=data, progress=not no_progress, log=_log)
-        if resume is False and (bundle.work / "finetune.ckpt").exists():  # --restart
-            (bundle.work / "finetune.ckpt").unlink()
-        info = vp.run_finetune(bundle, recipe, vopts, resume=bool(resume))
-        click.echo(f"finetuned {info.get('steps')} steps -> {bundle.path('model.safetensors')}")
-        return
-    opts = options_from_bundle(bundle, steps=steps, data=data, progress=not no_progress, log=_log)
-    ckpt = finetune_checkpoint(bundle)
+    run = reopen(Path(bundle_dir), _log, not no_progress, steps=steps, data=data)
+    ckpt = finetune_checkpoint(run)
     if resume is False and ckpt.exists():  # --restart
         ckpt.unlink()
-    info = run_finetune(bundle, recipe, opts, resume=bool(resume))
-    from sls_deploy.core import distributed as dist
-
+    info = run_finetune(run, resume=bool(resume))
     if not dist.is_main():
         return
-    click.echo(f"finetuned {info.get('steps')} steps -> {bundle.path('model.safetensors')}")
+    click.echo(f"finetuned {info.get('steps')} steps -> {run.bundle.path('model.safetensors')}")
 
 
 @cli.command()
@@ -294,24 +255,16 @@ def export(bundle_dir, precisions, calib, calib_method, io):
     Every graph passes onnx.checker, keeps every planned N:M / 2:4 pattern (checked through Cast and
     DequantizeLinear) and runs in ONNX Runtime; nothing takes a final name unless all of that holds.
     """
-    from sls_deploy.stages.pipeline import open_bundle, options_from_bundle, run_export
+    from sls_deploy.stages.build import reopen
+    from sls_deploy.stages.export import run_export
 
-    bundle, recipe = open_bundle(Path(bundle_dir))
-    if _model_kind(recipe, None, {}, {"--precision": precisions, "--calib": calib, "--calib-method": calib_method,
-                                      "--io": io}):
-        from sls_deploy.stages import video_pipeline as vp
-        from sls_deploy.stages.video_export import run_export as run_video_export
-
-        info = run_video_export(bundle, recipe, vp.options_from_bundle(bundle, log=_log))
-        click.echo(f"{bundle.path('model.onnx')}: FP32 {info['graph']} graph, {info['narrower_convs']} narrower "
-                   f"convs, the dense graph's op types")
-        return
-    opts = options_from_bundle(bundle, precisions=tuple(precisions) or None, calib=calib,
-                               calib_method=calib_method, io=io, log=_log)
-    info = run_export(bundle, recipe, opts)
+    run = reopen(Path(bundle_dir), _log, precisions=tuple(precisions) or None, calib=calib,
+                 calib_method=calib_method, io=io)
+    info = run_export(run)
     for name, g in info["graphs"].items():
-        click.echo(f"{bundle.path(g['file'])}: {g['layers_nm']} layers keep their N:M pattern, "
-                   f"{g['layers_2to4']} are 2:4")
+        what = (f"{g['layers_nm']} layers keep their N:M pattern, {g['layers_2to4']} are 2:4" if "layers_nm" in g
+                else f"{info.get('narrower_convs', 0)} narrower convs, the dense graph's op types")
+        click.echo(f"{run.bundle.path(g['file'])}: {name.upper()} {info.get('graph', 'image')} graph, {what}")
 
 
 @cli.command()
@@ -335,8 +288,8 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
     """Does a bundle ship? Accuracy at the engine profile's min/opt/max and an odd size against the PyTorch
     reference and the ground truth (thresholds per precision from the recipe), dense-vs-pruned latency side by
     side, and report.md / report.html with plots. Exits 1 naming the first failed check."""
-    from sls_deploy.stages.pipeline import open_bundle, options_from_bundle
     from sls_deploy.report.document import summary_text
+    from sls_deploy.stages.build import reopen
     from sls_deploy.stages.validate import ValidateOptions, check_report, run_validate
 
     if backend == "trt":
@@ -345,24 +298,14 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
 
         require_tensorrt()  # before anything is read or written
         root, recipe = _device_bundle(Path(bundle_path))
-        if recipe.adapter.kind() == "video":
-            raise UsageError("--backend trt is not available for video bundles (use ort)")
         res = validate_engine(root, recipe, precision, Path(eval_data) if eval_data else None, runs=latency_runs)
         click.echo(json.dumps(res, indent=2))
         if not res["passed"]:
             raise ValidationError(res["verdict"])
         return
-    bundle, recipe = open_bundle(Path(bundle_path))
+    run = reopen(Path(bundle_path), _log, not no_progress, eval_data=eval_data)
     vopts = ValidateOptions(backend=backend, latency=not no_latency, latency_runs=latency_runs, threads=threads)
-    if recipe.adapter.kind() == "video":
-        from sls_deploy.stages import video_pipeline as vp
-        from sls_deploy.stages.video_validate import run_validate as run_video_validate
-
-        rep = run_video_validate(bundle, recipe, vp.options_from_bundle(bundle, eval_data=eval_data, log=_log,
-                                                                        progress=not no_progress), vopts)
-    else:
-        rep = run_validate(bundle, recipe, options_from_bundle(bundle, eval_data=eval_data, log=_log,
-                                                               progress=not no_progress), vopts)
+    rep = run_validate(run, vopts)
     click.echo(json.dumps(rep, indent=2) if as_json else summary_text(rep))
     check_report(rep)
 
@@ -421,7 +364,7 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
         click.echo(f"# {info['path']}")
         click.echo(info["trtexec"])
         click.echo(info["polygraphy"])
-        click.echo(f"# settings written to {root / 'engine' / 'build.json'}")
+        click.echo(f"# settings written to {root / 'engine' / settings.out_name('build.json')}")
         return
     plan = json.loads((root / "plan.json").read_text())
     info = build_engine(root, settings, plan["layers"])
@@ -434,13 +377,16 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
 @click.option("--out", type=click.Path(dir_okay=False), help="Tar file (default <bundle>.tar.gz).")
 def pack(bundle_dir, out):
     """Pack what a device needs (graphs, plan, recipe, manifest, calibration cache, eval images) into a tar."""
-    from sls_deploy.data import resolve_images
     from sls_deploy.core.packing import pack as do_pack
-    from sls_deploy.stages.pipeline import open_bundle
+    from sls_deploy.modalities.registry import is_video, resolve_data
+    from sls_deploy.stages.build import reopen
 
-    bundle, recipe = open_bundle(Path(bundle_dir))
+    run = reopen(Path(bundle_dir), _log)
+    bundle, recipe = run.bundle, run.recipe
     dest = Path(out) if out else bundle.root.with_name(bundle.root.name + ".tar.gz")
-    do_pack(bundle.root, dest, resolve_images(recipe.data_eval), recipe.opset, recipe.digest())
+    # video eval clips are not packed (they can be large): a device validates video against its own clips
+    evals = [] if is_video(run.settings.modality) else resolve_data(run.settings.modality, run.settings.eval_data)
+    do_pack(bundle.root, dest, evals, recipe.opset, recipe.digest())
     click.echo(f"wrote {dest}")
 
 

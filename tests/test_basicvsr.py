@@ -143,7 +143,7 @@ def test_parse_config_rejects_unknown_keys_and_scale(arch):
     cfg = cfg_of(arch)
     assert cfg.scale == 4 and cfg.options["widths"] == {}
     adapter = get_adapter(arch)
-    assert adapter.kind() == "video" and adapter.is_streaming() == (arch == "streamvsr")
+    assert adapter.modalities() == (("step",) if arch == "streamvsr" else ("clip",))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -14,22 +14,23 @@ from safetensors.torch import load_file
 from sls_deploy.core import atomic
 from sls_deploy.core.errors import BundleError, CheckpointError, PlanError, UsageError
 from sls_deploy.onnx.export import graph_weights, reduction_last
-from sls_deploy.stages.pipeline import BuildOptions, build, load_model
+from sls_deploy.stages.build import build_bundle
+from sls_deploy.stages.models import load_model
 from sls_deploy.config.recipe import load_recipe
 from sls_deploy.pruning.nm import Plan, nm_mask
 from sls_deploy.backends.runners import ort_infer
 
 
-def _opts(weights: Path, budget: float = 0.4, logs: list | None = None, **kw) -> BuildOptions:
+def _opts(weights: Path, budget: float = 0.4, logs: list | None = None, **kw) -> dict:
     kw.setdefault("method", "oneshot")  # these tests check masks derived from the base weights
-    return BuildOptions(budget=budget, weights=str(weights), progress=False,
-                        log=(logs.append if logs is not None else (lambda s: None)), **kw)
+    return dict(budget=budget, weights=str(weights), progress=False,
+                log=(logs.append if logs is not None else (lambda s: None)), **kw)
 
 
 @pytest.fixture
 def built(tmp_path, tiny_recipe, tiny_weights):
     out = tmp_path / "bundle"
-    rep = build(load_recipe(tiny_recipe), _opts(tiny_weights), out)
+    rep = build_bundle(load_recipe(tiny_recipe), out, **_opts(tiny_weights))
     return out, rep, tiny_recipe, tiny_weights
 
 
@@ -112,7 +113,7 @@ def test_rerun_skips_finished_stages_and_changes_nothing(built):
     out, _, tiny_recipe, tiny_weights = built
     before = {p.name: atomic.sha256_file(p) for p in out.iterdir() if p.is_file() and p.name != "manifest.json"}
     logs: list[str] = []
-    build(load_recipe(tiny_recipe), _opts(tiny_weights, logs=logs), out)
+    build_bundle(load_recipe(tiny_recipe), out, **_opts(tiny_weights, logs=logs))
     assert sum("up to date" in line for line in logs) == 4
     after = {p.name: atomic.sha256_file(p) for p in out.iterdir() if p.is_file() and p.name != "manifest.json"}
     assert before == after
@@ -121,7 +122,7 @@ def test_rerun_skips_finished_stages_and_changes_nothing(built):
 def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, tiny_recipe, tiny_weights, monkeypatch):
     recipe = load_recipe(tiny_recipe)
     reference = tmp_path / "uninterrupted"
-    build(recipe, _opts(tiny_weights), reference)
+    build_bundle(recipe, reference, **_opts(tiny_weights))
 
     from sls_deploy.data.patches import PatchSampler
 
@@ -136,14 +137,14 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tmp_path, tiny_recipe,
     out = tmp_path / "interrupted"
     monkeypatch.setattr(PatchSampler, "batch", flaky_batch)
     with pytest.raises(KeyboardInterrupt):
-        build(recipe, _opts(tiny_weights), out)
+        build_bundle(recipe, out, **_opts(tiny_weights))
     assert (out / "work" / "finetune.ckpt").is_file()
     assert not (out / "model.safetensors").exists()  # no half-written final artifact
     assert not list(out.rglob("*.tmp"))
 
     monkeypatch.setattr(PatchSampler, "batch", real_batch)
     logs: list[str] = []
-    build(recipe, _opts(tiny_weights, logs=logs), out)
+    build_bundle(recipe, out, **_opts(tiny_weights, logs=logs))
     assert any("resuming finetune from step 3/4" in line for line in logs)
     a, b = load_file(str(reference / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for k in a:
@@ -155,7 +156,7 @@ def test_output_folder_of_another_build_is_refused(built):
     out, _, tiny_recipe, tiny_weights = built
     before = atomic.sha256_file(out / "model.safetensors")
     with pytest.raises(BundleError, match="holds another bundle"):
-        build(load_recipe(tiny_recipe), _opts(tiny_weights, budget=0.6), out)
+        build_bundle(load_recipe(tiny_recipe), out, **_opts(tiny_weights, budget=0.6))
     assert atomic.sha256_file(out / "model.safetensors") == before
 
 
@@ -164,7 +165,7 @@ def test_non_bundle_folder_is_refused(tmp_path, tiny_recipe, tiny_weights):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(BundleError, match="not empty"):
-        build(load_recipe(tiny_recipe), _opts(tiny_weights), out)
+        build_bundle(load_recipe(tiny_recipe), out, **_opts(tiny_weights))
     assert (out / "notes.txt").read_text() == "mine"
 
 
@@ -178,7 +179,7 @@ def test_unreachable_budget_names_smallest_reachable(tmp_path, tiny_recipe, tiny
 
     recipe = load_recipe(tiny_recipe)
     with pytest.raises(PlanError, match=r"smallest reachable budget is 0\.\d{4}") as info:
-        build(recipe, _opts(tiny_weights, budget=0.1), tmp_path / "b")
+        build_bundle(recipe, tmp_path / "b", **_opts(tiny_weights, budget=0.1))
     floor = float(re.search(r"reachable budget is (0\.\d+)", str(info.value)).group(1))
     assert 0.1 < floor < 1
     model = load_model(recipe, tiny_weights)
@@ -191,7 +192,7 @@ def test_unreachable_budget_names_smallest_reachable(tmp_path, tiny_recipe, tiny
 @pytest.mark.parametrize("budget", [0.0, 1.5, -0.2])
 def test_budget_out_of_range(tmp_path, tiny_recipe, tiny_weights, budget):
     with pytest.raises(UsageError):
-        build(load_recipe(tiny_recipe), _opts(tiny_weights, budget=budget), tmp_path / "b")
+        build_bundle(load_recipe(tiny_recipe), tmp_path / "b", **_opts(tiny_weights, budget=budget))
     assert not (tmp_path / "b").exists()
 
 
@@ -199,17 +200,17 @@ def test_corrupt_base_weights(tmp_path, tiny_recipe):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00\x01garbage" * 10)
     with pytest.raises(CheckpointError, match="corrupt"):
-        build(load_recipe(tiny_recipe), _opts(bad), tmp_path / "b")
+        build_bundle(load_recipe(tiny_recipe), tmp_path / "b", **_opts(bad))
 
 
 def test_tampered_file_is_detected(built):
-    from sls_deploy.stages.pipeline import open_bundle, options_from_bundle
+    from sls_deploy.stages.build import reopen
     from sls_deploy.stages.validate import run_validate
 
     out, _, _, _ = built
     data = bytearray((out / "model.onnx").read_bytes())
     data[-10] ^= 0xFF
     (out / "model.onnx").write_bytes(bytes(data))
-    bundle, recipe = open_bundle(out)
+    run = reopen(out, lambda s: None)
     with pytest.raises(BundleError, match="sha256"):
-        run_validate(bundle, recipe, options_from_bundle(bundle, log=lambda s: None))
+        run_validate(run)

@@ -16,7 +16,7 @@ from sls_deploy.cli import main
 from sls_deploy.data.images import pair_at_size, read_rgb
 from sls_deploy.core.errors import ValidationError
 from sls_deploy.backends.latency import time_side_by_side
-from sls_deploy.stages.pipeline import open_bundle, options_from_bundle
+from sls_deploy.stages.build import reopen
 from sls_deploy.trt.outlook import layer_outlook
 from sls_deploy.report.plots import tradeoff_points
 from sls_deploy.backends.runners import Limits, check_shapes, ort_infer
@@ -77,8 +77,12 @@ def test_side_by_side_timing_interleaves_and_counts():
 def test_prediction_rules():
     assert layer_outlook([64, 64, 3, 3], "fp32", True)[0] == "no"  # an FP32 island never gets a sparse kernel
     assert layer_outlook([256, 256, 3, 3], "fp16/int8", True)[0] == "likely"
-    assert layer_outlook([64, 64, 3, 3], "fp16/int8", True)[0] == "borderline"
+    # TensorRT issues #3849/#4065: sparse pays from ~256 in and out channels; #1403: 64->64 3x3 eligible, not picked
+    assert layer_outlook([64, 64, 3, 3], "fp16/int8", True)[0] == "unlikely"
+    assert layer_outlook([256, 64, 3, 3], "fp16/int8", True)[0] == "unlikely"  # < 256 input channels
     assert layer_outlook([16, 16, 3, 3], "fp16/int8", True)[0] == "unlikely"
+    assert layer_outlook([512, 512, 1, 1], "fp16/int8", True)[0] == "unlikely"  # 1x1 conv
+    assert layer_outlook([512, 512], "fp16/int8", True)[0] == "unlikely"  # Linear / Gemm
     assert layer_outlook([256, 256, 3, 3], "fp16/int8", False)[0] == "no"
 
 
@@ -128,8 +132,7 @@ def test_gray_and_rgba_eval_images_are_converted_with_a_note(bundle, tmp_path, t
     src = (read_rgb(next(tiny_images["eval"].iterdir())) * 255).astype(np.uint8)
     iio.imwrite(folder / "gray.png", src[:, :, 0])
     iio.imwrite(folder / "rgba.png", np.dstack([src, np.full(src.shape[:2], 255, np.uint8)]))
-    b, recipe = open_bundle(bundle)
-    rep = run_validate(b, recipe, options_from_bundle(b, eval_data=str(folder), log=lambda s: None),
+    rep = run_validate(reopen(bundle, lambda s: None, eval_data=str(folder)),
                        ValidateOptions(latency=False))
     assert rep["notes"] == ["gray.png: grayscale, replicated to RGB", "rgba.png: RGBA: alpha dropped"]
     assert rep["latency"] == {"skipped": "--no-latency"}
@@ -163,8 +166,6 @@ def test_bad_backend_value_and_graph_without_input(bundle, tmp_path):
 
 def test_trt_backend_runs_shape_checks_and_times_sparse_vs_dense(bundle, tmp_path):
     """The TensorRT path with the engine opener replaced by ONNX Runtime on the FP16 graph (no TensorRT here)."""
-    import contextlib
-
     from sls_deploy.stages.validate_engine import validate_engine
     from sls_deploy.config.recipe import load_recipe
 
@@ -175,19 +176,32 @@ def test_trt_backend_runs_shape_checks_and_times_sparse_vs_dense(bundle, tmp_pat
     (root / "engine" / "model.dense.plan").write_bytes(b"stand-in")
     recipe = load_recipe(root / "recipe.yaml")
 
-    @contextlib.contextmanager
-    def fake_engine(path):
-        with ort_infer(root / "model.fp16.onnx") as run:
-            yield run
+    from sls_deploy.backends.runners import onnx_runner
+
+    def fake_engine(path):  # a runner like TrtRunner: ONNX Runtime on the FP16 graph stands in for the engine
+        return onnx_runner(root / "model.fp16.onnx")
 
     res = validate_engine(root, recipe, "fp16", None, runs=2, open_engine=fake_engine)
     assert res["passed"] and [r["label"] for r in res["shapes"]] == ["min", "opt", "max", "odd", "extra"]
     assert res["latency"][0]["sparse"]["runs"] == 2 and "ratio_sparse_over_dense" in res["latency"][0]
     assert json.loads((root / "engine" / "validate.json").read_text())["passed"]
 
-    @contextlib.contextmanager
-    def broken_engine(path):
-        yield lambda lr: np.zeros((1, 3, lr.shape[2] * 4, lr.shape[3] * 4), np.float32)
+    class broken_engine:  # the runner interface, returning black images
+        def __init__(self, path):
+            self.inner = onnx_runner(root / "model.fp16.onnx")
+
+        def activate(self):
+            self.inner.activate()
+
+        def deactivate(self):
+            self.inner.deactivate()
+
+        def get_input_metadata(self, **kw):
+            return self.inner.get_input_metadata(**kw)
+
+        def infer(self, feed):
+            lr = feed["lr"]
+            return {"sr": np.zeros((1, 3, lr.shape[2] * 4, lr.shape[3] * 4), np.float32)}
 
     res = validate_engine(root, recipe, "fp16", None, runs=1, open_engine=broken_engine)
     assert not res["passed"] and res["verdict"].startswith("tensorrt fp16 at min 8x8: PSNR drop")
@@ -201,8 +215,7 @@ def test_engine_layers_json_adds_trt_columns(bundle, tmp_path):
     (root / "engine").mkdir(exist_ok=True)
     (root / "engine" / "layers.json").write_text(json.dumps(
         [{"name": n, "trt_eligible": True, "trt_picked_sparse": i == 0} for i, n in enumerate(names)]))
-    b, recipe = open_bundle(root)
-    rep = run_validate(b, recipe, options_from_bundle(b, log=lambda s: None), ValidateOptions(latency=False))
+    rep = run_validate(reopen(root, lambda s: None), ValidateOptions(latency=False))
     assert rep["layers"][0]["trt_picked_sparse"] is True and rep["layers"][1]["trt_picked_sparse"] is False
     assert "| TRT eligible | TRT picked sparse |" in (root / "report.md").read_text()
 

@@ -14,14 +14,16 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from sls_deploy.cli import STRUCTURED_METHODS as CLI_METHODS, main
+from sls_deploy.cli import CHANNEL_METHODS, NM_METHODS, main
 from sls_deploy.core.errors import RecipeError, UsageError
 from sls_deploy.models import get_adapter
-from sls_deploy.config.recipe import STRUCTURED_METHODS, load_recipe
+from sls_deploy.config.recipe import load_recipe
+from sls_deploy.pruning import registry
 from sls_deploy.pruning.channels.structured import slice_into, zero_units
-from sls_deploy.stages.video_export import op_types
-from sls_deploy.stages.video_pipeline import VideoBuildOptions, build, load_video_model
-from sls_deploy.stages.video_validate import graph_runner
+from sls_deploy.stages.build import build_bundle
+from sls_deploy.stages.export import op_types
+from sls_deploy.stages.models import load_model as load_video_model
+from sls_deploy.stages.validate_video import graph_runner
 from tests.conftest import error_line, run_cli as run
 
 torch.set_num_threads(1)  # the tests' models are tiny; more threads only contend
@@ -191,8 +193,7 @@ def sv_ssl(tmp_path_factory, clips):
     weights = write_weights(recipe, root / "w.safetensors")
     out = root / "bundle"
     logs: list[str] = []
-    rep = build(load_recipe(recipe), VideoBuildOptions(budget=0.5, weights=str(weights), progress=False,
-                                                       log=logs.append), out)
+    rep = build_bundle(load_recipe(recipe), out, budget=0.5, weights=str(weights), progress=False, log=logs.append)
     return {"recipe": recipe, "weights": weights, "out": out, "rep": rep, "logs": logs}
 
 
@@ -328,8 +329,12 @@ def test_stage_commands_on_a_video_bundle(capsys, bv_l1):
     assert json.loads((out / "report.json").read_text())["latency"] == {"skipped": "--no-latency"}
     code, _, err = run(capsys, "validate", out, "--backend", "torch")
     assert code == 2 and "not available for video bundles" in error_line(err)
-    code, _, err = run(capsys, "export", out, "--precision", "fp16")
-    assert code == 2 and "--precision does not apply" in error_line(err)
+    code, stdout, _ = run(capsys, "export", out, "--precision", "fp16")  # video graphs get precisions too
+    assert code == 0 and "FP16 clip graph" in stdout and (out / "model.fp16.onnx").is_file()
+    code, _, err = run(capsys, "build", "--recipe", bv_l1["recipe"], "--budget", "0.5", "--method", "l1",
+                       "--m", "4", "--out", out.parent / "other")
+    assert code == 2 and "--m does not apply to --method l1" in error_line(err)
+    assert not (out.parent / "other").exists()
 
 
 def test_interrupted_finetune_resumes_from_its_checkpoint(tmp_path, clips, monkeypatch):
@@ -346,15 +351,15 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tmp_path, clips, monke
             raise KeyboardInterrupt
         return batch(self)
 
-    opts = lambda logs: VideoBuildOptions(budget=0.5, method="l1", weights=str(weights), progress=False,  # noqa: E731
-                                          log=logs.append)
+    opts = lambda logs: dict(budget=0.5, method="l1", weights=str(weights), progress=False,  # noqa: E731
+                              log=logs.append)
     monkeypatch.setattr(ClipSampler, "batch", interrupted_at_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        build(load_recipe(recipe), opts([]), out)
+        build_bundle(load_recipe(recipe), out, **opts([]))
     assert (out / "work" / "finetune.ckpt").is_file() and not (out / "model.safetensors").exists()
     monkeypatch.setattr(ClipSampler, "batch", batch)
     logs: list[str] = []
-    build(load_recipe(recipe), opts(logs), out)
+    build_bundle(load_recipe(recipe), out, **opts(logs))
     assert "  resuming finetune from step 1/3" in logs
     result = json.loads((out / "manifest.json").read_text())["stages"]["finetune"]["result"]
     assert result["resumed_from"] == 1 and result["steps"] == 3
@@ -365,7 +370,7 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tmp_path, clips, monke
 
 
 def test_methods_agree():
-    assert CLI_METHODS == STRUCTURED_METHODS
+    assert CHANNEL_METHODS == registry.CHANNEL_METHODS and NM_METHODS == registry.NM_METHODS
 
 
 @pytest.mark.parametrize("budget", ["0", "1.5"])
@@ -374,7 +379,7 @@ def test_budget_out_of_range_is_usage_error(capsys, tmp_path, clips, budget):
     code, _, err = run(capsys, "build", "--recipe", recipe, "--budget", budget, "--out", tmp_path / "b")
     assert code == 2 and "0<x<=1" in error_line(err)
     with pytest.raises(UsageError, match="budget"):
-        build(load_recipe(recipe), VideoBuildOptions(budget=float(budget), log=lambda s: None), tmp_path / "b")
+        build_bundle(load_recipe(recipe), tmp_path / "b", budget=float(budget), log=lambda s: None)
     assert not (tmp_path / "b").exists()
 
 
@@ -387,10 +392,10 @@ def test_unreachable_budget_is_one_line_plan_error(capsys, tmp_path, clips):
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--n", "2"], "--n does not apply"), (["--m", "8"], "--m does not apply"),
-    (["--precision", "fp16"], "--precision does not apply"), (["--calib-method", "max"], "--calib-method"),
-    (["--method", "oneshot"], "--method oneshot does not apply"), (["--method", "sls"], "video models take ssl")])
-def test_nm_options_on_a_video_recipe_are_usage_errors(capsys, tmp_path, clips, extra, fragment):
+    (["--n", "2"], "--n does not apply to --method ssl"), (["--m", "8"], "--m does not apply to --method ssl"),
+    (["--method", "oneshot", "--round-to", "8"], "--round-to does not apply to --method oneshot"),
+    (["--method", "l1", "--lam", "1e-9"], "--lam does not apply to --method l1")])
+def test_options_of_the_other_strategy_are_usage_errors(capsys, tmp_path, clips, extra, fragment):
     recipe = write_recipe(tmp_path, "streamvsr", clips)
     code, _, err = run(capsys, "build", "--recipe", recipe, "--budget", "0.5", "--out", tmp_path / "b", *extra)
     assert code == 2 and fragment in error_line(err)
@@ -398,7 +403,7 @@ def test_nm_options_on_a_video_recipe_are_usage_errors(capsys, tmp_path, clips, 
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--method", "l1"], "--method l1 does not apply"), (["--round-to", "4"], "--round-to does not apply"),
+    (["--method", "l1"], "--method l1 prunes channel groups, and recipe 'edsr"), (["--round-to", "4"], "--round-to does not apply"),
     (["--temporal-weight", "0"], "--temporal-weight does not apply")])
 def test_video_options_on_an_image_recipe_are_usage_errors(capsys, tmp_path, extra, fragment):
     code, _, err = run(capsys, "build", "--model", "edsr", "--budget", "0.5", "--out", tmp_path / "b", *extra)

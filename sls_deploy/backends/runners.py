@@ -168,3 +168,98 @@ def check_shapes(reference, backends: dict[str, tuple[str, object]], files: Sequ
                 fails.append(f"max abs diff {r.max_abs:.2e} > {lim.max_abs:.0e}")
             results.append(r)
     return results
+
+
+# --------------------------------------------------------------------------- runners and clip checks
+
+
+def onnx_runner(onnx_path: str | os.PathLike):
+    """An (inactive) Polygraphy ``OnnxrtRunner`` on CPU: the FP32 reference of the TensorRT checks, and the
+    stand-in for ``TrtRunner`` where there is no TensorRT. Drive it with ``backends.drive``."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    quiet_polygraphy()
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise ValidationError(f"ONNX file not found: {path}")
+    onnx_inputs(path)  # a corrupt file is a one-line ValidationError here, not a traceback at activate()
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]))
+
+
+def clip_pair_at_size(source, clip_len: int, scale: int,
+                      lr_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The first ``clip_len`` frames of a clip, every frame an HR centre crop of exactly ``lr_hw * scale``
+    (mirror-extended when the clip is smaller: ``extended``), and their bicubic LR: (1,T,3,H,W), (1,T,3,h,w)."""
+    from sls_deploy.data.images import bicubic_down
+    from sls_deploy.data.video import read_frames
+
+    frames = read_frames(source, 0, clip_len)  # (T, H, W, 3) uint8
+    h, w = lr_hw[0] * scale, lr_hw[1] * scale
+    H, W = frames.shape[1:3]
+    extended = H < h or W < w
+    if extended:
+        ph, pw = max(0, h - H), max(0, w - W)
+        frames = np.pad(frames, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="symmetric")
+        H, W = frames.shape[1:3]
+    y, x = (H - h) // 2, (W - w) // 2
+    hr = torch.from_numpy(np.ascontiguousarray(frames[:, y:y + h, x:x + w])).permute(0, 3, 1, 2).float().div_(255.0)
+    return hr.unsqueeze(0), bicubic_down(hr, scale).unsqueeze(0), extended
+
+
+def check_clip_shapes(reference, backends: dict[str, tuple[str, object]], clips: Sequence, clip_len: int, scale: int,
+                      sizes: Sequence[tuple[str, tuple[int, int]]], channel: str, limits: dict[str, Limits],
+                      progress=None) -> list[ShapeResult]:
+    """``check_shapes`` for clip functions (LR clip (1,T,3,h,w) -> SR clip (1,T,3,sh,sw)): every backend at every
+    labelled LR size on the first ``clip_len`` frames of every eval clip (cropped or mirror-extended to the size),
+    scored per frame; the means are over every frame of every clip. ``extended_images`` counts extended clips."""
+    from sls_deploy.data.images import quantize, to_image
+    from sls_deploy.data.metrics import psnr, ssim
+
+    y = channel == "y"
+    results = []
+    for label, hw in sizes:
+        acc = {name: {"max": 0.0, "mean": [], "pref": [], "gt": [], "ssim": [], "shape": None} for name in backends}
+        ref_gt, extended = [], 0
+        for src in clips:
+            hr, lr, ext = clip_pair_at_size(src, clip_len, scale, hw)
+            extended += ext
+            gts = [quantize(to_image(f)) for f in hr[0]]
+            ref = np.clip(_as_array(reference(lr)), 0, 1).astype(np.float64)
+            ref_gt += [psnr(quantize(to_image(f)), g, scale, y) for f, g in zip(ref[0], gts)]
+            for name, (_, infer) in backends.items():
+                out = _as_array(infer(lr))
+                a = acc[name]
+                a["shape"] = tuple(out.shape)
+                if out.shape != ref.shape:
+                    continue
+                out = np.clip(out, 0, 1).astype(np.float64)
+                diff = np.abs(out - ref)
+                a["max"] = max(a["max"], float(diff.max()))
+                a["mean"].append(float(diff.mean()))
+                for f, r, g in zip(out[0], ref[0], gts):
+                    a["pref"].append(psnr(f.transpose(1, 2, 0) * 255.0, r.transpose(1, 2, 0) * 255.0))
+                    img = quantize(to_image(f))
+                    a["gt"].append(psnr(img, g, scale, y))
+                    a["ssim"].append(ssim(img, g, scale, y))
+            if progress:
+                progress()
+        want = (1, clip_len, 3, hw[0] * scale, hw[1] * scale)
+        for name, (precision, _) in backends.items():
+            a = acc[name]
+            fails = []
+            if a["shape"] != want:
+                fails.append(f"output shape {a['shape']} != {want}")
+                results.append(ShapeResult(label, hw, name, precision, a["shape"] or (), float("nan"), float("nan"),
+                                           float("nan"), float("nan"), float("nan"), float(np.mean(ref_gt)),
+                                           extended, fails))
+                continue
+            r = ShapeResult(label, hw, name, precision, a["shape"], a["max"], float(np.mean(a["mean"])),
+                            float(np.mean(a["pref"])), float(np.mean(a["gt"])), float(np.mean(a["ssim"])),
+                            float(np.mean(ref_gt)), extended, fails)
+            lim = limits[precision]
+            if r.psnr_drop > lim.max_psnr_drop_db:
+                fails.append(f"PSNR drop {r.psnr_drop:.3f} dB > {lim.max_psnr_drop_db} dB")
+            if lim.max_abs is not None and r.max_abs > lim.max_abs:
+                fails.append(f"max abs diff {r.max_abs:.2e} > {lim.max_abs:.0e}")
+            results.append(r)
+    return results

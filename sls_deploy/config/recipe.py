@@ -47,15 +47,25 @@ class PrecisionSection:
 
 @dataclass(frozen=True)
 class EngineSection:
-    min_shape: tuple[int, ...] = (1, 3, 32, 32)
-    opt_shape: tuple[int, ...] = (1, 3, 180, 320)  # the deployment resolution: 1280x720 output at x4
-    max_shape: tuple[int, ...] = (1, 3, 270, 480)
+    """The ``engine:`` section: one TensorRT optimization profile of the LR size, [N, H, W] at min / opt / max.
+
+    Only batch and LR height/width live here. Every other dimension of every graph input (channels, a clip
+    graph's T, a step graph's hidden width) is read off the adapter's example input by the engine stage
+    (``trt.engine.profile_shapes``), so one section serves image, clip and step graphs alike.
+    """
+
+    min_nhw: tuple[int, int, int] = (1, 32, 32)
+    opt_nhw: tuple[int, int, int] = (1, 180, 320)  # the deployment resolution: 1280x720 output at x4
+    max_nhw: tuple[int, int, int] = (1, 270, 480)
     workspace_mb: int = 4096
+
+    def levels(self) -> dict[str, tuple[int, int, int]]:
+        """{"min"|"opt"|"max": (N, H, W)}."""
+        return {"min": self.min_nhw, "opt": self.opt_nhw, "max": self.max_nhw}
 
     def profile_sizes(self) -> dict[str, tuple[int, int]]:
         """{"min"|"opt"|"max": LR (H, W)} of the optimization profile."""
-        return {k: (s[2], s[3]) for k, s in (("min", self.min_shape), ("opt", self.opt_shape),
-                                              ("max", self.max_shape))}
+        return {k: (h, w) for k, (_, h, w) in self.levels().items()}
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,7 @@ class Recipe:
     srste_decay: float
     adapter: ModelAdapter = field(compare=False, repr=False)
     structured: StructuredSection = field(default_factory=StructuredSection)
+    modality: str = "image"  # how data meets the model: image | clip | step (recipe key or the adapter's default)
 
     @property
     def scale(self) -> int:
@@ -162,7 +173,7 @@ def recipe_for_model(model: str) -> Path:
 
 
 _TOP_KEYS = {"name", "model", "base_weights", "reference_output", "data", "train", "finetune", "sparsity",
-             "export", "validate", "description", "sls", "srste", "precision", "engine", "structured"}
+             "export", "validate", "description", "sls", "srste", "precision", "engine", "structured", "modality"}
 _SLS_KEYS = {"lam", "alpha", "threshold", "check_every", "refresh_every", "score_lr", "score_clamp", "loss_scale",
              "cost_patch", "max_search_steps"}
 
@@ -205,21 +216,38 @@ def _steps(raw: Mapping[str, Any], key: str) -> StepsSection:
     return out
 
 
+_ENGINE_LEVELS = ("min", "opt", "max")
+
+
+def _engine_nhw(sec: Mapping[str, Any], key: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
+    if key not in sec:
+        return default
+    v = sec[key]
+    if (not isinstance(v, (list, tuple)) or len(v) != 3
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+        raise RecipeError(f"engine.{key} must be [N, H, W] (three integers: batch, LR height, LR width), not {v!r}")
+    if min(v) < 1:
+        raise RecipeError(f"engine.{key} must be [N, H, W] with every value >= 1, not {list(v)}")
+    return (v[0], v[1], v[2])
+
+
 def _engine(raw: Mapping[str, Any]) -> EngineSection:
     # max_psnr_drop_db moved to the validate section; recipes (and bundles) that still carry it here are read
-    sec = _section(raw, "engine", {"min", "opt", "max", "workspace_mb", "max_psnr_drop_db"})
+    # (by _validate); here only its form is checked, so a bad value is a one-line error
+    sec = _section(raw, "engine", {*_ENGINE_LEVELS, "workspace_mb", "max_psnr_drop_db"})
+    legacy = sec.get("max_psnr_drop_db")
+    if legacy is not None and not isinstance(legacy, Mapping):
+        raise RecipeError(f"engine.max_psnr_drop_db (legacy; now validate.max_psnr_drop_db) must be a mapping "
+                          f"{{precision: dB}}, not {legacy!r}")
     d = EngineSection()
-    try:
-        shapes = [tuple(int(v) for v in sec[k]) if k in sec else None for k in ("min", "opt", "max")]
-        shapes = [(s_[0], 3, s_[1], s_[2]) if s_ else default
-                  for s_, default in zip(shapes, (d.min_shape, d.opt_shape, d.max_shape))]
-        out = EngineSection(min_shape=shapes[0], opt_shape=shapes[1], max_shape=shapes[2],
-                            workspace_mb=int(sec.get("workspace_mb", d.workspace_mb)))
-    except (TypeError, ValueError, IndexError) as e:
-        raise RecipeError(f"recipe section 'engine' (min/opt/max are [N, H, W]): {e}") from None
-    if not all(a <= b <= c for a, b, c in zip(out.min_shape, out.opt_shape, out.max_shape)) or out.workspace_mb < 1:
-        raise RecipeError("engine: need min <= opt <= max in every dimension and workspace_mb >= 1")
-    return out
+    nhw = [_engine_nhw(sec, k, default) for k, default in zip(_ENGINE_LEVELS, (d.min_nhw, d.opt_nhw, d.max_nhw))]
+    workspace = sec.get("workspace_mb", d.workspace_mb)
+    if not isinstance(workspace, int) or isinstance(workspace, bool) or workspace < 1:
+        raise RecipeError(f"engine.workspace_mb must be an integer >= 1, not {workspace!r}")
+    if not all(a <= b <= c for a, b, c in zip(*nhw)):
+        raise RecipeError("engine: need min <= opt <= max in every dimension of [N, H, W] "
+                          f"(min {list(nhw[0])}, opt {list(nhw[1])}, max {list(nhw[2])})")
+    return EngineSection(min_nhw=nhw[0], opt_nhw=nhw[1], max_nhw=nhw[2], workspace_mb=workspace)
 
 
 def _hw_list(value: Any) -> tuple[tuple[int, int], ...]:
@@ -319,6 +347,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     sparsity = _section(raw, "sparsity", {"method", "m"})
     srste = _section(raw, "srste", {"decay"})
     export = _section(raw, "export", {"opset"})
+    engine = _engine(raw)  # first: _validate reads the engine section's legacy max_psnr_drop_db
     validate = _validate(raw)
     try:
         ref = tuple(int(v) for v in raw.get("reference_output", (1280, 720)))
@@ -333,12 +362,12 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if m not in (4, 8, 16, 32):
         raise RecipeError(f"sparsity.m must be 4, 8, 16 or 32, not {m}")
     precision = _precision(raw)
-    engine = _engine(raw)
     sls_settings, max_search = _sls(raw, m)
     try:
         decay = float(srste.get("decay", 2e-4))
     except (TypeError, ValueError) as e:
         raise RecipeError(f"recipe section 'srste': {e}") from None
+    modality = _modality(raw, adapter)
     channel = str(data.get("metric_channel", "y")).lower()
     if channel not in ("y", "rgb"):
         raise RecipeError(f"data.metric_channel must be 'y' or 'rgb', not '{channel}'")
@@ -349,7 +378,22 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         metric_channel=channel, train=_steps(raw, "train"), finetune=_steps(raw, "finetune"),
         sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, opset=opset,
         validate=validate, precision=precision, engine=engine, sls=sls_settings, sls_max_search_steps=max_search,
-        srste_decay=decay, adapter=adapter, structured=_structured(raw))
+        srste_decay=decay, adapter=adapter, structured=_structured(raw), modality=modality)
+
+
+MODALITIES = ("image", "clip", "step")
+
+
+def _modality(raw: Mapping[str, Any], adapter: ModelAdapter) -> str:
+    """The recipe's ``modality`` (one the adapter supports), else the adapter's first."""
+    supported = adapter.modalities()
+    value = raw.get("modality", supported[0])
+    if value not in MODALITIES:
+        raise RecipeError(f"unknown modality {value!r} (known: {', '.join(MODALITIES)})")
+    if value not in supported:
+        raise RecipeError(f"modality '{value}' is not supported by model '{adapter.arch}' "
+                          f"(it supports: {', '.join(supported)})")
+    return value
 
 
 def resolve_recipe(model: str | None, recipe: str | os.PathLike | None) -> Recipe:

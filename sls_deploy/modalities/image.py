@@ -1,7 +1,9 @@
-"""Super-resolution quality on an image list: PSNR/SSIM of any inference function against ground truth.
+"""Restoration quality on an image list: PSNR/SSIM of any inference function against ground truth.
 
-``infer`` maps a 1x3xhxw LR tensor to a 1x3x(sh)x(sw) SR tensor (or array), so the same code scores PyTorch,
-ONNX Runtime and TensorRT outputs, and the bicubic baseline.
+``infer`` maps a 1x3xhxw LR (input) tensor to a 1x3x(sh)x(sw) SR (output) tensor (or array), so the same code
+scores PyTorch, ONNX Runtime and TensorRT outputs, and the degradation's baseline (bicubic upscaling for SR,
+the blurred input itself for deblurring). The inputs are made by the model's degradation (default: bicubic
+downscaling by ``scale``), deterministically per image.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from sls_deploy.data.images import bicubic_up, load_pair, quantize, to_image
+from sls_deploy.data.degradations import BicubicDown, Degradation
+from sls_deploy.data.images import load_pair, quantize, to_image
 from sls_deploy.data.metrics import psnr, ssim
 
 InferFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
@@ -27,11 +30,12 @@ class QualityResult:
 
 
 def evaluate(infer: InferFn, files: Sequence[Path], scale: int, channel: str = "y",
-             with_ssim: bool = True) -> QualityResult:
+             with_ssim: bool = True, degradation: Degradation | None = None) -> QualityResult:
+    """Mean (and per-image) PSNR/SSIM of ``infer`` on ``files``, border of ``scale`` pixels cropped."""
     y = channel == "y"
     per: dict[str, dict[str, float]] = {}
     for f in files:
-        hr, lr = load_pair(f, scale)
+        hr, lr = load_pair(f, scale, degradation)
         with torch.no_grad():
             sr = infer(lr)
         sr_img, hr_img = quantize(to_image(sr)), quantize(to_image(hr))
@@ -47,8 +51,15 @@ def evaluate(infer: InferFn, files: Sequence[Path], scale: int, channel: str = "
         per_image=per)
 
 
+def baseline_infer(degradation: Degradation) -> InferFn:
+    """The degradation's trivial restoration (bicubic upscaling, the blurred input, ...); its label in reports
+    is ``degradation.name``."""
+    return degradation.baseline
+
+
 def bicubic_infer(scale: int) -> InferFn:
-    return lambda lr: bicubic_up(lr, scale)
+    """The bicubic baseline of SR models (``baseline_infer(BicubicDown(scale))``)."""
+    return baseline_infer(BicubicDown(scale))
 
 
 def torch_infer(model: torch.nn.Module) -> InferFn:

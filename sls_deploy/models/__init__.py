@@ -5,10 +5,11 @@ from __future__ import annotations
 from sls_deploy.core.errors import UsageError
 from sls_deploy.models.base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig
 from sls_deploy.models.basicvsr import BasicVSRAdapter, StreamVSRAdapter
+from sls_deploy.models.deblur import DeblurAdapter
 from sls_deploy.models.edsr import EDSRAdapter
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {"edsr": EDSRAdapter, "basicvsr": BasicVSRAdapter,
-                                            "streamvsr": StreamVSRAdapter}
+                                            "streamvsr": StreamVSRAdapter, "deblur": DeblurAdapter}
 
 
 def get_adapter(arch: str) -> ModelAdapter:

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from sls_deploy.data.degradations import BicubicDown, Degradation
+
 
 @dataclass(frozen=True)
 class ExportSpec:
@@ -102,9 +104,20 @@ class ModelAdapter(abc.ABC):
         """The smallest LR height/width the model accepts (and that calibration images must have)."""
         return 8
 
+    def degradation(self, cfg: ModelConfig) -> Degradation:
+        """How the model's inputs are made from ground-truth images (training patches, evaluation pairs) and the
+        baseline reports compare against. Default: bicubic downscaling by ``cfg.scale`` (super-resolution)."""
+        return BicubicDown(cfg.scale)
+
     def default_fp32_islands(self, model: nn.Module) -> list[str]:
         """Layers an FP16/INT8 graph keeps at FP32 unless the recipe says otherwise."""
         return []
+
+    def fp32_island_ops(self) -> tuple[str, ...]:
+        """ONNX op types an FP16/INT8 graph keeps at FP32, whatever layer they belong to (for GridSample also
+        the arithmetic computing its sampling grid: see ``sls_deploy.onnx.precision.graph.op_island_nodes``).
+        Default: none."""
+        return ()
 
     def channel_groups(self, model: nn.Module) -> list[ChannelGroup]:
         """Channel groups a structured pruner may shrink; their kept widths come back as ``options["widths"]``
@@ -115,10 +128,9 @@ class ModelAdapter(abc.ABC):
         """The module whose forward is exactly the ONNX graph (same parameter names as ``model``)."""
         return model
 
-    def kind(self) -> str:
-        """Either "image" (one frame in, one out) or "video" (clips, or one step of a recurrent model)."""
-        return "image"
-
-    def is_streaming(self) -> bool:
-        """True when the graph is one step of a recurrent model (see ExportSpec.recurrent)."""
-        return False
+    def modalities(self) -> tuple[str, ...]:
+        """How data can meet this model, the default first: "image" (N,C,H,W in, one frame out), "clip"
+        (N,T,C,H,W: a window of frames per graph run) or "step" (one step of a recurrent model: the graph's
+        state inputs are fed back from its outputs, see ExportSpec.recurrent). A recipe may pick another one
+        this list names (top-level ``modality:``)."""
+        return ("image",)

@@ -148,7 +148,7 @@ def sections(rep: dict) -> list[Section]:
         c = pred["counts"]
         out.append(Section("Predicted TensorRT benefit (a prediction)", [
             f"**Prediction, not a measurement.** {pred['label'][0].upper() + pred['label'][1:]}.",
-            f"2:4 layers: {c['likely']} likely, {c['borderline']} borderline, {c['unlikely']} unlikely to get a sparse "
+            f"2:4 layers: {c['likely']} likely, {c['unlikely'] + c.get('borderline', 0)} unlikely to get a sparse "
             f"kernel; {c['no']} cannot. MACs ratio bound with every 2:4 layer halved: "
             f"{_f(pred['bound_all_2to4_halved'], 3)}; with only the 'likely' ones halved: "
             f"{_f(pred['bound_likely_halved'], 3)}."]))

@@ -1,73 +1,108 @@
 """`validate --backend trt`: the bundle's TensorRT engine against the FP32 graph, at every deployment shape.
 
 Needs TensorRT (and a GPU). The reference is the FP32 ONNX graph in ONNX Runtime, so a packed bundle, which
-carries no PyTorch weights, can be validated on the device. The same shape checks as the ONNX Runtime backend
-run (profile min/opt/max, odd size, extra sizes): a row fails when the engine's PSNR is more than the recipe's
-``validate.max_psnr_drop_db[precision]`` below the FP32 graph's. The engine is then timed at the latency
-sizes, and side by side with ``engine/model.dense.plan`` when that exists (an engine built from the same graph
-with ``--sparsity disable``), which gives the sparse/dense ratio.
+carries no PyTorch weights, can be validated on the device. Engine and reference are both Polygraphy runners
+(``TrtRunner``, ``OnnxrtRunner``) driven by ``backends.drive``, which tells the graph's kind from its spec:
+
+- an image graph runs the image shape checks (profile min/opt/max, odd size, extra sizes, on the eval images);
+- a clip graph (BasicVSR) runs the eval clips' first T frames in windows, a step graph (StreamVSR) is driven
+  frame by frame with its recurrent state fed back (``ExportSpec.recurrent``), at the same labelled sizes (each
+  frame centre-cropped or mirror-extended to the size), scored per frame.
+
+A row fails when the engine's PSNR is more than the recipe's ``validate.max_psnr_drop_db[precision]`` below the
+FP32 graph's. The engine is then timed per graph run at the latency sizes, and side by side with
+``engine/model.dense.plan`` when that exists (an engine built from the same graph with ``--sparsity disable``),
+which gives the sparse/dense ratio.
 """
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Iterator
 
-import numpy as np
-
+from sls_deploy.backends import drive
+from sls_deploy.backends.runners import Limits, check_clip_shapes, check_shapes, onnx_runner
 from sls_deploy.core import atomic
-from sls_deploy.data import resolve_images
-from sls_deploy.trt.engine import ENGINE_DIR
 from sls_deploy.core.packing import VAL_DIR
-from sls_deploy.backends.runners import Limits, check_shapes, ort_infer
+from sls_deploy.trt.engine import ENGINE_DIR
 
 DENSE_ENGINE = "model.dense.plan"
+DEFAULT_EVAL_FRAMES = 5  # frames per eval window of a step graph when the recipe's model has no clip_len
 
 
-@contextlib.contextmanager
-def trt_infer(engine_file: Path) -> Iterator[Callable]:
-    """An ``infer(lr_tensor) -> np.ndarray`` backed by Polygraphy's TrtRunner."""
+def trt_runner(engine_file: Path):
+    """An (inactive) Polygraphy ``TrtRunner`` on a serialized engine."""
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    with TrtRunner(EngineFromBytes(BytesFromPath(str(engine_file)))) as runner:
-        yield lambda lr: np.asarray(runner.infer({"lr": lr.detach().cpu().numpy()})["sr"], np.float32)
+    return TrtRunner(EngineFromBytes(BytesFromPath(str(engine_file))))
+
+
+def _active(stack: contextlib.ExitStack, runner):
+    """Activate a runner until the stack closes (a Polygraphy runner is its own context manager)."""
+    if hasattr(runner, "__enter__"):
+        return stack.enter_context(runner)
+    runner.activate()
+    stack.callback(runner.deactivate)
+    return runner
 
 
 def validate_engine(root: Path, recipe, precision: str, eval_data: Path | None, runs: int | None = None,
-                    open_engine=trt_infer) -> dict:
-    from sls_deploy.core.errors import BundleError
+                    open_engine=trt_runner) -> dict:
+    """``open_engine(path) -> runner`` opens an engine file (default: TensorRT; tests pass ONNX Runtime)."""
     from sls_deploy.backends.latency import time_side_by_side
-    from sls_deploy.stages.validate import shape_sizes
+    from sls_deploy.core.errors import BundleError
+    from sls_deploy.stages.validate_image import shape_sizes
 
     engine_file = root / ENGINE_DIR / "model.plan"
     if not engine_file.is_file():
         raise BundleError(f"{root} has no {ENGINE_DIR}/model.plan (run `sls-deploy engine {root}` first)")
-    files = resolve_images(eval_data or (root / VAL_DIR if (root / VAL_DIR).is_dir() else recipe.data_eval))
+    spec = recipe.adapter.export_spec(recipe.model)
     val = recipe.validate
     limit = val.max_drop(precision)
     name = f"tensorrt {precision}"
     dense_file = root / ENGINE_DIR / DENSE_ENGINE
     with contextlib.ExitStack() as stack:
-        ref = stack.enter_context(ort_infer(root / "model.onnx"))
-        trt = stack.enter_context(open_engine(engine_file))
-        rows = check_shapes(ref, {name: (precision, trt)}, files, recipe.scale, shape_sizes(recipe),
-                            recipe.metric_channel, {precision: Limits(limit)})
-        calls = {"sparse": trt}
+        ref = _active(stack, onnx_runner(root / "model.onnx"))
+        trt = _active(stack, open_engine(engine_file))
+        kind = drive.graph_kind(spec, drive.input_info(ref))
+        limits = {precision: Limits(limit)}
+        if kind == drive.IMAGE:
+            from sls_deploy.data import resolve_images
+
+            files = resolve_images(eval_data or (root / VAL_DIR if (root / VAL_DIR).is_dir() else recipe.data_eval))
+            rows = check_shapes(drive.image_infer(ref, spec), {name: (precision, drive.image_infer(trt, spec))}, files,
+                                recipe.scale, shape_sizes(recipe), recipe.metric_channel, limits)
+            data = {"eval_images": [f.name for f in files]}
+            frames = 1
+        else:
+            from sls_deploy.data.video import resolve_clips
+
+            clips = resolve_clips(eval_data or recipe.data_eval)
+            window = drive.input_info(ref)[spec.input_names[0]].fixed(1) if kind == drive.CLIP else None
+            frames = window or 1
+            n_frames = window or int(recipe.model.options.get("clip_len", DEFAULT_EVAL_FRAMES))
+            rows = check_clip_shapes(drive.clip_infer(ref, spec), {name: (precision, drive.clip_infer(trt, spec))},
+                                     clips, n_frames, recipe.scale, shape_sizes(recipe), recipe.metric_channel, limits)
+            data = {"graph": kind, "eval_clips": [c.name for c in clips], "frames_per_clip": n_frames,
+                    "driven": ("frame by frame, recurrent inputs fed back " + str(dict(spec.recurrent))
+                               if kind == drive.STEP else f"windows of {n_frames} frames")}
+        engines = {"sparse": trt}
         if dense_file.is_file():
-            calls["dense"] = stack.enter_context(open_engine(dense_file))
+            engines["dense"] = _active(stack, open_engine(dense_file))
         latency = []
         for h, w in val.latency_sizes or [recipe.engine.profile_sizes()["opt"]]:
             x = recipe.adapter.example_input(recipe.model, h, w)
-            t = time_side_by_side({k: (lambda f=f: f(x)) for k, f in calls.items()}, val.latency_warmup,
-                                  runs or val.latency_runs)
-            entry = {"lr_hw": [h, w], **{k: v.to_json() for k, v in t.items()}}
+            feeds = {k: drive.example_feed(spec, x, drive.input_info(r)) for k, r in engines.items()}
+            t = time_side_by_side({k: (lambda r=r, f=feeds[k]: r.infer(f)) for k, r in engines.items()},
+                                  val.latency_warmup, runs or val.latency_runs)
+            entry = {"lr_hw": [h, w], **({"frames_per_run": frames} if kind != drive.IMAGE else {}),
+                     **{k: v.to_json() for k, v in t.items()}}
             if "dense" in t:
                 entry["ratio_sparse_over_dense"] = t["sparse"].median_ms / t["dense"].median_ms
             latency.append(entry)
     failed = [r for r in rows if not r.passed]
-    res = {"backend": "tensorrt", "precision": precision, "eval_images": [f.name for f in files],
+    res = {"backend": "tensorrt", "precision": precision, **data,
            "max_psnr_drop_db": limit, "shapes": [r.to_json() for r in rows], "latency": latency,
            "dense_engine": dense_file.is_file(), "passed": not failed}
     res["verdict"] = (f"{name} at {failed[0].label} {failed[0].size[0]}x{failed[0].size[1]}: "

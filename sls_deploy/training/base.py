@@ -8,29 +8,36 @@ import torch
 
 from sls_deploy.core.checkpoints import save_weights
 from sls_deploy.data import PatchSampler, resolve_images
-from sls_deploy.modalities.image import bicubic_infer, evaluate, torch_infer
+from sls_deploy.data.degradations import Degradation
+from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
 from sls_deploy.config.recipe import Recipe
 from sls_deploy.training.loop import TrainConfig, TrainResult, train
 
 
 def train_base(recipe: Recipe, out: Path, *, steps: int | None = None, data: str | None = None,
-               resume: bool = True, half: bool = False, seed: int = 0, progress: bool = True) -> dict:
+               resume: bool = True, half: bool = False, seed: int = 0, progress: bool = True,
+               degradation: Degradation | None = None) -> dict:
     """Train the recipe's model from scratch and write its weights to ``out`` (safetensors).
 
-    Image models train on patches of images, video models on clips of frames (L1 over every frame).
+    Image models train on patches of images, their inputs made by ``degradation`` (default: the adapter's,
+    e.g. bicubic downscaling or blur); video models on clips of frames (L1 over every frame, bicubic inputs).
+    The result compares the trained model with the degradation's baseline on the eval list: ``baseline`` is its
+    label ("bicubic", "blurred input"), ``psnr_baseline`` its PSNR (``psnr_bicubic`` is the same number, the
+    key older callers read).
     """
     sec = recipe.train
     cfg = TrainConfig(steps=sec.steps if steps is None else steps, lr=sec.lr, warmup=sec.warmup,
                       checkpoint_every=sec.checkpoint_every, seed=seed)
-    video = recipe.adapter.kind() == "video"
+    video = recipe.modality != "image"
     if video:
         from sls_deploy.data.video import ClipSampler, resolve_clips
 
         sampler = ClipSampler(resolve_clips(data or recipe.data_train), recipe.scale, sec.lr_patch,
                               recipe.model.options["clip_len"], sec.batch_size, seed=seed)
     else:
+        degradation = degradation or recipe.adapter.degradation(recipe.model)
         sampler = PatchSampler(resolve_images(data or recipe.data_train), recipe.scale, sec.lr_patch,
-                               sec.batch_size, seed=seed)
+                               sec.batch_size, seed=seed, degradation=degradation)
     torch.manual_seed(seed)
     model = recipe.build_model()
     ckpt = out.with_name(out.name + ".ckpt")
@@ -43,12 +50,16 @@ def train_base(recipe: Recipe, out: Path, *, steps: int | None = None, data: str
         return {"weights": str(out), "steps": result.steps_done, "seconds": round(result.seconds, 1),
                 "final_loss": result.final_loss, **_video_margin(recipe, model)}
     eval_files = resolve_images(recipe.data_eval)
-    model_q = evaluate(torch_infer(model), eval_files, recipe.scale, recipe.metric_channel, with_ssim=False)
-    bic_q = evaluate(bicubic_infer(recipe.scale), eval_files, recipe.scale, recipe.metric_channel, with_ssim=False)
+    model_q = evaluate(torch_infer(model), eval_files, recipe.scale, recipe.metric_channel, with_ssim=False,
+                       degradation=degradation)
+    base_q = evaluate(baseline_infer(degradation), eval_files, recipe.scale, recipe.metric_channel,
+                      with_ssim=False, degradation=degradation)
     return {"weights": str(out), "steps": result.steps_done, "seconds": round(result.seconds, 1),
-            "final_loss": result.final_loss, "channel": recipe.metric_channel,
-            "psnr_model": model_q.psnr, "psnr_bicubic": bic_q.psnr, "margin_db": model_q.psnr - bic_q.psnr,
-            "per_image": {k: {"model": v["psnr"], "bicubic": bic_q.per_image[k]["psnr"]}
+            "final_loss": result.final_loss, "channel": recipe.metric_channel, "baseline": degradation.name,
+            "psnr_model": model_q.psnr, "psnr_baseline": base_q.psnr, "psnr_bicubic": base_q.psnr,
+            "margin_db": model_q.psnr - base_q.psnr,
+            "per_image": {k: {"model": v["psnr"], "baseline": base_q.per_image[k]["psnr"],
+                              "bicubic": base_q.per_image[k]["psnr"]}
                           for k, v in model_q.per_image.items()}}
 
 
@@ -66,7 +77,8 @@ def _video_margin(recipe: Recipe, model: torch.nn.Module) -> dict:
 
     q = evaluate_clips(infer, clips, T, recipe.scale, ch, with_ssim=False)
     b = evaluate_clips(bicubic_clip_infer(recipe.scale), clips, T, recipe.scale, ch, with_ssim=False)
-    return {"channel": ch, "psnr_model": q.psnr, "psnr_bicubic": b.psnr, "margin_db": q.psnr - b.psnr,
-            "per_image": {k: {"model": float(sum(v["psnr"]) / len(v["psnr"])),
-                              "bicubic": float(sum(b.per_clip[k]["psnr"]) / len(b.per_clip[k]["psnr"]))}
-                          for k, v in q.per_clip.items()}}
+    per = {k: (float(sum(v["psnr"]) / len(v["psnr"])), float(sum(b.per_clip[k]["psnr"]) / len(b.per_clip[k]["psnr"])))
+           for k, v in q.per_clip.items()}
+    return {"channel": ch, "baseline": "bicubic", "psnr_model": q.psnr, "psnr_baseline": b.psnr,
+            "psnr_bicubic": b.psnr, "margin_db": q.psnr - b.psnr,
+            "per_image": {k: {"model": m, "baseline": bb, "bicubic": bb} for k, (m, bb) in per.items()}}

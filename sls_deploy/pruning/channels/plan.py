@@ -16,6 +16,7 @@ from typing import Any
 from sls_deploy.pruning.nm.plan import DenseLayer, PlanFile
 
 STRUCTURED_PLAN_VERSION = 1
+STRUCTURED_KIND = "structured"  # plan.json's "kind" for a channel plan (N:M plans have none)
 
 
 @dataclass
@@ -70,7 +71,7 @@ class StructuredPlan(PlanFile):
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": STRUCTURED_PLAN_VERSION, "kind": "structured", "model": self.model, "method": self.method,
+            "version": STRUCTURED_PLAN_VERSION, "kind": STRUCTURED_KIND, "model": self.model, "method": self.method,
             "budget": self.budget, "budget_scope": self.budget_scope, "round_to": self.round_to, "seed": self.seed,
             "reference_output": self.reference_output, "frames": self.frames,
             "macs": {"dense": self.macs_dense, "pruned": self.macs_pruned, "ratio": self.ratio,
@@ -86,7 +87,7 @@ class StructuredPlan(PlanFile):
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "StructuredPlan":
-        if d.get("kind") != "structured":
+        if d.get("kind") != STRUCTURED_KIND:
             raise ValueError("not a structured plan (no \"kind\": \"structured\")")
         gp = {"name", "producer", "consumers", "unit", "dense_units", "kept"}
         lc = {"name", "macs_dense", "macs_pruned", "out_group", "in_group"}

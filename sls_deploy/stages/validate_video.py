@@ -1,4 +1,4 @@
-"""The video build's validate stage: does the pruned graph ship?
+"""Validate, clip and step modalities (video): does the pruned graph ship?
 
 - ONNX Runtime vs PyTorch over every eval clip window (``clip_len`` frames): the clip graph runs the window at
   once; the step graph is driven frame by frame, its recurrent outputs fed back as the spec says
@@ -31,7 +31,11 @@ from sls_deploy.data.video import resolve_clips
 from sls_deploy.core.errors import UsageError, ValidationError
 from sls_deploy.config.recipe import Recipe
 from sls_deploy.pruning.channels.plan import StructuredPlan
-from sls_deploy.stages.validate import DENSE_ONNX, REPORT_HTML, ValidateOptions, _bar, dense_graph
+from sls_deploy.pruning.registry import load_plan
+from sls_deploy.stages.export import DENSE_ONNX, dense_graph
+from sls_deploy.stages.models import graph_spec, load_model, plan_widths
+from sls_deploy.stages.skeleton import Run
+from sls_deploy.stages.validate_common import REPORT_HTML, ValidateOptions, plan_rows, progress_bar
 from sls_deploy.modalities.clip import VideoQuality, bicubic_clip_infer, evaluate_clips
 
 FP_NOTE = ("FP16/INT8 graphs are not written for video models: the flow warp's GridSample sampling grid must "
@@ -87,20 +91,16 @@ def _torch_infer(model, record: list | None = None):
     return infer
 
 
-def run_validate(bundle: Bundle, recipe: Recipe, opts, vopts: ValidateOptions | None = None) -> dict:
+def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
     """Every check and the report files; returns report.json's dict (``check_video_report`` says if it ships)."""
-    from sls_deploy.stages.pipeline import load_model
-    from sls_deploy.stages.video_pipeline import graph_spec, load_video_model
-
-    vopts = vopts or ValidateOptions()
-    vopts.check()
+    bundle, recipe = run.bundle, run.recipe
     if vopts.backend != "ort":
         raise UsageError(f"--backend {vopts.backend} is not available for video bundles (use ort)")
     m = bundle.require()
     bundle.verify([PLAN, WEIGHTS, ONNX])
-    plan = StructuredPlan.load(bundle.path(PLAN))
+    plan = load_plan(bundle.path(PLAN))
     base = Path(m["stages"]["search"]["base_weights"])
-    eval_spec = opts.eval_data or recipe.data_eval
+    eval_spec = run.settings.eval_data
     val, T = recipe.validate, int(recipe.model.options["clip_len"])
     runs = vopts.latency_runs or val.latency_runs
     warmup = val.latency_warmup if vopts.latency_warmup is None else vopts.latency_warmup
@@ -108,17 +108,17 @@ def run_validate(bundle: Bundle, recipe: Recipe, opts, vopts: ValidateOptions | 
         "base": atomic.sha256_file(base), "eval": eval_spec, "validate": repr(val), "clip_len": T,
         "channel": recipe.metric_channel, "latency": [vopts.latency, runs, warmup, vopts.threads]})
     if bundle.stage_is_current("validate", inputs):
-        opts.log("  up to date")
+        run.log("  up to date")
         return json.loads(bundle.path(REPORT_JSON).read_text())
     t0 = time.perf_counter()
     from sls_deploy.backends.latency import ort_session
 
     clips = resolve_clips(eval_spec)
     dense = load_model(recipe, base)
-    pruned = load_video_model(recipe, bundle.path(WEIGHTS), plan.widths)
+    pruned = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan))
     spec = graph_spec(recipe)
     scale, ch = recipe.scale, recipe.metric_channel
-    bar = _bar(opts, 4 * len(clips) + (runs if vopts.latency else 0))
+    bar = progress_bar(run.progress, 4 * len(clips) + (runs if vopts.latency else 0))
     try:
         quality: dict[str, VideoQuality] = {}
         torch_out: list[np.ndarray] = []
@@ -140,13 +140,15 @@ def run_validate(bundle: Bundle, recipe: Recipe, opts, vopts: ValidateOptions | 
         quality["onnx"] = evaluate_clips(_ticking(onnx_infer, bar), clips, T, scale, ch, with_ssim=False)
         whole = whole_clip_check(run, pruned, clips[0], T, scale, bool(spec.recurrent))
         dense_sha = m["stages"]["search"].get("base_weights_sha256") or atomic.sha256_file(base)
-        latency = (_latency(bundle, recipe, dense, dense_sha, spec, plan.frames, vopts, runs, warmup, bar.update)
+        frames = int(m["stages"].get("export", {}).get("result", {}).get("frames_per_run", getattr(plan, "frames", 1)))
+        latency = (_latency(bundle, recipe, dense, dense_sha, spec, frames, vopts, runs, warmup, bar.update)
                    if vopts.latency else {"skipped": "--no-latency"})
     finally:
         bar.close()
-    rep = _report(bundle, recipe, plan, m, quality, clips, T, diffs, latency, spec, whole)
-    images = {report_plots.WIDTHS_PLOT: lambda p: report_plots.plot_group_widths(rep, p),
-              report_plots.FRAMES_PLOT: lambda p: report_plots.plot_per_frame(rep, p)}
+    rep = _report(bundle, recipe, plan, m, quality, clips, T, diffs, latency, spec, whole, frames)
+    images = {report_plots.FRAMES_PLOT: lambda p: report_plots.plot_per_frame(rep, p)}
+    if rep["groups"]:
+        images[report_plots.WIDTHS_PLOT] = lambda p: report_plots.plot_group_widths(rep, p)
     for name, draw in images.items():
         draw(bundle.path(name))
     atomic.write_json(bundle.path(REPORT_JSON), rep)
@@ -181,15 +183,16 @@ def whole_clip_check(run, model, clip, T: int, scale: int, streaming: bool) -> d
     return {"clip": clip.name, "frames": int(n), "max_abs": worst}
 
 
-def _report(bundle, recipe, plan: StructuredPlan, manifest, q: dict[str, VideoQuality], clips, T, diffs, latency,
-            spec, whole: dict) -> dict:
+def _report(bundle, recipe, plan, manifest, q: dict[str, VideoQuality], clips, T, diffs, latency,
+            spec, whole: dict, f: int) -> dict:
     val = recipe.validate
     max_abs = max(max(diffs), whole["max_abs"])
     stages = manifest.get("stages", {})
-    f = plan.frames
+    channels = isinstance(plan, StructuredPlan)
     rep = {
         "kind": "video", "model": recipe.name, "arch": recipe.model.arch, "graph": "step" if spec.recurrent else "clip",
-        "budget": plan.budget, "method": plan.method, "round_to": plan.round_to,
+        "budget": plan.budget, "method": plan.method, "round_to": getattr(plan, "round_to", None),
+        "m": getattr(plan, "m", None),
         "macs": {"unit": "GMACs per frame", "dense": plan.macs_dense / f / 1e9, "pruned": plan.macs_pruned / f / 1e9,
                  "ratio": plan.ratio, "reference_output": plan.reference_output, "budget_scope": plan.budget_scope,
                  "frames_per_graph_run": f},
@@ -209,10 +212,9 @@ def _report(bundle, recipe, plan: StructuredPlan, manifest, q: dict[str, VideoQu
                           "driven": ("frame by frame, recurrent outputs fed back " + json.dumps(dict(spec.recurrent))
                                      if spec.recurrent else "whole window at once")},
         "latency": latency,
-        "groups": [{k: v for k, v in g.to_json().items() if k != "kept"} for g in plan.groups],
-        "widths": plan.widths,
-        "layers": [{"name": l.name, "macs_dense": l.macs_dense, "macs_pruned": l.macs_pruned,
-                    "out_group": l.out_group, "in_group": l.in_group} for l in plan.layers],
+        "groups": [{k: v for k, v in g.to_json().items() if k != "kept"} for g in plan.groups] if channels else [],
+        "widths": plan.widths if channels else {},
+        "layers": plan_rows(plan),
         "dense_layers": [{"name": d.name, "macs": d.macs, "reason": d.reason} for d in plan.dense_layers],
         "export": {k: v for k, v in stages.get("export", {}).get("result", {}).items() if k != "convs"},
         "finetune": stages.get("finetune", {}).get("result", {}),

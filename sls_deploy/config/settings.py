@@ -1,0 +1,193 @@
+"""Settings: the recipe and the command line resolved once into one frozen object.
+
+Every stage reads its knobs from ``Settings`` (never ``opts.x or recipe.y``); the manifest stores the record
+whole (``to_record``) and later stages restore it whole (``from_record``), so a `finetune` or `export` run on
+an existing bundle uses exactly what `build` or `search` resolved. Per-stage overrides (`finetune --steps`,
+`export --precision`, `validate --eval-data`) go through ``with_overrides`` and are checked the same way.
+
+Two independent axes are chosen here: the pruning *strategy* (``nm``: sls / oneshot / srste, masks on weights;
+``channels``: ssl / l1 / l1-global, units removed and the graph sliced), from the method, and the *modality*
+(``image``, ``clip``, ``step``), from the recipe (``model.modality``) or the adapter's default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from sls_deploy.config.recipe import PRECISIONS, Recipe
+from sls_deploy.core.errors import UsageError
+from sls_deploy.modalities.registry import modality_of
+from sls_deploy.pruning.registry import METHODS, STRATEGIES, strategy_of
+
+VALID_M = (4, 8, 16, 32)
+TARGETS = ("trt", "none")
+CALIB_METHODS = ("max", "percentile", "entropy")
+# options that only mean something for one strategy: given for the other, they are usage errors naming them
+NM_ONLY = ("m", "n", "lam", "alpha", "target")
+CHANNELS_ONLY = ("round_to",)
+
+
+@dataclass(frozen=True)
+class Settings:
+    budget: float
+    method: str
+    strategy: str  # "nm" | "channels" (from the method)
+    modality: str  # "image" | "clip" | "step" (from the recipe / adapter)
+    seed: int = 0
+    steps: int = 0  # training steps after the base model, search and finetune together, for every method
+    data: str = ""  # training data (images or clips)
+    eval_data: str = ""
+    weights: str | None = None  # dense base weights; None: the recipe's shipped weights
+    # N:M
+    m: int = 4
+    n: int | None = None  # oneshot/srste: a fixed uniform N
+    lam: float | None = None  # SLS lambda; None: the recipe's
+    alpha: float | None = None
+    target: str = "trt"
+    # channels
+    round_to: int = 8
+    ssl_steps: int = 100
+    temporal_weight: float = 0.0  # weight of the frame-difference term of the clip loss (0 = per-frame L1)
+    # export
+    precisions: tuple[str, ...] = ("fp32",)
+    calib: str = "builtin"
+    calib_method: str = "percentile"
+    io: str = "fp32"
+
+    # -- resolution ---------------------------------------------------------------------------------------
+    @classmethod
+    def resolve(cls, recipe: Recipe, *, budget: float, method: str | None = None, **cli: Any) -> "Settings":
+        """The recipe's defaults with the command line's values (``None`` = not given) on top, checked."""
+        method = method or recipe_default_method(recipe)
+        if method not in STRATEGIES:
+            raise UsageError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+        strategy = strategy_of(method)
+        wrong = CHANNELS_ONLY if strategy == "nm" else NM_ONLY
+        given = [k for k in wrong if cli.get(k) is not None]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} does not apply to --method {method} "
+                             f"({'an N:M' if strategy == 'channels' else 'a channel-pruning'} option)")
+        if strategy == "channels" and not recipe.adapter.channel_groups(recipe.build_model()):
+            raise UsageError(f"--method {method} prunes channel groups, and {recipe.describe_model()} declares none "
+                             f"(its methods: {', '.join(m for m in METHODS if STRATEGIES[m] == 'nm')})")
+        modality = modality_of(recipe)
+        if cli.get("temporal_weight") is not None and modality == "image":
+            raise UsageError(f"--temporal-weight does not apply to {recipe.describe_model()}: it is an option of "
+                             "clip and step (video) models")
+        st, prec = recipe.structured, recipe.precision
+        values = {
+            "budget": budget, "method": method, "strategy": strategy, "modality": modality,
+            "seed": cli.get("seed") if cli.get("seed") is not None else 0,
+            "steps": recipe.finetune.steps + (st.ssl_steps if method == "ssl" else 0),
+            "data": recipe.data_train, "eval_data": recipe.data_eval,
+            "m": recipe.sparsity_m, "target": "trt",
+            "round_to": st.round_to, "ssl_steps": st.ssl_steps,
+            "temporal_weight": st.temporal_weight if modality != "image" else 0.0,
+            "precisions": tuple(dict.fromkeys(("fp32",) + tuple(prec.graphs))),
+            "calib": prec.calib, "calib_method": prec.calib_method, "io": prec.io,
+        }
+        for k, v in cli.items():
+            if v is None or k == "seed":
+                continue
+            if k not in cls.__dataclass_fields__:
+                raise TypeError(f"unknown setting {k}")
+            values[k] = v
+        if values.get("precisions") is not None:
+            values["precisions"] = tuple(dict.fromkeys(("fp32",) + tuple(values["precisions"])))
+        return cls(**values).check(recipe)
+
+    def with_overrides(self, recipe: Recipe, **changes: Any) -> "Settings":
+        """The same settings with the non-None ``changes`` (a later stage's options), checked again."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if "precisions" in changes:
+            changes["precisions"] = tuple(dict.fromkeys(("fp32",) + tuple(changes["precisions"])))
+        return dataclasses.replace(self, **changes).check(recipe) if changes else self
+
+    def check(self, recipe: Recipe) -> "Settings":
+        if not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and 0 < self.budget <= 1):
+            raise UsageError(f"--budget must be in (0, 1], not {self.budget}")
+        if self.m not in VALID_M:
+            raise UsageError(f"M must be one of {', '.join(map(str, VALID_M))}, not {self.m}")
+        if self.n is not None:
+            if self.method == "sls":
+                raise UsageError("--n fixes a uniform N: use it with --method oneshot or srste "
+                                 "(SLS chooses N per layer)")
+            if not 1 <= self.n <= self.m:
+                raise UsageError(f"--n must be in 1..{self.m} for M={self.m}, not {self.n}")
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise UsageError(f"--steps must be an integer >= 0, not {self.steps}")
+        if self.method == "ssl" and self.steps < 1:
+            raise UsageError("--method ssl learns its channel scales by training: give --steps >= 1")
+        if self.target not in TARGETS:
+            raise UsageError(f"--target must be one of {', '.join(TARGETS)}, not '{self.target}'")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise UsageError(f"--round-to must be an integer >= 1, not {self.round_to}")
+        if not isinstance(self.ssl_steps, int) or self.ssl_steps < 1:
+            raise UsageError(f"ssl steps must be an integer >= 1, not {self.ssl_steps}")
+        if not math.isfinite(self.temporal_weight) or self.temporal_weight < 0:
+            raise UsageError(f"--temporal-weight must be a finite number >= 0, not {self.temporal_weight:g}")
+        for p in self.precisions:
+            if p not in PRECISIONS:
+                raise UsageError(f"unknown precision '{p}' (known: {', '.join(PRECISIONS)})")
+        if self.calib_method not in CALIB_METHODS:
+            raise UsageError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, not '{self.calib_method}'")
+        if self.io not in ("fp32", "fp16"):
+            raise UsageError(f"--io must be fp32 or fp16, not '{self.io}'")
+        if self.strategy == "nm":
+            try:
+                self.sls(recipe)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        return self
+
+    def sls(self, recipe: Recipe):
+        """The recipe's SLS settings with these M, lambda and alpha."""
+        changes: dict[str, Any] = {"m": self.m}
+        if self.lam is not None:
+            changes["lam"] = self.lam
+        if self.alpha is not None:
+            changes["alpha"] = self.alpha
+        return dataclasses.replace(recipe.sls, **changes).validate()
+
+    def structured(self, recipe: Recipe):
+        """The recipe's structured section with these method, round_to, ssl steps and temporal weight."""
+        return dataclasses.replace(recipe.structured, method=self.method, round_to=self.round_to,
+                                   ssl_steps=min(self.ssl_steps, self.steps), temporal_weight=self.temporal_weight)
+
+    # -- the manifest ---------------------------------------------------------------------------------------
+    def build_key(self, recipe: Recipe) -> dict[str, Any]:
+        """What makes a bundle folder this bundle (a folder holding another build is refused)."""
+        key = {"model": recipe.name, "arch": recipe.model.arch, "scale": recipe.scale, "budget": self.budget,
+               "method": self.method, "strategy": self.strategy, "modality": self.modality}
+        if self.strategy == "nm":
+            key["m"] = self.m
+            if self.n is not None:
+                key["n"] = self.n
+        return key
+
+    def to_record(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], recipe: Recipe) -> "Settings":
+        fields = cls.__dataclass_fields__
+        unknown = [k for k in record if k not in fields]
+        if unknown:
+            raise UsageError(f"the bundle's settings hold an unknown field '{unknown[0]}' (made by another version?)")
+        values = {k: tuple(v) if k == "precisions" else v for k, v in record.items()}
+        try:
+            return cls(**values).check(recipe)
+        except TypeError as e:
+            raise UsageError(f"the bundle's settings are incomplete: {e}") from None
+
+
+def recipe_default_method(recipe: Recipe) -> str:
+    """The recipe's method: ``structured.method`` for a recipe that has a structured section and no sparsity
+    section, else ``sparsity.method``."""
+    raw = recipe.raw
+    if "structured" in raw and "sparsity" not in raw:
+        return recipe.structured.method
+    return recipe.sparsity_method

@@ -1,0 +1,39 @@
+"""The pruning strategies by method name, and the plan file of either strategy.
+
+A *strategy* is how a plan is made and applied: ``nm`` (masks on weights: sls, oneshot, srste) or ``channels``
+(units removed and the layers sliced: ssl, l1, l1-global). The stages ask this module which one a method
+belongs to; a hybrid (channels, then N:M on what is left) is a third entry here when it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from sls_deploy.core.errors import BundleError
+from sls_deploy.pruning.channels.plan import STRUCTURED_KIND, StructuredPlan
+from sls_deploy.pruning.nm.plan import Plan
+
+NM_METHODS = ("sls", "oneshot", "srste")
+CHANNEL_METHODS = ("ssl", "l1", "l1-global")
+METHODS = NM_METHODS + CHANNEL_METHODS
+# "imported": masks searched elsewhere (`import-sls`), finetuned like any N:M plan
+STRATEGIES = {**{m: "nm" for m in NM_METHODS + ("imported",)}, **{m: "channels" for m in CHANNEL_METHODS}}
+
+
+def strategy_of(method: str) -> str:
+    try:
+        return STRATEGIES[method]
+    except KeyError:
+        raise BundleError(f"unknown method '{method}' (known: {', '.join(METHODS)})") from None
+
+
+def load_plan(path: str | os.PathLike) -> Plan | StructuredPlan:
+    """plan.json of either strategy (its ``kind`` says which)."""
+    p = Path(path)
+    try:
+        kind = json.loads(p.read_text()).get("kind")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        kind = None  # Plan.load gives the one-line error
+    return StructuredPlan.load(p) if kind == STRUCTURED_KIND else Plan.load(p)

@@ -1,0 +1,93 @@
+"""The build: search -> finetune -> export -> validate into one bundle, for any strategy and modality.
+
+``start`` claims the bundle for the resolved settings (stored whole in the manifest); ``reopen`` restores them
+for a stage run on an existing bundle. Finished stages are skipped on a re-run; an interrupted search or
+finetune resumes from its checkpoint. Under torchrun every rank searches and finetunes; rank 0 alone writes
+files, exports and validates.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from sls_deploy.config.recipe import Recipe, load_recipe
+from sls_deploy.config.settings import Settings
+from sls_deploy.core import distributed as dist
+from sls_deploy.core.bundle import RECIPE, Bundle
+from sls_deploy.core.errors import BundleError
+from sls_deploy.modalities import registry as modalities
+from sls_deploy.pruning.nm import Plan
+from sls_deploy.stages.export import run_export
+from sls_deploy.stages.finetune import run_finetune
+from sls_deploy.stages.search import run_search
+from sls_deploy.stages.skeleton import Log, Run
+from sls_deploy.stages.validate import run_validate
+
+
+def default_out(model_name: str, budget: float) -> Path:
+    return Path("runs") / f"{model_name}-b{budget:.2f}"
+
+
+def start(recipe: Recipe, settings: Settings, out: Path, log: Log = print, progress: bool = True) -> Run:
+    """Claim ``out`` for this build (a folder holding another build is refused) and return the run."""
+    for spec in (settings.data, settings.eval_data):
+        modalities.resolve_data(settings.modality, spec)  # a missing folder is an error before anything is written
+    bundle = Bundle(out)
+    if dist.is_main():
+        bundle.claim(settings.build_key(recipe), Path(recipe.path).read_text(), settings.to_record())
+    dist.barrier()
+    return Run(bundle, recipe, settings, log if dist.is_main() else (lambda msg: None), progress)
+
+
+def reopen(root: Path, log: Log = print, progress: bool = True, **overrides) -> Run:
+    """An existing bundle with the settings it was built with (``overrides``: a later stage's options)."""
+    bundle = Bundle(root)
+    m = bundle.require()
+    recipe = load_recipe(bundle.path(RECIPE))
+    record = m.get("options")
+    if not isinstance(record, dict) or "strategy" not in record:
+        raise BundleError(f"{root} was made by an older sls-deploy (its manifest has no settings record); "
+                          "build it again")
+    settings = Settings.from_record(record, recipe).with_overrides(recipe, **overrides)
+    return Run(bundle, recipe, settings, log, progress)
+
+
+def plan_line(plan) -> str:
+    if isinstance(plan, Plan):
+        ns = sorted({l.n for l in plan.layers})
+        return (f"  plan: {plan.method}, N in {ns} of M={plan.m} over {len(plan.layers)} layers, "
+                f"MACs {plan.macs_pruned / 1e9:.2f} / {plan.macs_dense / 1e9:.2f} G (ratio {plan.ratio:.3f})")
+    narrowed = [g for g in plan.groups if g.kept_units < g.dense_units]
+    return (f"  plan: {plan.method}, {len(narrowed)} of {len(plan.groups)} channel groups narrowed, MACs "
+            f"{plan.macs_pruned / plan.frames / 1e9:.2f} / {plan.macs_dense / plan.frames / 1e9:.2f} G per frame "
+            f"(ratio {plan.ratio:.3f})")
+
+
+def build(run: Run) -> dict:
+    """All stages; returns report.json's dict (empty on a non-zero torchrun rank)."""
+    stages: list[tuple[str, Callable[[], object]]] = [
+        ("search", lambda: run_search(run)), ("finetune", lambda: run_finetune(run)),
+        ("export", lambda: run_export(run)), ("validate", lambda: run_validate(run))]
+    t_all, rep = time.perf_counter(), {}
+    for i, (name, fn) in enumerate(stages, 1):
+        if name in ("export", "validate") and not dist.is_main():
+            return {}
+        t0 = time.perf_counter()
+        run.log(f"[{i}/{len(stages)}] {name} ...")
+        result = fn()
+        if name == "search":
+            run.log(plan_line(result))
+        if name == "validate":
+            rep = result
+        run.log(f"  {name} done in {time.perf_counter() - t0:.1f}s")
+    run.log(f"build finished in {time.perf_counter() - t_all:.1f}s -> {run.bundle.root}")
+    return rep
+
+
+def build_bundle(recipe: Recipe, out: Path, *, budget: float, method: str | None = None, log: Log = print,
+                 progress: bool = True, **cli) -> dict:
+    """``sls-deploy build`` as a function (benchmarks, tests): resolve the settings, claim ``out``, build."""
+    settings = Settings.resolve(recipe, budget=budget, method=method, **cli)
+    return build(start(recipe, settings, out, log, progress))

@@ -1,0 +1,89 @@
+"""The finetune stage: the pruned model trained from the search's weights -> model.safetensors.
+
+The strategy decides what stays pruned (``nm``: masks hold pruned weights at exactly zero, or SR-STE moves them;
+``channels``: the model is narrower, nothing to hold); the modality supplies the batches and the loss. The
+steps are what the settings leave after the search (``--steps`` counts search and finetune together).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sls_deploy.core import atomic, distributed as dist
+from sls_deploy.core.bundle import PLAN, WEIGHTS
+from sls_deploy.core.checkpoints import save_weights
+from sls_deploy.modalities import registry as modalities
+from sls_deploy.pruning.nm import MaskSet, Plan, nm_mask
+from sls_deploy.pruning.nm.srste import SRSTE
+from sls_deploy.pruning.registry import load_plan
+from sls_deploy.stages.models import load_model, plan_widths
+from sls_deploy.stages.resume import check_resume
+from sls_deploy.stages.skeleton import Run, StageOutput, run_stage
+from sls_deploy.training.loop import TrainConfig, train
+
+
+def finetune_checkpoint(run: Run) -> Path:
+    return run.bundle.work / "finetune.ckpt"
+
+
+def masks_for(model: torch.nn.Module, plan: Plan) -> MaskSet:
+    """Masks follow from the weights and the plan: top-N |w| in each group of M input channels."""
+    modules = dict(model.named_modules())
+    return MaskSet({l.name: nm_mask(modules[l.name].weight, l.n, l.m) for l in plan.layers if l.n < l.m})
+
+
+def search_steps(plan) -> int:
+    """Training steps the search already spent (sls search, ssl scale learning), counted in ``--steps``."""
+    return int(plan.search.get("steps", plan.search.get("ssl_steps", 0)) or 0)
+
+
+def run_finetune(run: Run, resume: bool | None = None) -> dict[str, Any]:
+    """Finetuning from the search's weights. A checkpoint left by an interrupted run is resumed when ``resume``
+    is True (error if it does not match) or None (discarded with a note if it does not match, as ``build``
+    does); ``resume=False`` refuses to touch it."""
+    s, recipe, bundle = run.settings, run.recipe, run.bundle
+    bundle.verify([PLAN])
+    plan = load_plan(bundle.path(PLAN))
+    search = bundle.manifest()["stages"]["search"]
+    init = Path(search.get("init_weights") or search["base_weights"])
+    steps = max(0, s.steps - search_steps(plan))
+    inputs = {"plan": atomic.sha256_file(bundle.path(PLAN)), "init": atomic.sha256_file(init), "steps": steps,
+              "sec": recipe.finetune.__dict__, "data": s.data, "seed": s.seed, "modality": s.modality,
+              "temporal_weight": s.temporal_weight}
+
+    def body(key: str) -> StageOutput:
+        ckpt = finetune_checkpoint(run)
+        check_resume(ckpt, key, steps, resume, run.log)
+        model = load_model(recipe, init, plan_widths(plan))
+        masks = masks_for(model, plan) if isinstance(plan, Plan) else None
+        controller = masks
+        if isinstance(plan, Plan) and plan.method == "srste":
+            controller = SRSTE([(l.name, l.n) for l in plan.layers if l.n < l.m], plan.m, recipe.srste_decay)
+        info: dict[str, Any] = {"steps": 0, "resumed_from": 0, "seconds": 0.0, "final_loss": None,
+                                "world_size": dist.world_size()}
+        if steps > 0 or masks is not None:
+            sec = recipe.finetune
+            cfg = TrainConfig(steps=steps, lr=sec.lr, warmup=sec.warmup, checkpoint_every=sec.checkpoint_every,
+                              seed=s.seed)
+            data = modalities.sampler(recipe, s.modality, s.data, s.seed + 1 + 1000 * dist.rank())
+            result = train(model, data, cfg, checkpoint=ckpt, resume=True, run_key=key, controller=controller,
+                           desc="finetune", progress=run.progress,
+                           loss_fn=modalities.loss_fn(s.modality, s.temporal_weight))
+            info.update(steps=result.steps_done, resumed_from=result.resumed_from, seconds=round(result.seconds, 1),
+                        final_loss=result.final_loss)
+        if masks is not None:
+            if plan.method == "srste":  # SR-STE's masks moved with the weights: take the final ones
+                masks = masks_for(model, plan)
+            masks.apply(model)  # steps == 0: the one-shot pruned model itself
+        if s.modality != "image":
+            info["temporal_weight"] = s.temporal_weight
+        if dist.is_main():
+            save_weights(model, bundle.path(WEIGHTS), {"plan": plan.method, "budget": str(plan.budget)})
+            if ckpt.exists():
+                ckpt.unlink()
+        return StageOutput([WEIGHTS], result=info)
+
+    return run_stage(run, "finetune", inputs, body, all_ranks=True)

@@ -1,0 +1,42 @@
+"""`import-sls`: a bundle whose plan and starting weights come from masks searched elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sls_deploy.config.recipe import Recipe
+from sls_deploy.config.settings import Settings
+from sls_deploy.core import atomic
+from sls_deploy.core.bundle import PLAN, Bundle, digest
+from sls_deploy.core.checkpoints import read_state_dict, save_weights
+from sls_deploy.core.errors import UsageError
+from sls_deploy.pruning.nm import Plan
+from sls_deploy.pruning.nm.importing import import_masks, masks_from_sls_checkpoint, read_mask_file
+from sls_deploy.stages.models import resolve_base_weights
+from sls_deploy.stages.search import SEARCH_WEIGHTS
+
+IMPORTED_DENSE = "imported.dense.safetensors"  # the imported checkpoint's weights before masking
+
+
+def run_import(recipe: Recipe, source: Path, out: Path, weights: str | None, m: int | None) -> Plan:
+    if source.suffix == ".safetensors" and not any(k.endswith(".priority_scores")
+                                                   for k in read_state_dict(source)):
+        base = resolve_base_weights(recipe, weights)
+        masks, group_m = read_mask_file(source), m or recipe.sparsity_m
+        dense_sd = recipe.adapter.convert_state_dict(read_state_dict(base), recipe.model)
+    else:
+        dense_sd, masks, group_m = masks_from_sls_checkpoint(read_state_dict(source))
+        if m and m != group_m:
+            raise UsageError(f"--m {m} differs from the checkpoint's pruning units (M={group_m})")
+    plan, model, dense = import_masks(recipe, dense_sd, masks, group_m)
+    settings = Settings.resolve(recipe, budget=plan.budget, method="imported", m=group_m, weights=weights)
+    bundle = Bundle(out)
+    bundle.claim(settings.build_key(recipe), Path(recipe.path).read_text(), settings.to_record())
+    save_weights(dense, bundle.path(IMPORTED_DENSE), {"source": str(source)})
+    save_weights(model, bundle.path(SEARCH_WEIGHTS), {"plan": "imported"})
+    plan.save(bundle.path(PLAN))
+    bundle.record_stage("search", digest({"source": atomic.sha256_file(source)}), [PLAN, SEARCH_WEIGHTS,
+                        IMPORTED_DENSE], 0.0, {"base_weights": str(bundle.path(IMPORTED_DENSE)),
+                                               "init_weights": str(bundle.path(SEARCH_WEIGHTS)),
+                                               "source": str(source)})
+    return plan

@@ -1,0 +1,194 @@
+"""The search stage: the plan under the budget, for either strategy on any modality -> plan.json.
+
+- ``nm`` (sls / oneshot / srste): per-layer N of M over the adapter's prunable layers; sls trains while it
+  searches and hands its weights on (``search.safetensors``).
+- ``channels`` (ssl / l1 / l1-global): kept units of the adapter's channel groups under the whole-model MAC
+  budget; the narrower model is built and the kept weights sliced into it (``search.safetensors``).
+
+The training data comes from the modality (patches or clips), the model knowledge from the adapter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sls_deploy.core import atomic, distributed as dist
+from sls_deploy.core.bundle import PLAN
+from sls_deploy.core.checkpoints import save_weights
+from sls_deploy.core.errors import PlanError, UsageError
+from sls_deploy.modalities import registry as modalities
+from sls_deploy.pruning.channels.plan import GroupPlan, LayerCost, StructuredPlan
+from sls_deploy.pruning.channels.structured import (ChannelScales, GroupCosts, l1_importance, select_global,
+                                                    select_uniform, slice_into, widths_of)
+from sls_deploy.pruning.nm.plan import DenseLayer, Plan
+from sls_deploy.pruning.nm.search import plan_uniform, search_sls, split_layers
+from sls_deploy.pruning.registry import load_plan
+from sls_deploy.stages.models import fp32_islands, load_model, model_config, resolve_base_weights
+from sls_deploy.stages.resume import check_resume
+from sls_deploy.stages.skeleton import Run, StageOutput, run_stage
+from sls_deploy.training.loop import TrainConfig, train
+
+SEARCH_WEIGHTS = "search.safetensors"  # the weights finetuning starts from (sls-searched or sliced)
+
+
+def run_search(run: Run) -> Plan | StructuredPlan:
+    s, recipe = run.settings, run.recipe
+    base = resolve_base_weights(recipe, s.weights)
+    inputs: dict[str, Any] = {"key": s.build_key(recipe), "base": atomic.sha256_file(base) if base.is_file() else None,
+                              "ref": recipe.reference_output, "model": recipe.model.options, "seed": s.seed,
+                              "modality": s.modality}
+    if s.strategy == "nm":
+        inputs.update(n=s.n, target=s.target)
+        if s.method == "sls":
+            inputs.update(sls=s.sls(recipe).__dict__, max=min(recipe.sls_max_search_steps, s.steps), data=s.data,
+                          ft=recipe.finetune.__dict__)
+        body = _nm_body
+    else:
+        if dist.world_size() > 1:
+            raise UsageError("channel pruning runs in one process (no torchrun)")
+        inputs.update(round_to=s.round_to)
+        if s.method == "ssl":
+            inputs.update(ssl=s.structured(recipe).__dict__, data=s.data, ft=recipe.finetune.__dict__)
+        body = _channels_body
+    run_stage(run, "search", inputs, lambda key: body(run, base, key), all_ranks=True)
+    return load_plan(run.bundle.path(PLAN))
+
+
+def _record(base: Path, init: Path) -> dict[str, Any]:
+    return {"base_weights": str(base), "base_weights_sha256": atomic.sha256_file(base), "init_weights": str(init)}
+
+
+# -- N:M ---------------------------------------------------------------------------------------------------
+def _nm_body(run: Run, base: Path, key: str) -> StageOutput:
+    s, recipe, bundle = run.settings, run.recipe, run.bundle
+    model = load_model(recipe, base)
+    split = split_layers(recipe, model, s.m)
+    files, init = [PLAN], base
+    if s.method == "sls":
+        data = modalities.sampler(recipe, s.modality, s.data, s.seed + 1000 * dist.rank())
+        ckpt = bundle.work / "search.ckpt"
+        plan, _ = search_sls(recipe, model, split, s.budget, s.sls(recipe), data,
+                             max_steps=min(recipe.sls_max_search_steps, s.steps), lr=recipe.finetune.lr,
+                             checkpoint=ckpt, run_key=key, seed=s.seed, progress=run.progress)
+        plans = dist.gather([(l.name, l.n) for l in plan.layers])
+        if any(p != plans[0] for p in plans):
+            raise PlanError("the ranks of this torchrun job found different plans (non-deterministic search?)")
+        if dist.is_main():
+            save_weights(model, bundle.path(SEARCH_WEIGHTS), {"plan": "sls"})
+            if ckpt.exists():
+                ckpt.unlink()
+        files.append(SEARCH_WEIGHTS)
+        init = bundle.path(SEARCH_WEIGHTS)
+    else:
+        plan = plan_uniform(recipe, split, s.budget, s.m, s.method, n=s.n)
+    plan.seed = s.seed
+    plan.target = s.target
+    plan.fp32_islands = fp32_islands(recipe, model)
+    for layer in plan.layers:
+        layer.precision = "fp32" if layer.name in plan.fp32_islands else "fp16/int8"
+    plan.search["world_size"] = dist.world_size()
+    if dist.is_main():
+        plan.save(bundle.path(PLAN))
+    return StageOutput(files, extra=_record(base, init))
+
+
+# -- channels ----------------------------------------------------------------------------------------------
+def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
+    s, recipe, bundle = run.settings, run.recipe, run.bundle
+    adapter = recipe.adapter
+    model = load_model(recipe, base)
+    groups = adapter.channel_groups(model)
+    if not groups:
+        raise PlanError(f"{recipe.describe_model()} declares no channel groups to prune")
+    h, w = recipe.reference_input_hw()
+    example = adapter.example_input(recipe.model, h, w)
+    costs = GroupCosts.measure(adapter.export_module(model), groups, example)
+    l1 = {g.name: l1_importance(model, g) for g in groups}
+    info: dict[str, Any] = {"lr_hw": [h, w], "importance": "l1 filter norm (mean |w| per unit)"}
+    if s.method == "l1":
+        keep = select_uniform(l1, costs, s.budget, s.round_to)
+        info["selection"] = "uniform kept fraction in every group"
+    elif s.method == "l1-global":
+        keep = select_global(l1, costs, s.budget, s.round_to)
+        info["selection"] = "one global threshold on per-group normalised importance"
+    else:
+        marks = select_global(l1, costs, s.budget, s.round_to)  # fails fast on an unreachable budget
+        importance, ssl_info = _learned_scales(run, model, groups, marks, key)
+        info.update(ssl_info)
+        keep = select_global(importance, costs, s.budget, s.round_to)
+        info["kept_marked_units"] = {g: len(set(keep[g].tolist()) - set(marks[g].tolist())) for g in keep}
+    widths = widths_of(keep)
+    sliced = adapter.build(model_config(recipe, widths))
+    slice_into(model, sliced, groups, keep)
+    plan = _channel_plan(run, model, groups, costs, keep, modalities.frames_per_run(example), info)
+    if plan.ratio > s.budget * (1 + 1e-9):  # select_* guarantee it; the file must say so too
+        raise PlanError(f"the plan's MACs ratio {plan.ratio:.4f} exceeds the budget {s.budget:g}")
+    save_weights(sliced, bundle.path(SEARCH_WEIGHTS), {"plan": s.method, "budget": str(s.budget)})
+    plan.save(bundle.path(PLAN))
+    return StageOutput([PLAN, SEARCH_WEIGHTS], extra=_record(base, bundle.path(SEARCH_WEIGHTS)))
+
+
+def _learned_scales(run: Run, model, groups, marks, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Learned per-unit scales: the units outside ``marks`` get a growing L2 penalty for ``ssl_steps`` steps
+    while everything trains; the scales are then folded into the weights. Returns {group: |scale|}."""
+    s, recipe = run.settings, run.recipe
+    st = s.structured(recipe)
+    scales = ChannelScales(model, groups, reg=st.reg, delta=st.delta, grow_every=st.grow_every, cap=st.cap,
+                           lr=st.scale_lr)
+    scales.mark(marks)
+    sec = recipe.finetune
+    ckpt = run.bundle.work / "search.ckpt"
+    check_resume(ckpt, key, st.ssl_steps, None, run.log, what="ssl search")
+    cfg = TrainConfig(steps=st.ssl_steps, lr=sec.lr, warmup=sec.warmup, checkpoint_every=sec.checkpoint_every,
+                      seed=s.seed)
+    result = train(model, modalities.sampler(recipe, s.modality, s.data, s.seed), cfg, checkpoint=ckpt,
+                   resume=True, run_key=key, controller=scales, desc="ssl search", progress=run.progress,
+                   loss_fn=modalities.loss_fn(s.modality, s.temporal_weight))
+    importance = scales.folded_importance
+    if importance is None:  # not reached: train() always detaches (folds) its controller
+        raise PlanError("the learned scales were not folded")
+    marked = dict(scales.unimportant)
+    info = {"ssl_steps": result.steps_done, "resumed_from": result.resumed_from,
+            "seconds": round(result.seconds, 1), "final_loss": result.final_loss,
+            "marked_units": {k: int(f.sum()) for k, f in marked.items()},
+            "final_reg": {k: round(v, 8) for k, v in scales.reg.items()},
+            "scale_marked_mean": _mean([importance[k][f] for k, f in marked.items()]),
+            "scale_kept_mean": _mean([importance[k][~f] for k, f in marked.items()]),
+            "importance": "|learned scale| per unit after the growing penalty",
+            "selection": "one global threshold on per-group normalised |scale|",
+            "marks": "units below the budget's global L1 threshold"}
+    if ckpt.exists():
+        ckpt.unlink()
+    return importance, info
+
+
+def _mean(parts: list[torch.Tensor]) -> float | None:
+    t = torch.cat([p.reshape(-1) for p in parts]) if parts else torch.zeros(0)
+    return float(t.mean()) if t.numel() else None
+
+
+def _channel_plan(run: Run, model, groups, costs: GroupCosts, keep, frames: int, info) -> StructuredPlan:
+    s, recipe = run.settings, run.recipe
+    widths = widths_of(keep)
+    per_layer = costs.per_layer(widths)
+    out_of = {g.producer: g.name for g in groups}
+    in_of = {c: g.name for g in groups for c in g.consumers}
+    decls = {d.name: d for d in recipe.adapter.layers(model)}
+    layers, dense = [], []
+    for name, macs in costs.macs.items():
+        if name in out_of or name in in_of:
+            layers.append(LayerCost(name, macs, per_layer[name], out_of.get(name), in_of.get(name)))
+        else:
+            d = decls.get(name)
+            reason = d.reason if d is not None and not d.prunable and d.reason else \
+                "no channel group changes its channels"
+            dense.append(DenseLayer(name, macs, reason))
+    return StructuredPlan(
+        model=recipe.name, method=s.method, budget=s.budget, round_to=s.round_to,
+        reference_output=list(recipe.reference_output), frames=frames,
+        groups=[GroupPlan(g.name, g.producer, list(g.consumers), int(getattr(g, "unit", 1)), costs.units[g.name],
+                          [int(i) for i in keep[g.name].tolist()]) for g in groups],
+        layers=layers, dense_layers=dense, seed=s.seed, search=info)

@@ -1,0 +1,55 @@
+"""What both validate implementations (image and video modalities) share: options, progress, plan rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sls_deploy.core.errors import UsageError
+from sls_deploy.pruning.nm import Plan
+
+BACKENDS = ("torch", "ort")  # "trt" runs on the device: validate_engine.py
+REPORT_HTML = "report.html"
+LAYERS_JSON = "engine/layers.json"
+
+
+@dataclass
+class ValidateOptions:
+    backend: str = "ort"
+    latency: bool = True
+    latency_runs: int | None = None  # None: the recipe's
+    latency_warmup: int | None = None
+    threads: int | None = None  # ONNX Runtime intra-op threads; None: every core
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--backend must be one of {', '.join(BACKENDS)} here (trt: see `validate --help`)")
+        if self.latency_runs is not None and self.latency_runs < 1:
+            raise UsageError(f"--latency-runs must be >= 1, not {self.latency_runs}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be >= 1, not {self.threads}")
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(enabled: bool, total: int):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="validate", unit="step", leave=False)
+
+
+def plan_rows(plan) -> list[dict]:
+    """The report's per-layer rows of either plan: N:M (N, M, 2:4, precision) or channels (groups)."""
+    if isinstance(plan, Plan):
+        return [{"name": l.name, "weight_shape": l.weight_shape, "n": l.n, "m": l.m, "sparse_2to4": l.sparse_2to4,
+                 "precision": l.precision, "macs_dense": l.macs_dense, "macs_pruned": l.macs_pruned}
+                for l in plan.layers]
+    return [{"name": l.name, "macs_dense": l.macs_dense, "macs_pruned": l.macs_pruned,
+             "out_group": l.out_group, "in_group": l.in_group} for l in plan.layers]

@@ -1,0 +1,228 @@
+"""Validate, image modality: does this bundle ship? Accuracy at every deployment shape, latency side by side, report.
+
+Reads the bundle's plan, weights and graphs (never the search or training internals), runs the chosen backend
+and the PyTorch reference, and writes report.json / report.md / report.html with the plots. A failing check
+makes ``check_report`` raise with the check's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sls_deploy.core import atomic
+from sls_deploy.report import document as report_mod
+from sls_deploy.report import plots as report_plots
+from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
+from sls_deploy.data import load_pair, resolve_images
+from sls_deploy.data.images import conversion_note
+from sls_deploy.modalities.image import bicubic_infer, evaluate, torch_infer
+from sls_deploy.trt.outlook import predicted_benefit
+from sls_deploy.config.recipe import Recipe
+from sls_deploy.pruning.registry import load_plan
+from sls_deploy.backends.runners import Limits, check_shapes, ort_infer
+from sls_deploy.stages.export import DENSE_ONNX, dense_graph
+from sls_deploy.stages.models import load_model, plan_widths
+from sls_deploy.stages.skeleton import Run
+from sls_deploy.stages.validate_common import (LAYERS_JSON, REPORT_HTML, ValidateOptions, plan_rows,
+                                               progress_bar)
+
+def shape_sizes(recipe: Recipe) -> list[tuple[str, tuple[int, int]]]:
+    """The profile's min / opt / max, the odd size, then the extra sizes (each size once)."""
+    out, seen = [], set()
+    for label, hw in [*recipe.engine.profile_sizes().items(), ("odd", recipe.validate.odd_size),
+                      *(("extra", s) for s in recipe.validate.sizes)]:
+        if hw not in seen:
+            seen.add(hw)
+            out.append((label, hw))
+    return out
+
+
+def graph_files_of(manifest: dict) -> dict[str, str]:
+    export_info = manifest.get("stages", {}).get("export", {}).get("result", {})
+    return {p: g["file"] for p, g in export_info.get("graphs", {"fp32": {"file": ONNX}}).items()}
+
+
+def validate_images(run: Run, vopts: ValidateOptions) -> dict:
+    """Every check and the report files; returns report.json's dict (``check_report`` says if it ships)."""
+    bundle, recipe = run.bundle, run.recipe
+    m = bundle.require()
+    graph_files = graph_files_of(m)
+    bundle.verify([PLAN, WEIGHTS, *graph_files.values()])
+    plan = load_plan(bundle.path(PLAN))
+    base = Path(m["stages"]["search"]["base_weights"])
+    eval_spec = run.settings.eval_data
+    val = recipe.validate
+    runs = vopts.latency_runs or val.latency_runs
+    warmup = val.latency_warmup if vopts.latency_warmup is None else vopts.latency_warmup
+    inputs = digest({f: atomic.sha256_file(bundle.path(f)) for f in (PLAN, WEIGHTS, *graph_files.values())} | {
+        "base": atomic.sha256_file(base), "eval": eval_spec, "validate": repr(val), "engine": repr(recipe.engine),
+        "channel": recipe.metric_channel, "backend": vopts.backend,
+        "engine_layers": atomic.sha256_file(bundle.path(LAYERS_JSON)) if bundle.path(LAYERS_JSON).is_file() else None, "latency": [vopts.latency, runs, warmup,
+                                                                                 vopts.threads]})
+    if bundle.stage_is_current("validate", inputs):
+        run.log("  up to date")
+        return json.loads(bundle.path(REPORT_JSON).read_text())
+    t0 = time.perf_counter()
+    eval_files = resolve_images(eval_spec)
+    notes = [f"{f.name}: {n}" for f in eval_files if (n := conversion_note(f))]
+    dense = load_model(recipe, base)
+    pruned = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan))
+    scale, ch = recipe.scale, recipe.metric_channel
+    sizes = shape_sizes(recipe)
+    bar = progress_bar(run.progress, len(sizes) * len(eval_files) + (runs if vopts.latency else 0))
+    try:
+        shapes = _shape_checks(bundle, recipe, pruned, graph_files, vopts.backend, eval_files, sizes, bar.update)
+        refs = {}
+        for f in eval_files:
+            hr, lr = load_pair(f, scale)
+            with torch.no_grad():
+                refs[f.name] = (hr, lr, pruned(lr).clamp(0, 1).numpy())
+        precisions = ({p: precision_quality(bundle.path(f), refs, scale, ch) | {"file": f}
+                       for p, f in graph_files.items()} if vopts.backend == "ort" else {})
+        q_bic = evaluate(bicubic_infer(scale), eval_files, scale, ch)
+        q_dense = evaluate(torch_infer(dense), eval_files, scale, ch)
+        q_pruned = evaluate(torch_infer(pruned), eval_files, scale, ch)
+        latency = (_latency(bundle, recipe, dense, pruned, atomic.sha256_file(base), vopts, runs, warmup, bar.update)
+                   if vopts.latency
+                   else {"skipped": "--no-latency"})
+    finally:
+        bar.close()
+    fp32_rows = [s for s in shapes if s.precision == "fp32"]
+    max_abs = max(s.max_abs for s in fp32_rows)
+    stages = m.get("stages", {})
+    export_info = stages.get("export", {}).get("result", {})
+    layers = plan_rows(plan)
+    _merge_engine_layers(bundle, layers)
+    rep = {
+        "model": recipe.name, "budget": plan.budget, "method": plan.method, "m": getattr(plan, "m", None),
+        "macs": {"unit": "GMACs", "dense": plan.macs_dense / 1e9, "pruned": plan.macs_pruned / 1e9,
+                 "ratio": plan.ratio, "trt_2to4_ratio": getattr(plan, "trt_2to4_ratio", plan.ratio),
+                 "reference_output": plan.reference_output, "budget_scope": plan.budget_scope},
+        "search": plan.search,
+        "psnr": {"bicubic": q_bic.psnr, "dense": q_dense.psnr, "pruned": q_pruned.psnr,
+                 "pruned_onnx": precisions.get("fp32", {}).get(f"psnr_{ch}"), "channel": ch, "crop_border": scale,
+                 "eval_images": [p.name for p in eval_files],
+                 "per_image": {k: {"bicubic": q_bic.per_image[k]["psnr"], "dense": q_dense.per_image[k]["psnr"],
+                                   "pruned": v["psnr"]} for k, v in q_pruned.per_image.items()}},
+        "ssim": {"bicubic": q_bic.ssim, "dense": q_dense.ssim, "pruned": q_pruned.ssim, "channel": ch},
+        "backend": vopts.backend,
+        "onnx_vs_torch": {"backend": fp32_rows[0].backend, "max_abs": max_abs, "tolerance": val.fp32_atol,
+                          "passed": max_abs <= val.fp32_atol,
+                          "sizes": [{"lr_hw": list(s.size), "output_shape": list(s.output_shape),
+                                     "max_abs": s.max_abs, "mean_abs": s.mean_abs} for s in fp32_rows]},
+        "shapes": [s.to_json() for s in shapes],
+        "latency": latency,
+        "graph": {k: v for k, v in export_info.items() if k not in ("graph_sparsity", "graphs")},
+        "precisions": precisions,
+        "layers": layers,
+        "dense_layers": [{"name": d.name, "macs": d.macs, "reason": d.reason} for d in plan.dense_layers],
+        "prediction": predicted_benefit(layers, plan.macs_dense) if hasattr(plan, "m") else {},
+        "notes": notes,
+        "finetune": stages.get("finetune", {}).get("result", {}),
+        "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
+        "tensorrt": ("per-layer TensorRT columns from engine/layers.json" if bundle.path(LAYERS_JSON).is_file()
+                     else "no engine in this bundle (the engine stage needs TensorRT; see README)"),
+    }
+    rep["tradeoff"] = report_plots.tradeoff_points(rep, bundle.root)
+    images = {
+        report_plots.LAYER_PLOT: lambda p: report_plots.plot_layer_density(rep, p),
+        report_plots.TRADEOFF_PLOT: lambda p: report_plots.plot_tradeoff(rep, p),
+        report_plots.CROP_PLOT: lambda p: report_plots.plot_crop(eval_files[0], scale, dense, pruned, p),
+    }
+    for name, draw in images.items():
+        draw(bundle.path(name))
+    atomic.write_json(bundle.path(REPORT_JSON), rep)
+    atomic.write_text(bundle.path(REPORT_MD), report_mod.render_markdown(rep))
+    atomic.write_text(bundle.path(REPORT_HTML), report_mod.render_html(rep, {n: bundle.path(n) for n in images}))
+    bundle.record_stage("validate", inputs, [REPORT_JSON, REPORT_MD, REPORT_HTML, *images],
+                        time.perf_counter() - t0)
+    return rep
+
+
+def _shape_checks(bundle: Bundle, recipe: Recipe, pruned, graph_files: dict[str, str], backend: str, files,
+                  sizes, progress) -> list:
+    val = recipe.validate
+    limits = {p: Limits(val.max_drop(p), val.fp32_atol if p == "fp32" else None) for p in ("fp32", "fp16", "int8")}
+    with contextlib.ExitStack() as stack:
+        if backend == "ort":
+            backends = {f"onnxruntime {p}": (p, stack.enter_context(ort_infer(bundle.path(f))))
+                        for p, f in graph_files.items()}
+        else:
+            backends = {"pytorch fp32": ("fp32", torch_infer(pruned))}
+        return check_shapes(torch_infer(pruned), backends, files, recipe.scale, sizes, recipe.metric_channel,
+                            limits, progress=progress)
+
+
+def _latency(bundle: Bundle, recipe: Recipe, dense, pruned, dense_sha: str, vopts: ValidateOptions, runs: int,
+             warmup: int, progress) -> dict:
+    """Dense vs pruned on the same backend and input, interleaved, at each latency size."""
+    from sls_deploy.backends.latency import ort_call, ort_session, time_side_by_side
+
+    sizes = list(recipe.validate.latency_sizes or [recipe.engine.profile_sizes()["opt"]])
+    out: dict = {"backend": vopts.backend, "warmup": warmup, "runs": runs, "sizes": []}
+    if vopts.backend == "ort":
+        dense_path = dense_graph(bundle, recipe, dense, dense_sha)
+        sessions = {}
+        for name, path in (("dense", dense_path), ("pruned", bundle.path(ONNX))):
+            sessions[name], threads = ort_session(path, vopts.threads)
+        out.update(threads=threads, graphs={"dense": f"work/{DENSE_ONNX} (FP32)", "pruned": f"{ONNX} (FP32)"},
+                   note="ONNX Runtime on CPU has no 2:4 sparse kernels: N:M pruning alone does not change its "
+                        "speed; the 2:4 speed-up needs a TensorRT engine on the GPU")
+    else:
+        out.update(threads=torch.get_num_threads())
+    per_size_progress = progress if len(sizes) == 1 else None
+    for h, w in sizes:
+        x = recipe.adapter.example_input(recipe.model, h, w)
+        if vopts.backend == "ort":
+            feed = {"lr": x.numpy()}
+            calls = {k: ort_call(s, feed) for k, s in sessions.items()}
+        else:
+            def torch_call(model):
+                def run():
+                    with torch.no_grad():
+                        model(x)
+                return run
+
+            calls = {"dense": torch_call(dense), "pruned": torch_call(pruned)}
+        t = time_side_by_side(calls, warmup, runs, progress=per_size_progress)
+        out["sizes"].append({"lr_hw": [h, w], "dense": t["dense"].to_json(), "pruned": t["pruned"].to_json(),
+                             "ratio_pruned_over_dense": t["pruned"].median_ms / t["dense"].median_ms})
+    return out
+
+
+def _merge_engine_layers(bundle: Bundle, layers: list[dict]) -> None:
+    """TensorRT's per-layer eligibility and choice, when an engine was built into this bundle."""
+    path = bundle.path(LAYERS_JSON)
+    if not path.is_file():
+        return
+    try:
+        data = json.loads(path.read_text())
+        rows = {r["name"]: r for r in (data if isinstance(data, list) else data.get("layers", []))}
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+        return  # not a layers.json we wrote: the columns stay out
+    for l in layers:
+        r = rows.get(l["name"])
+        if r:
+            l["trt_eligible"], l["trt_picked_sparse"] = r.get("trt_eligible"), r.get("trt_picked_sparse")
+
+
+def precision_quality(onnx_path: Path, refs: dict, scale: int, channel: str) -> dict:
+    """One graph on the eval images (one run each): PSNR vs ground truth, and vs the FP32 PyTorch output."""
+    from sls_deploy.data.images import quantize, to_image
+    from sls_deploy.data.metrics import psnr
+
+    gt_psnr, ref_psnr, max_abs = [], [], 0.0
+    with ort_infer(onnx_path) as run:
+        for hr, lr, ref in refs.values():
+            got = np.clip(run(lr), 0, 1)
+            gt_psnr.append(psnr(quantize(to_image(got)), quantize(to_image(hr)), scale, channel == "y"))
+            max_abs = max(max_abs, float(np.abs(got - ref).max()))
+            ref_psnr.append(psnr(got[0].transpose(1, 2, 0) * 255.0, ref[0].transpose(1, 2, 0) * 255.0))
+    return {f"psnr_{channel}": float(np.mean(gt_psnr)), "psnr_vs_torch_fp32": float(np.mean(ref_psnr)),
+            "max_abs_vs_torch_fp32": max_abs}
