@@ -19,15 +19,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sls_deploy.data import load_pair, resolve_images  # noqa: E402
-from sls_deploy.stages.pipeline import WEIGHTS, load_model, open_bundle, options_from_bundle, run_export  # noqa: E402
-from sls_deploy.stages.validate import precision_quality  # noqa: E402
+from sls_deploy.core.bundle import WEIGHTS  # noqa: E402
+from sls_deploy.stages.build import reopen  # noqa: E402
+from sls_deploy.stages.export import run_export  # noqa: E402
+from sls_deploy.stages.models import load_model  # noqa: E402
+from sls_deploy.stages.validate_image import precision_quality  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle")
     args = ap.parse_args()
-    bundle, recipe = open_bundle(Path(args.bundle))
+    run = reopen(Path(args.bundle), lambda s: None)
+    bundle, recipe = run.bundle, run.recipe
     import torch
 
     pruned = load_model(recipe, bundle.path(WEIGHTS))
@@ -40,13 +44,13 @@ def main() -> int:
     fp32 = precision_quality(bundle.path("model.onnx"), refs, recipe.scale, ch)
     rows = {"fp32_graph": fp32}
     for method in ("max", "percentile", "entropy"):
-        run_export(bundle, recipe, options_from_bundle(bundle, calib_method=method, log=lambda s: None))
+        run_export(reopen(bundle.root, lambda s: None, calib_method=method))
         q = precision_quality(bundle.path("model.int8.onnx"), refs, recipe.scale, ch)
         q["drop_db"] = fp32[f"psnr_{ch}"] - q[f"psnr_{ch}"]
         rows[method] = q
         print(f"{method:10s} PSNR-{ch.upper()} {q[f'psnr_{ch}']:.3f} dB (FP32 graph {fp32[f'psnr_{ch}']:.3f}, "
               f"drop {q['drop_db']:.3f}), vs FP32 PyTorch {q['psnr_vs_torch_fp32']:.2f} dB", flush=True)
-    run_export(bundle, recipe, options_from_bundle(bundle, log=lambda s: None))  # back to the recipe's method
+    run_export(run)  # back to the bundle's method
     dest = ROOT / "benchmarks" / "results" / "int8_calibration.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps({"bundle": str(bundle.root), "islands": json.loads(

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sls_deploy.core.errors import SlsError  # noqa: E402
-from sls_deploy.stages.pipeline import BuildOptions, build  # noqa: E402
+from sls_deploy.stages.build import build_bundle  # noqa: E402
 from sls_deploy.config.recipe import resolve_recipe  # noqa: E402
 
 
@@ -41,8 +41,8 @@ def main() -> int:
             out = Path(args.out) / f"{method}-m{args.m}-b{budget:.2f}-s{args.steps}"
             t0 = time.perf_counter()
             try:
-                rep = build(recipe, BuildOptions(budget=budget, method=method, m=args.m, steps=args.steps,
-                                                 progress=False, log=lambda s: None), out)
+                rep = build_bundle(recipe, out, budget=budget, method=method, m=args.m, steps=args.steps,
+                                   progress=False, log=lambda s: None)
             except SlsError as e:
                 print(f"{method} b={budget}: {e}", flush=True)
                 rows.append({"method": method, "budget": budget, "error": str(e)})

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from sls_deploy.core.errors import SlsError  # noqa: E402
 from sls_deploy.config.recipe import resolve_recipe  # noqa: E402
-from sls_deploy.stages.video_pipeline import VideoBuildOptions, build  # noqa: E402
+from sls_deploy.stages.build import build_bundle  # noqa: E402
 
 
 def row_of(rep: dict, method: str, tw: float, seconds: float) -> dict:
@@ -102,20 +102,19 @@ def main() -> int:
                                                                                   reverse=True)
     configs = ([(c.split(":")[0], float(c.split(":")[1])) for c in args.configs] if args.configs
                else [(m, tw) for m in args.methods for tw in tws])
-    # the same training steps for every method: ssl spends ssl_steps on its learned-scale search before the
-    # finetune, so the other methods finetune that many steps longer
+    # the same training steps for every method: --steps counts search and finetune together, so ssl spends
+    # ssl_steps of them on its learned-scale search and the other methods finetune all of them
     total = args.steps if args.steps is not None else recipe.finetune.steps
     ssl_steps = args.ssl_steps if args.ssl_steps is not None else recipe.structured.ssl_steps
     rows = []
     for method, tw in configs:
-        steps = total if method == "ssl" else total + ssl_steps
+        steps = total + ssl_steps
         out = Path(args.out) / f"{recipe.name}-{method}-tw{tw:g}-b{args.budget:.2f}-s{steps}"
         t0 = time.perf_counter()
         try:
-            rep = build(recipe, VideoBuildOptions(
-                budget=args.budget, method=method, temporal_weight=tw, weights=args.weights, data=args.data,
-                eval_data=args.eval_data, steps=steps, ssl_steps=ssl_steps, seed=args.seed,
-                progress=False, log=lambda s: None), out)
+            rep = build_bundle(recipe, out, budget=args.budget, method=method, temporal_weight=tw,
+                               weights=args.weights, data=args.data, eval_data=args.eval_data, steps=steps,
+                               ssl_steps=ssl_steps, seed=args.seed, progress=False, log=lambda s: None)
         except SlsError as e:
             print(f"{method} tw={tw:g}: {e}", flush=True)
             rows.append({"method": method, "temporal_weight": tw, "budget": args.budget, "error": str(e)})

@@ -8,30 +8,15 @@ from __future__ import annotations
 import base64
 import html
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
+from sls_deploy.report import video as report_video
 from sls_deploy.report.plots import CROP_PLOT, LAYER_PLOT, TRADEOFF_PLOT
+from sls_deploy.report.sections import Section, fmt as _f, fmt_e as _e
 
 __all__ = ["LAYER_PLOT", "render_html", "render_markdown", "sections", "summary_rows", "summary_text"]
 
 
-def _f(v: Any, nd: int = 2) -> str:
-    return "n/a" if v is None else f"{v:.{nd}f}"
-
-
-def _e(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.1e}"
-
-
-@dataclass
-class Section:
-    title: str
-    text: list[str] = field(default_factory=list)
-    header: list[str] = field(default_factory=list)
-    rows: list[list[str]] = field(default_factory=list)
-    image: str | None = None  # file name of a picture in the bundle
-    alt: str = ""
 
 
 def _verdict(rep: dict) -> str:
@@ -56,7 +41,6 @@ def _latency_rows(rep: dict) -> list[tuple[str, str]]:
 
 def summary_rows(rep: dict) -> list[tuple[str, str]]:
     if rep.get("kind") == "video":
-        from sls_deploy.report import video as report_video
 
         return report_video.summary_rows(rep)
     p, mac, o = rep["psnr"], rep["macs"], rep["onnx_vs_torch"]
@@ -90,7 +74,6 @@ def summary_text(rep: dict) -> str:
 
 def sections(rep: dict) -> list[Section]:
     if rep.get("kind") == "video":  # structured pruning of a video model: its own sections, the same renderers
-        from sls_deploy.report import video as report_video
 
         return report_video.sections(rep)
     p, s = rep["psnr"], rep["ssim"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sls_deploy.report.document import Section, _f
+from sls_deploy.report.sections import Section, fmt as _f
 from sls_deploy.report.plots import FRAMES_PLOT, WIDTHS_PLOT
 
 

@@ -15,7 +15,7 @@ import torch
 VALID_M = (4, 8, 16, 32)
 
 
-def _grouped(weight: torch.Tensor, m: int) -> torch.Tensor:
+def grouped(weight: torch.Tensor, m: int) -> torch.Tensor:
     """View as (..., Cin // m, m) with the reduction axis last."""
     if weight.dim() == 4:
         w = weight.permute(0, 2, 3, 1)  # O, kh, kw, I
@@ -29,7 +29,7 @@ def _grouped(weight: torch.Tensor, m: int) -> torch.Tensor:
     return w.reshape(*w.shape[:-1], cin // m, m)
 
 
-def _ungrouped(grouped: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def ungrouped(grouped: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if like.dim() == 4:
         o, i, kh, kw = like.shape
         return grouped.reshape(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
@@ -46,17 +46,17 @@ def check_nm_args(n: int, m: int) -> None:
 def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Boolean mask keeping the N largest-|w| entries of every group of M along the reduction axis."""
     check_nm_args(n, m)
-    g = _grouped(weight.detach().abs().float(), m)
+    g = grouped(weight.detach().abs().float(), m)
     order = torch.argsort(g, dim=-1, descending=True, stable=True)
     keep = torch.zeros_like(g, dtype=torch.bool)
     keep.scatter_(-1, order[..., :n], True)
-    return _ungrouped(keep, weight)
+    return ungrouped(keep, weight)
 
 
 def max_nonzeros_per_group(weight: torch.Tensor | np.ndarray, m: int) -> int:
     """The largest number of non-zeros found in any group of M (0 for an all-zero weight)."""
     w = torch.from_numpy(np.array(weight)) if isinstance(weight, np.ndarray) else weight.detach()
-    return int((_grouped(w, m) != 0).sum(-1).max())
+    return int((grouped(w, m) != 0).sum(-1).max())
 
 
 def is_nm(weight: torch.Tensor | np.ndarray, n: int, m: int) -> bool:

@@ -22,17 +22,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sls_deploy.pruning.nm.patterns import _grouped, _ungrouped, check_nm_args
+from sls_deploy.pruning.nm.patterns import grouped, ungrouped, check_nm_args
 
 
 def group_ranks(weight: torch.Tensor, m: int) -> torch.Tensor:
     """uint8 tensor of ``weight``'s shape: each entry's rank by |w| inside its group of M (0 = largest)."""
     check_nm_args(1, m)
-    g = _grouped(weight.detach().abs().float(), m)
+    g = grouped(weight.detach().abs().float(), m)
     order = torch.argsort(g, dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(m, device=g.device).expand_as(order))
-    return _ungrouped(ranks.to(torch.uint8), weight)
+    return ungrouped(ranks.to(torch.uint8), weight)
 
 
 @dataclass(frozen=True)
