@@ -25,15 +25,19 @@ from sls_deploy.onnx.precision import (calibrate, calibrate_feeds, quantize_int8
 ARCHS = ("basicvsr", "streamvsr")
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
 H, W = 24, 32  # LR size of the accuracy checks (export at another size: H/W are dynamic)
-# Thresholds, PSNR (peak 1.0) of the rewritten graph's outputs against the FP32 graph's, on these tiny models.
-# Measured: FP16 ~85 dB (clip), ~80 dB (step, 5 frames); INT8 ~47 dB (clip), ~42 dB (step).
+# Thresholds: PSNR (peak 1.0) of each output of the rewritten graph against the FP32 graph's, on these tiny
+# models (whose SR is ~15-18 dB away from the bilinear upscaling: the network's part is not negligible).
+# Measured (emulated FP16, default islands): clip sr 78.6 dB; step over 5 frames sr 77.6 dB, last hidden 67.0 dB
+# (79/76 dB as ONNX Runtime runs it); with SpyNet, conv_hr and conv_last in FP16 too, 73.8 dB. INT8 (percentile
+# 99.99 on two other clips): clip sr 47.8 dB; step sr 49.6 dB, last hidden 41.8 dB.
 FP16_MIN_DB = 60.0
-INT8_MIN_DB = 32.0
+INT8_MIN_DB = 36.0
 
 
 def built(arch: str, seed: int = 0):
-    """A tiny model (8 channels, 1 block, 3-frame clips) whose SpyNet predicts a few pixels of non-uniform flow
-    (a fresh one predicts zero) and whose convs are not all near zero (BasicSR's 0.1 init scaled back up)."""
+    """A tiny model (8 channels, 1 block, 3-frame clips) whose SpyNet predicts a pixel or so of non-uniform flow
+    (a fresh one predicts zero) and whose other convs keep the signal's scale (He init), so that the network, not
+    the bilinear skip, makes most of the output: its SR is ~20 dB from the bilinear upscaling."""
     torch.manual_seed(seed)
     adapter = get_adapter(arch)
     cfg = adapter.parse_config({"arch": arch, "num_feat": 8, "num_block": 1, "clip_len": 3})
@@ -43,9 +47,11 @@ def built(arch: str, seed: int = 0):
             last = level.basic_module[8]
             last.weight.normal_(0.0, 0.05)
             last.bias.copy_(torch.tensor([0.8, -0.6]))
-        for name, p in model.named_parameters():
-            if "main.2" in name and name.endswith("weight"):
-                p.mul_(5.0)
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Conv2d) and not name.startswith("spynet."):
+                torch.nn.init.kaiming_normal_(m.weight, a=0.1)
+                m.bias.normal_(0.0, 0.01)
+        model.conv_last.weight.mul_(0.2)
     return adapter, cfg, model
 
 
@@ -228,16 +234,18 @@ def test_fp16_step_graph_recurrence_does_not_drift(graphs):
     per_frame = [psnr(g, r) for g, r in zip(got, ref)]
     assert min(per_frame) >= FP16_MIN_DB, per_frame
     assert per_frame[-1] >= per_frame[1] - 6.0, per_frame  # no compounding: the last frame as good as early ones
-    assert np.abs(got_h - ref_h).max() <= 2e-2 * max(1.0, np.abs(ref_h).max())
+    assert np.abs(got_h - ref_h).max() <= 5e-3 * max(1.0, np.abs(ref_h).max())  # measured 2e-3 (|h| <= 2.3)
 
 
 def test_fp16_without_gridsample_island_rounds_the_grid(graphs):
-    """The op island is what keeps the grid FP32: without it the grid (and the warp) are FP16."""
-    adapter, cfg, model, m32 = graphs["streamvsr"]
+    """The op island is what keeps the grid FP32: without it, BasicVSR's hidden-state warps (FP16 features from
+    the trunk) take an FP16 grid, though SpyNet (an island) computes the flow in FP32."""
+    adapter, cfg, model, m32 = graphs["basicvsr"]
     m16 = to_fp16(m32, adapter.default_fp32_islands(model))
     types = tensor_types(m16)
-    hidden_warp = [n for n in m16.graph.node if n.op_type == "GridSample" and not n.name.startswith("/spynet")]
-    assert hidden_warp and all(types[n.input[1]] == onnx.TensorProto.FLOAT16 for n in hidden_warp)
+    hidden_warps = [n for n in m16.graph.node if n.op_type == "GridSample" and not n.name.startswith("/spynet")]
+    assert len(hidden_warps) == 4
+    assert all(types[n.input[1]] == onnx.TensorProto.FLOAT16 for n in hidden_warps)
 
 
 def test_fp16_step_graph_io_fp16(graphs):
