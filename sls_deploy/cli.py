@@ -158,7 +158,7 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, seed, no_pro
                      progress=not no_progress)
     ch = res["channel"].upper()
     click.echo(f"wrote {res['weights']} after {res['steps']} steps ({res['seconds']:.0f}s)")
-    click.echo(f"eval PSNR-{ch}: model {res['psnr_model']:.2f} dB, bicubic {res['psnr_bicubic']:.2f} dB, "
+    click.echo(f"eval PSNR-{ch}: model {res['psnr_model']:.2f} dB, {res['baseline']} {res['psnr_baseline']:.2f} dB, "
                f"margin {res['margin_db']:+.2f} dB")
 
 

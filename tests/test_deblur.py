@@ -300,3 +300,26 @@ def test_train_reports_the_blurred_input_baseline(tmp_path, tiny_images):
     assert res["margin_db"] == pytest.approx(res["psnr_model"] - res["psnr_baseline"])
     assert set(res["per_image"]) == {"astronaut.png", "chelsea.png"}
     assert (tmp_path / "w.safetensors").is_file()
+
+
+def test_shipped_weights_fit_and_beat_the_blurred_input():
+    from pathlib import Path
+
+    import sls_deploy
+    from sls_deploy.core.checkpoints import load_weights, read_state_dict
+    from sls_deploy.data.images import quantize, to_image
+    from sls_deploy.data.metrics import psnr
+
+    r = resolve_recipe("deblur", None)
+    weights = Path(sls_deploy.__file__).parent / "weights" / r.base_weights
+    assert weights.stat().st_size < 2_000_000
+    model = r.build_model()
+    load_weights(model, r.adapter.convert_state_dict(read_state_dict(weights), r.model), "deblur")
+    model.float().eval()
+    deg = r.adapter.degradation(r.model)
+    hr, lr = load_pair(skimage_data_dir() / "camera.png", 1, deg)
+    hr, lr = hr[:, :, 200:328, 200:328], lr[:, :, 200:328, 200:328]  # a 128x128 crop keeps the test fast
+    with torch.no_grad():
+        out = model(lr)
+    gt = quantize(to_image(hr))
+    assert psnr(quantize(to_image(out)), gt, 1, True) > psnr(quantize(to_image(deg.baseline(lr))), gt, 1, True) + 0.3

@@ -19,7 +19,7 @@ def test_builtin_models_listed():
 @pytest.mark.parametrize("name", builtin_models())
 def test_every_recipe_parses(name):
     r = resolve_recipe(name, None)
-    assert r.scale in (2, 3, 4) and r.sls.m == r.sparsity_m
+    assert r.scale in (1, 2, 3, 4) and r.sls.m == r.sparsity_m  # 1: the deblurring model
 
 
 def test_shipped_weights_fit_and_beat_bicubic():

@@ -110,7 +110,7 @@ class Limits:
 
 def check_shapes(reference, backends: dict[str, tuple[str, object]], files: Sequence[Path], scale: int,
                  sizes: Sequence[tuple[str, tuple[int, int]]], channel: str, limits: dict[str, Limits],
-                 progress=None) -> list[ShapeResult]:
+                 progress=None, degradation=None) -> list[ShapeResult]:
     """Every backend ({name: (precision, infer)}) at every labelled LR size on every eval image.
 
     Images smaller than a size are mirror-extended (counted per row), so large profile shapes are checked on
@@ -126,7 +126,7 @@ def check_shapes(reference, backends: dict[str, tuple[str, object]], files: Sequ
         acc = {name: {"max": 0.0, "mean": [], "pref": [], "gt": [], "ssim": [], "shape": None} for name in backends}
         ref_gt, extended = [], 0
         for f in files:
-            hr, lr, ext = pair_at_size(f, scale, hw)
+            hr, lr, ext = pair_at_size(f, scale, hw, degradation)
             extended += ext
             gt = quantize(to_image(hr))
             with torch.no_grad():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from sls_deploy.core.errors import DataError
 from sls_deploy.data.resize import bicubic_down, bicubic_up, to_tensor
 
+
 def as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
     """A numpy Generator from a Generator (used as is), an int seed, or None (fresh OS entropy)."""
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)

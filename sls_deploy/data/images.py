@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sls_deploy.core.errors import DataError
+from sls_deploy.data.degradations import Degradation, default_degradation
 from sls_deploy.data.resize import bicubic_down, bicubic_up, to_image, to_tensor
-
-if TYPE_CHECKING:
-    from sls_deploy.data.degradations import Degradation
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -78,11 +74,11 @@ def quantize(img: np.ndarray) -> np.ndarray:
 
 
 def pair_at_size(path: str | os.PathLike, scale: int, lr_hw: tuple[int, int],
-                 degradation: "Degradation | None" = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                 degradation: Degradation | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """An HR centre crop of exactly ``lr_hw * scale`` and its input (``degradation``, default bicubic
     downscaling by ``scale``; a random one uses the image's evaluation seed); ``extended`` is True when the
     image was smaller and had to be mirror-extended (symmetric padding) to reach that size."""
-    deg = _degradation(scale, degradation)
+    deg = default_degradation(scale, degradation)
     h, w = lr_hw[0] * scale, lr_hw[1] * scale
     img = read_rgb(path)
     H, W = img.shape[:2]
@@ -97,18 +93,13 @@ def pair_at_size(path: str | os.PathLike, scale: int, lr_hw: tuple[int, int],
 
 
 def load_pair(path: str | os.PathLike, scale: int,
-              degradation: "Degradation | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+              degradation: Degradation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """HR image (mod-cropped) and its input, both 1x3xHxW tensors: ``degradation`` of the HR (default: bicubic
     downscaling by ``scale``); a random degradation uses the image's evaluation seed (from its file name), so
     the pair is the same every time."""
-    deg = _degradation(scale, degradation)
+    deg = default_degradation(scale, degradation)
     hr = to_tensor(mod_crop(read_rgb(path), scale))
     if hr.shape[-1] < scale or hr.shape[-2] < scale:
         raise DataError(f"image {path} is smaller than the scale factor {scale}")
     return hr, deg.degrade_tensor(hr, deg.eval_seed(Path(path).name))
 
-
-def _degradation(scale: int, degradation: "Degradation | None") -> "Degradation":
-    from sls_deploy.data.degradations import default_degradation
-
-    return default_degradation(scale, degradation)

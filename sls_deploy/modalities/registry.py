@@ -41,7 +41,8 @@ def sampler(recipe: Recipe, modality: str, spec: str, seed: int):
     if is_video(modality):
         return ClipSampler(resolve_clips(spec), recipe.scale, sec.lr_patch, recipe.model.options["clip_len"],
                            sec.batch_size, seed=seed)
-    return PatchSampler(resolve_images(spec), recipe.scale, sec.lr_patch, sec.batch_size, seed=seed)
+    return PatchSampler(resolve_images(spec), recipe.scale, sec.lr_patch, sec.batch_size, seed=seed,
+                        degradation=recipe.adapter.degradation(recipe.model))
 
 
 def loss_fn(modality: str, temporal_weight: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:

@@ -53,7 +53,7 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
                                 f"{mac['reference_output'][1]} out"),
         ("MACs ratio", _f(mac["ratio"], 3)),
         ("MACs ratio, 2:4 layers halved", f"{_f(mac.get('trt_2to4_ratio'), 3)} (the TensorRT bound)"),
-        (f"PSNR-{ch} bicubic", f"{_f(p['bicubic'])} dB"),
+        (f"PSNR-{ch} {rep.get('baseline', 'bicubic')}", f"{_f(p['bicubic'])} dB"),
         (f"PSNR-{ch} dense", f"{_f(p['dense'])} dB"),
         (f"PSNR-{ch} pruned (PyTorch)", f"{_f(p['pruned'])} dB ({p['pruned'] - p['dense']:+.2f} vs dense)"),
     ]
@@ -83,11 +83,11 @@ def sections(rep: dict) -> list[Section]:
         f"{rep['macs']['reference_output'][0]}x{rep['macs']['reference_output'][1]}. PSNR/SSIM on {ch.upper()} with "
         f"crop border {p['crop_border']}, eval images: {', '.join(p['eval_images'])}."],
         ["metric", "value"], [list(r) for r in summary_rows(rep)] + [
-            ["SSIM bicubic / dense / pruned", f"{_f(s['bicubic'], 4)} / {_f(s['dense'], 4)} / {_f(s['pruned'], 4)}"]])]
+            [f"SSIM {rep.get('baseline', 'bicubic')} / dense / pruned", f"{_f(s['bicubic'], 4)} / {_f(s['dense'], 4)} / {_f(s['pruned'], 4)}"]])]
     if rep.get("notes"):
         out.append(Section("Input notes", ["Images that are not plain RGB were converted:"],
                            ["note"], [[n] for n in rep["notes"]]))
-    out.append(Section("Per image (PSNR dB)", [], ["image", "bicubic", "dense", "pruned"],
+    out.append(Section("Per image (PSNR dB)", [], ["image", rep.get("baseline", "bicubic"), "dense", "pruned"],
                        [[k, _f(v["bicubic"]), _f(v["dense"]), _f(v["pruned"])] for k, v in p["per_image"].items()]))
     if rep.get("shapes"):
         out.append(Section("Accuracy at every deployment shape", [
@@ -157,8 +157,9 @@ def sections(rep: dict) -> list[Section]:
     out.append(Section("Quality vs compute", [
         f"This bundle, the dense model and {n_other} other bundle(s) of {rep['model']} found next to it "
         "(same eval images)."], image=TRADEOFF_PLOT, alt="PSNR vs MACs ratio"))
-    out.append(Section("Eval crop", ["Ground truth, bicubic, dense and pruned on the most detailed window of the "
-                                     "first eval image."], image=CROP_PLOT, alt="bicubic / dense / pruned crop"))
+    base = rep.get("baseline", "bicubic")
+    out.append(Section("Eval crop", [f"Ground truth, {base}, dense and pruned on the most detailed window of the "
+                                     "first eval image."], image=CROP_PLOT, alt=f"{base} / dense / pruned crop"))
     return out
 
 

@@ -74,7 +74,7 @@ def plot_tradeoff(rep: dict, path: str | os.PathLike) -> None:
     plt = _plt()
     p = rep["psnr"]
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
-    ax.axhline(p["bicubic"], color="tab:gray", ls=":", label=f"bicubic {p['bicubic']:.2f}")
+    ax.axhline(p["bicubic"], color="tab:gray", ls=":", label=f"{rep.get('baseline', 'bicubic')} {p['bicubic']:.2f}")
     ax.plot([1.0], [p["dense"]], "k*", ms=12, label=f"dense {p['dense']:.2f}")
     by_method: dict[str, list[dict]] = {}
     for pt in rep.get("tradeoff", []):
@@ -108,14 +108,17 @@ def _busiest_window(img: np.ndarray, size: int) -> tuple[int, int]:
 
 
 def plot_crop(image: Path, scale: int, dense: torch.nn.Module, pruned: torch.nn.Module,
-              path: str | os.PathLike, size: int = 96) -> None:
-    """Ground truth / bicubic / dense / pruned on the most detailed HR window of one eval image."""
-    from sls_deploy.data.images import bicubic_up, load_pair, to_image
+              path: str | os.PathLike, size: int = 96, degradation=None) -> None:
+    """Ground truth / baseline (bicubic, blurred input, ...) / dense / pruned on the most detailed HR window
+    of one eval image."""
+    from sls_deploy.data.degradations import default_degradation
+    from sls_deploy.data.images import load_pair, to_image
 
     plt = _plt()
-    hr, lr = load_pair(image, scale)
+    deg = default_degradation(scale, degradation)
+    hr, lr = load_pair(image, scale, deg)
     with torch.no_grad():
-        outs = {"ground truth": hr, "bicubic": bicubic_up(lr, scale), "dense": dense(lr), "pruned": pruned(lr)}
+        outs = {"ground truth": hr, deg.name: deg.baseline(lr), "dense": dense(lr), "pruned": pruned(lr)}
     imgs = {k: to_image(v) for k, v in outs.items()}
     size = min(size, *imgs["ground truth"].shape[:2])
     y, x = _busiest_window(imgs["ground truth"], size)

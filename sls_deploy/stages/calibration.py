@@ -1,6 +1,7 @@
 """INT8 calibration feeds for any modality: {graph input: array} dicts the FP32 graph is run on.
 
-- image: the LR images of the calibration folder (the package's calib/ set by default);
+- image: the LR images of the calibration folder (the package's calib/ set by default); for a same-size
+  degradation (deblurring) those images degraded by the model's degradation, one fixed seed per image;
 - clip: windows of ``clip_len`` frames from the training clips, cropped small;
 - step: the same frames driven through the step graph's recurrence (``step_feeds``, once the FP32 graph exists),
   so the hidden-state input is calibrated on real states, not zeros.
@@ -29,6 +30,13 @@ def calibration_feeds(recipe, settings) -> tuple[list[dict[str, np.ndarray]], di
     if settings.modality == "image":
         folder = BUILTIN_CALIB if settings.calib == "builtin" else Path(settings.calib)
         images, hashes = read_calibration_images(folder, recipe.adapter.min_input_size(recipe.model))
+        if recipe.scale == 1:  # a same-size degradation (deblurring): the model's inputs are degraded images
+            import torch
+
+            deg = recipe.adapter.degradation(recipe.model)
+            images = [deg.degrade_tensor(torch.from_numpy(img), rng=i).numpy().astype(np.float32)
+                      for i, img in enumerate(images)]
+            hashes = {**hashes, "degradation": digest(deg.describe())}
         return [{spec.input_names[0]: img} for img in images], hashes
     clips = _clip_windows(recipe, settings)
     hashes = {f"window{i}": digest(c.tobytes().hex()[:4096] + str(c.shape)) for i, c in enumerate(clips)}

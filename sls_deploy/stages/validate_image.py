@@ -21,7 +21,7 @@ from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
 from sls_deploy.data import load_pair, resolve_images
 from sls_deploy.data.images import conversion_note
-from sls_deploy.modalities.image import bicubic_infer, evaluate, torch_infer
+from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
 from sls_deploy.trt.outlook import predicted_benefit
 from sls_deploy.config.recipe import Recipe
 from sls_deploy.pruning.registry import load_plan
@@ -74,20 +74,21 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
     dense = load_model(recipe, base)
     pruned = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan))
     scale, ch = recipe.scale, recipe.metric_channel
+    deg = recipe.adapter.degradation(recipe.model)
     sizes = shape_sizes(recipe)
     bar = progress_bar(run.progress, len(sizes) * len(eval_files) + (runs if vopts.latency else 0))
     try:
-        shapes = _shape_checks(bundle, recipe, pruned, graph_files, vopts.backend, eval_files, sizes, bar.update)
+        shapes = _shape_checks(bundle, recipe, pruned, graph_files, vopts.backend, eval_files, sizes, bar.update, deg)
         refs = {}
         for f in eval_files:
-            hr, lr = load_pair(f, scale)
+            hr, lr = load_pair(f, scale, deg)
             with torch.no_grad():
                 refs[f.name] = (hr, lr, pruned(lr).clamp(0, 1).numpy())
         precisions = ({p: precision_quality(bundle.path(f), refs, scale, ch) | {"file": f}
                        for p, f in graph_files.items()} if vopts.backend == "ort" else {})
-        q_bic = evaluate(bicubic_infer(scale), eval_files, scale, ch)
-        q_dense = evaluate(torch_infer(dense), eval_files, scale, ch)
-        q_pruned = evaluate(torch_infer(pruned), eval_files, scale, ch)
+        q_bic = evaluate(baseline_infer(deg), eval_files, scale, ch, degradation=deg)
+        q_dense = evaluate(torch_infer(dense), eval_files, scale, ch, degradation=deg)
+        q_pruned = evaluate(torch_infer(pruned), eval_files, scale, ch, degradation=deg)
         latency = (_latency(bundle, recipe, dense, pruned, atomic.sha256_file(base), vopts, runs, warmup, bar.update)
                    if vopts.latency
                    else {"skipped": "--no-latency"})
@@ -105,6 +106,7 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
                  "ratio": plan.ratio, "trt_2to4_ratio": getattr(plan, "trt_2to4_ratio", plan.ratio),
                  "reference_output": plan.reference_output, "budget_scope": plan.budget_scope},
         "search": plan.search,
+        "baseline": deg.name,  # what "bicubic" below measured: the degradation's trivial restoration
         "psnr": {"bicubic": q_bic.psnr, "dense": q_dense.psnr, "pruned": q_pruned.psnr,
                  "pruned_onnx": precisions.get("fp32", {}).get(f"psnr_{ch}"), "channel": ch, "crop_border": scale,
                  "eval_images": [p.name for p in eval_files],
@@ -133,7 +135,7 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
     images = {
         report_plots.LAYER_PLOT: lambda p: report_plots.plot_layer_density(rep, p),
         report_plots.TRADEOFF_PLOT: lambda p: report_plots.plot_tradeoff(rep, p),
-        report_plots.CROP_PLOT: lambda p: report_plots.plot_crop(eval_files[0], scale, dense, pruned, p),
+        report_plots.CROP_PLOT: lambda p: report_plots.plot_crop(eval_files[0], scale, dense, pruned, p, degradation=deg),
     }
     for name, draw in images.items():
         draw(bundle.path(name))
@@ -146,7 +148,7 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
 
 
 def _shape_checks(bundle: Bundle, recipe: Recipe, pruned, graph_files: dict[str, str], backend: str, files,
-                  sizes, progress) -> list:
+                  sizes, progress, degradation) -> list:
     val = recipe.validate
     limits = {p: Limits(val.max_drop(p), val.fp32_atol if p == "fp32" else None) for p in ("fp32", "fp16", "int8")}
     with contextlib.ExitStack() as stack:
@@ -156,7 +158,7 @@ def _shape_checks(bundle: Bundle, recipe: Recipe, pruned, graph_files: dict[str,
         else:
             backends = {"pytorch fp32": ("fp32", torch_infer(pruned))}
         return check_shapes(torch_infer(pruned), backends, files, recipe.scale, sizes, recipe.metric_channel,
-                            limits, progress=progress)
+                            limits, progress=progress, degradation=degradation)
 
 
 def _latency(bundle: Bundle, recipe: Recipe, dense, pruned, dense_sha: str, vopts: ValidateOptions, runs: int,
