@@ -221,7 +221,8 @@ def test_bundle_plan_and_report(request, which):
         assert plan["widths"][g["name"]] == g["kept_units"]
     assert any(g["kept_units"] < g["dense_units"] for g in plan["groups"])
     rep = json.loads((out / "report.json").read_text())
-    assert rep["kind"] == "video" and rep["checks"] == {"onnx_vs_torch": True, "budget": True}
+    assert rep["kind"] == "video" and rep["checks"] == {"onnx_vs_torch": True, "budget": True,
+                                                     "fp16_psnr_drop": True, "int8_psnr_drop": True}
     assert rep["onnx_vs_torch"]["max_abs"] <= 1e-4 and rep["onnx_vs_torch"]["frames"] == 3
     # the whole eval clip (4 frames): the step graph carries its hidden state through all of them, the T=3 clip
     # graph covers the one whole window
@@ -475,3 +476,21 @@ def test_nm_strategy_on_a_clip_model_gives_2to4_video_graphs(tmp_path, clips):
         checks = verify_plan_in_graph(onnx.load(str(out / name)), [(l.name, l.n, l.m) for l in plan.layers])
         assert all(c["2to4"] for c in checks.values()), name
     assert rep["kind"] == "video" and rep["onnx_vs_torch"]["passed"]
+
+
+def test_video_reduced_precision_graphs_are_checked_against_their_limits(bv_l1):
+    """validate runs model.fp16.onnx / model.int8.onnx over the eval clips; a drop above the recipe's limit fails."""
+    import copy
+
+    from sls_deploy.core.errors import ValidationError
+    from sls_deploy.stages.validate import check_report
+
+    rep = json.loads((bv_l1["out"] / "report.json").read_text())
+    assert set(rep["precisions"]) == {"fp16", "int8"}
+    for p, v in rep["precisions"].items():
+        assert v["passed"] and v["drop_db"] <= v["limit_db"] and rep["checks"][f"{p}_psnr_drop"]
+    bad = copy.deepcopy(rep)
+    bad["precisions"]["int8"].update(drop_db=0.9, passed=False)
+    with pytest.raises(ValidationError, match="int8_psnr_drop failed: the int8 graph is 0.900 dB below"):
+        check_report(bad)
+    assert "Precisions" in (bv_l1["out"] / "report.md").read_text()

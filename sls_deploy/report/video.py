@@ -85,7 +85,16 @@ def sections(rep: dict) -> list[Section]:
             ["group", "unit", "dense units", "kept units", "kept"],
             [[g["name"], str(g["unit"]), str(g["dense_units"]), str(g["kept_units"]), f"{g['kept_fraction']:.2f}"]
              for g in rep["groups"]], image=WIDTHS_PLOT, alt="kept units per channel group"))
-    rows = [[l["name"], l.get("out_group") or (f"{l['n']}:{l['m']}" if "n" in l else "-"), l.get("in_group") or "-", f"{l['macs_dense'] / 1e9:.3f}",
+    if rep.get("precisions"):
+        ch = rep["psnr"]["channel"]
+        out.append(Section("Precisions", [
+            f"Each reduced-precision graph in ONNX Runtime on the eval clips (step graphs driven frame by frame), "
+            f"PSNR-{ch} and its drop below the FP32 PyTorch model ({_f(rep['psnr']['pruned'])} dB)."],
+            ["graph", f"PSNR-{ch}", "drop (dB)", "limit (dB)", "passed"],
+            [[v["file"], _f(v[f"psnr_{ch}"]), f"{v['drop_db']:.4f}", f"{v['limit_db']:g}", "yes" if v["passed"] else "NO"]
+             for v in rep["precisions"].values()]))
+    rows = [[l["name"], l.get("out_group") or (f"{l['n']}:{l['m']}" if "n" in l else "-"), l.get("in_group") or "-",
+             f"{l['macs_dense'] / 1e9:.3f}",
              f"{l['macs_pruned'] / 1e9:.3f}", f"{l['macs_pruned'] / l['macs_dense']:.3f}" if l["macs_dense"] else "-"]
             for l in rep["layers"]]
     rows += [[d["name"], f"dense: {d['reason']}", "-", f"{d['macs'] / 1e9:.3f}", f"{d['macs'] / 1e9:.3f}", "1.000"]

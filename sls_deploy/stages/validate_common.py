@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sls_deploy.core.bundle import ONNX
 from sls_deploy.core.errors import UsageError
 from sls_deploy.pruning.nm import Plan
 
@@ -53,3 +54,8 @@ def plan_rows(plan) -> list[dict]:
                 for l in plan.layers]
     return [{"name": l.name, "macs_dense": l.macs_dense, "macs_pruned": l.macs_pruned,
              "out_group": l.out_group, "in_group": l.in_group} for l in plan.layers]
+
+
+def graph_files_of(manifest: dict) -> dict[str, str]:
+    export_info = manifest.get("stages", {}).get("export", {}).get("result", {})
+    return {p: g["file"] for p, g in export_info.get("graphs", {"fp32": {"file": ONNX}}).items()}

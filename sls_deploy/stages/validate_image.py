@@ -29,8 +29,8 @@ from sls_deploy.backends.runners import Limits, check_shapes, ort_infer
 from sls_deploy.stages.export import DENSE_ONNX, dense_graph
 from sls_deploy.stages.models import load_model, plan_widths
 from sls_deploy.stages.skeleton import Run
-from sls_deploy.stages.validate_common import (LAYERS_JSON, REPORT_HTML, ValidateOptions, plan_rows,
-                                               progress_bar)
+from sls_deploy.stages.validate_common import (LAYERS_JSON, REPORT_HTML, ValidateOptions, graph_files_of,
+                                               plan_rows, progress_bar)
 
 def shape_sizes(recipe: Recipe) -> list[tuple[str, tuple[int, int]]]:
     """The profile's min / opt / max, the odd size, then the extra sizes (each size once)."""
@@ -41,11 +41,6 @@ def shape_sizes(recipe: Recipe) -> list[tuple[str, tuple[int, int]]]:
             seen.add(hw)
             out.append((label, hw))
     return out
-
-
-def graph_files_of(manifest: dict) -> dict[str, str]:
-    export_info = manifest.get("stages", {}).get("export", {}).get("result", {})
-    return {p: g["file"] for p, g in export_info.get("graphs", {"fp32": {"file": ONNX}}).items()}
 
 
 def validate_images(run: Run, vopts: ValidateOptions) -> dict:

@@ -35,11 +35,9 @@ from sls_deploy.pruning.registry import load_plan
 from sls_deploy.stages.export import DENSE_ONNX, dense_graph
 from sls_deploy.stages.models import graph_spec, load_model, plan_widths
 from sls_deploy.stages.skeleton import Run
-from sls_deploy.stages.validate_common import REPORT_HTML, ValidateOptions, plan_rows, progress_bar
+from sls_deploy.stages.validate_common import REPORT_HTML, ValidateOptions, graph_files_of, plan_rows, progress_bar
 from sls_deploy.modalities.clip import VideoQuality, bicubic_clip_infer, evaluate_clips
 
-FP_NOTE = ("FP16/INT8 graphs are not written for video models: the flow warp's GridSample sampling grid must "
-           "stay FP32 (pixel coordinates lose sub-pixel precision in FP16) and INT8 calibration of clips is not done")
 
 
 def graph_runner(sess, spec) -> Callable[[torch.Tensor], np.ndarray]:
@@ -52,9 +50,10 @@ def graph_runner(sess, spec) -> Callable[[torch.Tensor], np.ndarray]:
     """
     inputs = {i.name: i for i in sess.get_inputs()}
     first_out = spec.output_names[0]
+    dtype = {i.name: np.float16 if "float16" in i.type else np.float32 for i in sess.get_inputs()}
     if not spec.recurrent:
         name = spec.input_names[0]
-        return lambda lr: sess.run([first_out], {name: lr.numpy()})[0]
+        return lambda lr: np.asarray(sess.run([first_out], {name: lr.numpy().astype(dtype[name])})[0], np.float32)
     frame_in = [n for n in spec.input_names if n not in spec.recurrent]
     if len(frame_in) != 1:
         raise UsageError(f"a step graph needs exactly one per-frame input, not {frame_in}")
@@ -66,14 +65,14 @@ def graph_runner(sess, spec) -> Callable[[torch.Tensor], np.ndarray]:
         state = {}
         for k, src in spec.recurrent.items():
             if src in inputs:
-                state[k] = x[:, 0]
+                state[k] = x[:, 0].astype(dtype[k])
             else:
-                state[k] = np.zeros((n, int(inputs[k].shape[1]), h, w), np.float32)
+                state[k] = np.zeros((n, int(inputs[k].shape[1]), h, w), dtype[k])
         frames = []
         for i in range(t):
-            feed = {frame_in[0]: x[:, i], **state}
+            feed = {frame_in[0]: x[:, i].astype(dtype[frame_in[0]]), **state}
             res = dict(zip(out_names, sess.run(None, feed)))
-            frames.append(res[first_out])
+            frames.append(np.asarray(res[first_out], np.float32))
             state = {k: res[src] if src in res else feed[src] for k, src in spec.recurrent.items()}
         return np.stack(frames, axis=1)
 
@@ -97,14 +96,15 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
     if vopts.backend != "ort":
         raise UsageError(f"--backend {vopts.backend} is not available for video bundles (use ort)")
     m = bundle.require()
-    bundle.verify([PLAN, WEIGHTS, ONNX])
+    graph_files = graph_files_of(m)
+    bundle.verify([PLAN, WEIGHTS, *graph_files.values()])
     plan = load_plan(bundle.path(PLAN))
     base = Path(m["stages"]["search"]["base_weights"])
     eval_spec = run.settings.eval_data
     val, T = recipe.validate, int(recipe.model.options["clip_len"])
     runs = vopts.latency_runs or val.latency_runs
     warmup = val.latency_warmup if vopts.latency_warmup is None else vopts.latency_warmup
-    inputs = digest({f: atomic.sha256_file(bundle.path(f)) for f in (PLAN, WEIGHTS, ONNX)} | {
+    inputs = digest({f: atomic.sha256_file(bundle.path(f)) for f in (PLAN, WEIGHTS, *graph_files.values())} | {
         "base": atomic.sha256_file(base), "eval": eval_spec, "validate": repr(val), "clip_len": T,
         "channel": recipe.metric_channel, "latency": [vopts.latency, runs, warmup, vopts.threads]})
     if bundle.stage_is_current("validate", inputs):
@@ -118,7 +118,7 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
     pruned = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan))
     spec = graph_spec(recipe)
     scale, ch = recipe.scale, recipe.metric_channel
-    bar = progress_bar(run.progress, 4 * len(clips) + (runs if vopts.latency else 0))
+    bar = progress_bar(run.progress, (4 + len(graph_files) - 1) * len(clips) + (runs if vopts.latency else 0))
     try:
         quality: dict[str, VideoQuality] = {}
         torch_out: list[np.ndarray] = []
@@ -126,11 +126,11 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
                             ("pruned", _torch_infer(pruned, torch_out))):
             quality[name] = evaluate_clips(_ticking(infer, bar), clips, T, scale, ch)
         sess, _ = ort_session(bundle.path(ONNX), vopts.threads)
-        run = graph_runner(sess, spec)
+        graph_run = graph_runner(sess, spec)
         diffs: list[float] = []
 
         def onnx_infer(lr):
-            got = run(lr)
+            got = graph_run(lr)
             ref = torch_out[len(diffs)]
             if got.shape != ref.shape:
                 raise ValidationError(f"the ONNX graph's output is {got.shape}, PyTorch's {ref.shape}")
@@ -138,14 +138,23 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
             return got
 
         quality["onnx"] = evaluate_clips(_ticking(onnx_infer, bar), clips, T, scale, ch, with_ssim=False)
-        whole = whole_clip_check(run, pruned, clips[0], T, scale, bool(spec.recurrent))
+        whole = whole_clip_check(graph_run, pruned, clips[0], T, scale, bool(spec.recurrent))
+        precisions = {}
+        for p, f in graph_files.items():  # FP16 / INT8 graphs: PSNR drop below the FP32 PyTorch model
+            if p == "fp32":
+                continue
+            q = evaluate_clips(_ticking(graph_runner(ort_session(bundle.path(f), vopts.threads)[0], spec), bar),
+                               clips, T, scale, ch, with_ssim=False)
+            drop = quality["pruned"].psnr - q.psnr
+            precisions[p] = {"file": f, f"psnr_{ch}": q.psnr, "drop_db": drop, "limit_db": val.max_drop(p),
+                             "passed": drop <= val.max_drop(p)}
         dense_sha = m["stages"]["search"].get("base_weights_sha256") or atomic.sha256_file(base)
         frames = int(m["stages"].get("export", {}).get("result", {}).get("frames_per_run", getattr(plan, "frames", 1)))
         latency = (_latency(bundle, recipe, dense, dense_sha, spec, frames, vopts, runs, warmup, bar.update)
                    if vopts.latency else {"skipped": "--no-latency"})
     finally:
         bar.close()
-    rep = _report(bundle, recipe, plan, m, quality, clips, T, diffs, latency, spec, whole, frames)
+    rep = _report(bundle, recipe, plan, m, quality, clips, T, diffs, latency, spec, whole, frames, precisions)
     images = {report_plots.FRAMES_PLOT: lambda p: report_plots.plot_per_frame(rep, p)}
     if rep["groups"]:
         images[report_plots.WIDTHS_PLOT] = lambda p: report_plots.plot_group_widths(rep, p)
@@ -184,7 +193,7 @@ def whole_clip_check(run, model, clip, T: int, scale: int, streaming: bool) -> d
 
 
 def _report(bundle, recipe, plan, manifest, q: dict[str, VideoQuality], clips, T, diffs, latency,
-            spec, whole: dict, f: int) -> dict:
+            spec, whole: dict, f: int, precisions: dict) -> dict:
     val = recipe.validate
     max_abs = max(max(diffs), whole["max_abs"])
     stages = manifest.get("stages", {})
@@ -219,9 +228,10 @@ def _report(bundle, recipe, plan, manifest, q: dict[str, VideoQuality], clips, T
         "export": {k: v for k, v in stages.get("export", {}).get("result", {}).items() if k != "convs"},
         "finetune": stages.get("finetune", {}).get("result", {}),
         "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
-        "notes": [FP_NOTE],
+        "precisions": precisions,
     }
-    rep["checks"] = {"onnx_vs_torch": rep["onnx_vs_torch"]["passed"], "budget": plan.ratio <= plan.budget + 1e-9}
+    rep["checks"] = {"onnx_vs_torch": rep["onnx_vs_torch"]["passed"], "budget": plan.ratio <= plan.budget + 1e-9,
+                     **{f"{p}_psnr_drop": v["passed"] for p, v in precisions.items()}}
     return rep
 
 
@@ -260,6 +270,10 @@ def check_video_report(rep: dict) -> None:
     if not o["passed"]:
         raise ValidationError(f"check onnx_vs_torch failed: ONNX Runtime differs from PyTorch by {o['max_abs']:.2e} "
                               f"over the eval clips (> tolerance {o['tolerance']:.0e}); see report.json")
+    for p, v in rep.get("precisions", {}).items():
+        if not v["passed"]:
+            raise ValidationError(f"check {p}_psnr_drop failed: the {p} graph is {v['drop_db']:.3f} dB below the FP32 "
+                                  f"PyTorch model on the eval clips (> {v['limit_db']:g} dB); see report.json")
     if not rep.get("checks", {}).get("budget", True):
         raise ValidationError(f"check budget failed: MACs ratio {rep['macs']['ratio']:.4f} exceeds the budget "
                               f"{rep['budget']:g}")
