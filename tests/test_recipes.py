@@ -45,3 +45,37 @@ def test_bad_recipe_fields(tmp_path, text, fragment):
     path.write_text(text)
     with pytest.raises(RecipeError, match=fragment):
         load_recipe(path)
+
+
+def _recipe_with(tmp_path, **changes):
+    import yaml
+
+    from sls_deploy.config.recipe import recipe_for_model
+
+    raw = yaml.safe_load(recipe_for_model("edsr").read_text())
+    raw.update(changes)
+    raw["base_weights"] = str(resolve_base_weights(resolve_recipe("edsr", None), None))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_unknown_or_unsupported_modality_is_one_line_naming_the_choices(tmp_path, capsys):
+    from conftest import error_line, run_cli
+
+    with pytest.raises(RecipeError, match=r"unknown modality 'video' \(known: image, clip, step\)"):
+        load_recipe(_recipe_with(tmp_path, modality="video"))
+    with pytest.raises(RecipeError, match="modality 'clip' is not supported by model 'edsr' \\(it supports: image\\)"):
+        load_recipe(_recipe_with(tmp_path, modality="clip"))
+    code, _, err = run_cli(capsys, "build", "--recipe", str(_recipe_with(tmp_path, modality="step")), "--budget",
+                           "0.5", "--out", str(tmp_path / "b"))
+    assert code == 1 and "is not supported by model 'edsr'" in error_line(err) and not (tmp_path / "b").exists()
+
+
+def test_unknown_strategy_in_a_recipe_is_one_line_naming_the_methods(tmp_path, capsys):
+    from conftest import error_line, run_cli
+
+    path = _recipe_with(tmp_path, sparsity={"method": "magic", "m": 4})
+    code, _, err = run_cli(capsys, "build", "--recipe", str(path), "--budget", "0.5", "--out", str(tmp_path / "b"))
+    assert code == 2 and "unknown method 'magic' (known: sls, oneshot, srste, ssl, l1, l1-global)" in error_line(err)
+    assert not (tmp_path / "b").exists()
