@@ -148,26 +148,32 @@ def check_shapes(reference, backends: dict[str, tuple[str, object]], files: Sequ
                 a["ssim"].append(ssim(img, gt, scale, y))
             if progress:
                 progress()
-        want = (1, 3, hw[0] * scale, hw[1] * scale)
-        for name, (precision, _) in backends.items():
-            a = acc[name]
-            fails = []
-            if a["shape"] != want:
-                fails.append(f"output shape {a['shape']} != {want}")
-                results.append(ShapeResult(label, hw, name, precision, a["shape"] or (), float("nan"), float("nan"),
-                                           float("nan"), float("nan"), float("nan"), float(np.mean(ref_gt)),
-                                           extended, fails))
-                continue
-            r = ShapeResult(label, hw, name, precision, a["shape"], a["max"], float(np.mean(a["mean"])),
-                            float(np.mean(a["pref"])), float(np.mean(a["gt"])), float(np.mean(a["ssim"])),
-                            float(np.mean(ref_gt)), extended, fails)
-            lim = limits[precision]
-            if r.psnr_drop > lim.max_psnr_drop_db:
-                fails.append(f"PSNR drop {r.psnr_drop:.3f} dB > {lim.max_psnr_drop_db} dB")
-            if lim.max_abs is not None and r.max_abs > lim.max_abs:
-                fails.append(f"max abs diff {r.max_abs:.2e} > {lim.max_abs:.0e}")
-            results.append(r)
+        results += _rows(acc, backends, (1, 3, hw[0] * scale, hw[1] * scale), label, hw, ref_gt, extended, limits)
     return results
+
+
+def _rows(acc: dict, backends: dict, want: tuple, label: str, hw, ref_gt: list, extended: int,
+          limits: dict[str, Limits]) -> list[ShapeResult]:
+    """One ShapeResult per backend from its accumulated differences, failing on shape, PSNR drop or max abs."""
+    out = []
+    for name, (precision, _) in backends.items():
+        a = acc[name]
+        fails = []
+        if a["shape"] != want:
+            fails.append(f"output shape {a['shape']} != {want}")
+            out.append(ShapeResult(label, hw, name, precision, a["shape"] or (), float("nan"), float("nan"),
+                                   float("nan"), float("nan"), float("nan"), float(np.mean(ref_gt)), extended, fails))
+            continue
+        r = ShapeResult(label, hw, name, precision, a["shape"], a["max"], float(np.mean(a["mean"])),
+                        float(np.mean(a["pref"])), float(np.mean(a["gt"])), float(np.mean(a["ssim"])),
+                        float(np.mean(ref_gt)), extended, fails)
+        lim = limits[precision]
+        if r.psnr_drop > lim.max_psnr_drop_db:
+            fails.append(f"PSNR drop {r.psnr_drop:.3f} dB > {lim.max_psnr_drop_db} dB")
+        if lim.max_abs is not None and r.max_abs > lim.max_abs:
+            fails.append(f"max abs diff {r.max_abs:.2e} > {lim.max_abs:.0e}")
+        out.append(r)
+    return out
 
 
 # --------------------------------------------------------------------------- runners and clip checks
@@ -243,23 +249,6 @@ def check_clip_shapes(reference, backends: dict[str, tuple[str, object]], clips:
                     a["ssim"].append(ssim(img, g, scale, y))
             if progress:
                 progress()
-        want = (1, clip_len, 3, hw[0] * scale, hw[1] * scale)
-        for name, (precision, _) in backends.items():
-            a = acc[name]
-            fails = []
-            if a["shape"] != want:
-                fails.append(f"output shape {a['shape']} != {want}")
-                results.append(ShapeResult(label, hw, name, precision, a["shape"] or (), float("nan"), float("nan"),
-                                           float("nan"), float("nan"), float("nan"), float(np.mean(ref_gt)),
-                                           extended, fails))
-                continue
-            r = ShapeResult(label, hw, name, precision, a["shape"], a["max"], float(np.mean(a["mean"])),
-                            float(np.mean(a["pref"])), float(np.mean(a["gt"])), float(np.mean(a["ssim"])),
-                            float(np.mean(ref_gt)), extended, fails)
-            lim = limits[precision]
-            if r.psnr_drop > lim.max_psnr_drop_db:
-                fails.append(f"PSNR drop {r.psnr_drop:.3f} dB > {lim.max_psnr_drop_db} dB")
-            if lim.max_abs is not None and r.max_abs > lim.max_abs:
-                fails.append(f"max abs diff {r.max_abs:.2e} > {lim.max_abs:.0e}")
-            results.append(r)
+        results += _rows(acc, backends, (1, clip_len, 3, hw[0] * scale, hw[1] * scale), label, hw, ref_gt, extended,
+                         limits)
     return results
