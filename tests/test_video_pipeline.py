@@ -23,7 +23,8 @@ from sls_deploy.pruning.channels.structured import slice_into, zero_units
 from sls_deploy.stages.build import build_bundle
 from sls_deploy.stages.export import op_types
 from sls_deploy.stages.models import load_model as load_video_model
-from sls_deploy.stages.validate_video import graph_runner
+from sls_deploy.backends.drive import clip_infer
+from sls_deploy.backends.runners import onnx_runner
 from tests.conftest import error_line, run_cli as run
 
 torch.set_num_threads(1)  # the tests' models are tiny; more threads only contend
@@ -267,7 +268,8 @@ def test_clip_graph_matches_pytorch_over_a_clip(bv_l1, clips):
     lr = eval_lr_clip(clips, 3)
     with torch.no_grad():
         want = model(lr).numpy()
-    got = graph_runner(sess, recipe.adapter.export_spec(recipe.model))(lr)
+    with onnx_runner(bv_l1["out"] / "model.onnx") as runner:  # the runner interface TensorRT's path uses too
+        got = clip_infer(runner, recipe.adapter.export_spec(recipe.model))(lr)
     assert got.shape == want.shape == (1, 3, 3, 32, 40)
     assert np.abs(got - want).max() <= 1e-4
 
@@ -285,7 +287,8 @@ def test_step_graph_matches_pytorch_frame_by_frame(sv_ssl, clips):
     lr = eval_lr_clip(clips, 4)
     with torch.no_grad():
         want = model(lr).numpy()
-    got = graph_runner(sess, recipe.adapter.export_spec(recipe.model))(lr)
+    with onnx_runner(sv_ssl["out"] / "model.onnx") as runner:
+        got = clip_infer(runner, recipe.adapter.export_spec(recipe.model))(lr)
     assert got.shape == want.shape == (1, 4, 3, 32, 40)
     assert np.abs(got - want).max() <= 1e-4
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -32,51 +33,14 @@ from sls_deploy.core.errors import UsageError, ValidationError
 from sls_deploy.config.recipe import Recipe
 from sls_deploy.pruning.channels.plan import StructuredPlan
 from sls_deploy.pruning.registry import load_plan
+from sls_deploy.backends.drive import clip_infer
+from sls_deploy.backends.runners import onnx_runner
 from sls_deploy.stages.export import DENSE_ONNX, dense_graph
 from sls_deploy.stages.models import graph_spec, load_model, plan_widths
 from sls_deploy.stages.skeleton import Run
 from sls_deploy.stages.validate_common import REPORT_HTML, ValidateOptions, graph_files_of, plan_rows, progress_bar
 from sls_deploy.modalities.clip import VideoQuality, bicubic_clip_infer, evaluate_clips
 
-
-
-def graph_runner(sess, spec) -> Callable[[torch.Tensor], np.ndarray]:
-    """An LR clip (1, T, 3, h, w) -> the graph's SR clip (1, T, 3, sh, sw).
-
-    A clip graph runs once. A step graph (``spec.recurrent``) runs once per frame: its frame input gets frame
-    t; each recurrent input gets, from the second step on, the value of the output or input it names; at the
-    first step an input fed from an input gets that input's first value (prev_lr = the first frame) and one fed
-    from an output gets zeros (N, C, h, w) with C from the graph (the zero hidden state).
-    """
-    inputs = {i.name: i for i in sess.get_inputs()}
-    first_out = spec.output_names[0]
-    dtype = {i.name: np.float16 if "float16" in i.type else np.float32 for i in sess.get_inputs()}
-    if not spec.recurrent:
-        name = spec.input_names[0]
-        return lambda lr: np.asarray(sess.run([first_out], {name: lr.numpy().astype(dtype[name])})[0], np.float32)
-    frame_in = [n for n in spec.input_names if n not in spec.recurrent]
-    if len(frame_in) != 1:
-        raise UsageError(f"a step graph needs exactly one per-frame input, not {frame_in}")
-    out_names = [o.name for o in sess.get_outputs()]
-
-    def run(lr: torch.Tensor) -> np.ndarray:
-        x = lr.numpy()
-        n, t, _, h, w = x.shape
-        state = {}
-        for k, src in spec.recurrent.items():
-            if src in inputs:
-                state[k] = x[:, 0].astype(dtype[k])
-            else:
-                state[k] = np.zeros((n, int(inputs[k].shape[1]), h, w), dtype[k])
-        frames = []
-        for i in range(t):
-            feed = {frame_in[0]: x[:, i].astype(dtype[frame_in[0]]), **state}
-            res = dict(zip(out_names, sess.run(None, feed)))
-            frames.append(np.asarray(res[first_out], np.float32))
-            state = {k: res[src] if src in res else feed[src] for k, src in spec.recurrent.items()}
-        return np.stack(frames, axis=1)
-
-    return run
 
 
 def _torch_infer(model, record: list | None = None):
@@ -111,22 +75,20 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
         run.log("  up to date")
         return json.loads(bundle.path(REPORT_JSON).read_text())
     t0 = time.perf_counter()
-    from sls_deploy.backends.latency import ort_session
-
     clips = resolve_clips(eval_spec)
     dense = load_model(recipe, base)
     pruned = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan))
     spec = graph_spec(recipe)
     scale, ch = recipe.scale, recipe.metric_channel
     bar = progress_bar(run.progress, (4 + len(graph_files) - 1) * len(clips) + (runs if vopts.latency else 0))
+    stack = contextlib.ExitStack()  # the graphs' runners (Polygraphy OnnxrtRunner, the TensorRT path's interface)
     try:
         quality: dict[str, VideoQuality] = {}
         torch_out: list[np.ndarray] = []
         for name, infer in (("bicubic", bicubic_clip_infer(scale)), ("dense", _torch_infer(dense)),
                             ("pruned", _torch_infer(pruned, torch_out))):
             quality[name] = evaluate_clips(_ticking(infer, bar), clips, T, scale, ch)
-        sess, _ = ort_session(bundle.path(ONNX), vopts.threads)
-        graph_run = graph_runner(sess, spec)
+        graph_run = clip_infer(stack.enter_context(onnx_runner(bundle.path(ONNX))), spec)
         diffs: list[float] = []
 
         def onnx_infer(lr):
@@ -143,7 +105,7 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
         for p, f in graph_files.items():  # FP16 / INT8 graphs: PSNR drop below the FP32 PyTorch model
             if p == "fp32":
                 continue
-            q = evaluate_clips(_ticking(graph_runner(ort_session(bundle.path(f), vopts.threads)[0], spec), bar),
+            q = evaluate_clips(_ticking(clip_infer(stack.enter_context(onnx_runner(bundle.path(f))), spec), bar),
                                clips, T, scale, ch, with_ssim=False)
             drop = quality["pruned"].psnr - q.psnr
             precisions[p] = {"file": f, f"psnr_{ch}": q.psnr, "drop_db": drop, "limit_db": val.max_drop(p),
@@ -153,6 +115,7 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
         latency = (_latency(bundle, recipe, dense, dense_sha, spec, frames, vopts, runs, warmup, bar.update)
                    if vopts.latency else {"skipped": "--no-latency"})
     finally:
+        stack.close()
         bar.close()
     rep = _report(bundle, recipe, plan, m, quality, clips, T, diffs, latency, spec, whole, frames, precisions)
     images = {report_plots.FRAMES_PLOT: lambda p: report_plots.plot_per_frame(rep, p)}
