@@ -19,7 +19,6 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
