@@ -84,4 +84,4 @@ def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
     """The model's state dict as safetensors (FP16 if ``half``), written atomically."""
     sd = {k: (v.half() if half else v).detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata=metadata)
+        save_file(sd, str(tmp), metadata=dict(sorted((metadata or {}).items())) or None)  # same tensors, same bytes
