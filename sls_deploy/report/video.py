@@ -16,8 +16,8 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
     ch = p["channel"].upper()
     rows = [
         ("verdict", verdict(rep)),
-        ("model", f"{rep['model']} ({rep['arch']}, {rep['graph']} graph; {rep['method']}, channels rounded to "
-                  f"{rep['round_to']})"),
+        ("model", f"{rep['model']} ({rep['arch']}, {rep['graph']} graph; {rep['method']}, "
+                  + (f"N:M with M={rep['m']})" if rep.get("m") else f"channels rounded to {rep['round_to']})")),
         ("budget", f"{rep['budget']:g} of dense MACs (whole model)"),
         ("MACs dense / pruned", f"{_f(mac['dense'])} / {_f(mac['pruned'])} G per frame at "
                                 f"{mac['reference_output'][0]}x{mac['reference_output'][1]} out"),

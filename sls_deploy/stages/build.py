@@ -58,7 +58,7 @@ def plan_line(plan) -> str:
     if isinstance(plan, Plan):
         ns = sorted({l.n for l in plan.layers})
         return (f"  plan: {plan.method}, N in {ns} of M={plan.m} over {len(plan.layers)} layers, "
-                f"MACs {plan.macs_pruned / 1e9:.2f} / {plan.macs_dense / 1e9:.2f} G (ratio {plan.ratio:.3f})")
+                f"MACs {plan.macs_pruned / 1e9:.2f} / {plan.macs_dense / 1e9:.2f} G per graph run (ratio {plan.ratio:.3f})")
     narrowed = [g for g in plan.groups if g.kept_units < g.dense_units]
     return (f"  plan: {plan.method}, {len(narrowed)} of {len(plan.groups)} channel groups narrowed, MACs "
             f"{plan.macs_pruned / plan.frames / 1e9:.2f} / {plan.macs_dense / plan.frames / 1e9:.2f} G per frame "
