@@ -1,1 +1,1 @@
-"""onnx."""
+"""Generic ONNX export, graph checks and inspection, and precision rewriting (FP16 islands, INT8 Q/DQ)."""

@@ -1,1 +1,1 @@
-"""report."""
+"""Rendering report.json as terminal summary, Markdown and HTML, with plots."""

@@ -1,1 +1,1 @@
-"""stages."""
+"""The stages (search, finetune, export, validate, engine validation, build) over one skeleton, for any strategy and modality."""

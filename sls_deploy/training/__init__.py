@@ -1,1 +1,1 @@
-"""training."""
+"""The training loop shared by base training, searches and finetuning, and its losses."""

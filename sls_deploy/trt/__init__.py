@@ -1,1 +1,1 @@
-"""trt."""
+"""The TensorRT engine stage on Polygraphy: settings and profiles, the per-layer report, the labelled outlook."""
