@@ -48,12 +48,40 @@ class ChannelGroup:
     Unit k is output channels [k*unit, (k+1)*unit) of ``producer`` (weight rows and bias) and input channel k
     of every conv in ``consumers``. unit = r*r for a conv that feeds PixelShuffle(r) (group k becomes
     post-shuffle channel k), else 1.
+
+    A group may have several producers (``producers``): convs whose outputs are added into one shared stream
+    (a residual trunk), so output unit k of every producer is the same channel k of the stream. All producers
+    and all consumers then keep the SAME unit indices. A stream layer may be both a producer and a consumer
+    of its group (EDSR's conv_after_body reads and writes the stream). ``producers`` defaults to
+    ``(producer,)``; when it is given, ``producer`` must be its first entry (or empty, then it is filled in).
     """
 
     name: str
     producer: str
     consumers: tuple[str, ...]
     unit: int = 1
+    producers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        prods = tuple(self.producers)
+        if not prods:
+            if not self.producer:
+                raise ValueError(f"channel group '{self.name}' has no producer")
+            prods = (self.producer,)
+        elif not self.producer:
+            object.__setattr__(self, "producer", prods[0])
+        elif self.producer != prods[0]:
+            raise ValueError(f"channel group '{self.name}': producer '{self.producer}' is not the first of its "
+                             f"producers {prods}")
+        if len(set(prods)) != len(prods):
+            raise ValueError(f"channel group '{self.name}' lists a producer twice")
+        object.__setattr__(self, "producers", prods)
+        object.__setattr__(self, "consumers", tuple(self.consumers))
+
+    @property
+    def multi(self) -> bool:
+        """True for a stream group (several producers)."""
+        return len(self.producers) > 1
 
 
 @dataclass

@@ -2,7 +2,17 @@
 
 Layout: conv_first -> body.{i}.{conv1,conv2} (residual blocks, no BN) -> conv_after_body (+ skip)
 -> upsample (conv + PixelShuffle per factor) -> conv_last. Inputs and outputs are RGB in [0, 1];
-the mean shift and the 255 range of the original are folded into the forward pass as BasicSR does.
+the mean shift and the 255 range of the original are folded into the forward pass as BasicSR does (it acts on
+the 3 image channels only, so channel pruning never touches it).
+
+Channel groups (``options["widths"]`` = {group: kept units}, see ``EDSR.dense_widths``):
+
+- ``stream``: the residual stream, written by conv_first, every body.{i}.conv2 and conv_after_body (their
+  outputs are summed: all keep the same channel indices) and read by every body.{i}.conv1, conv_after_body and
+  upsample.0;
+- ``body.{i}.conv1``: block i's inner channels (conv1 -> conv2);
+- ``upsample.{2j}``: upsampler stage j's post-shuffle channels (unit r*r: 4 per x2 stage, 9 for x3), read by
+  the next stage's conv or, for the last stage, conv_last.
 """
 
 from __future__ import annotations
@@ -15,16 +25,17 @@ import torch
 from torch import nn
 
 from sls_deploy.core.errors import CheckpointError, RecipeError
-from sls_deploy.models.base import ExportSpec, LayerDecl, ModelAdapter, ModelConfig
+from sls_deploy.models.base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig
 
 DEFAULT_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
 
 class ResidualBlockNoBN(nn.Module):
-    def __init__(self, num_feat: int, res_scale: float):
+    def __init__(self, num_feat: int, res_scale: float, mid: int | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.conv2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        mid = num_feat if mid is None else mid
+        self.conv1 = nn.Conv2d(num_feat, mid, 3, 1, 1)
+        self.conv2 = nn.Conv2d(mid, num_feat, 3, 1, 1)
         self.relu = nn.ReLU(inplace=True)
         self.res_scale = res_scale
 
@@ -32,30 +43,56 @@ class ResidualBlockNoBN(nn.Module):
         return x + self.conv2(self.relu(self.conv1(x))) * self.res_scale
 
 
-def _upsample_layers(scale: int, num_feat: int) -> list[nn.Module]:
-    if scale & (scale - 1) == 0:  # power of two: x2 steps
-        layers: list[nn.Module] = []
-        for _ in range(int(math.log2(scale))):
-            layers += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
-        return layers
+def _upsample_factors(scale: int) -> list[int]:
+    """PixelShuffle factor of each upsampler stage."""
+    if scale >= 1 and scale & (scale - 1) == 0:  # power of two: x2 steps
+        return [2] * int(math.log2(scale))
     if scale == 3:
-        return [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
+        return [3]
     raise RecipeError(f"EDSR supports scale 2, 3 or 4 (and other powers of two), not {scale}")
+
+
+def _upsample_layers(scale: int, num_feat: int, outs: list[int] | None = None) -> list[nn.Module]:
+    """conv + PixelShuffle per stage; stage j gives ``outs[j]`` post-shuffle channels (default num_feat)."""
+    layers: list[nn.Module] = []
+    c = num_feat
+    for j, r in enumerate(_upsample_factors(scale)):
+        out = num_feat if outs is None else outs[j]
+        layers += [nn.Conv2d(c, r * r * out, 3, 1, 1), nn.PixelShuffle(r)]
+        c = out
+    return layers
 
 
 class EDSR(nn.Module):
     def __init__(self, scale: int = 4, num_feat: int = 64, num_block: int = 16, res_scale: float = 1.0,
-                 img_range: float = 255.0, rgb_mean: tuple[float, float, float] = DEFAULT_RGB_MEAN):
+                 img_range: float = 255.0, rgb_mean: tuple[float, float, float] = DEFAULT_RGB_MEAN,
+                 widths: Mapping[str, int] | None = None):
         super().__init__()
         self.scale = scale
         self.img_range = img_range
+        self.num_block = num_block
         self.register_buffer("mean", torch.tensor(rgb_mean, dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
-        self.conv_first = nn.Conv2d(3, num_feat, 3, 1, 1)
-        self.body = nn.Sequential(*[ResidualBlockNoBN(num_feat, res_scale) for _ in range(num_block)])
-        self.conv_after_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.upsample = nn.Sequential(*_upsample_layers(scale, num_feat))
-        self.conv_last = nn.Conv2d(num_feat, 3, 3, 1, 1)
+        self.widths = self.dense_widths(scale, num_feat, num_block)
+        unknown = sorted(set(widths or {}) - set(self.widths))
+        if unknown:
+            raise RecipeError(f"EDSR has no channel group '{unknown[0]}' (known: {', '.join(self.widths)})")
+        self.widths.update(widths or {})
+        w = self.widths
+        stream = w["stream"]
+        self.conv_first = nn.Conv2d(3, stream, 3, 1, 1)
+        self.body = nn.Sequential(*[ResidualBlockNoBN(stream, res_scale, w[f"body.{i}.conv1"])
+                                    for i in range(num_block)])
+        self.conv_after_body = nn.Conv2d(stream, stream, 3, 1, 1)
+        ups = [w[f"upsample.{2 * j}"] for j in range(len(_upsample_factors(scale)))]
+        self.upsample = nn.Sequential(*_upsample_layers(scale, stream, ups))
+        self.conv_last = nn.Conv2d(ups[-1], 3, 3, 1, 1)
+
+    @staticmethod
+    def dense_widths(scale: int, num_feat: int, num_block: int) -> dict[str, int]:
+        """{group name: units} of the unpruned model, in forward order."""
+        return {"stream": num_feat, **{f"body.{i}.conv1": num_feat for i in range(num_block)},
+                **{f"upsample.{2 * j}": num_feat for j in range(len(_upsample_factors(scale)))}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) * self.img_range
@@ -87,7 +124,7 @@ class EDSRAdapter(ModelAdapter):
     arch = "edsr"
 
     def parse_config(self, section: Mapping[str, Any]) -> ModelConfig:
-        known = {"arch", "scale", "num_feat", "num_block", "res_scale", "img_range", "rgb_mean"}
+        known = {"arch", "scale", "num_feat", "num_block", "res_scale", "img_range", "rgb_mean", "widths"}
         unknown = sorted(set(section) - known)
         if unknown:
             raise RecipeError(f"model.{unknown[0]} is not an EDSR option (known: {', '.join(sorted(known))})")
@@ -106,10 +143,49 @@ class EDSRAdapter(ModelAdapter):
             raise RecipeError(f"model.scale must be 2, 3, 4 or 8 for EDSR, not {scale}")
         if opts["num_feat"] < 1 or opts["num_block"] < 1 or len(opts["rgb_mean"]) != 3:
             raise RecipeError("model.num_feat and model.num_block must be >= 1 and rgb_mean has 3 values")
+        widths = self._parse_widths(section.get("widths"), scale, opts["num_feat"], opts["num_block"])
+        if widths:  # only when given: dense configs (and their build keys) stay as they were
+            opts["widths"] = widths
         return ModelConfig(arch=self.arch, scale=scale, options=opts)
 
+    @staticmethod
+    def _parse_widths(widths: Any, scale: int, num_feat: int, num_block: int) -> dict[str, int]:
+        if widths is None:
+            return {}
+        if not isinstance(widths, Mapping):
+            raise RecipeError("model.widths must be a mapping {channel group: kept units}")
+        dense = EDSR.dense_widths(scale, num_feat, num_block)
+        out = {}
+        for name, value in widths.items():
+            if name not in dense:
+                raise RecipeError(f"model.widths: '{name}' is not a channel group of edsr (known: {', '.join(dense)})")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= dense[name]:
+                raise RecipeError(f"model.widths.{name} must be an integer in 1..{dense[name]}, not {value!r}")
+            out[str(name)] = value
+        return out
+
     def build(self, cfg: ModelConfig) -> nn.Module:
-        return EDSR(scale=cfg.scale, **cfg.options)
+        o = dict(cfg.options)
+        widths = o.pop("widths", None) or None
+        return EDSR(scale=cfg.scale, widths=widths, **o)
+
+    def channel_groups(self, model: nn.Module) -> list[ChannelGroup]:
+        """Block inner channels, the upsampler's post-shuffle channels (unit r*r) and the residual stream.
+
+        The stream has several producers (conv_first, every block's conv2, conv_after_body: their outputs are
+        summed, so all keep the same indices); conv_after_body both reads and writes it.
+        """
+        blocks = range(len(model.body))
+        groups = [ChannelGroup(f"body.{i}.conv1", f"body.{i}.conv1", (f"body.{i}.conv2",)) for i in blocks]
+        convs = [(i, m) for i, m in enumerate(model.upsample) if isinstance(m, nn.Conv2d)]
+        shuffles = [m for m in model.upsample if isinstance(m, nn.PixelShuffle)]
+        for j, (i, _) in enumerate(convs):
+            r = shuffles[j].upscale_factor
+            nxt = f"upsample.{convs[j + 1][0]}" if j + 1 < len(convs) else "conv_last"
+            groups.append(ChannelGroup(f"upsample.{i}", f"upsample.{i}", (nxt,), r * r))
+        producers = ("conv_first", *(f"body.{i}.conv2" for i in blocks), "conv_after_body")
+        consumers = (*(f"body.{i}.conv1" for i in blocks), "conv_after_body", f"upsample.{convs[0][0]}")
+        return [ChannelGroup("stream", "conv_first", consumers, 1, producers)] + groups
 
     def layers(self, model: nn.Module) -> list[LayerDecl]:
         out = []

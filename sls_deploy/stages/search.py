@@ -21,8 +21,8 @@ from sls_deploy.core.checkpoints import save_weights
 from sls_deploy.core.errors import PlanError, UsageError
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.channels.plan import GroupPlan, LayerCost, StructuredPlan
-from sls_deploy.pruning.channels.structured import (ChannelScales, GroupCosts, l1_importance, select_global,
-                                                    select_uniform, slice_into, widths_of)
+from sls_deploy.pruning.channels.structured import (ChannelScales, GroupCosts, l1_importance, producers_of,
+                                                    select_global, select_uniform, slice_into, widths_of)
 from sls_deploy.pruning.nm.plan import DenseLayer, Plan
 from sls_deploy.pruning.nm.search import plan_uniform, search_sls, split_layers
 from sls_deploy.pruning.registry import load_plan
@@ -174,7 +174,7 @@ def _channel_plan(run: Run, model, groups, costs: GroupCosts, keep, frames: int,
     s, recipe = run.settings, run.recipe
     widths = widths_of(keep)
     per_layer = costs.per_layer(widths)
-    out_of = {g.producer: g.name for g in groups}
+    out_of = {p: g.name for g in groups for p in producers_of(g)}
     in_of = {c: g.name for g in groups for c in g.consumers}
     decls = {d.name: d for d in recipe.adapter.layers(model)}
     layers, dense = [], []
@@ -186,9 +186,11 @@ def _channel_plan(run: Run, model, groups, costs: GroupCosts, keep, frames: int,
             reason = d.reason if d is not None and not d.prunable and d.reason else \
                 "no channel group changes its channels"
             dense.append(DenseLayer(name, macs, reason))
-    return StructuredPlan(
+    plan = StructuredPlan(
         model=recipe.name, method=s.method, budget=s.budget, round_to=s.round_to,
         reference_output=list(recipe.reference_output), frames=frames,
         groups=[GroupPlan(g.name, g.producer, list(g.consumers), int(getattr(g, "unit", 1)), costs.units[g.name],
-                          [int(i) for i in keep[g.name].tolist()]) for g in groups],
+                          [int(i) for i in keep[g.name].tolist()], list(producers_of(g))) for g in groups],
         layers=layers, dense_layers=dense, seed=s.seed, search=info)
+    plan.validate()
+    return plan

@@ -27,7 +27,7 @@ from sls_deploy.config.recipe import Recipe
 from sls_deploy.pruning.registry import load_plan
 from sls_deploy.backends.runners import Limits, check_shapes, ort_infer
 from sls_deploy.stages.export import DENSE_ONNX, dense_graph
-from sls_deploy.stages.models import load_model, plan_widths
+from sls_deploy.stages.models import graph_spec, load_model, plan_widths
 from sls_deploy.stages.skeleton import Run
 from sls_deploy.stages.validate_common import (LAYERS_JSON, REPORT_HTML, ValidateOptions, graph_files_of,
                                                plan_rows, progress_bar)
@@ -79,7 +79,8 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
             hr, lr = load_pair(f, scale, deg)
             with torch.no_grad():
                 refs[f.name] = (hr, lr, pruned(lr).clamp(0, 1).numpy())
-        precisions = ({p: precision_quality(bundle.path(f), refs, scale, ch) | {"file": f}
+        io = (graph_spec(recipe).input_names[0], graph_spec(recipe).output_names[0])
+        precisions = ({p: precision_quality(bundle.path(f), refs, scale, ch, io) | {"file": f}
                        for p, f in graph_files.items()} if vopts.backend == "ort" else {})
         q_bic = evaluate(baseline_infer(deg), eval_files, scale, ch, degradation=deg)
         q_dense = evaluate(torch_infer(dense), eval_files, scale, ch, degradation=deg)
@@ -148,7 +149,9 @@ def _shape_checks(bundle: Bundle, recipe: Recipe, pruned, graph_files: dict[str,
     limits = {p: Limits(val.max_drop(p), val.fp32_atol if p == "fp32" else None) for p in ("fp32", "fp16", "int8")}
     with contextlib.ExitStack() as stack:
         if backend == "ort":
-            backends = {f"onnxruntime {p}": (p, stack.enter_context(ort_infer(bundle.path(f))))
+            spec = graph_spec(recipe)
+            io = (spec.input_names[0], spec.output_names[0])
+            backends = {f"onnxruntime {p}": (p, stack.enter_context(ort_infer(bundle.path(f), *io)))
                         for p, f in graph_files.items()}
         else:
             backends = {"pytorch fp32": ("fp32", torch_infer(pruned))}
@@ -177,7 +180,7 @@ def _latency(bundle: Bundle, recipe: Recipe, dense, pruned, dense_sha: str, vopt
     for h, w in sizes:
         x = recipe.adapter.example_input(recipe.model, h, w)
         if vopts.backend == "ort":
-            feed = {"lr": x.numpy()}
+            feed = {graph_spec(recipe).input_names[0]: x.numpy()}
             calls = {k: ort_call(s, feed) for k, s in sessions.items()}
         else:
             def torch_call(model):
@@ -209,13 +212,13 @@ def _merge_engine_layers(bundle: Bundle, layers: list[dict]) -> None:
             l["trt_eligible"], l["trt_picked_sparse"] = r.get("trt_eligible"), r.get("trt_picked_sparse")
 
 
-def precision_quality(onnx_path: Path, refs: dict, scale: int, channel: str) -> dict:
+def precision_quality(onnx_path: Path, refs: dict, scale: int, channel: str, io: tuple[str, str] = ("lr", "sr")) -> dict:
     """One graph on the eval images (one run each): PSNR vs ground truth, and vs the FP32 PyTorch output."""
     from sls_deploy.data.images import quantize, to_image
     from sls_deploy.data.metrics import psnr
 
     gt_psnr, ref_psnr, max_abs = [], [], 0.0
-    with ort_infer(onnx_path) as run:
+    with ort_infer(onnx_path, *io) as run:
         for hr, lr, ref in refs.values():
             got = np.clip(run(lr), 0, 1)
             gt_psnr.append(psnr(quantize(to_image(got)), quantize(to_image(hr)), scale, channel == "y"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sls_deploy.core.errors import PlanError
 from sls_deploy.pruning.nm.plan import DenseLayer, PlanFile
 
 STRUCTURED_PLAN_VERSION = 1
@@ -21,19 +22,56 @@ STRUCTURED_KIND = "structured"  # plan.json's "kind" for a channel plan (N:M pla
 
 @dataclass
 class GroupPlan:
+    """One channel group's kept units. ``producers``: every conv writing the group's channels (several for a
+    residual stream, all keeping ``kept``); defaults to [producer]. ``producer_kept`` ({producer: kept}) is
+    optional and only checked: a plan whose producers disagree with ``kept`` (width or indices) is refused."""
+
     name: str
     producer: str
     consumers: list[str]
     unit: int  # channels per unit (4 for a conv feeding PixelShuffle(2))
     dense_units: int
     kept: list[int]  # kept unit indices, ascending
+    producers: list[str] = field(default_factory=list)
+    producer_kept: dict[str, list[int]] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.producers:
+            self.producers = [self.producer]
+        self.producers = list(self.producers)
+        self.consumers = list(self.consumers)
 
     @property
     def kept_units(self) -> int:
         return len(self.kept)
 
+    def validate(self) -> None:
+        """One-line PlanError on an inconsistent group (producers, kept indices, disagreeing stream producers)."""
+        where = f"channel plan, group '{self.name}'"
+        if self.producers[0] != self.producer:
+            raise PlanError(f"{where}: producer '{self.producer}' is not the first of its producers {self.producers}")
+        if len(set(self.producers)) != len(self.producers):
+            raise PlanError(f"{where}: a producer is listed twice")
+        if not self.kept or sorted(set(self.kept)) != list(self.kept) or \
+                not all(0 <= k < self.dense_units for k in self.kept):
+            raise PlanError(f"{where}: kept must be distinct ascending unit indices in 0..{self.dense_units - 1}")
+        if self.producer_kept is not None:
+            for p in self.producers:
+                if p not in self.producer_kept:
+                    raise PlanError(f"{where}: producer_kept has no entry for producer '{p}'")
+            for p, k in self.producer_kept.items():
+                if p not in self.producers:
+                    raise PlanError(f"{where}: producer_kept names '{p}', which is not one of its producers")
+                if list(k) != list(self.kept):
+                    kind = "width" if len(k) != len(self.kept) else "indices"
+                    raise PlanError(f"{where}: producer '{p}' keeps different unit {kind} than the group "
+                                    f"({len(k)} vs {len(self.kept)} units); a stream's producers must keep the "
+                                    f"same units")
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["producer_kept"] is None:
+            del d["producer_kept"]
         d["kept_units"] = self.kept_units
         d["kept_fraction"] = self.kept_units / self.dense_units
         return d
@@ -64,6 +102,31 @@ class StructuredPlan(PlanFile):
     seed: int = 0
     search: dict[str, Any] = field(default_factory=dict)
 
+    def validate(self) -> None:
+        """One-line PlanError unless every group is consistent (``GroupPlan.validate``), a layer produces for at
+        most one group and consumes from at most one, and the layer costs name the groups their layers belong to
+        (a stream split over several groups, or producers that disagree, is refused)."""
+        prod: dict[str, str] = {}
+        cons: dict[str, str] = {}
+        for g in self.groups:
+            g.validate()
+            for p in g.producers:
+                if p in prod:
+                    raise PlanError(f"channel plan: layer '{p}' is a producer of two groups ('{prod[p]}', "
+                                    f"'{g.name}'): producers of one stream must be one group with the same units")
+                prod[p] = g.name
+            for c in g.consumers:
+                if c in cons:
+                    raise PlanError(f"channel plan: layer '{c}' reads two groups ('{cons[c]}', '{g.name}')")
+                cons[c] = g.name
+        for l in self.layers:
+            if l.out_group != prod.get(l.name) and (l.out_group is not None or l.name in prod):
+                raise PlanError(f"channel plan: layer '{l.name}' has out_group {l.out_group!r} but the groups say "
+                                f"{prod.get(l.name)!r}")
+            if l.in_group != cons.get(l.name) and (l.in_group is not None or l.name in cons):
+                raise PlanError(f"channel plan: layer '{l.name}' has in_group {l.in_group!r} but the groups say "
+                                f"{cons.get(l.name)!r}")
+
     @property
     def widths(self) -> dict[str, int]:
         """{group: kept units}: what the adapter's ``build`` takes as ``options["widths"]``."""
@@ -89,12 +152,14 @@ class StructuredPlan(PlanFile):
     def from_json(cls, d: dict[str, Any]) -> "StructuredPlan":
         if d.get("kind") != STRUCTURED_KIND:
             raise ValueError("not a structured plan (no \"kind\": \"structured\")")
-        gp = {"name", "producer", "consumers", "unit", "dense_units", "kept"}
+        gp = {"name", "producer", "consumers", "unit", "dense_units", "kept", "producers", "producer_kept"}
         lc = {"name", "macs_dense", "macs_pruned", "out_group", "in_group"}
-        return cls(model=d["model"], method=d["method"], budget=float(d["budget"]), round_to=int(d["round_to"]),
+        plan = cls(model=d["model"], method=d["method"], budget=float(d["budget"]), round_to=int(d["round_to"]),
                    reference_output=list(d["reference_output"]), frames=int(d["frames"]),
                    groups=[GroupPlan(**{k: v for k, v in g.items() if k in gp}) for g in d["groups"]],
                    layers=[LayerCost(**{k: v for k, v in l.items() if k in lc}) for l in d["layers"]],
                    dense_layers=[DenseLayer(**x) for x in d.get("dense_layers", [])],
                    budget_scope=d.get("budget_scope", "whole_model"), seed=int(d.get("seed", 0)),
                    search=dict(d.get("search", {})))
+        plan.validate()
+        return plan

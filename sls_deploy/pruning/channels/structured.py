@@ -1,10 +1,17 @@
 """Structured (channel) pruning for any network, driven by the channel groups an adapter declares.
 
 A group (``ChannelGroup`` of the model adapter; read here by duck typing: ``name``, ``producer``,
-``consumers``, ``unit``) ties the output channels of one conv (the producer) to the input channels of the convs
-that read them (the consumers). Unit k is the producer's output channels [k*unit, (k+1)*unit) (weight rows and
-bias) and input channel k of every consumer; unit = r*r when the producer feeds PixelShuffle(r) (unit k becomes
-post-shuffle channel k), else 1. Pruning a group keeps some of its units; ``widths`` = {group name: kept units}.
+``consumers``, ``unit`` and optionally ``producers``) ties the output channels of one conv (the producer) to the
+input channels of the convs that read them (the consumers). Unit k is the producer's output channels
+[k*unit, (k+1)*unit) (weight rows and bias) and input channel k of every consumer; unit = r*r when the producer
+feeds PixelShuffle(r) (unit k becomes post-shuffle channel k), else 1. Pruning a group keeps some of its units;
+``widths`` = {group name: kept units}.
+
+A stream group has several producers (``producers``): convs whose outputs are summed into one residual stream,
+so unit k of every producer is the same stream channel k. Every producer (weight rows) and every consumer (input
+columns) keeps the same unit indices; a layer may both read and write the stream. Kept units may be given per
+producer ({producer: indices}) to state the alignment explicitly: indices that differ between producers are
+refused (PlanError).
 
 This module gives, for any ``nn.Module`` and list of groups:
 
@@ -34,8 +41,9 @@ from sls_deploy.pruning.macs import layer_macs
 from sls_deploy.pruning.nm.patterns import eligible
 from sls_deploy.pruning.nm.oneshot import check_budget
 
-__all__ = ["ChannelScales", "GroupCosts", "check_groups", "l1_importance", "nm_eligible", "select_global",
-           "select_uniform", "slice_into", "unit_count", "widths_of", "zero_units"]
+__all__ = ["ChannelScales", "GroupCosts", "aligned_units", "check_groups", "l1_importance", "nm_eligible",
+           "producers_of", "select_global", "select_uniform", "slice_into", "unit_count", "widths_of",
+           "zero_units"]
 
 
 # --------------------------------------------------------------------------- groups and units
@@ -43,6 +51,11 @@ __all__ = ["ChannelScales", "GroupCosts", "check_groups", "l1_importance", "nm_e
 
 def _unit(group) -> int:
     return int(getattr(group, "unit", 1))
+
+
+def producers_of(group) -> tuple[str, ...]:
+    """The group's producers: ``producers`` if it has some, else ``(producer,)``."""
+    return tuple(getattr(group, "producers", None) or (group.producer,))
 
 
 def _conv(model: nn.Module, name: str, group, role: str) -> nn.Conv2d:
@@ -55,36 +68,47 @@ def _conv(model: nn.Module, name: str, group, role: str) -> nn.Conv2d:
 
 
 def unit_count(model: nn.Module, group) -> int:
-    """Number of units of ``group``: the producer's output channels // unit, which every consumer must read."""
+    """Number of units of ``group``: the producer's output channels // unit, which every consumer must read
+    (and every other producer of a stream group must give)."""
     unit = _unit(group)
     if unit < 1:
         raise PlanError(f"channel group '{group.name}': unit must be >= 1, not {unit}")
-    prod = _conv(model, group.producer, group, "producer")
-    if prod.out_channels % unit:
-        raise PlanError(f"channel group '{group.name}': producer '{group.producer}' has {prod.out_channels} output "
+    prods = producers_of(group)
+    first = _conv(model, prods[0], group, "producer")
+    if first.out_channels % unit:
+        raise PlanError(f"channel group '{group.name}': producer '{prods[0]}' has {first.out_channels} output "
                         f"channels, not a multiple of the unit {unit}")
-    units = prod.out_channels // unit
+    units = first.out_channels // unit
+    for name in prods[1:]:
+        other = _conv(model, name, group, "producer")
+        if other.out_channels != first.out_channels:
+            raise PlanError(f"channel group '{group.name}': producer '{name}' has {other.out_channels} output "
+                            f"channels but producer '{prods[0]}' has {first.out_channels}")
     for name in group.consumers:
         cons = _conv(model, name, group, "consumer")
         if cons.in_channels != units:
             raise PlanError(f"channel group '{group.name}': consumer '{name}' reads {cons.in_channels} channels but "
-                            f"producer '{group.producer}' gives {units} units of {unit} channel(s)")
+                            f"producer '{prods[0]}' gives {units} units of {unit} channel(s)")
     return units
 
 
 def _check_roles(groups: Sequence) -> None:
-    """Group names unique; a layer produces for at most one group and consumes from at most one."""
+    """Group names unique; a layer produces for at most one group and consumes from at most one; only a stream
+    group (several producers) may have a layer that reads and writes it."""
     names, producers, consumers = set(), {}, {}
     for g in groups:
         if g.name in names:
             raise PlanError(f"channel group '{g.name}' is declared twice")
         names.add(g.name)
-        if g.producer in producers:
-            raise PlanError(f"layer '{g.producer}' is the producer of two channel groups "
-                            f"('{producers[g.producer]}', '{g.name}')")
-        producers[g.producer] = g.name
+        prods = producers_of(g)
+        if len(set(prods)) != len(prods):
+            raise PlanError(f"channel group '{g.name}' lists a producer twice")
+        for p in prods:
+            if p in producers:
+                raise PlanError(f"layer '{p}' is the producer of two channel groups ('{producers[p]}', '{g.name}')")
+            producers[p] = g.name
         for c in g.consumers:
-            if c == g.producer:
+            if c in prods and len(prods) == 1:
                 raise PlanError(f"channel group '{g.name}': layer '{c}' cannot consume its own output")
             if c in consumers:
                 raise PlanError(f"layer '{c}' is a consumer of two channel groups ('{consumers[c]}', '{g.name}')")
@@ -101,7 +125,7 @@ def check_groups(model: nn.Module, groups: Sequence) -> dict[str, int]:
     units = {}
     for g in groups:
         units[g.name] = unit_count(model, g)
-        for role, name in [("producer", g.producer)] + [("consumer", c) for c in g.consumers]:
+        for role, name in [("producer", p) for p in producers_of(g)] + [("consumer", c) for c in g.consumers]:
             mod = _conv(model, name, g, role)
             if mod.groups != 1:
                 raise PlanError(f"channel group '{g.name}': {role} '{name}' is a grouped/depthwise conv "
@@ -124,9 +148,42 @@ def _as_units(idx, n_units: int, what: str) -> torch.Tensor:
     return u
 
 
+def _count(name: str, v) -> int:
+    if isinstance(v, Mapping):  # {producer: indices} of a stream group: all must keep as many units
+        counts = {p: int(torch.as_tensor(i).numel()) for p, i in v.items()}
+        if len(set(counts.values())) > 1:
+            raise PlanError(f"channel group '{name}': its producers keep different widths {counts} "
+                            f"(a stream's producers must keep the same units)")
+        return next(iter(counts.values())) if counts else 0
+    return int(torch.as_tensor(v).numel())
+
+
 def widths_of(keep: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """{group name: number of kept units}."""
-    return {k: int(torch.as_tensor(v).numel()) for k, v in keep.items()}
+    """{group name: number of kept units} (a {producer: indices} value must have one width)."""
+    return {k: _count(k, v) for k, v in keep.items()}
+
+
+def aligned_units(group, idx, n_units: int, what: str) -> torch.Tensor:
+    """The kept unit indices of ``group`` (ascending) from ``idx``: indices, or {producer: indices} naming every
+    producer of the group with the same indices. Producers that disagree (in width or indices) are refused."""
+    if not isinstance(idx, Mapping):
+        return _as_units(idx, n_units, what)
+    prods = producers_of(group)
+    missing, extra = [p for p in prods if p not in idx], [p for p in idx if p not in prods]
+    if extra:
+        raise PlanError(f"{what}: '{extra[0]}' is not a producer of channel group '{group.name}'")
+    if missing:
+        raise PlanError(f"{what}: no kept units given for producer '{missing[0]}' (every producer of a stream "
+                        f"keeps the same units)")
+    per = {p: _as_units(idx[p], n_units, f"{what} ({p})") for p in prods}
+    first = prods[0]
+    for p in prods[1:]:
+        if not torch.equal(per[p], per[first]):
+            kind = "widths" if per[p].numel() != per[first].numel() else "indices"
+            raise PlanError(f"{what}: producers '{first}' and '{p}' of stream group '{group.name}' keep different "
+                            f"unit {kind} ({per[first].numel()} vs {per[p].numel()} units); a stream's producers "
+                            f"must keep the same units")
+    return per[first]
 
 
 # --------------------------------------------------------------------------- importance
@@ -138,13 +195,18 @@ def l1_importance(model: nn.Module, group, normalize: bool = True) -> torch.Tens
     A unit's value is the sum of |w| over its ``unit`` weight rows (bias excluded). With ``normalize`` (the
     default) it is divided by the number of weights summed, unit * fan-in (in_channels/groups * kh * kw):
     the mean |w| of the unit, so units of layers with different fan-in or unit size compare on one scale.
+    A stream group's unit gets the mean of that value over its producers (normalised), or the sum (not).
     """
     units = unit_count(model, group)
-    w = _conv(model, group.producer, group, "producer").weight.detach().float()
-    per_unit = w.abs().reshape(units, -1).sum(1)  # rows are contiguous: unit k = rows k*unit .. k*unit+unit-1
-    if normalize:
-        per_unit = per_unit / (_unit(group) * w[0].numel())
-    return per_unit
+    total = None
+    prods = producers_of(group)
+    for name in prods:
+        w = _conv(model, name, group, "producer").weight.detach().float()
+        per_unit = w.abs().reshape(units, -1).sum(1)  # rows are contiguous: unit k = rows k*unit .. k*unit+unit-1
+        if normalize:
+            per_unit = per_unit / (_unit(group) * w[0].numel())
+        total = per_unit if total is None else total + per_unit
+    return total / len(prods) if normalize else total
 
 
 # --------------------------------------------------------------------------- learned scales (SSL)
@@ -161,14 +223,23 @@ class ChannelScales:
     ones train freely. ``fold()`` multiplies the scales into the producers' weight rows and biases, removes the
     hooks and resets the scales to 1, so the model alone computes what the hooked model computed.
 
+    A stream group (several producers) has one scale per unit per producer (``scales[name]`` of shape
+    [producers, units]; [units] for a one-producer group), as in ASSL where every conv writing the stream has
+    its own weight-norm scale: the producers stay free to weigh a stream channel differently, folding stays
+    exact per producer, and there is something to align. The unit's importance is the mean |scale| over the
+    producers; marks and the L2 penalty act on the same units of every producer. ``align`` > 0 adds ASSL's SSA
+    term: per producer a soft keep-mask S_p = sigmoid(scale_p - thr_p), thr_p its n_marked-th smallest scale
+    (detached), and align * -(mean over producer pairs p < q of mean_k S_p[k] S_q[k]), which rewards the
+    producers' masks for overlapping (only in groups with marks).
+
     Training controller (``sls_deploy.training.loop.Controller``): ``attach`` registers the hooks, ``param_groups`` adds
     the scales to the optimiser (at ``lr`` if given, else on the weights' schedule), ``regularizer`` is the
     penalty, ``after_step`` grows the coefficients (a repeated step number is ignored), ``detach`` folds.
     """
 
     def __init__(self, model: nn.Module, groups: Sequence, *, reg: float = 0.0, delta: float = 1e-4,
-                 grow_every: int = 10, cap: float = 1.0, lr: float | None = None):
-        for name, v in (("reg", reg), ("delta", delta), ("cap", cap)):
+                 grow_every: int = 10, cap: float = 1.0, lr: float | None = None, align: float = 0.0):
+        for name, v in (("reg", reg), ("delta", delta), ("cap", cap), ("align", align)):
             if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
                 raise UsageError(f"channel scales: {name} must be a non-negative number, not {v!r}")
         if reg > cap:
@@ -182,37 +253,74 @@ class ChannelScales:
         modules = dict(model.named_modules())
         self.units = units
         self.delta, self.grow_every, self.cap, self.lr = float(delta), grow_every, float(cap), lr
+        self.align = float(align)
         self.scales: dict[str, nn.Parameter] = {}
         for g in self.groups:
-            w = modules[g.producer].weight
-            self.scales[g.name] = nn.Parameter(torch.ones(units[g.name], device=w.device, dtype=w.dtype))
+            prods = producers_of(g)
+            w = modules[prods[0]].weight
+            shape = (units[g.name],) if len(prods) == 1 else (len(prods), units[g.name])
+            self.scales[g.name] = nn.Parameter(torch.ones(shape, device=w.device, dtype=w.dtype))
         self.reg = {g.name: float(reg) for g in self.groups}
         self.unimportant = {g.name: torch.zeros(units[g.name], dtype=torch.bool) for g in self.groups}
         self.last_step = 0
         self.folded_importance: dict[str, torch.Tensor] | None = None  # |scale| at the last fold
         self._handles: list = []
-        self._producers: dict[str, nn.Conv2d] = {}
+        self._producers: dict[str, list[nn.Conv2d]] = {}
 
     # -- the scales ------------------------------------------------------------------------------------
     def parameters(self) -> Iterator[nn.Parameter]:
         return iter(self.scales.values())
 
     def importance(self) -> dict[str, torch.Tensor]:
-        """{group: |scale| per unit} (meaningful before ``fold``, which resets the scales to 1)."""
-        return {k: s.detach().abs().float().cpu() for k, s in self.scales.items()}
+        """{group: |scale| per unit (mean over a stream's producers)} (meaningful before ``fold``, which resets
+        the scales to 1)."""
+        out = {}
+        for k, s in self.scales.items():
+            a = s.detach().abs().float().cpu()
+            out[k] = a.mean(0) if a.dim() == 2 else a
+        return out
 
-    def _expanded(self, g) -> torch.Tensor:
-        return self.scales[g.name].repeat_interleave(_unit(g))
+    def _expanded(self, g, i: int = 0) -> torch.Tensor:
+        s = self.scales[g.name]
+        return (s[i] if s.dim() == 2 else s).repeat_interleave(_unit(g))
 
     def mark(self, keep: Mapping[str, torch.Tensor]) -> None:
         """For each named group, every unit not in ``keep[name]`` becomes unimportant (others keep their marks)."""
+        by_name = {g.name: g for g in self.groups}
         for name, idx in keep.items():
             if name not in self.unimportant:
                 raise PlanError(f"mark: '{name}' is not one of the channel groups")
-            kept = _as_units(idx, self.units[name], f"mark '{name}'")
+            kept = aligned_units(by_name[name], idx, self.units[name], f"mark '{name}'")
             flags = torch.ones(self.units[name], dtype=torch.bool)
             flags[kept] = False
             self.unimportant[name] = flags
+
+    def soft_masks(self, name: str) -> torch.Tensor:
+        """SSA's soft keep-masks of a group, [producers, units]: sigmoid(scale - thr), thr (detached) each
+        producer's n-th smallest scale, n the group's number of marked units (thr = -inf without marks)."""
+        s = self.scales[name]
+        s2 = s if s.dim() == 2 else s.unsqueeze(0)
+        n = int(self.unimportant[name].sum())
+        if n == 0:
+            thr = torch.full_like(s2[:, :1], -math.inf)
+        else:
+            thr = torch.sort(s2.detach(), dim=1).values[:, n - 1:n]
+        return torch.sigmoid(s2 - thr)
+
+    def alignment_penalty(self) -> torch.Tensor | None:
+        """-(mean over producer pairs of mean_k S_p[k] S_q[k]) summed over the stream groups with marks, times
+        ``align``; None when it does not apply."""
+        total = None
+        for g in self.groups:
+            s = self.scales[g.name]
+            if s.dim() != 2 or not bool(self.unimportant[g.name].any()):
+                continue
+            m = self.soft_masks(g.name)
+            gram = m @ m.t() / m.shape[1]  # [P, P]: mean overlap of every pair
+            iu = torch.triu_indices(m.shape[0], m.shape[0], offset=1, device=m.device)
+            term = -self.align * gram[iu[0], iu[1]].mean()
+            total = term if total is None else total + term
+        return total
 
     def penalty(self) -> torch.Tensor:
         total = None
@@ -220,8 +328,12 @@ class ChannelScales:
             flags = self.unimportant[name].to(s.device)
             if not bool(flags.any()):
                 continue
-            term = self.reg[name] * s[flags].pow(2).sum()
+            term = self.reg[name] * s[..., flags].pow(2).sum()
             total = term if total is None else total + term
+        if self.align > 0:
+            ssa = self.alignment_penalty()
+            if ssa is not None:
+                total = ssa if total is None else total + ssa
         if total is None:
             return next(iter(self.scales.values())).new_zeros(()) if self.scales else torch.zeros(())
         return total
@@ -235,13 +347,17 @@ class ChannelScales:
             raise PlanError(f"channel scales were made for units {self.units}, the model has {units}")
         modules = dict(model.named_modules())
         for g in self.groups:
-            mod = modules[g.producer]
+            mods = []
+            for i, name in enumerate(producers_of(g)):
+                mod = modules[name]
 
-            def hook(m, inp, out, g=g):
-                return out * self._expanded(g).view(-1, 1, 1)  # channel axis is -3 of (N, C, H, W) and (C, H, W)
+                def hook(m, inp, out, g=g, i=i):
+                    # channel axis is -3 of (N, C, H, W) and (C, H, W)
+                    return out * self._expanded(g, i).view(-1, 1, 1)
 
-            self._handles.append(mod.register_forward_hook(hook))
-            self._producers[g.name] = mod
+                self._handles.append(mod.register_forward_hook(hook))
+                mods.append(mod)
+            self._producers[g.name] = mods
 
     def param_groups(self) -> list[dict]:
         group: dict = {"params": list(self.parameters())}
@@ -272,13 +388,14 @@ class ChannelScales:
         if self._producers:
             self.folded_importance = self.importance()
         for g in self.groups:
-            mod = self._producers.get(g.name)
-            if mod is None:
+            mods = self._producers.get(g.name)
+            if mods is None:
                 continue
-            s = self._expanded(g).to(mod.weight.dtype)
-            mod.weight.mul_(s.view(-1, *([1] * (mod.weight.dim() - 1))))
-            if mod.bias is not None:
-                mod.bias.mul_(s.to(mod.bias.dtype))
+            for i, mod in enumerate(mods):
+                s = self._expanded(g, i).to(mod.weight.dtype)
+                mod.weight.mul_(s.view(-1, *([1] * (mod.weight.dim() - 1))))
+                if mod.bias is not None:
+                    mod.bias.mul_(s.to(mod.bias.dtype))
             self.scales[g.name].fill_(1.0)  # in place: the optimiser holds this parameter
         for h in self._handles:
             h.remove()
@@ -311,7 +428,8 @@ class GroupCosts:
 
     ``macs``: dense MACs per layer (``layer_macs``); ``units``: units per group. A producer's MACs scale with
     (kept units / units) of its group, a consumer's with (kept units / units) of the group it reads, a layer
-    that is both with the product; other layers are unchanged. Integer arithmetic: the totals equal
+    that is both with the product (the square for a layer that reads and writes one stream group); other
+    layers are unchanged. Integer arithmetic: the totals equal
     ``layer_macs`` of the sliced model exactly.
     """
 
@@ -322,10 +440,11 @@ class GroupCosts:
         self._out: dict[str, str] = {}
         self._in: dict[str, str] = {}
         for g in groups:
-            for layer in (g.producer, *g.consumers):
+            for layer in (*producers_of(g), *g.consumers):
                 if layer not in self.macs:
                     raise PlanError(f"channel group '{g.name}': layer '{layer}' has no MAC count")
-            self._out[g.producer] = g.name
+            for p in producers_of(g):
+                self._out[p] = g.name
             for c in g.consumers:
                 self._in[c] = g.name
 
@@ -484,26 +603,29 @@ def _key(module: str, tensor: str) -> str:
 
 @torch.no_grad()
 def zero_units(model: nn.Module, group, units) -> None:
-    """Zero the producer's weight rows and bias of ``units`` in place.
+    """Zero the producer's (every producer's, for a stream group) weight rows and bias of ``units`` in place.
 
     When every op between producer and consumers maps 0 to 0 (ReLU, LeakyReLU, PixelShuffle, ...), the model
     then computes what the model with those units sliced away computes.
     """
     n = unit_count(model, group)
-    idx = _as_units(units, n, f"zero_units '{group.name}'")
-    prod = _conv(model, group.producer, group, "producer")
-    ch = _channels(idx, _unit(group)).to(prod.weight.device)
-    prod.weight[ch] = 0
-    if prod.bias is not None:
-        prod.bias[ch] = 0
+    idx = aligned_units(group, units, n, f"zero_units '{group.name}'")
+    for name in producers_of(group):
+        prod = _conv(model, name, group, "producer")
+        ch = _channels(idx, _unit(group)).to(prod.weight.device)
+        prod.weight[ch] = 0
+        if prod.bias is not None:
+            prod.bias[ch] = 0
 
 
 @torch.no_grad()
 def slice_into(src: nn.Module, dst: nn.Module, groups: Sequence, keep: Mapping[str, torch.Tensor]) -> None:
     """Copy every parameter and buffer of ``src`` into ``dst`` (same names), keeping only the kept units.
 
-    Each group's producer weight/bias rows are sliced to the kept units' channels (unit k -> channels
-    k*unit .. k*unit+unit-1), each consumer's weight columns (dim 1) to the kept units. Groups absent from
+    Each group's producer weight/bias rows (every producer's, for a stream group: the same rows) are sliced to
+    the kept units' channels (unit k -> channels k*unit .. k*unit+unit-1), each consumer's weight columns
+    (dim 1) to the kept units; a layer that reads and writes a stream is sliced on both axes. ``keep[name]``:
+    indices, or {producer: indices} that must agree (``aligned_units``). Groups absent from
     ``keep`` are copied whole. Every other tensor must already match ``dst``'s shape.
     """
     units = check_groups(src, groups)
@@ -514,13 +636,14 @@ def slice_into(src: nn.Module, dst: nn.Module, groups: Sequence, keep: Mapping[s
     for g in groups:
         if g.name not in keep:
             continue
-        idx = _as_units(keep[g.name], units[g.name], f"kept units of '{g.name}'")
+        idx = aligned_units(g, keep[g.name], units[g.name], f"kept units of '{g.name}'")
         if idx.numel() == 0:
             raise PlanError(f"group '{g.name}' keeps no unit")
         ch = _channels(idx, _unit(g))
-        plan.setdefault(_key(g.producer, "weight"), []).append((0, ch))
-        if _conv(src, g.producer, g, "producer").bias is not None:
-            plan.setdefault(_key(g.producer, "bias"), []).append((0, ch))
+        for p in producers_of(g):
+            plan.setdefault(_key(p, "weight"), []).append((0, ch))
+            if _conv(src, p, g, "producer").bias is not None:
+                plan.setdefault(_key(p, "bias"), []).append((0, ch))
         for c in g.consumers:
             plan.setdefault(_key(c, "weight"), []).append((1, idx))
     sd_src, sd_dst = src.state_dict(), dst.state_dict()
