@@ -374,9 +374,13 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
 
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--out", type=click.Path(dir_okay=False), help="Tar file (default <bundle>.tar.gz).")
-def pack(bundle_dir, out):
-    """Pack what a device needs (graphs, plan, recipe, manifest, calibration cache, eval images) into a tar."""
+@click.option("--out", type=click.Path(dir_okay=False), help="Tar file (default <bundle>.tar.gz). An existing file "
+              "is replaced only if it is a packed bundle, or with --force.")
+@click.option("--force", is_flag=True, help="Replace an existing --out file that is not a packed bundle.")
+def pack(bundle_dir, out, force):
+    """Pack what a device needs (graphs, plan, recipe, manifest, calibration cache, eval images) into a tar.
+
+    Every bundle file is checked against the sha256 its manifest recorded before it is packed."""
     from sls_deploy.core.packing import pack as do_pack
     from sls_deploy.modalities.registry import is_video, resolve_data
     from sls_deploy.stages.build import reopen
@@ -386,7 +390,8 @@ def pack(bundle_dir, out):
     dest = Path(out) if out else bundle.root.with_name(bundle.root.name + ".tar.gz")
     # video eval clips are not packed (they can be large): a device validates video against its own clips
     evals = [] if is_video(run.settings.modality) else resolve_data(run.settings.modality, run.settings.eval_data)
-    do_pack(bundle.root, dest, evals, recipe.opset, recipe.digest())
+    bundle.verify([n for n in bundle.require().get("files", {}) if n.endswith((".onnx", ".json", ".safetensors"))])
+    do_pack(bundle.root, dest, evals, recipe.opset, recipe.digest(), force=force)
     click.echo(f"wrote {dest}")
 
 

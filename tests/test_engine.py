@@ -271,3 +271,71 @@ def test_legacy_engine_max_psnr_drop_db_is_still_read(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     r = load_recipe(path)
     assert r.validate.max_drop("fp16") == 0.3 and r.engine.opt_nhw == (1, 180, 320)
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_unpacking_never_deletes_or_overwrites_an_existing_folder(bundle, tmp_path, capsys):
+    """`engine X.tar.gz` beside an unrelated folder X/: refused, X/ untouched; beside its own unpacked copy:
+    reused (an engine built there stays); a tampered tar leaves nothing under the final name."""
+    tar = tmp_path / "photos.tar.gz"
+    assert main(["pack", str(bundle), "--out", str(tar)]) == 0
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"precious")
+    before = _tree(photos)
+    capsys.readouterr()
+    assert main(["engine", str(tar), "--dry-run"]) == 1
+    assert "exists and is not this tar's unpacked bundle" in capsys.readouterr().err
+    assert _tree(photos) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".photos.unpack-")]  # staging cleaned up
+
+    tar2 = tmp_path / "dev.tar.gz"
+    assert main(["pack", str(bundle), "--out", str(tar2)]) == 0
+    assert main(["engine", str(tar2), "--dry-run"]) == 0
+    (tmp_path / "dev" / "engine" / "model.plan").write_bytes(b"an engine built earlier")
+    assert main(["engine", str(tar2), "--dry-run"]) == 0  # the same pack again: reused, the engine stays
+    assert (tmp_path / "dev" / "engine" / "model.plan").read_bytes() == b"an engine built earlier"
+
+
+def test_a_tar_with_an_unlisted_member_is_refused_and_leaves_nothing(bundle, tmp_path, capsys):
+    import io
+
+    tar = tmp_path / "dev.tar.gz"
+    assert main(["pack", str(bundle), "--out", str(tar)]) == 0
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(tar) as src, tarfile.open(evil, "w:gz") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+        info = tarfile.TarInfo("evil.sh")
+        info.size, info.mode = 9, 0o755
+        dst.addfile(info, io.BytesIO(b"rm -rf ~\n"))
+    capsys.readouterr()
+    assert main(["engine", str(evil), "--dry-run"]) == 1
+    assert "member 'evil.sh' is not listed in pack.json" in capsys.readouterr().err
+    assert not (tmp_path / "evil").exists() and not [p for p in tmp_path.iterdir() if ".unpack-" in p.name]
+
+
+def test_pack_refuses_to_overwrite_a_user_file(bundle, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert main(["pack", str(bundle), "--out", str(notes)]) == 1
+    assert "exists and is not a packed bundle" in capsys.readouterr().err and notes.read_text() == "mine"
+    tar = tmp_path / "b.tar.gz"
+    assert main(["pack", str(bundle), "--out", str(tar)]) == 0
+    assert main(["pack", str(bundle), "--out", str(tar)]) == 0  # our own earlier pack is replaced
+    assert main(["pack", str(bundle), "--out", str(notes), "--force"]) == 0
+
+
+def test_pack_json_without_files_is_one_line(tmp_path, capsys):
+    from sls_deploy.core.errors import BundleError
+    from sls_deploy.core.packing import verify_packed
+
+    (tmp_path / "pack.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not a valid pack.json"):
+        verify_packed(tmp_path)
+    (tmp_path / "pack.json").write_text("{}")
+    with pytest.raises(BundleError, match="not a valid pack.json"):
+        verify_packed(tmp_path)
