@@ -15,6 +15,7 @@ from sls_deploy import __version__
 from sls_deploy.core.errors import SlsError, UsageError, ValidationError
 
 BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
+SEED = click.IntRange(0, 2**31 - 1)
 NM_METHODS = ("sls", "oneshot", "srste")  # = pruning.registry's, not imported: --help stays fast
 CHANNEL_METHODS = ("ssl", "l1", "l1-global")
 
@@ -27,7 +28,7 @@ def _recipe_options(f):
 
 
 def _plan_options(f):
-    f = click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling and planning.")(f)
+    f = click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for sampling and planning.")(f)
     f = click.option("--weights", type=click.Path(dir_okay=False),
                      help="Base (dense) weights: .safetensors, BasicSR .pth or official EDSR .pt. "
                           "Default: the recipe's shipped weights.")(f)
@@ -145,15 +146,17 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
 @click.option("--data", help="Folder of HR training images (default: the recipe's train list).")
 @click.option("--fp16", is_flag=True, help="Store the weights in FP16 (half the size; used for shipped weights).")
 @click.option("--restart", is_flag=True, help="Ignore an existing checkpoint and start from scratch.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @_progress_option
-def train(model_name, recipe_path, out, steps, data, fp16, restart, seed, no_progress):
+def train(model_name, recipe_path, out, steps, data, fp16, restart, force, seed, no_progress):
     """Train the recipe's dense model from scratch (the base weights that `build` starts from)."""
     from sls_deploy.training.base import train_base
     from sls_deploy.config.recipe import resolve_recipe
 
     recipe = resolve_recipe(model_name, recipe_path)
     out_path = Path(out) if out else Path("runs") / f"{recipe.name}.safetensors"
+    _check_output_file(out_path, force)
     res = train_base(recipe, out_path, steps=steps, data=data, resume=not restart, half=fp16, seed=seed,
                      progress=not no_progress)
     ch = res["channel"].upper()
@@ -308,6 +311,21 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
     rep = run_validate(run, vopts)
     click.echo(json.dumps(rep, indent=2) if as_json else summary_text(rep))
     check_report(rep)
+
+
+def _check_output_file(path: Path, force: bool) -> None:
+    """Before any work: an output file goes where a file can go, and never over an existing one without --force."""
+    from sls_deploy.core.errors import BundleError
+
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BundleError(f"cannot write {path}: {parent} is a file, not a folder")
+            break
+    if path.is_dir():
+        raise BundleError(f"{path} is a folder; give a file name")
+    if path.exists() and not force:
+        raise BundleError(f"{path} exists; choose another --out or pass --force to replace it")
 
 
 def _device_bundle(path: Path):

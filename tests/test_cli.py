@@ -135,3 +135,24 @@ def test_finetune_refuses_to_overwrite_interrupted_run(capsys, tmp_path, tiny_re
     code, _, err = run(capsys, "finetune", out, "--restart", "--steps", "1", "--no-progress")
     assert code == 0, err
     assert (out / "model.safetensors").is_file()
+
+
+def test_train_never_overwrites_a_file_without_force(tmp_path, capsys):
+    from conftest import error_line, run_cli
+
+    mine = tmp_path / "mine.txt"
+    mine.write_text("keep me")
+    code, _, err = run_cli(capsys, "train", "--model", "edsr", "--out", str(mine), "--steps", "1")
+    assert code == 1 and "exists; choose another --out or pass --force" in error_line(err)
+    assert mine.read_text() == "keep me"
+    code, _, err = run_cli(capsys, "train", "--model", "edsr", "--out", str(mine / "sub.safetensors"), "--steps", "1")
+    assert code == 1 and "is a file, not a folder" in error_line(err)
+
+
+@pytest.mark.parametrize("seed", ["1e20", "-1", str(2**40)])
+def test_seed_out_of_range_is_a_usage_error(tmp_path, capsys, seed):
+    from conftest import error_line, run_cli
+
+    code, _, err = run_cli(capsys, "build", "--model", "edsr", "--budget", "0.4", "--seed", seed,
+                           "--out", str(tmp_path / "b"))
+    assert code == 2 and "--seed" in error_line(err) and not (tmp_path / "b").exists()

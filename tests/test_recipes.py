@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -79,3 +81,41 @@ def test_unknown_strategy_in_a_recipe_is_one_line_naming_the_methods(tmp_path, c
     code, _, err = run_cli(capsys, "build", "--recipe", str(path), "--budget", "0.5", "--out", str(tmp_path / "b"))
     assert code == 2 and "unknown method 'magic' (known: sls, oneshot, srste, ssl, l1, l1-global)" in error_line(err)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("section, value, fragment", [
+    ("finetune", {"lr": float("nan")}, "finetune.lr must be a finite number"),
+    ("finetune", {"batch_size": 1e9}, "finetune.batch_size must be in 1..1024"),
+    ("finetune", {"steps": 4.9}, "finetune.steps must be an integer, not 4.9"),
+    ("finetune", {"warmup": -5}, "finetune.warmup must be in 0.."),
+    ("train", {"lr": "fast"}, "train.lr must be a finite number"),
+    ("name", "../../evil", "recipe name '../../evil' must be letters"),
+    ("name", "/abs/evil", "recipe name '/abs/evil' must be letters"),
+])
+def test_recipe_numbers_and_names_are_checked_at_load(tmp_path, section, value, fragment):
+    import yaml
+
+    from sls_deploy.config.recipe import recipe_for_model
+
+    raw = yaml.safe_load(recipe_for_model("edsr").read_text())
+    if isinstance(value, dict):
+        raw[section] = {**raw.get(section, {}), **value}
+    else:
+        raw[section] = value
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match=re.escape(fragment)):
+        load_recipe(path)
+
+
+def test_scale_must_be_an_integer(tmp_path):
+    import yaml
+
+    from sls_deploy.config.recipe import recipe_for_model
+
+    raw = yaml.safe_load(recipe_for_model("edsr").read_text())
+    raw["model"]["scale"] = 4.7
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match="model.scale must be an integer, not 4.7"):
+        load_recipe(path)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import yaml
 
 from sls_deploy.core.errors import RecipeError, UsageError
+from sls_deploy.core.numbers import as_float, as_int
 from sls_deploy.models import ModelAdapter, ModelConfig, get_adapter
 
 if TYPE_CHECKING:
@@ -33,6 +34,9 @@ class StepsSection:
 
 
 PRECISIONS = ("fp32", "fp16", "int8")
+MAX_BATCH = 1024  # training batch (memory: batch x patch^2 x channels stays within a workstation's RAM)
+MAX_PATCH = 512  # LR training patch side
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 @dataclass(frozen=True)
@@ -205,15 +209,12 @@ def _section(raw: Mapping[str, Any], key: str, known: set[str]) -> dict[str, Any
 
 def _steps(raw: Mapping[str, Any], key: str) -> StepsSection:
     sec = _section(raw, key, {"steps", "lr", "batch_size", "lr_patch", "checkpoint_every", "warmup"})
-    try:
-        out = StepsSection(steps=int(sec.get("steps", 100)), lr=float(sec.get("lr", 1e-4)),
-                           batch_size=int(sec.get("batch_size", 16)), lr_patch=int(sec.get("lr_patch", 24)),
-                           checkpoint_every=int(sec.get("checkpoint_every", 50)), warmup=int(sec.get("warmup", 0)))
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"recipe section '{key}': {e}") from None
-    if out.steps < 0 or out.lr <= 0 or out.batch_size < 1 or out.lr_patch < 1 or out.checkpoint_every < 0:
-        raise RecipeError(f"recipe section '{key}': steps >= 0, lr > 0, batch_size >= 1, lr_patch >= 1 needed")
-    return out
+    steps = as_int(sec.get("steps", 100), f"{key}.steps", 0, 10**7)
+    return StepsSection(steps=steps, lr=as_float(sec.get("lr", 1e-4), f"{key}.lr", 0.0, 1.0, lo_open=True),
+                        batch_size=as_int(sec.get("batch_size", 16), f"{key}.batch_size", 1, MAX_BATCH),
+                        lr_patch=as_int(sec.get("lr_patch", 24), f"{key}.lr_patch", 1, MAX_PATCH),
+                        checkpoint_every=as_int(sec.get("checkpoint_every", 50), f"{key}.checkpoint_every", 0, 10**7),
+                        warmup=as_int(sec.get("warmup", 0), f"{key}.warmup", 0, max(steps, 0)))
 
 
 _ENGINE_LEVELS = ("min", "opt", "max")
@@ -341,6 +342,11 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError(f"unknown recipe key '{unknown[0]}' in {path}")
     if not isinstance(raw.get("model"), Mapping) or "arch" not in raw["model"]:
         raise RecipeError(f"recipe {path} needs a 'model' section with 'arch'")
+    if "scale" in raw["model"]:
+        as_int(raw["model"]["scale"], "model.scale", 1, 16)
+    name = raw.get("name", path.stem)  # a file's stem holds no path separator; a name given in the file might
+    if "name" in raw and (not isinstance(name, str) or not name or not set(name) <= NAME_CHARS or name.startswith(".")):
+        raise RecipeError(f"recipe name {name!r} must be letters, digits, '.', '_' or '-' (it names files under runs/)")
     adapter = get_adapter(str(raw["model"]["arch"]))
     model_cfg = adapter.parse_config(raw["model"])
     data = _section(raw, "data", {"train", "eval", "metric_channel"})
