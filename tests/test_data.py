@@ -265,3 +265,36 @@ def test_patch_sampler_rejects_bad_sizes_and_no_files(two_images):
     data_error(PatchSampler, two_images, 2, 0, 2)
     data_error(PatchSampler, two_images, 2, 4, 0)
     data_error(PatchSampler, [], 2, 4, 2)
+
+
+def test_cmyk_jpeg_is_converted_to_rgb_and_reported_truthfully(tmp_path):
+    from PIL import Image
+
+    from sls_deploy.data.images import conversion_note, read_rgb
+
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[:, :8] = (200, 30, 30)  # red left, blue right
+    rgb[:, 8:] = (30, 30, 200)
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(rgb).convert("CMYK").save(path, quality=100)
+    got = read_rgb(path)
+    assert got.shape == (16, 16, 3)
+    assert np.abs(got[4, 2] * 255 - (200, 30, 30)).max() < 20 and np.abs(got[4, 13] * 255 - (30, 30, 200)).max() < 20
+    assert conversion_note(path) == "CMYK, converted to RGB (Pillow)"
+
+
+def test_oversized_calibration_and_eval_images_are_refused_before_decoding(tmp_path):
+    from PIL import Image
+
+    from sls_deploy.core.errors import DataError
+    from sls_deploy.data.images import check_pixels
+    from sls_deploy.onnx.precision.int8 import read_calibration_images
+
+    big = tmp_path / "calib" / "big.png"
+    big.parent.mkdir()
+    Image.new("RGB", (1100, 1000)).save(big)
+    with pytest.raises(DataError, match=r"calibration image big.png is 1100x1000 \(1.0 MP\), above the limit of 1.0 MP"):
+        read_calibration_images(big.parent, 8)
+    with pytest.raises(DataError, match="eval image big.png is 1100x1000"):
+        check_pixels(big, 2**20, "eval image")
+    check_pixels(big, 2 * 2**20, "eval image")  # under the limit: fine

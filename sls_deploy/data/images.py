@@ -17,14 +17,55 @@ from sls_deploy.data.degradations import Degradation, default_degradation
 from sls_deploy.data.resize import bicubic_down, bicubic_up, to_image, to_tensor
 
 
+MAX_IMAGE_PIXELS = 64 * 2**20  # any image read: larger ones are refused (a decompression bomb, or no photo we need)
+CONVERTED_MODES = {"CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "Lab", "HSV": "HSV", "P": "palette"}
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) from the file's header (Pillow), without decoding the pixels; None if unknown."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return None
+
+
+def check_pixels(path: str | os.PathLike, limit: int, what: str) -> None:
+    """Refuse an image above ``limit`` pixels before it is decoded, naming the limit."""
+    size = image_size(path)
+    if size and size[0] * size[1] > limit:
+        raise DataError(f"{what} {Path(path).name} is {size[0]}x{size[1]} ({size[0] * size[1] / 2**20:.1f} MP), above "
+                        f"the limit of {limit / 2**20:.1f} MP; downscale or crop it")
+
+
+def _pillow_mode(path: Path) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except Exception:
+        return None
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     import imageio.v3 as iio
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image not found: {path}")
+    check_pixels(path, MAX_IMAGE_PIXELS, "image")
+    mode = _pillow_mode(path)
     try:
-        img = np.asarray(iio.imread(path))
+        if mode in CONVERTED_MODES:  # colour models imageio would hand over as raw channels (CMYK read as RGBA)
+            from PIL import Image
+
+            with Image.open(path) as im:
+                img = np.asarray(im.convert("RGB"))
+        else:
+            img = np.asarray(iio.imread(path))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"cannot read image {path}: {first}") from None
@@ -49,6 +90,9 @@ def conversion_note(path: str | os.PathLike) -> str | None:
     """What ``read_rgb`` does to this file's channels, when it is not plain RGB (for reports)."""
     import imageio.v3 as iio
 
+    mode = _pillow_mode(Path(path))
+    if mode in CONVERTED_MODES:
+        return f"{CONVERTED_MODES[mode]}, converted to RGB (Pillow)"
     try:
         shape = iio.improps(path).shape
     except Exception:

@@ -20,7 +20,7 @@ from sls_deploy.report import document as report_mod
 from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
 from sls_deploy.data import load_pair, resolve_images
-from sls_deploy.data.images import conversion_note
+from sls_deploy.data.images import check_pixels, conversion_note
 from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
 from sls_deploy.trt.outlook import predicted_benefit
 from sls_deploy.config.recipe import Recipe
@@ -31,6 +31,9 @@ from sls_deploy.stages.models import graph_spec, load_model, plan_widths
 from sls_deploy.stages.skeleton import Run
 from sls_deploy.stages.validate_common import (LAYERS_JSON, REPORT_HTML, ValidateOptions, graph_files_of,
                                                plan_rows, progress_bar)
+
+MAX_EVAL_PIXELS = 4 * 2**20  # HR pixels of one eval image (4 MP, e.g. 2048x2048): bounded memory
+
 
 def shape_sizes(recipe: Recipe) -> list[tuple[str, tuple[int, int]]]:
     """The profile's min / opt / max, the odd size, then the extra sizes (each size once)."""
@@ -65,6 +68,8 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
         return json.loads(bundle.path(REPORT_JSON).read_text())
     t0 = time.perf_counter()
     eval_files = resolve_images(eval_spec)
+    for f in eval_files:  # bounded memory: every eval image runs whole at every deployment shape
+        check_pixels(f, MAX_EVAL_PIXELS, "eval image")
     notes = [f"{f.name}: {n}" for f in eval_files if (n := conversion_note(f))]
     dense = load_model(recipe, base)
     pruned = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan))

@@ -283,10 +283,13 @@ def quantize_int8(model: onnx.ModelProto, amax: Mapping[str, float], islands: It
     return finish(graph)
 
 
+MAX_CALIB_PIXELS = 2**20  # one LR calibration image (1 MP): activations of every conv are kept per image
+
+
 def read_calibration_images(folder: str | os.PathLike, min_size: int) -> tuple[list[np.ndarray], dict[str, str]]:
     """LR calibration inputs (1x3xHxW float32) from a folder, with each file's sha256 (for the cache key)."""
     from sls_deploy.core.atomic import sha256_file
-    from sls_deploy.data.images import read_rgb
+    from sls_deploy.data.images import check_pixels, read_rgb
     from sls_deploy.data.sources import IMAGE_SUFFIXES
     from sls_deploy.core.errors import DataError
 
@@ -298,6 +301,7 @@ def read_calibration_images(folder: str | os.PathLike, min_size: int) -> tuple[l
         raise DataError(f"calibration folder {folder} holds no images")
     images, hashes = [], {}
     for f in files:
+        check_pixels(f, MAX_CALIB_PIXELS, "calibration image")
         img = read_rgb(f)
         if min(img.shape[:2]) < min_size:
             raise DataError(f"calibration image {f.name} ({img.shape[1]}x{img.shape[0]}) is smaller than the "
