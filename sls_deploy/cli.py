@@ -181,14 +181,13 @@ def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, we
     from sls_deploy.config.recipe import resolve_recipe
     from sls_deploy.core import distributed as dist
     from sls_deploy.pruning.nm import Plan
-    from sls_deploy.stages.build import default_out, start
-    from sls_deploy.stages.search import run_search
+    from sls_deploy.stages.build import default_out, search_or_release, start
 
     recipe = resolve_recipe(model_name, recipe_path)
     settings = _settings(recipe, budget, method, lam=lam, alpha=alpha, n=n, target=target, m=m, weights=weights,
                          seed=seed, round_to=round_to, temporal_weight=temporal_weight, data=data, steps=steps)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
-    plan = run_search(start(recipe, settings, out_dir, _log, not no_progress))
+    plan = search_or_release(start(recipe, settings, out_dir, _log, not no_progress))
     if not dist.is_main():
         return
     if isinstance(plan, Plan):

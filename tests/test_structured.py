@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sls_deploy.core.errors import PlanError
+from sls_deploy.core.errors import BudgetError, PlanError
 from sls_deploy.models.base import ChannelGroup as Group
 from sls_deploy.pruning.macs import layer_macs
 from sls_deploy.pruning.channels.structured import (
@@ -168,7 +168,7 @@ def test_selection_meets_the_budget_with_rounded_widths(seed, budget, round_to, 
     select = select_uniform if uniform else select_global
     lowest = costs.ratio(costs.min_widths(round_to))
     if lowest > budget:
-        with pytest.raises(PlanError, match=f"smallest reachable ratio is {lowest:.4f}"):
+        with pytest.raises(BudgetError, match=f"smallest reachable ratio is {lowest:.4f}"):
             select(imps, costs, budget, round_to)
         return
     keep = select(imps, costs, budget, round_to)
@@ -200,7 +200,7 @@ def test_global_prunes_the_group_with_unimportant_units_uniform_prunes_all():
 
 def test_selection_errors():
     costs = tiny_costs()
-    with pytest.raises(PlanError, match="smallest reachable ratio"):
+    with pytest.raises(BudgetError, match="smallest reachable ratio"):
         select_global({"a": torch.rand(8), "b": torch.rand(16)}, costs, 0.01)
     with pytest.raises(PlanError, match="3 values for 8 units"):
         select_global({"a": torch.rand(3)}, costs, 0.5)

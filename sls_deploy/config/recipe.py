@@ -214,7 +214,7 @@ def _steps(raw: Mapping[str, Any], key: str) -> StepsSection:
                         batch_size=as_int(sec.get("batch_size", 16), f"{key}.batch_size", 1, MAX_BATCH),
                         lr_patch=as_int(sec.get("lr_patch", 24), f"{key}.lr_patch", 1, MAX_PATCH),
                         checkpoint_every=as_int(sec.get("checkpoint_every", 50), f"{key}.checkpoint_every", 0, 10**7),
-                        warmup=as_int(sec.get("warmup", 0), f"{key}.warmup", 0, max(steps, 0)))
+                        warmup=as_int(sec.get("warmup", 0), f"{key}.warmup", 0, 10**7))
 
 
 _ENGINE_LEVELS = ("min", "opt", "max")

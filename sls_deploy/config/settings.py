@@ -111,6 +111,9 @@ class Settings:
             raise UsageError(f"--budget must be in (0, 1], not {self.budget}")
         if self.m not in VALID_M:
             raise UsageError(f"M must be one of {', '.join(map(str, VALID_M))}, not {self.m}")
+        given = [k for k in ("lam", "alpha") if getattr(self, k) is not None]
+        if given and self.method != "sls":
+            raise UsageError(f"--{given[0]} is an SLS search setting; it does nothing with --method {self.method}")
         if self.n is not None:
             if self.method == "sls":
                 raise UsageError("--n fixes a uniform N: use it with --method oneshot or srste "

@@ -75,6 +75,12 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str) ->
     """Check the fit, then copy the weights (any float dtype) into ``model`` in its own dtype."""
     check_fit(model, sd, what)
     own = model.state_dict()
+    for k in own:
+        v = sd[k]
+        if not v.is_floating_point():
+            raise CheckpointError(f"{what}: weight '{k}' is {str(v.dtype).removeprefix('torch.')}, not a float tensor")
+        if not torch.isfinite(v).all():
+            raise CheckpointError(f"{what}: weight '{k}' holds NaN or infinite values")
     model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own})
     return model
 

@@ -35,6 +35,11 @@ class PlanError(SlsError):
     """No sparsity plan can meet the request (budget below the smallest reachable one, ...)."""
 
 
+class BudgetError(UsageError, PlanError):
+    """The budget cannot be met by the chosen method on this model: a plan error caused by a value the user chose,
+    so it exits 2 like other bad option values, with the smallest reachable budget in the message."""
+
+
 class BundleError(SlsError):
     """A bundle folder is missing files, holds another model, or its files changed since they were written."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sls_deploy.core.errors import UsageError
+from sls_deploy.core.errors import RecipeError
 from sls_deploy.models.base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig
 from sls_deploy.models.basicvsr import BasicVSRAdapter, StreamVSRAdapter
 from sls_deploy.models.deblur import DeblurAdapter
@@ -16,7 +16,7 @@ def get_adapter(arch: str) -> ModelAdapter:
     try:
         return _ADAPTERS[arch]()
     except KeyError:
-        raise UsageError(f"unknown model architecture '{arch}' (known: {', '.join(sorted(_ADAPTERS))})") from None
+        raise RecipeError(f"unknown model architecture '{arch}' (known: {', '.join(sorted(_ADAPTERS))})") from None
 
 
 def known_archs() -> list[str]:

@@ -50,6 +50,8 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"ONNX file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ExportError(f"{path} is empty (0 bytes), not an ONNX model")
     try:
         return onnx.load(str(path))
     except Exception as e:

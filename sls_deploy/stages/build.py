@@ -8,6 +8,7 @@ files, exports and validates.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,10 +36,23 @@ def start(recipe: Recipe, settings: Settings, out: Path, log: Log = print, progr
     for spec in (settings.data, settings.eval_data):
         modalities.resolve_data(settings.modality, spec)  # a missing folder is an error before anything is written
     bundle = Bundle(out)
+    created = not out.exists()
     if dist.is_main():
         bundle.claim(settings.build_key(recipe), Path(recipe.path).read_text(), settings.to_record())
     dist.barrier()
-    return Run(bundle, recipe, settings, log if dist.is_main() else (lambda msg: None), progress)
+    return Run(bundle, recipe, settings, log if dist.is_main() else (lambda msg: None), progress, created)
+
+
+def search_or_release(run: Run):
+    """The search stage; if it fails before anything was planned in a folder this run created (an unreachable
+    budget, ...), the folder goes again, so the corrected command is not refused as "another bundle"."""
+    try:
+        return run_search(run)
+    except BaseException:
+        stages = run.bundle.manifest().get("stages", {}) if run.bundle.root.is_dir() else {}
+        if run.created_here and not stages and dist.is_main():
+            shutil.rmtree(run.bundle.root, ignore_errors=True)
+        raise
 
 
 def reopen(root: Path, log: Log = print, progress: bool = True, **overrides) -> Run:
@@ -68,7 +82,7 @@ def plan_line(plan) -> str:
 def build(run: Run) -> dict:
     """All stages; returns report.json's dict (empty on a non-zero torchrun rank)."""
     stages: list[tuple[str, Callable[[], object]]] = [
-        ("search", lambda: run_search(run)), ("finetune", lambda: run_finetune(run)),
+        ("search", lambda: search_or_release(run)), ("finetune", lambda: run_finetune(run)),
         ("export", lambda: run_export(run)), ("validate", lambda: run_validate(run))]
     t_all, rep = time.perf_counter(), {}
     for i, (name, fn) in enumerate(stages, 1):

@@ -15,6 +15,7 @@ import torch
 from sls_deploy.core import atomic, distributed as dist
 from sls_deploy.core.bundle import PLAN, WEIGHTS
 from sls_deploy.core.checkpoints import save_weights
+from sls_deploy.core.errors import PlanError
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.nm import MaskSet, Plan, nm_mask
 from sls_deploy.pruning.nm.srste import SRSTE
@@ -32,6 +33,9 @@ def finetune_checkpoint(run: Run) -> Path:
 def masks_for(model: torch.nn.Module, plan: Plan) -> MaskSet:
     """Masks follow from the weights and the plan: top-N |w| in each group of M input channels."""
     modules = dict(model.named_modules())
+    unknown = [l.name for l in plan.layers if l.name not in modules]
+    if unknown:
+        raise PlanError(f"plan.json names layer '{unknown[0]}', which the model does not have")
     return MaskSet({l.name: nm_mask(modules[l.name].weight, l.n, l.m) for l in plan.layers if l.n < l.m})
 
 

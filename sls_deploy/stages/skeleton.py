@@ -26,6 +26,7 @@ class Run:
     settings: Settings
     log: Log = field(default=print, repr=False)
     progress: bool = True
+    created_here: bool = False  # this run created the bundle folder (so it may remove it if nothing got planned)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from sls_deploy.core.errors import PlanError, UsageError
+from sls_deploy.core.errors import BudgetError, PlanError, UsageError
 from sls_deploy.pruning.macs import layer_macs
 from sls_deploy.pruning.nm.patterns import eligible
 from sls_deploy.pruning.nm.oneshot import check_budget
@@ -524,7 +524,7 @@ def _prepare(importances: Mapping[str, torch.Tensor], costs: GroupCosts, budget:
     limit = budget * costs.dense * (1 + 1e-9)
     lowest = costs.total(costs.min_widths(round_to, list(imps)))
     if lowest > limit:
-        raise PlanError(
+        raise BudgetError(
             f"budget {budget:g} cannot be met by channel pruning: the smallest reachable ratio is "
             f"{lowest / costs.dense:.4f} (every pruned group at min({round_to}, units) units)")
     return imps, limit

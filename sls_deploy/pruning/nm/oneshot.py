@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sls_deploy.core.errors import PlanError
+from sls_deploy.core.errors import BudgetError, PlanError
 from sls_deploy.pruning.nm.plan import DenseLayer, LayerPlan, Plan
 
 
@@ -47,7 +47,7 @@ def plan_oneshot(model_name: str, candidates: list[Candidate], dense: list[Dense
             break
     if best is None:
         smallest = (fixed + prunable / m) / total
-        raise PlanError(
+        raise BudgetError(
             f"budget {budget:g} cannot be met with M={m}: the smallest reachable budget is {smallest:.4f} "
             f"(N=1 on every eligible layer; {fixed / total:.1%} of the MACs are in layers that stay dense)")
     layers = [LayerPlan(name=c.name, op=c.op, weight_shape=list(c.weight_shape), n=best, m=m, macs_dense=c.macs)

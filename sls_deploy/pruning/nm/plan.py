@@ -15,7 +15,8 @@ from typing import Any
 
 from sls_deploy.core import atomic
 from sls_deploy.core.errors import BundleError
-from sls_deploy.pruning.nm.patterns import guarantees_2to4
+from sls_deploy.core.numbers import as_int
+from sls_deploy.pruning.nm.patterns import VALID_M, guarantees_2to4
 
 PLAN_VERSION = 1
 
@@ -140,7 +141,14 @@ class Plan(PlanFile):
     def from_json(cls, d: dict[str, Any]) -> "Plan":
         lp_fields = {"name", "op", "weight_shape", "n", "m", "macs_dense", "group_axis", "kept_out", "kept_in",
                      "precision"}
-        return cls(model=d["model"], method=d["method"], budget=float(d["budget"]), m=int(d["m"]),
+        m = as_int(d["m"], "plan.json 'm'", error=BundleError)
+        if m not in VALID_M:
+            raise BundleError(f"plan.json: M must be one of {', '.join(map(str, VALID_M))}, not {m}")
+        for l in d["layers"]:  # N in 1..M, one M for the whole plan
+            as_int(l["n"], f"plan.json layer '{l.get('name')}' N", 1, m, error=BundleError)
+            if as_int(l.get("m", m), f"plan.json layer '{l.get('name')}' M", error=BundleError) != m:
+                raise BundleError(f"plan.json layer '{l.get('name')}' has M={l.get('m')}, the plan M={m}")
+        return cls(model=d["model"], method=d["method"], budget=float(d["budget"]), m=m,
                    reference_output=list(d["reference_output"]),
                    layers=[LayerPlan(**{k: v for k, v in l.items() if k in lp_fields}) for l in d["layers"]],
                    dense_layers=[DenseLayer(**x) for x in d.get("dense_layers", [])],

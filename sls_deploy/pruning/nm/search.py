@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sls_deploy.data import PatchSampler
-from sls_deploy.core.errors import PlanError
+from sls_deploy.core.errors import BudgetError, PlanError
 from sls_deploy.config.recipe import Recipe
 from sls_deploy.pruning.nm import eligible
 from sls_deploy.pruning.macs import layer_macs
@@ -62,7 +62,7 @@ def split_layers(recipe: Recipe, model: torch.nn.Module, m: int) -> LayerSplit:
 def check_reachable(split: LayerSplit, budget: float, m: int) -> None:
     floor = split.smallest_ratio(m)
     if budget < floor - 1e-12:
-        raise PlanError(
+        raise BudgetError(
             f"budget {budget:g} cannot be met with M={m}: the smallest reachable budget is {floor:.4f} "
             f"(N=1 on every eligible layer; {sum(d.macs for d in split.dense) / split.total:.1%} of the MACs "
             "are in layers that stay dense)")

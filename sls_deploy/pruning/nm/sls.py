@@ -15,6 +15,8 @@ keeps one uint8 rank per weight; the mask is a gather from [1, b_0, ..., b_{M-2}
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -53,8 +55,8 @@ class SLSSettings:
         check_nm_args(1, self.m)
         for name in ("lam", "alpha", "threshold", "score_lr", "score_clamp", "loss_scale"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v != v or v < 0:
-                raise ValueError(f"SLS {name} must be a non-negative number, not {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"SLS {name} must be a finite non-negative number, not {v!r}")
         if self.alpha < 1:
             raise ValueError(f"SLS alpha must be >= 1 (coeff grows), not {self.alpha}")
         if self.check_every < 1 or self.refresh_every < 1 or self.cost_patch < 1:

@@ -1,0 +1,104 @@
+"""Bad inputs that used to be accepted silently, end in a traceback, or lose files: each is one line with the
+documented exit code, and nothing outside the run's own folder is created, changed or removed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import error_line, run_cli
+from sls_deploy.core.errors import BundleError, CheckpointError
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("extra, code, fragment", [
+    (["--method", "oneshot", "--lam", "1e-9"], 2, "--lam is an SLS search setting"),
+    (["--method", "srste", "--alpha", "1.5"], 2, "--alpha is an SLS search setting"),
+    (["--method", "sls", "--alpha", "inf"], 2, "SLS alpha must be a finite non-negative number"),
+    (["--method", "sls", "--lam", "inf"], 2, "SLS lam must be a finite non-negative number"),
+    (["--budget", "0.01"], 2, "smallest reachable budget"),
+])
+def test_build_usage_errors_leave_no_folder(tmp_path, capsys, tiny_recipe, tiny_weights, extra, code, fragment):
+    args = ["build", "--recipe", str(tiny_recipe), "--weights", str(tiny_weights), "--out", str(tmp_path / "b"),
+            "--no-progress", "--steps", "0"]
+    if "--budget" not in extra:
+        args += ["--budget", "0.5"]
+    before = _snapshot(tmp_path)
+    got, _, err = run_cli(capsys, *args, *extra)
+    assert got == code and fragment in error_line(err)
+    assert not (tmp_path / "b").exists() and _snapshot(tmp_path) == before
+
+
+def test_unreachable_budget_then_the_corrected_command_is_not_refused(tmp_path, capsys, tiny_recipe, tiny_weights):
+    base = ["search", "--recipe", str(tiny_recipe), "--weights", str(tiny_weights), "--out", str(tmp_path / "u1"),
+            "--no-progress", "--steps", "0", "--method", "oneshot"]
+    code, _, err = run_cli(capsys, *base, "--budget", "0.01")
+    assert code == 2 and "smallest reachable budget" in error_line(err) and not (tmp_path / "u1").exists()
+    code, _, err = run_cli(capsys, *base, "--budget", "0.5")
+    assert code == 0, err
+
+
+def test_nan_and_integer_weights_are_refused(tmp_path, tiny_recipe):
+    from sls_deploy.config.recipe import load_recipe
+    from sls_deploy.stages.models import load_model
+
+    recipe = load_recipe(tiny_recipe)
+    sd = recipe.build_model().state_dict()
+    bad = {k: v.clone() for k, v in sd.items()}
+    first = next(iter(bad))
+    bad[first][...] = float("nan")
+    save_file(bad, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(CheckpointError, match=f"weight '{first}' holds NaN or infinite values"):
+        load_model(recipe, tmp_path / "nan.safetensors")
+    ints = {k: v.to(torch.int32) for k, v in sd.items()}
+    save_file(ints, str(tmp_path / "int.safetensors"))
+    with pytest.raises(CheckpointError, match="is int32, not a float tensor"):
+        load_model(recipe, tmp_path / "int.safetensors")
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda d: d["layers"][0].update(n=7), "N must be in 1..4, not 7"),
+    (lambda d: d.update(m=5), "M must be one of 4, 8, 16, 32, not 5"),
+    (lambda d: d["layers"][0].update(n=2.5), "N must be an integer, not 2.5"),
+])
+def test_a_plan_out_of_schema_is_refused_on_read(tmp_path, change, fragment):
+    from sls_deploy.pruning.nm.plan import Plan
+
+    plan = {"model": "m", "method": "oneshot", "budget": 0.5, "m": 4, "reference_output": [64, 64],
+            "layers": [{"name": "a", "op": "conv", "weight_shape": [8, 8, 3, 3], "n": 2, "m": 4, "macs_dense": 10}]}
+    change(plan)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(BundleError, match=fragment):
+        Plan.load(tmp_path / "plan.json")
+
+
+def test_an_edited_plan_is_refused_by_the_next_stage(tmp_path, capsys, tiny_recipe, tiny_weights):
+    out = tmp_path / "b"
+    code, _, err = run_cli(capsys, "search", "--recipe", str(tiny_recipe), "--weights", str(tiny_weights), "--out",
+                           str(out), "--budget", "0.5", "--method", "oneshot", "--steps", "0", "--no-progress")
+    assert code == 0, err
+    plan = json.loads((out / "plan.json").read_text())
+    plan["layers"][0]["name"] = "renamed"
+    (out / "plan.json").write_text(json.dumps(plan))
+    code, _, err = run_cli(capsys, "finetune", str(out), "--no-progress")
+    assert code == 1 and "plan.json was changed after it was written" in error_line(err)
+
+
+def test_inspect_on_an_empty_file_is_an_error(tmp_path, capsys):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    code, _, err = run_cli(capsys, "inspect", str(empty))
+    assert code == 1 and "is empty (0 bytes)" in error_line(err)
+
+
+def test_unknown_arch_is_a_recipe_error(tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text("model: {arch: nosuch, scale: 4}\n")
+    code, _, err = run_cli(capsys, "search", "--recipe", str(tmp_path / "r.yaml"), "--budget", "0.5",
+                           "--out", str(tmp_path / "b"))
+    assert code == 1 and "unknown model architecture 'nosuch'" in error_line(err)
