@@ -11,8 +11,9 @@ import os
 from typing import Any
 
 from sls_deploy.report import video as report_video
-from sls_deploy.report.plots import CROP_PLOT, LAYER_PLOT, TRADEOFF_PLOT
-from sls_deploy.report.sections import Section, fmt as _f, fmt_e as _e
+from sls_deploy.report.plots import CROP_PLOT, LAYER_PLOT, TRADEOFF_PLOT, WIDTHS_PLOT
+from sls_deploy.report.sections import (Section, channel_group_section, channel_layer_section, fmt as _f,
+                                         fmt_e as _e)
 
 __all__ = ["LAYER_PLOT", "render_html", "render_markdown", "sections", "summary_rows", "summary_text"]
 
@@ -47,7 +48,7 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
     ch = p["channel"].upper()
     rows = [
         ("verdict", _verdict(rep)),
-        ("model", f"{rep['model']} ({rep['method']}, M={rep['m']})"),
+        ("model", f"{rep['model']} ({rep['method']}, " + (f"M={rep['m']})" if rep.get("m") else "channel pruning)")),
         ("budget", f"{rep['budget']:g} of dense MACs"),
         ("MACs dense / pruned", f"{_f(mac['dense'])} / {_f(mac['pruned'])} G at {mac['reference_output'][0]}x"
                                 f"{mac['reference_output'][1]} out"),
@@ -135,6 +136,24 @@ def sections(rep: dict) -> list[Section]:
             f"kernel; {c['no']} cannot. MACs ratio bound with every 2:4 layer halved: "
             f"{_f(pred['bound_all_2to4_halved'], 3)}; with only the 'likely' ones halved: "
             f"{_f(pred['bound_likely_halved'], 3)}."]))
+    if rep.get("groups"):  # a channel plan: kept widths, and which group narrows each layer
+        out.append(channel_group_section(rep, WIDTHS_PLOT))
+        out.append(channel_layer_section(rep, "Plain narrower convs: every backend runs them faster, no sparse "
+                                              "kernels needed."))
+    else:
+        out += _nm_layer_sections(rep, pred)
+    n_other = sum(not t["this"] for t in rep.get("tradeoff", []))
+    out.append(Section("Quality vs compute", [
+        f"This bundle, the dense model and {n_other} other bundle(s) of {rep['model']} found next to it "
+        "(same eval images)."], image=TRADEOFF_PLOT, alt="PSNR vs MACs ratio"))
+    base = rep.get("baseline", "bicubic")
+    out.append(Section("Eval crop", [f"Ground truth, {base}, dense and pruned on the most detailed window of the "
+                                     "first eval image."], image=CROP_PLOT, alt=f"{base} / dense / pruned crop"))
+    return out
+
+
+def _nm_layer_sections(rep: dict, pred: dict | None) -> list[Section]:
+    """The per-layer N:M table (with the TensorRT outlook and engine columns) and the density chart."""
     outlook = {r["name"]: r for r in (pred or {}).get("layers", [])}
     trt_known = any("trt_eligible" in l for l in rep["layers"])
     header = ["layer", "weight", "N:M", "2:4", "precision", "GMACs dense", "GMACs pruned", "TRT sparse (predicted)"]
@@ -151,16 +170,8 @@ def sections(rep: dict) -> list[Section]:
     for d in rep["dense_layers"]:
         rows.append([d["name"], f"dense: {d['reason']}", "-", "no", "-", f"{d['macs'] / 1e9:.3f}",
                      f"{d['macs'] / 1e9:.3f}", "no"] + (["-", "-"] if trt_known else []))
-    out.append(Section("Layers", [f"TensorRT: {rep['tensorrt']}."], header, rows))
-    out.append(Section("Per-layer kept density", [], image=LAYER_PLOT, alt="per-layer kept density"))
-    n_other = sum(not t["this"] for t in rep.get("tradeoff", []))
-    out.append(Section("Quality vs compute", [
-        f"This bundle, the dense model and {n_other} other bundle(s) of {rep['model']} found next to it "
-        "(same eval images)."], image=TRADEOFF_PLOT, alt="PSNR vs MACs ratio"))
-    base = rep.get("baseline", "bicubic")
-    out.append(Section("Eval crop", [f"Ground truth, {base}, dense and pruned on the most detailed window of the "
-                                     "first eval image."], image=CROP_PLOT, alt=f"{base} / dense / pruned crop"))
-    return out
+    return [Section("Layers", [f"TensorRT: {rep['tensorrt']}."], header, rows),
+            Section("Per-layer kept density", [], image=LAYER_PLOT, alt="per-layer kept density")]
 
 
 def _yes(v: Any) -> str:

@@ -22,3 +22,25 @@ class Section:
     rows: list[list[str]] = field(default_factory=list)
     image: str | None = None  # file name of a picture in the bundle
     alt: str = ""
+
+
+def channel_group_section(rep: dict, image: str) -> Section:
+    """Kept units per channel group (a channel plan)."""
+    return Section("Channel groups", [
+        "Kept units per group (unit = output channels pruned together: r*r for a conv feeding PixelShuffle(r); a "
+        "stream group keeps the same indices on all its producers)."],
+        ["group", "unit", "producers", "dense units", "kept units", "kept"],
+        [[g["name"], str(g["unit"]), str(len(g.get("producers") or [g.get("producer")])), str(g["dense_units"]),
+          str(g["kept_units"]), f"{g['kept_fraction']:.2f}"] for g in rep["groups"]],
+        image=image, alt="kept units per channel group")
+
+
+def channel_layer_section(rep: dict, note: str) -> Section:
+    """Per-layer MACs of a channel plan: which group narrows each layer's output and input."""
+    rows = [[l["name"], l.get("out_group") or "-", l.get("in_group") or "-", f"{l['macs_dense'] / 1e9:.3f}",
+             f"{l['macs_pruned'] / 1e9:.3f}", f"{l['macs_pruned'] / l['macs_dense']:.3f}" if l["macs_dense"] else "-"]
+            for l in rep["layers"]]
+    rows += [[d["name"], f"dense: {d['reason']}", "-", f"{d['macs'] / 1e9:.3f}", f"{d['macs'] / 1e9:.3f}", "1.000"]
+             for d in rep["dense_layers"]]
+    return Section("Layers", [note], ["layer", "output group", "input group", "GMACs dense", "GMACs pruned", "ratio"],
+                   rows)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sls_deploy.report.sections import Section, fmt as _f
+from sls_deploy.report.sections import Section, channel_group_section, fmt as _f
 from sls_deploy.report.plots import FRAMES_PLOT, WIDTHS_PLOT
 
 
@@ -80,11 +80,7 @@ def sections(rep: dict) -> list[Section]:
             "frame. Channel pruning shrinks plain dense convs, so it needs no sparse kernels to pay off."],
             ["LR HxW", "graph", "median ms/frame", "p90 ms/frame", "frames/s", "ratio (median)"], rows))
     if rep["groups"]:
-        out.append(Section("Channel groups", [
-            "Kept units per group (unit = output channels pruned together: 4 for a conv feeding PixelShuffle(2))."],
-            ["group", "unit", "dense units", "kept units", "kept"],
-            [[g["name"], str(g["unit"]), str(g["dense_units"]), str(g["kept_units"]), f"{g['kept_fraction']:.2f}"]
-             for g in rep["groups"]], image=WIDTHS_PLOT, alt="kept units per channel group"))
+        out.append(channel_group_section(rep, WIDTHS_PLOT))
     if rep.get("precisions"):
         ch = rep["psnr"]["channel"]
         out.append(Section("Precisions", [

@@ -24,6 +24,7 @@ from sls_deploy.data.images import check_pixels, conversion_note
 from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
 from sls_deploy.trt.outlook import predicted_benefit
 from sls_deploy.config.recipe import Recipe
+from sls_deploy.pruning.channels.plan import StructuredPlan
 from sls_deploy.pruning.registry import load_plan
 from sls_deploy.backends.runners import Limits, check_shapes, ort_infer
 from sls_deploy.stages.export import DENSE_ONNX, dense_graph
@@ -132,9 +133,13 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
         "tensorrt": ("per-layer TensorRT columns from engine/layers.json" if bundle.path(LAYERS_JSON).is_file()
                      else "no engine in this bundle (the engine stage needs TensorRT; see README)"),
     }
+    channels = isinstance(plan, StructuredPlan)
+    rep["groups"] = [{k: v for k, v in g.to_json().items() if k != "kept"} for g in plan.groups] if channels else []
+    rep["widths"] = plan.widths if channels else {}
     rep["tradeoff"] = report_plots.tradeoff_points(rep, bundle.root)
     images = {
-        report_plots.LAYER_PLOT: lambda p: report_plots.plot_layer_density(rep, p),
+        **({report_plots.WIDTHS_PLOT: lambda p: report_plots.plot_group_widths(rep, p)} if channels else
+           {report_plots.LAYER_PLOT: lambda p: report_plots.plot_layer_density(rep, p)}),
         report_plots.TRADEOFF_PLOT: lambda p: report_plots.plot_tradeoff(rep, p),
         report_plots.CROP_PLOT: lambda p: report_plots.plot_crop(eval_files[0], scale, dense, pruned, p, degradation=deg),
     }
