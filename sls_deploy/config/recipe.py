@@ -111,6 +111,7 @@ class StructuredSection:
     cap: float = 1.0e-2  # ... up to this
     scale_lr: float = 2.0e-2  # Adam learning rate of the scales (fixed; the weights follow the finetune schedule)
     temporal_weight: float = 0.5  # temporal_l1 weight during ssl and finetuning; 0 = plain per-frame L1
+    align: float = 0.0  # ASSL's Sparsity Structure Alignment weight on stream groups' producers (0: off)
     hybrid_2to4: bool = False  # 2:4 on top of the sliced layers (not implemented yet)
 
 
@@ -286,11 +287,14 @@ def _validate(raw: Mapping[str, Any]) -> ValidateSection:
 def _structured(raw: Mapping[str, Any]) -> StructuredSection:
     d = StructuredSection()
     sec = _section(raw, "structured", set(d.__dataclass_fields__))
-    casts = {"method": str, "round_to": int, "ssl_steps": int, "grow_every": int}
-    try:
-        values = {k: casts.get(k, float)(v) for k, v in sec.items() if k != "hybrid_2to4"}
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"recipe section 'structured': {e}") from None
+    values: dict[str, Any] = {}
+    for k, v in sec.items():
+        if k == "method":
+            values[k] = str(v)
+        elif k in ("round_to", "ssl_steps", "grow_every"):
+            values[k] = as_int(v, f"structured.{k}", 1, 10**7)
+        elif k != "hybrid_2to4":
+            values[k] = as_float(v, f"structured.{k}", 0.0)
     hybrid = sec.get("hybrid_2to4", False)
     if not isinstance(hybrid, bool):
         raise RecipeError(f"structured.hybrid_2to4 must be true or false, not {hybrid!r}")
@@ -301,7 +305,7 @@ def _structured(raw: Mapping[str, Any]) -> StructuredSection:
         raise RecipeError(f"structured.method must be one of {', '.join(STRUCTURED_METHODS)}, not '{out.method}'")
     if out.round_to < 1 or out.ssl_steps < 1 or out.grow_every < 1:
         raise RecipeError("structured: round_to, ssl_steps and grow_every must be >= 1")
-    if min(out.reg, out.delta, out.cap, out.temporal_weight) < 0 or out.reg > out.cap or out.scale_lr <= 0:
+    if min(out.reg, out.delta, out.cap, out.temporal_weight, out.align) < 0 or out.reg > out.cap or out.scale_lr <= 0:
         raise RecipeError("structured: reg, delta, cap and temporal_weight must be >= 0, reg <= cap, scale_lr > 0")
     return out
 

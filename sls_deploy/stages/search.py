@@ -137,7 +137,7 @@ def _learned_scales(run: Run, model, groups, marks, key: str) -> tuple[dict[str,
     s, recipe = run.settings, run.recipe
     st = s.structured(recipe)
     scales = ChannelScales(model, groups, reg=st.reg, delta=st.delta, grow_every=st.grow_every, cap=st.cap,
-                           lr=st.scale_lr)
+                           lr=st.scale_lr, align=st.align)
     scales.mark(marks)
     sec = recipe.finetune
     ckpt = run.bundle.work / "search.ckpt"
