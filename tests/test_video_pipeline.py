@@ -456,7 +456,8 @@ def test_bad_clip_folders_are_one_line_data_errors(capsys, tmp_path, clips, kind
 def test_structured_recipe_section_is_checked(tmp_path, clips):
     for section, fragment in (({"methd": "l1"}, "unknown recipe key 'structured.methd'"),
                               ({"method": "magic"}, "structured.method must be one of"),
-                              ({"round_to": 0}, "round_to, ssl_steps and grow_every must be >= 1"),
+                              ({"round_to": 0}, "structured.round_to must be in 1..10000000, not 0"),
+                              ({"align": float("nan")}, "structured.align must be a finite number"),
                               ({"reg": 1.0, "cap": 0.1}, "reg <= cap"),
                               ({"hybrid_2to4": True}, "not implemented")):
         path = write_recipe(tmp_path / fragment[:8].replace(" ", "_"), "basicvsr", clips, structured=section)
