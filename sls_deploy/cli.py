@@ -436,17 +436,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         dist.init_from_env()
-        rv = cli.main(args=argv, prog_name="sls-deploy", standalone_mode=False)
+        args = sys.argv[1:] if argv is None else list(argv)
+        # parse and invoke directly (not cli.main): click's main turns Ctrl-C into a blank line and Abort
+        with cli.make_context("sls-deploy", args) as ctx:
+            rv = cli.invoke(ctx)
         return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.UsageError as e:
         click.echo(f"error: {e.format_message()}", err=True)
         return 2
-    except click.Abort:
-        click.echo("error: aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.Abort):
         click.echo("interrupted: run the same command again to resume from the last checkpoint", err=True)
         return 130
     except SlsError as e:

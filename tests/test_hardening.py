@@ -102,3 +102,34 @@ def test_unknown_arch_is_a_recipe_error(tmp_path, capsys):
     code, _, err = run_cli(capsys, "search", "--recipe", str(tmp_path / "r.yaml"), "--budget", "0.5",
                            "--out", str(tmp_path / "b"))
     assert code == 1 and "unknown model architecture 'nosuch'" in error_line(err)
+
+
+def test_every_artifact_respects_the_umask(tmp_path):
+    import os
+    import stat
+
+    from sls_deploy.core.atomic import write_text
+    from sls_deploy.core.checkpoints import save_weights
+
+    old = os.umask(0o022)
+    try:
+        save_weights(torch.nn.Conv2d(3, 4, 3), tmp_path / "w.safetensors")
+        write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    for name in ("w.safetensors", "r.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_ctrl_c_prints_the_documented_one_line_message(tmp_path, capsys, monkeypatch, tiny_recipe, tiny_weights):
+    from sls_deploy.stages import build as build_mod
+
+    def interrupted(run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mod, "run_finetune", interrupted)
+    code, _, err = run_cli(capsys, "build", "--recipe", str(tiny_recipe), "--weights", str(tiny_weights), "--budget",
+                           "0.5", "--method", "oneshot", "--steps", "0", "--out", str(tmp_path / "b"), "--no-progress")
+    assert code == 130
+    assert [l for l in err.splitlines() if not l.startswith(("[", "  "))] == [
+        "interrupted: run the same command again to resume from the last checkpoint"]

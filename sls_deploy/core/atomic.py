@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it to ``final`` only if the block succeeds."""
@@ -21,12 +27,12 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts get the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes 0600, and writers that recreate the file (safetensors) keep their own mode: every
+        # artifact gets the usual permissions under the user's umask, as any other file they write
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
