@@ -133,3 +133,41 @@ def test_ctrl_c_prints_the_documented_one_line_message(tmp_path, capsys, monkeyp
     assert code == 130
     assert [l for l in err.splitlines() if not l.startswith(("[", "  "))] == [
         "interrupted: run the same command again to resume from the last checkpoint"]
+
+
+def test_a_second_writer_is_told_the_folder_is_busy(tmp_path, capsys, tiny_recipe, tiny_weights):
+    import fcntl
+    import os
+
+    from sls_deploy.core.bundle import LOCK
+
+    out = tmp_path / "b"
+    out.mkdir()
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process holds it
+    os.write(fd, b"4242")
+    try:
+        code, _, err = run_cli(capsys, "search", "--recipe", str(tiny_recipe), "--weights", str(tiny_weights),
+                               "--budget", "0.5", "--method", "oneshot", "--steps", "0", "--out", str(out))
+    finally:
+        os.close(fd)
+    assert code == 1 and "folder busy: another sls-deploy process (pid 4242) is writing" in error_line(err)
+    assert sorted(p.name for p in out.iterdir()) == [LOCK]  # nothing written
+
+
+@pytest.mark.parametrize("where", ["file", "readonly"])
+def test_unwritable_out_is_one_line(tmp_path, capsys, tiny_recipe, tiny_weights, where):
+    import os
+
+    if where == "file":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "sub"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        out = ro / "b"
+    code, _, err = run_cli(capsys, "search", "--recipe", str(tiny_recipe), "--weights", str(tiny_weights),
+                           "--budget", "0.5", "--method", "oneshot", "--steps", "0", "--out", str(out))
+    assert code == 1 and "cannot write the bundle folder" in error_line(err)

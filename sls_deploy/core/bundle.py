@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import platform
 import sys
 from importlib import metadata
@@ -29,6 +30,8 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 GRAPH_FILES = {"fp32": ONNX, "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}  # one graph per precision
 WORK = "work"  # resumable training checkpoints live here, outside the final artifact names
+LOCK = ".sls-deploy.lock"  # held (flock) by the one process writing the folder
+_HELD: dict[str, int] = {}  # folder -> lock file descriptor, for the rest of this process
 
 
 def library_versions() -> dict[str, str]:
@@ -48,6 +51,31 @@ def digest(obj: Any) -> str:
 class Bundle:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    def lock(self) -> None:
+        """Hold this folder's write lock for the rest of the process (the folder is created if needed); a second
+        writer gets "folder busy ... (pid N)". Released by the OS when the process ends, however it ends."""
+        import fcntl
+
+        key = str(self.root.resolve())
+        if key in _HELD:
+            return
+        if self.root.exists() and not self.root.is_dir():
+            raise BundleError(f"{self.root} exists and is not a folder")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise BundleError(f"cannot write the bundle folder {self.root}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise BundleError(f"folder busy: another sls-deploy process (pid {pid}) is writing {self.root}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD[key] = fd
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -84,7 +112,7 @@ class Bundle:
             if old != dict(build_key):
                 what = ", ".join(f"{k}={old.get(k)}" for k in ("model", "budget", "method", "m"))
                 raise BundleError(f"{self.root} holds another bundle ({what}); choose another --out or remove it")
-        elif self.root.is_dir() and any(self.root.iterdir()):
+        elif self.root.is_dir() and any(p.name != LOCK for p in self.root.iterdir()):
             raise BundleError(f"{self.root} is not empty and holds no sls-deploy bundle; choose another --out")
         self.root.mkdir(parents=True, exist_ok=True)
         if not m:

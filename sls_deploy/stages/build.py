@@ -38,7 +38,13 @@ def start(recipe: Recipe, settings: Settings, out: Path, log: Log = print, progr
     bundle = Bundle(out)
     created = not out.exists()
     if dist.is_main():
-        bundle.claim(settings.build_key(recipe), Path(recipe.path).read_text(), settings.to_record())
+        bundle.lock()
+        try:
+            bundle.claim(settings.build_key(recipe), Path(recipe.path).read_text(), settings.to_record())
+        except BaseException:
+            if created:  # nothing of ours may stay behind a refused claim
+                shutil.rmtree(out, ignore_errors=True)
+            raise
     dist.barrier()
     return Run(bundle, recipe, settings, log if dist.is_main() else (lambda msg: None), progress, created)
 
@@ -59,6 +65,8 @@ def reopen(root: Path, log: Log = print, progress: bool = True, **overrides) -> 
     """An existing bundle with the settings it was built with (``overrides``: a later stage's options)."""
     bundle = Bundle(root)
     m = bundle.require()
+    if dist.is_main():
+        bundle.lock()  # a stage command writes into the folder
     recipe = load_recipe(bundle.path(RECIPE))
     record = m.get("options")
     if not isinstance(record, dict) or "strategy" not in record:
@@ -68,13 +76,13 @@ def reopen(root: Path, log: Log = print, progress: bool = True, **overrides) -> 
     return Run(bundle, recipe, settings, log, progress)
 
 
-def plan_line(plan) -> str:
+def plan_line(plan, modality: str = "image") -> str:
     if isinstance(plan, Plan):
         ns = sorted({l.n for l in plan.layers})
         return (f"  plan: {plan.method}, N in {ns} of M={plan.m} over {len(plan.layers)} layers, "
                 f"MACs {plan.macs_pruned / 1e9:.2f} / {plan.macs_dense / 1e9:.2f} G per graph run (ratio {plan.ratio:.3f})")
     narrowed = [g for g in plan.groups if g.kept_units < g.dense_units]
-    per = "per frame" if plan.frames > 1 else "per graph run"
+    per = "per frame" if modalities.is_video(modality) else "per image"
     return (f"  plan: {plan.method}, {len(narrowed)} of {len(plan.groups)} channel groups narrowed, MACs "
             f"{plan.macs_pruned / plan.frames / 1e9:.2f} / {plan.macs_dense / plan.frames / 1e9:.2f} G {per} "
             f"(ratio {plan.ratio:.3f})")
@@ -93,7 +101,7 @@ def build(run: Run) -> dict:
         run.log(f"[{i}/{len(stages)}] {name} ...")
         result = fn()
         if name == "search":
-            run.log(plan_line(result))
+            run.log(plan_line(result, run.settings.modality))
         if name == "validate":
             rep = result
         run.log(f"  {name} done in {time.perf_counter() - t0:.1f}s")

@@ -31,6 +31,7 @@ def run_import(recipe: Recipe, source: Path, out: Path, weights: str | None, m: 
     plan, model, dense = import_masks(recipe, dense_sd, masks, group_m)
     settings = Settings.resolve(recipe, budget=plan.budget, method="imported", m=group_m, weights=weights)
     bundle = Bundle(out)
+    bundle.lock()
     bundle.claim(settings.build_key(recipe), Path(recipe.path).read_text(), settings.to_record())
     save_weights(dense, bundle.path(IMPORTED_DENSE), {"source": str(source)})
     save_weights(model, bundle.path(SEARCH_WEIGHTS), {"plan": "imported"})
