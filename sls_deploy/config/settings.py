@@ -81,7 +81,7 @@ class Settings:
         values = {
             "budget": budget, "method": method, "strategy": strategy, "modality": modality,
             "seed": cli.get("seed") if cli.get("seed") is not None else 0,
-            "steps": recipe.finetune.steps + (st.ssl_steps if method == "ssl" else 0),
+            "steps": recipe.finetune.steps,
             "data": recipe.data_train, "eval_data": recipe.data_eval,
             "m": recipe.sparsity_m, "target": "trt",
             "round_to": st.round_to, "ssl_steps": st.ssl_steps,
