@@ -114,3 +114,23 @@ def test_bad_mask_files(capsys, tmp_path, tiny_recipe, tiny_weights, layer, shap
     err = capsys.readouterr().err
     assert code == 1 and fragment in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_imported_uneven_and_all_zero_masks_survive_finetuning(capsys, tmp_path, tiny_recipe, tiny_weights):
+    """An uneven mask (groups keeping 1 or 2 of 4) and an all-zero layer stay exactly so after finetuning: the
+    masks are stored as imported, not re-derived as top-N of the weights."""
+    from safetensors.torch import load_file
+
+    base = load_file(str(tiny_weights))
+    uneven = nm_mask(base["body.0.conv1.weight"], 2, 4)
+    uneven[:, :4] &= nm_mask(base["body.0.conv1.weight"], 1, 4)[:, :4]  # the first group of 4 keeps only 1
+    zero = torch.zeros_like(base["body.0.conv2.weight"], dtype=torch.bool)
+    masks = tmp_path / "masks.safetensors"
+    save_file({"body.0.conv1": uneven.to(torch.uint8), "body.0.conv2": zero.to(torch.uint8)}, str(masks))
+    out = tmp_path / "b"
+    assert main(["import-sls", str(masks), "--recipe", str(tiny_recipe), "--weights", str(tiny_weights),
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert main(["finetune", str(out), "--steps", "3", "--no-progress"]) == 0, capsys.readouterr().err
+    tuned = load_file(str(out / "model.safetensors"))
+    assert torch.equal(tuned["body.0.conv1.weight"] != 0, uneven)  # not one pruned weight came back
+    assert not tuned["body.0.conv2.weight"].any()  # the all-zero layer stays all zero

@@ -29,6 +29,7 @@ ONNX = "model.onnx"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 GRAPH_FILES = {"fp32": ONNX, "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}  # one graph per precision
+MASKS = "masks.safetensors"  # masks that do not follow from weights + plan (imported ones), kept as they are
 WORK = "work"  # resumable training checkpoints live here, outside the final artifact names
 LOCK = ".sls-deploy.lock"  # held (flock) by the one process writing the folder
 _HELD: dict[str, int] = {}  # folder -> lock file descriptor, for the rest of this process

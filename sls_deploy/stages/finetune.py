@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from sls_deploy.core import atomic, distributed as dist
-from sls_deploy.core.bundle import PLAN, WEIGHTS
-from sls_deploy.core.checkpoints import save_weights
+from sls_deploy.core.bundle import MASKS, PLAN, WEIGHTS
+from sls_deploy.core.checkpoints import read_state_dict, save_weights
 from sls_deploy.core.errors import PlanError
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.nm import MaskSet, Plan, nm_mask
@@ -37,6 +37,16 @@ def masks_for(model: torch.nn.Module, plan: Plan) -> MaskSet:
     if unknown:
         raise PlanError(f"plan.json names layer '{unknown[0]}', which the model does not have")
     return MaskSet({l.name: nm_mask(modules[l.name].weight, l.n, l.m) for l in plan.layers if l.n < l.m})
+
+
+def stored_masks(run: Run) -> MaskSet | None:
+    """Masks the search stage stored as they are (imported ones: uneven groups and all-zero layers stay so),
+    checked against the manifest; None when the masks follow from weights + plan."""
+    bundle = run.bundle
+    if MASKS not in bundle.manifest()["stages"]["search"].get("outputs", {}):
+        return None
+    bundle.verify([MASKS])
+    return MaskSet(read_state_dict(bundle.path(MASKS)))
 
 
 def search_steps(plan) -> int:
@@ -62,7 +72,7 @@ def run_finetune(run: Run, resume: bool | None = None) -> dict[str, Any]:
         ckpt = finetune_checkpoint(run)
         check_resume(ckpt, key, steps, resume, run.log)
         model = load_model(recipe, init, plan_widths(plan))
-        masks = masks_for(model, plan) if isinstance(plan, Plan) else None
+        masks = stored_masks(run) or (masks_for(model, plan) if isinstance(plan, Plan) else None)
         controller = masks
         if isinstance(plan, Plan) and plan.method == "srste":
             controller = SRSTE([(l.name, l.n) for l in plan.layers if l.n < l.m], plan.m, recipe.srste_decay)

@@ -71,9 +71,9 @@ def read_mask_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def import_masks(recipe: Recipe, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
-                 group_m: int) -> tuple[Plan, torch.nn.Module, torch.nn.Module]:
+                 group_m: int) -> tuple[Plan, torch.nn.Module, torch.nn.Module, dict[str, torch.Tensor]]:
     """Build the recipe's model from ``weights`` (any supported layout), apply ``masks`` (same layout's names)
-    and plan N per layer. Returns (plan, masked model, dense model)."""
+    and plan N per layer. Returns (plan, masked model, dense model, {our layer name: bool mask})."""
     adapter = recipe.adapter
     rename = adapter.key_map(list(weights) + [f"{layer}.weight" for layer in masks])
     model = recipe.build_model()
@@ -113,4 +113,4 @@ def import_masks(recipe: Recipe, weights: Mapping[str, torch.Tensor], masks: Map
                 reference_output=list(recipe.reference_output), layers=layers, dense_layers=list(split.dense))
     plan.budget = round(plan.ratio, 4)
     plan.search = {"imported_layers": len(ours)}
-    return plan, model, dense
+    return plan, model, dense, ours
