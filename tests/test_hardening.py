@@ -171,3 +171,51 @@ def test_unwritable_out_is_one_line(tmp_path, capsys, tiny_recipe, tiny_weights,
     code, _, err = run_cli(capsys, "search", "--recipe", str(tiny_recipe), "--weights", str(tiny_weights),
                            "--budget", "0.5", "--method", "oneshot", "--steps", "0", "--out", str(out))
     assert code == 1 and "cannot write the bundle folder" in error_line(err)
+
+
+@pytest.mark.parametrize("at, where", [(1, "batch"), (4, "batch"), (2, "after_update")])
+def test_ctrl_c_mid_step_then_resume_is_bit_identical(tmp_path, tiny_images, monkeypatch, at, where):
+    """SIGINT arrives inside a finetune step (during the batch draw, or right after the optimizer updated the
+    weights but before the step was counted); the step completes, a checkpoint is written, and the resumed run
+    ends with byte-identical weights to an uninterrupted run."""
+    import signal
+
+    from conftest import write_tiny_recipe, write_tiny_weights
+    from sls_deploy.config.recipe import load_recipe
+    from sls_deploy.data.patches import PatchSampler
+    from sls_deploy.stages.build import build_bundle
+
+    recipe_path = write_tiny_recipe(tmp_path, tiny_images, finetune={
+        "steps": 6, "lr": 1e-3, "batch_size": 2, "lr_patch": 8, "checkpoint_every": 100})
+    weights = write_tiny_weights(recipe_path, tmp_path / "w.safetensors")
+    kw = dict(budget=0.5, method="oneshot", weights=str(weights), progress=False, log=lambda s: None)
+    reference = tmp_path / "ref"
+    build_bundle(load_recipe(recipe_path), reference, **kw)
+
+    batch, calls = PatchSampler.batch, []
+
+    def batch_then_sigint(self):
+        calls.append(1)
+        out = batch(self)
+        if where == "batch" and len(calls) == at + 1:
+            signal.raise_signal(signal.SIGINT)  # like a Ctrl-C from the terminal, mid-step
+        return out
+
+    adam_step = torch.optim.Adam.step
+
+    def step_then_sigint(self, *a, **k):
+        res = adam_step(self, *a, **k)
+        if where == "after_update" and len(calls) == at + 1:
+            signal.raise_signal(signal.SIGINT)  # the weights moved, the step is not counted yet
+        return res
+
+    out = tmp_path / "b"
+    monkeypatch.setattr(PatchSampler, "batch", batch_then_sigint)
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        build_bundle(load_recipe(recipe_path), out, **kw)
+    assert (out / "work" / "finetune.ckpt").is_file()
+    monkeypatch.setattr(PatchSampler, "batch", batch)
+    monkeypatch.setattr(torch.optim.Adam, "step", adam_step)
+    build_bundle(load_recipe(recipe_path), out, **kw)
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()

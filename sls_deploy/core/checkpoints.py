@@ -5,6 +5,7 @@ Only safetensors files and ``torch.load(weights_only=True)`` are used: an untrus
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Mapping
@@ -90,4 +91,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
     """The model's state dict as safetensors (FP16 if ``half``), written atomically."""
     sd = {k: (v.half() if half else v).detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata=dict(sorted((metadata or {}).items())) or None)  # same tensors, same bytes
+        # one metadata entry: safetensors writes several in hash-map order, which changes from call to call, so
+        # identical tensors would not give identical bytes (and hashes)
+        meta = {"sls_deploy": json.dumps(dict(sorted(metadata.items())))} if metadata else None
+        save_file(sd, str(tmp), metadata=meta)

@@ -8,6 +8,8 @@ restored, so a resumed run continues the same batch sequence.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,13 +68,36 @@ class TrainResult:
     interrupted: bool = False
 
 
+class _DeferredInterrupt:
+    """Ctrl-C (SIGINT) during training takes effect between steps, never inside one: a step interrupted inside
+    the optimizer would leave some tensors updated and others not, and the resumed run would differ. The first
+    Ctrl-C is recorded and honoured once the step is whole; a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+
 def _save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sampler: PatchSampler, step: int,
           run_key: str, controller: Controller | None) -> None:
     samplers = dist.gather(sampler.state())  # every rank draws its own batches; keep each rank's position
     if not dist.is_main():
         return
     state = {"model": model.state_dict(), "optim": opt.state_dict(), "sampler": samplers[0], "samplers": samplers,
-             "step": step, "run_key": run_key, "controller": controller.state_dict() if controller else {}}
+             "step": step, "run_key": run_key, "controller": controller.state_dict() if controller else {},
+             "torch_rng": torch.get_rng_state()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -120,6 +145,8 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
         sampler.set_state(samplers[dist.rank()])
         if controller is not None:
             controller.load_state_dict(state.get("controller", {}))
+        if state.get("torch_rng") is not None:
+            torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
     net = model
     if dist.active():  # torchrun: average the weight gradients across ranks
@@ -127,6 +154,7 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
     t0, loss_v, done = time.perf_counter(), float("nan"), start
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress or not dist.is_main(),
                dynamic_ncols=True, unit="step", mininterval=1.0)
+    stop = _DeferredInterrupt()
     try:
         for step in range(start, cfg.steps):
             before = sampler.state()
@@ -153,6 +181,8 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
                 on_step(done, loss_v)
             if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
                 _save(checkpoint, model, opt, sampler, done, run_key, controller)
+            if stop.requested:  # Ctrl-C arrived during this step: it is whole now, stop here
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         # Keep what was learned so far. A step cut off before its update is redrawn on resume.
         if checkpoint is not None and done > start:
@@ -163,6 +193,7 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
             _save(checkpoint, model, opt, sampler, done, run_key, controller)
         raise
     finally:
+        stop.restore()
         bar.close()
         if controller is not None:
             controller.detach(model)
