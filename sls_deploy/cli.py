@@ -240,7 +240,8 @@ def finetune(bundle_dir, steps, data, resume, no_progress):
     ckpt = finetune_checkpoint(run)
     if resume is False and ckpt.exists():  # --restart
         ckpt.unlink()
-    info = run_finetune(run, resume=bool(resume))
+    # no flag: continue a matching checkpoint (as build does) and refuse to touch any other
+    info = run_finetune(run, resume=resume, discard=False)
     if not dist.is_main():
         return
     click.echo(f"finetuned {info.get('steps')} steps -> {run.bundle.path('model.safetensors')}")

@@ -128,7 +128,7 @@ def test_finetune_refuses_to_overwrite_interrupted_run(capsys, tmp_path, tiny_re
     (out / "work").mkdir()
     (out / "work" / "finetune.ckpt").write_bytes(b"left by an interrupted run")
     code, _, err = run(capsys, "finetune", out, "--no-progress")
-    assert code == 1 and "--resume" in error_line(err)
+    assert code == 1 and "cannot read" in error_line(err) and "--restart" in error_line(err)
     assert (out / "work" / "finetune.ckpt").read_bytes() == b"left by an interrupted run"
     code, _, err = run(capsys, "finetune", out, "--resume", "--no-progress")
     assert code == 1 and "cannot read" in error_line(err)

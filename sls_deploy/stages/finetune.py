@@ -54,7 +54,7 @@ def search_steps(plan) -> int:
     return int(plan.search.get("steps", plan.search.get("ssl_steps", 0)) or 0)
 
 
-def run_finetune(run: Run, resume: bool | None = None) -> dict[str, Any]:
+def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> dict[str, Any]:
     """Finetuning from the search's weights. A checkpoint left by an interrupted run is resumed when ``resume``
     is True (error if it does not match) or None (discarded with a note if it does not match, as ``build``
     does); ``resume=False`` refuses to touch it."""
@@ -70,7 +70,7 @@ def run_finetune(run: Run, resume: bool | None = None) -> dict[str, Any]:
 
     def body(key: str) -> StageOutput:
         ckpt = finetune_checkpoint(run)
-        check_resume(ckpt, key, steps, resume, run.log)
+        check_resume(ckpt, key, steps, resume, run.log, discard=discard)
         model = load_model(recipe, init, plan_widths(plan))
         masks = stored_masks(run) or (masks_for(model, plan) if isinstance(plan, Plan) else None)
         controller = masks

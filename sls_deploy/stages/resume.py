@@ -13,9 +13,11 @@ from sls_deploy.core.errors import CheckpointError
 Log = Callable[[str], None]
 
 
-def check_resume(ckpt: Path, inputs: str, steps: int, resume: bool | None, log: Log, what: str = "finetune") -> None:
+def check_resume(ckpt: Path, inputs: str, steps: int, resume: bool | None, log: Log, what: str = "finetune",
+                 discard: bool = True) -> None:
     """What to do with a checkpoint an interrupted ``what`` left: keep it to resume (its run key matches),
-    refuse (``resume`` False, or True and it does not match) or discard it (``resume`` None, no match)."""
+    refuse (``resume`` False, or True and it does not match, or ``discard`` False and it does not match) or
+    discard it (``resume`` None, no match)."""
     if not ckpt.exists():
         return
     if resume is False:
@@ -25,12 +27,12 @@ def check_resume(ckpt: Path, inputs: str, steps: int, resume: bool | None, log: 
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         matches = isinstance(state, dict) and state.get("run_key") == inputs
     except Exception:
-        if resume:
+        if resume or not discard:
             raise CheckpointError(f"cannot read {ckpt} (corrupt?); pass --restart to discard it") from None
         state, matches = None, False
     if matches:
         log(f"  resuming {what} from step {state['step']}/{steps}")
-    elif resume:
+    elif resume or not discard:
         raise CheckpointError(f"{ckpt} belongs to other {what} settings (plan, weights, steps or data "
                               "changed); pass --restart to discard it")
     else:
