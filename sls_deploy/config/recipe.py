@@ -253,34 +253,45 @@ def _engine(raw: Mapping[str, Any]) -> EngineSection:
 
 
 def _hw_list(value: Any) -> tuple[tuple[int, int], ...]:
-    out = tuple((int(h), int(w)) for h, w in value)
-    if any(h < 1 or w < 1 for h, w in out):
-        raise ValueError("sizes are [H, W] with H, W >= 1")
-    return out
+    """[[H, W], ...] with integral H, W in 1..8192."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, (list, tuple)) and len(s) == 2 for s in value):
+        raise ValueError(f"not a list of [H, W] pairs: {value!r}")
+    return tuple((as_int(h, "a size's H", 1, 8192, error=ValueError), as_int(w, "a size's W", 1, 8192, error=ValueError))
+                 for h, w in value)
 
 
 def _validate(raw: Mapping[str, Any]) -> ValidateSection:
     sec = _section(raw, "validate", {"sizes", "odd_size", "fp32_atol", "max_psnr_drop_db", "latency_warmup",
                                      "latency_runs", "latency_sizes"})
     d = ValidateSection()
-    legacy = (raw.get("engine") or {}).get("max_psnr_drop_db") or {}
+    engine = raw.get("engine") or {}
+    legacy = _drops(engine.get("max_psnr_drop_db") if isinstance(engine, Mapping) else None, "engine.max_psnr_drop_db")
+    drops = {**dict(d.max_psnr_drop_db), **legacy,
+             **_drops(sec.get("max_psnr_drop_db"), "validate.max_psnr_drop_db")}
     try:
-        drops = {**dict(d.max_psnr_drop_db), **{str(k): float(v) for k, v in legacy.items()},
-                 **{str(k): float(v) for k, v in (sec.get("max_psnr_drop_db") or {}).items()}}
         out = ValidateSection(
             sizes=_hw_list(sec.get("sizes", d.sizes)), odd_size=_hw_list([sec.get("odd_size", d.odd_size)])[0],
-            fp32_atol=float(sec.get("fp32_atol", d.fp32_atol)), max_psnr_drop_db=tuple(sorted(drops.items())),
-            latency_warmup=int(sec.get("latency_warmup", d.latency_warmup)),
-            latency_runs=int(sec.get("latency_runs", d.latency_runs)),
+            fp32_atol=as_float(sec.get("fp32_atol", d.fp32_atol), "validate.fp32_atol", 0.0, lo_open=True),
+            max_psnr_drop_db=tuple(sorted(drops.items())),
+            latency_warmup=as_int(sec.get("latency_warmup", d.latency_warmup), "validate.latency_warmup", 0, 1000),
+            latency_runs=as_int(sec.get("latency_runs", d.latency_runs), "validate.latency_runs", 1, 10000),
             latency_sizes=_hw_list(sec["latency_sizes"]) if sec.get("latency_sizes") else None)
     except (TypeError, ValueError) as e:
-        raise RecipeError(f"recipe section 'validate': {e}") from None
-    bad = sorted(set(drops) - set(PRECISIONS))
-    if bad:
-        raise RecipeError(f"validate.max_psnr_drop_db: unknown precision '{bad[0]}' (known: {', '.join(PRECISIONS)})")
-    if out.fp32_atol <= 0 or min(drops.values()) < 0 or out.latency_warmup < 0 or out.latency_runs < 1:
-        raise RecipeError("validate: fp32_atol > 0, max_psnr_drop_db >= 0, latency_warmup >= 0 and "
-                          "latency_runs >= 1 needed")
+        raise RecipeError(f"recipe section 'validate': sizes are [H, W] pairs ({e})") from None
+    return out
+
+
+def _drops(value: Any, what: str) -> dict[str, float]:
+    """{precision: max PSNR drop in dB} from a recipe mapping (None: none given)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"{what} must be a mapping of precision to dB, e.g. {{fp16: 0.1}}, not {value!r}")
+    out = {}
+    for k, v in value.items():
+        if k not in PRECISIONS:
+            raise RecipeError(f"{what}: unknown precision {k!r} (known: {', '.join(PRECISIONS)})")
+        out[k] = as_float(v, f"{what}.{k}", 0.0)
     return out
 
 

@@ -91,9 +91,12 @@ class Bundle:
         if not p.is_file():
             return {}
         try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{p} is corrupt ({e.msg}); remove the folder or choose another --out") from None
+            m = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{p} is corrupt ({getattr(e, 'msg', e)}); remove the folder or choose another --out") from None
+        if not isinstance(m, dict) or not isinstance(m.get("stages", {}), dict):
+            raise BundleError(f"{p} is not an sls-deploy manifest (a JSON object with stages); choose another --out")
+        return m
 
     def _write_manifest(self, m: Mapping[str, Any]) -> None:
         m = dict(m)
@@ -103,8 +106,9 @@ class Bundle:
                       if self.path(name).is_file()}
         atomic.write_json(self.path(MANIFEST), m)
 
-    def claim(self, build_key: Mapping[str, Any], recipe_text: str, options: Mapping[str, Any] | None = None) -> None:
-        """Make this folder the bundle of ``build_key``; refuse a folder that holds a different build."""
+    def check_claimable(self, build_key: Mapping[str, Any]) -> dict[str, Any]:
+        """Refuse (writing nothing) a folder that is a file, holds a different build, or holds other content;
+        return its manifest ({} for a new or empty folder)."""
         if self.root.exists() and not self.root.is_dir():
             raise BundleError(f"{self.root} exists and is not a folder")
         m = self.manifest()
@@ -115,6 +119,11 @@ class Bundle:
                 raise BundleError(f"{self.root} holds another bundle ({what}); choose another --out or remove it")
         elif self.root.is_dir() and any(p.name != LOCK for p in self.root.iterdir()):
             raise BundleError(f"{self.root} is not empty and holds no sls-deploy bundle; choose another --out")
+        return m
+
+    def claim(self, build_key: Mapping[str, Any], recipe_text: str, options: Mapping[str, Any] | None = None) -> None:
+        """Make this folder the bundle of ``build_key``; refuse a folder that holds a different build."""
+        m = self.check_claimable(build_key)
         self.root.mkdir(parents=True, exist_ok=True)
         if not m:
             m = {"tool": "sls-deploy", "version": __version__, "build_key": dict(build_key),

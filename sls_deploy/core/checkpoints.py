@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -34,7 +35,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"cannot read {path} as safetensors (corrupt or truncated?): {e}") from None
     else:
         try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about odd pickles; the one-line error below says it
+                warnings.simplefilter("ignore")
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors come in many types; all mean the same to a user
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"cannot read {path} as a weights-only checkpoint: {first}") from None

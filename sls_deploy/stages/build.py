@@ -22,6 +22,7 @@ from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.nm import Plan
 from sls_deploy.stages.export import run_export
 from sls_deploy.stages.finetune import run_finetune
+from sls_deploy.stages.models import load_model, resolve_base_weights
 from sls_deploy.stages.search import run_search
 from sls_deploy.stages.skeleton import Log, Run
 from sls_deploy.stages.validate import run_validate
@@ -33,11 +34,14 @@ def default_out(model_name: str, budget: float) -> Path:
 
 def start(recipe: Recipe, settings: Settings, out: Path, log: Log = print, progress: bool = True) -> Run:
     """Claim ``out`` for this build (a folder holding another build is refused) and return the run."""
+    # before anything is written: data folders exist, and the base weights load onto the recipe's model
     for spec in (settings.data, settings.eval_data):
-        modalities.resolve_data(settings.modality, spec)  # a missing folder is an error before anything is written
+        modalities.resolve_data(settings.modality, spec)
+    load_model(recipe, resolve_base_weights(recipe, settings.weights))
     bundle = Bundle(out)
     created = not out.exists()
     if dist.is_main():
+        bundle.check_claimable(settings.build_key(recipe))  # before the lock file is created in the folder
         bundle.lock()
         try:
             bundle.claim(settings.build_key(recipe), Path(recipe.path).read_text(), settings.to_record())
