@@ -162,3 +162,17 @@ def test_every_command_refuses_bad_input_in_one_line_and_loses_nothing(tmp_path,
         assert not set(after) - set(before), (args, "created", sorted(set(after) - set(before)))
         assert _tree(built) == bundle_before, args
     assert len(cases) >= 35
+
+
+def test_too_small_eval_image_and_bad_base_weights_are_one_line(tmp_path, capsys, built):
+    from PIL import Image
+
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.new("RGB", (7, 5)).save(small / "tiny.png")
+    code, _, err = run_cli(capsys, "validate", str(built), "--eval-data", str(small), "--no-latency")
+    assert code == 1 and "eval image tiny.png is 7x5; evaluation needs at least" in err.strip().splitlines()[-1]
+    raw = dict(yaml.safe_load(recipe_for_model("edsr").read_text()), base_weights=[1])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(SlsError, match="base_weights must be a file name or path, not \\[1\\]"):
+        load_recipe(tmp_path / "r.yaml")

@@ -389,6 +389,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     except (TypeError, ValueError) as e:
         raise RecipeError(f"recipe section 'srste': {e}") from None
     modality = _modality(raw, adapter)
+    if raw.get("base_weights") is not None and not isinstance(raw["base_weights"], str):
+        raise RecipeError(f"base_weights must be a file name or path, not {raw['base_weights']!r}")
     channel = str(data.get("metric_channel", "y")).lower()
     if channel not in ("y", "rgb"):
         raise RecipeError(f"data.metric_channel must be 'y' or 'rgb', not '{channel}'")

@@ -40,6 +40,16 @@ def check_pixels(path: str | os.PathLike, limit: int, what: str) -> None:
                         f"the limit of {limit / 2**20:.1f} MP; downscale or crop it")
 
 
+def check_eval_size(path: str | os.PathLike, scale: int, min_lr: int) -> None:
+    """An eval image must give an LR input the model accepts and leave SSIM's 11x11 window after the border
+    crop of ``scale`` pixels."""
+    size = image_size(path)
+    need = max(scale * min_lr, 11 + 2 * scale)
+    if size and min(size) < need:
+        raise DataError(f"eval image {Path(path).name} is {size[0]}x{size[1]}; evaluation needs at least {need}x{need} "
+                        f"(LR >= {min_lr} px at x{scale}, SSIM's 11x11 window after a {scale}-px border)")
+
+
 def _pillow_mode(path: Path) -> str | None:
     from PIL import Image
 

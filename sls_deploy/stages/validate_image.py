@@ -20,7 +20,7 @@ from sls_deploy.report import document as report_mod
 from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
 from sls_deploy.data import load_pair, resolve_images
-from sls_deploy.data.images import check_pixels, conversion_note
+from sls_deploy.data.images import check_eval_size, check_pixels, conversion_note
 from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
 from sls_deploy.trt.outlook import predicted_benefit
 from sls_deploy.config.recipe import Recipe
@@ -71,6 +71,7 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
     eval_files = resolve_images(eval_spec)
     for f in eval_files:  # bounded memory: every eval image runs whole at every deployment shape
         check_pixels(f, MAX_EVAL_PIXELS, "eval image")
+        check_eval_size(f, recipe.scale, recipe.adapter.min_input_size(recipe.model))
     notes = [f"{f.name}: {n}" for f in eval_files if (n := conversion_note(f))]
     dense = load_model(recipe, base)
     pruned = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan))
