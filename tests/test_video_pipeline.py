@@ -501,3 +501,10 @@ def test_video_reduced_precision_graphs_are_checked_against_their_limits(bv_l1):
     with pytest.raises(ValidationError, match="int8_psnr_drop failed: the int8 graph is 0.900 dB below"):
         check_report(bad)
     assert "Precisions" in (bv_l1["out"] / "report.md").read_text()
+
+
+def test_eval_clips_with_tiny_frames_are_one_line(capsys, tmp_path, bv_l1):
+    data = tmp_path / "tiny_eval"
+    write_clip(data / "c", frames(4, 12, 12, 0))
+    code, _, err = run(capsys, "validate", bv_l1["out"], "--eval-data", data, "--no-latency")
+    assert code == 1 and "has 12x12 frames; evaluation needs at least" in error_line(err)
