@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from sls_deploy import __version__
-from sls_deploy.core.errors import SlsError, UsageError, ValidationError
+from sls_deploy.core.errors import SlsError, ValidationError
 
 BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
 SEED = click.IntRange(0, 2**31 - 1)

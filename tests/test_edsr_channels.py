@@ -269,7 +269,6 @@ def test_stream_l1_importance_is_the_mean_over_producers():
 
 def test_sliced_onnx_has_plain_narrow_convs(tmp_path):
     model = dense(4)
-    gs = groups_by_name(model)
     keep = {"stream": torch.tensor([0, 2, 3, 6, 7]), "body.0.conv1": torch.tensor([1, 4, 5]),
             "upsample.0": torch.tensor([0, 1, 5, 7]), "upsample.2": torch.tensor([2, 3, 4, 5, 6, 7])}
     small = sliced_equal(model, 4, keep)

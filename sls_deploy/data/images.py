@@ -14,7 +14,7 @@ import torch
 
 from sls_deploy.core.errors import DataError
 from sls_deploy.data.degradations import Degradation, default_degradation
-from sls_deploy.data.resize import bicubic_down, bicubic_up, to_image, to_tensor
+from sls_deploy.data.resize import bicubic_down, bicubic_up, to_image, to_tensor  # noqa: F401 (re-exported)
 
 
 MAX_IMAGE_PIXELS = 64 * 2**20  # any image read: larger ones are refused (a decompression bomb, or no photo we need)

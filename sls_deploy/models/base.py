@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from sls_deploy.core.errors import RecipeError
+
 from sls_deploy.data.degradations import BicubicDown, Degradation
 
 
@@ -162,3 +164,34 @@ class ModelAdapter(abc.ABC):
         state inputs are fed back from its outputs, see ExportSpec.recurrent). A recipe may pick another one
         this list names (top-level ``modality:``)."""
         return ("image",)
+
+
+def parse_widths(widths: Any, dense: Mapping[str, int], arch: str) -> dict[str, int]:
+    """The recipe's ``model.widths`` ({channel group: kept units}) checked against the dense widths; {} if none."""
+    if widths is None:
+        return {}
+    if not isinstance(widths, Mapping):
+        raise RecipeError("model.widths must be a mapping {channel group: kept units}")
+    out = {}
+    for name, value in widths.items():
+        if name not in dense:
+            raise RecipeError(f"model.widths: '{name}' is not a channel group of {arch} (known: {', '.join(dense)})")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= dense[name]:
+            raise RecipeError(f"model.widths.{name} must be an integer in 1..{dense[name]}, not {value!r}")
+        out[str(name)] = value
+    return out
+
+
+def convs_with_dense_ends(model: nn.Module) -> list[LayerDecl]:
+    """Every Conv2d, prunable except ``conv_first`` (3 -> C) and ``conv_last`` (C -> 3), which stay dense."""
+    out = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Conv2d):
+            continue
+        if name == "conv_first":
+            out.append(LayerDecl(name, "conv", False, "first conv (3 -> C) stays dense"))
+        elif name == "conv_last":
+            out.append(LayerDecl(name, "conv", False, "last conv (C -> 3) stays dense"))
+        else:
+            out.append(LayerDecl(name, "conv", True))
+    return out

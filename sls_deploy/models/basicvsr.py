@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sls_deploy.core.errors import RecipeError
-from sls_deploy.models.base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig
+from sls_deploy.models.base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig, parse_widths
 
 SPYNET_MEAN = (0.485, 0.456, 0.406)  # ImageNet, as SpyNet was trained
 SPYNET_STD = (0.229, 0.224, 0.225)
@@ -329,24 +329,9 @@ class _VSRAdapter(ModelAdapter):
             raise RecipeError(f"model.scale must be 4 for {self.arch}, not {scale}")
         if opts["num_feat"] < 1 or opts["num_block"] < 1 or opts["clip_len"] < 1:
             raise RecipeError("model.num_feat, model.num_block and model.clip_len must be >= 1")
-        opts["widths"] = self._parse_widths(section.get("widths"), opts["num_feat"], opts["num_block"])
+        opts["widths"] = parse_widths(section.get("widths"),
+                                      self.model_cls.dense_widths(opts["num_feat"], opts["num_block"]), self.arch)
         return ModelConfig(arch=self.arch, scale=scale, options=opts)
-
-    def _parse_widths(self, widths: Any, num_feat: int, num_block: int) -> dict[str, int]:
-        if widths is None:
-            return {}
-        if not isinstance(widths, Mapping):
-            raise RecipeError("model.widths must be a mapping {channel group: kept units}")
-        dense = self.model_cls.dense_widths(num_feat, num_block)
-        out = {}
-        for name, value in widths.items():
-            if name not in dense:
-                raise RecipeError(f"model.widths: '{name}' is not a channel group of {self.arch} "
-                                  f"(known: {', '.join(dense)})")
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= dense[name]:
-                raise RecipeError(f"model.widths.{name} must be an integer in 1..{dense[name]}, not {value!r}")
-            out[str(name)] = value
-        return out
 
     def build(self, cfg: ModelConfig) -> nn.Module:
         o = cfg.options

@@ -25,7 +25,8 @@ from torch import nn
 
 from sls_deploy.core.errors import CheckpointError, DataError, RecipeError
 from sls_deploy.data.degradations import BLUR_KINDS, Degradation, blur_from_options
-from sls_deploy.models.base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig
+from sls_deploy.models.base import (ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig,
+                                    convs_with_dense_ends, parse_widths)
 
 MULTIPLE = 4  # two stride-2 levels
 LEVELS = ("enc0", "enc1", "middle", "dec1", "dec0")
@@ -122,7 +123,8 @@ class DeblurAdapter(ModelAdapter):
         if opts["num_feat"] < 1 or opts["num_block"] < 1:
             raise RecipeError("model.num_feat and model.num_block must be >= 1")
         opts["blur"] = self._parse_blur(section.get("blur"))
-        opts["widths"] = self._parse_widths(section.get("widths"), opts["num_feat"], opts["num_block"])
+        opts["widths"] = parse_widths(section.get("widths"), DeblurNet.dense_widths(opts["num_feat"], opts["num_block"]),
+                                      "deblur")
         return ModelConfig(arch=self.arch, scale=scale, options=opts)
 
     @staticmethod
@@ -144,23 +146,6 @@ class DeblurAdapter(ModelAdapter):
         return {"kind": list(deg.kinds), "sigma": list(deg.sigma), "motion_len": list(deg.motion_len),
                 "noise": deg.noise, "seed": deg.seed}
 
-    @staticmethod
-    def _parse_widths(widths: Any, num_feat: int, num_block: int) -> dict[str, int]:
-        if widths is None:
-            return {}
-        if not isinstance(widths, Mapping):
-            raise RecipeError("model.widths must be a mapping {channel group: kept units}")
-        dense = DeblurNet.dense_widths(num_feat, num_block)
-        out = {}
-        for name, value in widths.items():
-            if name not in dense:
-                raise RecipeError(f"model.widths: '{name}' is not a channel group of deblur "
-                                  f"(known: {', '.join(dense)})")
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= dense[name]:
-                raise RecipeError(f"model.widths.{name} must be an integer in 1..{dense[name]}, not {value!r}")
-            out[str(name)] = value
-        return out
-
     def build(self, cfg: ModelConfig) -> nn.Module:
         o = cfg.options
         return DeblurNet(num_feat=o["num_feat"], num_block=o["num_block"], widths=o.get("widths") or None)
@@ -170,17 +155,7 @@ class DeblurAdapter(ModelAdapter):
         return blur_from_options(b["kind"], b["sigma"], b["motion_len"], b["noise"], b["seed"])
 
     def layers(self, model: nn.Module) -> list[LayerDecl]:
-        out = []
-        for name, mod in model.named_modules():
-            if not isinstance(mod, nn.Conv2d):
-                continue
-            if name == "conv_first":
-                out.append(LayerDecl(name, "conv", False, "first conv (3 -> C) stays dense"))
-            elif name == "conv_last":
-                out.append(LayerDecl(name, "conv", False, "last conv (C -> 3) stays dense"))
-            else:
-                out.append(LayerDecl(name, "conv", True))
-        return out
+        return convs_with_dense_ends(model)
 
     def channel_groups(self, model: nn.Module) -> list[ChannelGroup]:
         """Each residual block's inner channels (conv1 out -> conv2 in), unit 1. The residual streams, which

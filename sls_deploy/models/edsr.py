@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from sls_deploy.core.errors import CheckpointError, RecipeError
-from sls_deploy.models.base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig
+from sls_deploy.models.base import (ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig,
+                                    convs_with_dense_ends, parse_widths)
 
 DEFAULT_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -143,26 +144,11 @@ class EDSRAdapter(ModelAdapter):
             raise RecipeError(f"model.scale must be 2, 3, 4 or 8 for EDSR, not {scale}")
         if opts["num_feat"] < 1 or opts["num_block"] < 1 or len(opts["rgb_mean"]) != 3:
             raise RecipeError("model.num_feat and model.num_block must be >= 1 and rgb_mean has 3 values")
-        widths = self._parse_widths(section.get("widths"), scale, opts["num_feat"], opts["num_block"])
+        widths = parse_widths(section.get("widths"), EDSR.dense_widths(scale, opts["num_feat"], opts["num_block"]),
+                              "edsr")
         if widths:  # only when given: dense configs (and their build keys) stay as they were
             opts["widths"] = widths
         return ModelConfig(arch=self.arch, scale=scale, options=opts)
-
-    @staticmethod
-    def _parse_widths(widths: Any, scale: int, num_feat: int, num_block: int) -> dict[str, int]:
-        if widths is None:
-            return {}
-        if not isinstance(widths, Mapping):
-            raise RecipeError("model.widths must be a mapping {channel group: kept units}")
-        dense = EDSR.dense_widths(scale, num_feat, num_block)
-        out = {}
-        for name, value in widths.items():
-            if name not in dense:
-                raise RecipeError(f"model.widths: '{name}' is not a channel group of edsr (known: {', '.join(dense)})")
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= dense[name]:
-                raise RecipeError(f"model.widths.{name} must be an integer in 1..{dense[name]}, not {value!r}")
-            out[str(name)] = value
-        return out
 
     def build(self, cfg: ModelConfig) -> nn.Module:
         o = dict(cfg.options)
@@ -188,17 +174,7 @@ class EDSRAdapter(ModelAdapter):
         return [ChannelGroup("stream", "conv_first", consumers, 1, producers)] + groups
 
     def layers(self, model: nn.Module) -> list[LayerDecl]:
-        out = []
-        for name, mod in model.named_modules():
-            if not isinstance(mod, nn.Conv2d):
-                continue
-            if name == "conv_first":
-                out.append(LayerDecl(name, "conv", False, "first conv (3 -> C) stays dense"))
-            elif name == "conv_last":
-                out.append(LayerDecl(name, "conv", False, "last conv (C -> 3) stays dense"))
-            else:
-                out.append(LayerDecl(name, "conv", True))
-        return out
+        return convs_with_dense_ends(model)
 
     def key_map(self, keys) -> dict[str, str]:
         """Official EDSR-PyTorch names -> ours (identity for BasicSR names). MeanShift keys map to nothing."""
