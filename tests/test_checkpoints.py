@@ -392,3 +392,19 @@ def test_parse_config_defaults():
     assert cfg.scale == 4
     assert cfg.options["num_feat"] == 64 and cfg.options["num_block"] == 16
     assert cfg.options["rgb_mean"] == DEFAULT_RGB_MEAN
+
+
+def test_official_rgb_range_1_checkpoint_loads_with_img_range_1(tmp_path):
+    """EDSR-PyTorch trained with --rgb_range 1: MeanShift bias = mean (not 255 x mean). With the recipe's
+    default range 255 the error names the fix; with model.img_range: 1 it loads and matches the model."""
+    cfg1 = cfg_of(img_range=1.0)
+    ref = ADAPTER.build(cfg1).eval()
+    official = to_official(ref.state_dict(), 2, rgb_range=1.0)
+    with pytest.raises(CheckpointError) as exc:
+        ADAPTER.convert_state_dict(official, cfg_of())
+    one_line_naming(exc.value, "trained with rgb_range 1")
+    assert "set model.img_range: 1" in str(exc.value)
+    path = tmp_path / "edsr_rgb1.pt"
+    torch.save(official, path)
+    model = load_into_fresh(path, cfg1)
+    assert outputs_equal(model, ref)

@@ -113,12 +113,13 @@ _OFFICIAL_PATTERNS = [
 ]
 
 
-def _official_mean(sd: Mapping[str, torch.Tensor], key: str, sign: float) -> tuple[float, ...]:
-    """Read the RGB mean out of an official MeanShift 1x1 conv (weight = I, bias = sign * 255 * mean)."""
+def _official_shift(sd: Mapping[str, torch.Tensor], key: str, sign: float) -> tuple[float, ...]:
+    """The RGB shift of an official MeanShift 1x1 conv (weight = I, bias = sign * rgb_range * mean): rgb_range
+    times the mean, the range being whatever ``--rgb_range`` the checkpoint was trained with (255 or 1)."""
     w, b = sd[f"{key}.weight"].float(), sd[f"{key}.bias"].float()
     if w.shape != (3, 3, 1, 1) or not torch.allclose(w.view(3, 3), torch.eye(3), atol=1e-4):
         raise CheckpointError(f"{key}.weight is not an identity MeanShift (std != 1 is not supported)")
-    return tuple((b * sign / 255.0).tolist())
+    return tuple((b * sign).tolist())
 
 
 class EDSRAdapter(ModelAdapter):
@@ -202,14 +203,21 @@ class EDSRAdapter(ModelAdapter):
         out = {new: sd[old] for old, new in self.key_map(sd).items()}
         if "head.0.weight" not in sd:
             return out
-        want = cfg.options["rgb_mean"]
+        want, rng = cfg.options["rgb_mean"], cfg.options["img_range"]
         for key, sign in (("sub_mean", -1.0), ("add_mean", 1.0)):
-            if f"{key}.bias" in sd:
-                mean = _official_mean(sd, key, sign)
-                if any(abs(a - b) > 1e-3 for a, b in zip(mean, want)):
+            if f"{key}.bias" not in sd:
+                continue
+            shift = _official_shift(sd, key, sign)
+            if all(abs(a - rng * b) <= 1e-3 * max(rng, 1.0) for a, b in zip(shift, want)):
+                continue  # the recipe's mean and range, confirmed by the checkpoint
+            for trained in (255.0, 1.0):
+                if trained != rng and all(abs(a - trained * b) <= 1e-3 * trained for a, b in zip(shift, want)):
                     raise CheckpointError(
-                        f"{key}.bias: checkpoint RGB mean {tuple(round(v, 4) for v in mean)} differs from the "
-                        f"recipe's model.rgb_mean {tuple(want)}")
+                        f"{key}.bias: the checkpoint was trained with rgb_range {trained:g} (MeanShift bias = "
+                        f"{trained:g} x mean); set model.img_range: {trained:g} in the recipe (it has {rng:g})")
+            raise CheckpointError(
+                f"{key}.bias: checkpoint RGB shift {tuple(round(v, 4) for v in shift)} is neither 255 nor 1 times "
+                f"the recipe's model.rgb_mean {tuple(want)}")
         return out
 
     def default_fp32_islands(self, model: nn.Module) -> list[str]:
