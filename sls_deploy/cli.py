@@ -40,7 +40,7 @@ def _plan_options(f):
     f = click.option("--n", "n", type=int, help="oneshot/srste: a fixed uniform N (1..M) instead of the largest "
                      "N within the budget.")(f)
     f = click.option("--alpha", type=float, help="SLS: growth of the budget-loss coefficient when the "
-                     "compression stalls (>= 1; default: the recipe's, 1.1 as the paper).")(f)
+                     "compression stalls (>= 1; default: the recipe's, 1.1 as the paper; the public code uses 1.2).")(f)
     f = click.option("--lam", "lam", type=float, help="SLS: lambda of the budget loss (>= 0; default: the "
                      "recipe's, 1e-10 as the paper).")(f)
     f = click.option("--method", type=click.Choice(NM_METHODS + CHANNEL_METHODS), default=None,
