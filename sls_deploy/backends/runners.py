@@ -133,15 +133,10 @@ def check_shapes(reference, backends: dict[str, tuple[str, object]], files: Sequ
                 ref = np.clip(_as_array(reference(lr)), 0, 1).astype(np.float64)
             ref_gt.append(psnr(quantize(to_image(ref)), gt, scale, y))
             for name, (_, infer) in backends.items():
-                out = _as_array(infer(lr))
                 a = acc[name]
-                a["shape"] = tuple(out.shape)
-                if out.shape != ref.shape:
+                out = _diff_into(a, _as_array(infer(lr)), ref)
+                if out is None:
                     continue
-                out = np.clip(out, 0, 1).astype(np.float64)
-                diff = np.abs(out - ref)
-                a["max"] = max(a["max"], float(diff.max()))
-                a["mean"].append(float(diff.mean()))
                 a["pref"].append(psnr(out[0].transpose(1, 2, 0) * 255.0, ref[0].transpose(1, 2, 0) * 255.0))
                 img = quantize(to_image(out))
                 a["gt"].append(psnr(img, gt, scale, y))
@@ -150,6 +145,19 @@ def check_shapes(reference, backends: dict[str, tuple[str, object]], files: Sequ
                 progress()
         results += _rows(acc, backends, (1, 3, hw[0] * scale, hw[1] * scale), label, hw, ref_gt, extended, limits)
     return results
+
+
+def _diff_into(a: dict, out: np.ndarray, ref: np.ndarray) -> np.ndarray | None:
+    """Record a backend's output shape and its max / mean abs difference from the reference; the output clipped
+    to [0, 1], or None when its shape differs (the row then fails on shape)."""
+    a["shape"] = tuple(out.shape)
+    if out.shape != ref.shape:
+        return None
+    out = np.clip(out, 0, 1).astype(np.float64)
+    diff = np.abs(out - ref)
+    a["max"] = max(a["max"], float(diff.max()))
+    a["mean"].append(float(diff.mean()))
+    return out
 
 
 def _rows(acc: dict, backends: dict, want: tuple, label: str, hw, ref_gt: list, extended: int,
@@ -233,15 +241,10 @@ def check_clip_shapes(reference, backends: dict[str, tuple[str, object]], clips:
             ref = np.clip(_as_array(reference(lr)), 0, 1).astype(np.float64)
             ref_gt += [psnr(quantize(to_image(f)), g, scale, y) for f, g in zip(ref[0], gts)]
             for name, (_, infer) in backends.items():
-                out = _as_array(infer(lr))
                 a = acc[name]
-                a["shape"] = tuple(out.shape)
-                if out.shape != ref.shape:
+                out = _diff_into(a, _as_array(infer(lr)), ref)
+                if out is None:
                     continue
-                out = np.clip(out, 0, 1).astype(np.float64)
-                diff = np.abs(out - ref)
-                a["max"] = max(a["max"], float(diff.max()))
-                a["mean"].append(float(diff.mean()))
                 for f, r, g in zip(out[0], ref[0], gts):
                     a["pref"].append(psnr(f.transpose(1, 2, 0) * 255.0, r.transpose(1, 2, 0) * 255.0))
                     img = quantize(to_image(f))

@@ -195,3 +195,15 @@ def convs_with_dense_ends(model: nn.Module) -> list[LayerDecl]:
         else:
             out.append(LayerDecl(name, "conv", True))
     return out
+
+
+def image_export_spec() -> ExportSpec:
+    """One image in (``lr``), one out (``sr``), dynamic batch, height and width: an image model's graph."""
+    return ExportSpec(input_names=("lr",), output_names=("sr",),
+                      dynamic_axes={"lr": {0: "batch", 2: "height", 3: "width"},
+                                    "sr": {0: "batch", 2: "out_height", 3: "out_width"}})
+
+
+def seeded_rand(shape: tuple[int, ...]) -> torch.Tensor:
+    """A fixed pseudo-random input in [0, 1) (the same for every call, so example inputs are reproducible)."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(0))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sls_deploy.core.errors import RecipeError
+from sls_deploy.models.blocks import ResidualBlockNoBN
 from sls_deploy.models.base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig, parse_widths
 
 SPYNET_MEAN = (0.485, 0.456, 0.406)  # ImageNet, as SpyNet was trained
@@ -102,24 +103,6 @@ class SpyNet(nn.Module):
         supp = F.interpolate(supp, size=(h32, w32), mode="bilinear", align_corners=False)
         flow = F.interpolate(self.process(ref, supp), size=(h, w), mode="bilinear", align_corners=False)
         return torch.cat([flow[:, :1] * (w / w32), flow[:, 1:] * (h / h32)], dim=1)
-
-
-class ResidualBlockNoBN(nn.Module):
-    """x + conv2(relu(conv1(x))); ``mid`` = conv1's out / conv2's in channels (a pruned block is narrower)."""
-
-    def __init__(self, num_feat: int, mid: int | None = None):
-        super().__init__()
-        mid = num_feat if mid is None else mid
-        self.conv1 = nn.Conv2d(num_feat, mid, 3, 1, 1)
-        self.conv2 = nn.Conv2d(mid, num_feat, 3, 1, 1)
-        self.relu = nn.ReLU(inplace=True)
-        for conv in (self.conv1, self.conv2):  # BasicSR's init: default scaled by 0.1, so the stack starts stable
-            with torch.no_grad():
-                conv.weight.mul_(0.1)
-                conv.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(self.relu(self.conv1(x)))
 
 
 class ConvResidualBlocks(nn.Module):

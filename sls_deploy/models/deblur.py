@@ -25,30 +25,15 @@ from torch import nn
 
 from sls_deploy.core.errors import CheckpointError, DataError, RecipeError
 from sls_deploy.data.degradations import BLUR_KINDS, Degradation, blur_from_options
+from sls_deploy.models.blocks import ResidualBlockNoBN
 from sls_deploy.models.base import (ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig,
-                                    convs_with_dense_ends, parse_widths)
+                                    convs_with_dense_ends, image_export_spec, parse_widths, seeded_rand)
 
 MULTIPLE = 4  # two stride-2 levels
 LEVELS = ("enc0", "enc1", "middle", "dec1", "dec0")
 LEVEL_MULT = {"enc0": 1, "enc1": 2, "middle": 4, "dec1": 2, "dec0": 1}
 BLUR_DEFAULTS: dict[str, Any] = {"kind": list(BLUR_KINDS), "sigma": [0.8, 2.0], "motion_len": [5, 11],
                                  "noise": 0.0, "seed": 0}
-
-
-class ResBlock(nn.Module):
-    def __init__(self, num_feat: int, mid: int | None = None):
-        super().__init__()
-        mid = num_feat if mid is None else mid
-        self.conv1 = nn.Conv2d(num_feat, mid, 3, 1, 1)
-        self.conv2 = nn.Conv2d(mid, num_feat, 3, 1, 1)
-        self.relu = nn.ReLU(inplace=True)
-        for conv in (self.conv1, self.conv2):  # BasicSR's init: default scaled by 0.1, a stable residual stack
-            with torch.no_grad():
-                conv.weight.mul_(0.1)
-                conv.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(self.relu(self.conv1(x)))
 
 
 def block_group(level: str, i: int) -> str:
@@ -89,7 +74,7 @@ class DeblurNet(nn.Module):
 
     def _blocks(self, level: str) -> nn.Sequential:
         feat = LEVEL_MULT[level] * self.num_feat
-        return nn.Sequential(*[ResBlock(feat, self.widths[block_group(level, i)]) for i in range(self.num_block)])
+        return nn.Sequential(*[ResidualBlockNoBN(feat, self.widths[block_group(level, i)]) for i in range(self.num_block)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2], x.shape[-1]
@@ -194,16 +179,10 @@ class DeblurAdapter(ModelAdapter):
         return MULTIPLE
 
     def export_spec(self, cfg: ModelConfig) -> ExportSpec:
-        return ExportSpec(
-            input_names=("lr",),
-            output_names=("sr",),
-            dynamic_axes={"lr": {0: "batch", 2: "height", 3: "width"},
-                          "sr": {0: "batch", 2: "out_height", 3: "out_width"}},
-        )
+        return image_export_spec()
 
     def example_input(self, cfg: ModelConfig, height: int, width: int, batch: int = 1) -> torch.Tensor:
-        g = torch.Generator().manual_seed(0)
-        return torch.rand(batch, 3, height, width, generator=g)
+        return seeded_rand((batch, 3, height, width))
 
 
-__all__ = ["DeblurAdapter", "DeblurNet", "ResBlock", "block_group"]
+__all__ = ["DeblurAdapter", "DeblurNet", "block_group"]

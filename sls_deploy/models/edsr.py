@@ -26,7 +26,7 @@ from torch import nn
 
 from sls_deploy.core.errors import CheckpointError, RecipeError
 from sls_deploy.models.base import (ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig,
-                                    convs_with_dense_ends, parse_widths)
+                                    convs_with_dense_ends, image_export_spec, parse_widths, seeded_rand)
 
 DEFAULT_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -226,13 +226,7 @@ class EDSRAdapter(ModelAdapter):
         return ["conv_first", ups[-1], "conv_last"]
 
     def export_spec(self, cfg: ModelConfig) -> ExportSpec:
-        return ExportSpec(
-            input_names=("lr",),
-            output_names=("sr",),
-            dynamic_axes={"lr": {0: "batch", 2: "height", 3: "width"},
-                          "sr": {0: "batch", 2: "out_height", 3: "out_width"}},
-        )
+        return image_export_spec()
 
     def example_input(self, cfg: ModelConfig, height: int, width: int, batch: int = 1) -> torch.Tensor:
-        g = torch.Generator().manual_seed(0)
-        return torch.rand(batch, 3, height, width, generator=g)
+        return seeded_rand((batch, 3, height, width))
