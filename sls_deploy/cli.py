@@ -13,6 +13,7 @@ import click
 
 from sls_deploy import __version__
 from sls_deploy.core.errors import SlsError, ValidationError
+from sls_deploy.pruning.target import TARGET_HELP, TARGETS
 
 BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
 SEED = click.IntRange(0, 2**31 - 1)
@@ -34,9 +35,8 @@ def _plan_options(f):
                           "Default: the recipe's shipped weights.")(f)
     f = click.option("--m", "m", type=click.Choice(["4", "8", "16", "32"]), default=None,
                      help="Group size M of N:M sparsity (default: the recipe's, 4 for EDSR).")(f)
-    f = click.option("--target", type=click.Choice(["trt", "none"]), default=None,
-                     help="trt (default): the plan states per layer whether it runs on TensorRT's 2:4 sparse kernels "
-                          "(N <= 2 of M = 4) or dense, and reports give the 2:4-accelerated MAC bound.")(f)
+    f = click.option("--target", type=click.Choice(list(TARGETS)), default=None,
+                     help=TARGET_HELP + " Default: the recipe's sparsity.target (trt).")(f)
     f = click.option("--n", "n", type=int, help="oneshot/srste: a fixed uniform N (1..M) instead of the largest "
                      "N within the budget.")(f)
     f = click.option("--alpha", type=float, help="SLS: growth of the budget-loss coefficient when the "
@@ -193,11 +193,11 @@ def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, we
     if isinstance(plan, Plan):
         ns = sorted({l.n for l in plan.layers})
         click.echo(f"{out_dir / 'plan.json'}: {plan.method}, {len(plan.layers)} layers at N in {ns} of M={plan.m}, "
-                   f"MACs ratio {plan.ratio:.3f} (2:4-accelerated bound {plan.trt_2to4_ratio:.3f})")
+                   f"MACs ratio {plan.ratio:.3f}, cost on --target {plan.target} {plan.target_ratio:.3f}")
     else:
         click.echo(f"{out_dir / 'plan.json'}: {plan.method}, widths "
                    f"{', '.join(f'{g.name}={g.kept_units}/{g.dense_units}' for g in plan.groups)}, "
-                   f"MACs ratio {plan.ratio:.3f}")
+                   f"MACs ratio {plan.ratio:.3f} (= its cost on every target: sliced convs run dense)")
 
 
 @cli.command("import-sls")

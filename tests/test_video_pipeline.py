@@ -474,7 +474,7 @@ def test_nm_strategy_on_a_clip_model_gives_2to4_video_graphs(tmp_path, clips):
     recipe = write_recipe(tmp_path, "basicvsr", clips)
     weights = write_weights(recipe, tmp_path / "w.safetensors")
     out = tmp_path / "b"
-    rep = build_bundle(load_recipe(recipe), out, budget=1.0, method="oneshot", n=2, weights=str(weights),
+    rep = build_bundle(load_recipe(recipe), out, budget=1.0, method="oneshot", n=2, target="none", weights=str(weights),
                        progress=False, log=lambda s: None)
     plan = Plan.load(out / "plan.json")
     assert plan.layers and all(l.n == 2 and l.m == 4 and l.sparse_2to4 for l in plan.layers)

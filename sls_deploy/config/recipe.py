@@ -18,6 +18,7 @@ import yaml
 from sls_deploy.core.errors import RecipeError, UsageError
 from sls_deploy.core.numbers import as_float, as_int
 from sls_deploy.models import ModelAdapter, ModelConfig, get_adapter
+from sls_deploy.pruning.target import DEFAULT_TARGET, TARGETS
 
 if TYPE_CHECKING:
     from sls_deploy.pruning.nm.sls import SLSSettings
@@ -130,6 +131,7 @@ class Recipe:
     finetune: StepsSection
     sparsity_method: str
     sparsity_m: int
+    sparsity_target: str
     opset: int
     validate: ValidateSection
     precision: "PrecisionSection"
@@ -365,7 +367,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     adapter = get_adapter(str(raw["model"]["arch"]))
     model_cfg = adapter.parse_config(raw["model"])
     data = _section(raw, "data", {"train", "eval", "metric_channel"})
-    sparsity = _section(raw, "sparsity", {"method", "m"})
+    sparsity = _section(raw, "sparsity", {"method", "m", "target"})
     srste = _section(raw, "srste", {"decay"})
     export = _section(raw, "export", {"opset"})
     engine = _engine(raw)  # first: _validate reads the engine section's legacy max_psnr_drop_db
@@ -382,6 +384,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError(f"export.opset must be >= 17, not {opset}")
     if m not in (4, 8, 16, 32):
         raise RecipeError(f"sparsity.m must be 4, 8, 16 or 32, not {m}")
+    target = str(sparsity.get("target", DEFAULT_TARGET))
+    if target not in TARGETS:
+        raise RecipeError(f"sparsity.target must be one of {', '.join(TARGETS)}, not '{target}'")
     precision = _precision(raw)
     sls_settings, max_search = _sls(raw, m)
     try:
@@ -399,7 +404,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         base_weights=raw.get("base_weights"), reference_output=(ref[0], ref[1]),
         data_train=str(data.get("train", "skimage:train")), data_eval=str(data.get("eval", "skimage:eval")),
         metric_channel=channel, train=_steps(raw, "train"), finetune=_steps(raw, "finetune"),
-        sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, opset=opset,
+        sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, sparsity_target=target, opset=opset,
         validate=validate, precision=precision, engine=engine, sls=sls_settings, sls_max_search_steps=max_search,
         srste_decay=decay, adapter=adapter, structured=_structured(raw), modality=modality)
 

@@ -21,12 +21,12 @@ from sls_deploy.config.recipe import PRECISIONS, Recipe
 from sls_deploy.core.errors import UsageError
 from sls_deploy.modalities.registry import modality_of
 from sls_deploy.pruning.registry import METHODS, STRATEGIES, strategy_of
+from sls_deploy.pruning.target import TARGETS
 
 VALID_M = (4, 8, 16, 32)
-TARGETS = ("trt", "none")
 CALIB_METHODS = ("max", "percentile", "entropy")
 # options that only mean something for one strategy: given for the other, they are usage errors naming them
-NM_ONLY = ("m", "n", "lam", "alpha", "target")
+NM_ONLY = ("m", "n", "lam", "alpha")
 CHANNELS_ONLY = ("round_to",)
 
 
@@ -46,7 +46,7 @@ class Settings:
     n: int | None = None  # oneshot/srste: a fixed uniform N
     lam: float | None = None  # SLS lambda; None: the recipe's
     alpha: float | None = None
-    target: str = "trt"
+    target: str = "trt"  # what the budget is counted on (pruning/target.py): trt | ort | none
     # channels
     round_to: int = 8
     ssl_steps: int = 100
@@ -83,7 +83,7 @@ class Settings:
             "seed": cli.get("seed") if cli.get("seed") is not None else 0,
             "steps": recipe.finetune.steps,
             "data": recipe.data_train, "eval_data": recipe.data_eval,
-            "m": recipe.sparsity_m, "target": "trt",
+            "m": recipe.sparsity_m, "target": recipe.sparsity_target,
             "round_to": st.round_to, "ssl_steps": st.ssl_steps,
             "temporal_weight": st.temporal_weight if modality != "image" else 0.0,
             "precisions": tuple(dict.fromkeys(("fp32",) + tuple(prec.graphs))),
@@ -165,8 +165,9 @@ class Settings:
         """What makes a bundle folder this bundle (a folder holding another build is refused)."""
         key = {"model": recipe.name, "arch": recipe.model.arch, "scale": recipe.scale, "budget": self.budget,
                "method": self.method, "strategy": self.strategy, "modality": self.modality}
-        if self.strategy == "nm":
+        if self.strategy == "nm":  # the target changes an N:M plan (which layers may be N:M, what N costs)
             key["m"] = self.m
+            key["target"] = self.target
             if self.n is not None:
                 key["n"] = self.n
         return key

@@ -57,6 +57,11 @@ def run_search(run: Run) -> Plan | StructuredPlan:
     return load_plan(run.bundle.path(PLAN))
 
 
+def layer_precision(name: str, islands, precisions) -> str:
+    """A layer's precision in the deployed graphs: "fp32" for an FP32 island or when only FP32 graphs are made."""
+    return "fp32" if name in islands or not set(precisions) & {"fp16", "int8"} else "fp16/int8"
+
+
 def _record(base: Path, init: Path) -> dict[str, Any]:
     return {"base_weights": str(base), "base_weights_sha256": atomic.sha256_file(base), "init_weights": str(init)}
 
@@ -65,7 +70,9 @@ def _record(base: Path, init: Path) -> dict[str, Any]:
 def _nm_body(run: Run, base: Path, key: str) -> StageOutput:
     s, recipe, bundle = run.settings, run.recipe, run.bundle
     model = load_model(recipe, base)
-    split = split_layers(recipe, model, s.m)
+    islands = fp32_islands(recipe, model)
+    split = split_layers(recipe, model, s.m, s.target, {l.name: layer_precision(l.name, islands, s.precisions)
+                                                       for l in recipe.adapter.layers(model)})
     files, init = [PLAN], base
     if s.method == "sls":
         data = modalities.sampler(recipe, s.modality, s.data, s.seed + 1000 * dist.rank())
@@ -86,9 +93,12 @@ def _nm_body(run: Run, base: Path, key: str) -> StageOutput:
         plan = plan_uniform(recipe, split, s.budget, s.m, s.method, n=s.n)
     plan.seed = s.seed
     plan.target = s.target
-    plan.fp32_islands = fp32_islands(recipe, model)
+    plan.fp32_islands = islands
     for layer in plan.layers:
-        layer.precision = "fp32" if layer.name in plan.fp32_islands else "fp16/int8"
+        layer.precision = layer_precision(layer.name, islands, s.precisions)
+    if plan.target_ratio > s.budget * (1 + 1e-9):
+        raise PlanError(f"the plan's cost on --target {s.target} ({plan.target_ratio:.4f}) exceeds the budget "
+                        f"{s.budget:g}")
     plan.search["world_size"] = dist.world_size()
     if dist.is_main():
         plan.save(bundle.path(PLAN))
@@ -191,6 +201,6 @@ def _channel_plan(run: Run, model, groups, costs: GroupCosts, keep, frames: int,
         reference_output=list(recipe.reference_output), frames=frames,
         groups=[GroupPlan(g.name, g.producer, list(g.consumers), int(getattr(g, "unit", 1)), costs.units[g.name],
                           [int(i) for i in keep[g.name].tolist()], list(producers_of(g))) for g in groups],
-        layers=layers, dense_layers=dense, seed=s.seed, search=info)
+        layers=layers, dense_layers=dense, seed=s.seed, search=info, target=s.target)
     plan.validate()
     return plan

@@ -101,6 +101,11 @@ class StructuredPlan(PlanFile):
     budget_scope: str = "whole_model"
     seed: int = 0
     search: dict[str, Any] = field(default_factory=dict)
+    target: str = "trt"  # what the budget was counted on; sliced convs are dense: the cost is the MACs on every target
+
+    @property
+    def target_ratio(self) -> float:
+        return self.ratio
 
     def validate(self) -> None:
         """One-line PlanError unless every group is consistent (``GroupPlan.validate``), a layer produces for at
@@ -136,8 +141,10 @@ class StructuredPlan(PlanFile):
         return {
             "version": STRUCTURED_PLAN_VERSION, "kind": STRUCTURED_KIND, "model": self.model, "method": self.method,
             "budget": self.budget, "budget_scope": self.budget_scope, "round_to": self.round_to, "seed": self.seed,
+            "target": self.target,
             "reference_output": self.reference_output, "frames": self.frames,
             "macs": {"dense": self.macs_dense, "pruned": self.macs_pruned, "ratio": self.ratio,
+                     "target_ratio": self.target_ratio,
                      "per_frame_dense": self.macs_dense / self.frames,
                      "per_frame_pruned": self.macs_pruned / self.frames},
             "widths": self.widths,
@@ -160,6 +167,6 @@ class StructuredPlan(PlanFile):
                    layers=[LayerCost(**{k: v for k, v in l.items() if k in lc}) for l in d["layers"]],
                    dense_layers=[DenseLayer(**x) for x in d.get("dense_layers", [])],
                    budget_scope=d.get("budget_scope", "whole_model"), seed=int(d.get("seed", 0)),
-                   search=dict(d.get("search", {})))
+                   search=dict(d.get("search", {})), target=str(d.get("target", "trt")))
         plan.validate()
         return plan

@@ -1,7 +1,9 @@
 """One-shot magnitude N:M planning (the SLS paper's "one-shot" baseline).
 
-Uniform N over every eligible layer; N is the largest value for which the whole model's MACs at the
-reference resolution fit ``budget * dense MACs``. The masks then follow from the weights (top-N |w| per group).
+Uniform N over every candidate layer; N is the largest value for which the whole model's cost at the
+reference resolution fits ``budget * dense MACs``. A candidate's cost of N is ``macs * fractions[N - 1]``: N/M by
+default (MACs, the paper's metric), or what the target does with N:M (``sls_deploy.pruning.target``). The masks
+then follow from the weights (top-N |w| per group).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ class Candidate:
     op: str
     weight_shape: tuple[int, ...]
     macs: int
+    fractions: tuple[float, ...] | None = None  # cost of N = 1..M as a fraction of ``macs``; None: N/M
+
+    def fraction(self, n: int, m: int) -> float:
+        return self.fractions[n - 1] if self.fractions is not None else n / m
 
 
 def check_budget(budget: float) -> float:
@@ -37,19 +43,23 @@ def plan_oneshot(model_name: str, candidates: list[Candidate], dense: list[Dense
     budget = check_budget(budget)
     if not candidates:
         raise PlanError(f"no layer can take {m}-wide N:M groups (input channels must divide by {m})")
-    prunable = sum(c.macs for c in candidates)
     fixed = sum(d.macs for d in dense)
-    total = prunable + fixed
+    total = sum(c.macs for c in candidates) + fixed
+
+    def cost(n: int) -> float:
+        return fixed + sum(c.macs * c.fraction(n, m) for c in candidates)
+
     best = None
     for n in range(m, 0, -1):
-        if fixed + prunable * n / m <= budget * total + 1e-9 * total:
+        if cost(n) <= budget * total + 1e-9 * total:
             best = n
             break
     if best is None:
-        smallest = (fixed + prunable / m) / total
+        smallest = min(cost(n) for n in range(1, m + 1)) / total
         raise BudgetError(
             f"budget {budget:g} cannot be met with M={m}: the smallest reachable budget is {smallest:.4f} "
-            f"(N=1 on every eligible layer; {fixed / total:.1%} of the MACs are in layers that stay dense)")
+            f"(the cheapest N on every candidate layer; {fixed / total:.1%} of the MACs are in layers that stay "
+            "dense)")
     layers = [LayerPlan(name=c.name, op=c.op, weight_shape=list(c.weight_shape), n=best, m=m, macs_dense=c.macs)
               for c in candidates]
     return Plan(model=model_name, method="oneshot", budget=budget, m=m, reference_output=list(reference_output),

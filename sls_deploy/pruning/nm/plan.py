@@ -17,6 +17,7 @@ from sls_deploy.core import atomic
 from sls_deploy.core.errors import BundleError
 from sls_deploy.core.numbers import as_int
 from sls_deploy.pruning.nm.patterns import VALID_M, guarantees_2to4
+from sls_deploy.pruning.target import CostedLayer, trt_accelerates
 
 PLAN_VERSION = 1
 
@@ -111,6 +112,13 @@ class Plan(PlanFile):
     search: dict[str, Any] = field(default_factory=dict)  # what the search did (steps, coeff, ...)
 
     @property
+    def target_ratio(self) -> float:
+        """Whole-model cost on the plan's target (pruning/target.py) as a fraction of the dense MACs: what the
+        budget bounds."""
+        costed = [CostedLayer(l.name, l.macs_dense, l.n, l.m, tuple(l.weight_shape), l.precision) for l in self.layers]
+        return (sum(c.cost(self.target) for c in costed) + sum(d.macs for d in self.dense_layers)) / self.macs_dense
+
+    @property
     def trt_2to4_ratio(self) -> float:
         """MACs ratio if only 2:4-compatible layers are accelerated, each by exactly 2x (how TensorRT runs them)."""
         kept = sum(l.macs_dense / 2 if l.sparse_2to4 else l.macs_dense for l in self.layers)
@@ -130,9 +138,11 @@ class Plan(PlanFile):
             "target": self.target,
             "fp32_islands": self.fp32_islands,
             "macs": {"dense": self.macs_dense, "pruned": self.macs_pruned, "ratio": self.ratio,
-                     "trt_2to4_ratio": self.trt_2to4_ratio},
-            "layers": [l.to_json() | ({"trt_kernel": "sparse 2:4" if l.sparse_2to4 else "dense"}
-                                       if self.target == "trt" else {}) for l in self.layers],
+                     "target_ratio": self.target_ratio, "trt_2to4_ratio": self.trt_2to4_ratio},
+            "layers": [l.to_json() | ({"trt_kernel": "sparse 2:4" if l.sparse_2to4 else "dense",
+                                       "trt_predicted": "sparse 2:4" if trt_accelerates(
+                                           l.weight_shape, l.precision, l.n, l.m) else "dense"}
+                                      if self.target == "trt" else {}) for l in self.layers],
             "dense_layers": [asdict(d) for d in self.dense_layers],
             "search": self.search,
         }

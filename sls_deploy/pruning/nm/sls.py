@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -120,9 +120,15 @@ class SLSSearch:
     """Training controller for the search. ``layers``: (module name, MACs at the reference resolution)."""
 
     def __init__(self, layers: Sequence[tuple[str, int]], fixed_macs: int, budget: float, settings: SLSSettings,
-                 patch_scale: float):
-        """``patch_scale`` = (training patch area) / (reference input area): converts MACs to per-patch costs."""
+                 patch_scale: float, fractions: Mapping[str, Sequence[float]] | None = None):
+        """``patch_scale`` = (training patch area) / (reference input area): converts MACs to per-patch costs.
+
+        ``fractions`` = {layer: cost of N = 1..M as a fraction of its MACs} for the budget test (default N/M,
+        the paper's MACs); what a target does with N:M (1:4 costs what 2:4 costs on TensorRT). The loss keeps
+        the paper's differentiable N/M cost: it pushes N down, the budget test counts what N buys."""
         self.layers = list(layers)
+        self.fractions = {n: tuple(float(f) for f in (fractions or {}).get(n, ())) or
+                          tuple(k / settings.m for k in range(1, settings.m + 1)) for n, _ in self.layers}
         self.fixed_macs = fixed_macs
         self.budget = budget
         self.s = settings.validate()
@@ -133,6 +139,7 @@ class SLSSearch:
         self.last_factor: float | None = None
         self.frozen_at: int | None = None
         self.closed_by_force = 0  # gates closed by force_budget() when the search ran out of steps
+        self.settled = 0  # layers settle() raised to a larger N of the same cost
         self.history: list[dict] = []
         self._modules: dict[str, nn.Module] = {}
 
@@ -145,7 +152,8 @@ class SLSSearch:
         return self.fixed_macs + sum(c for _, c in self.layers)
 
     def pruned_macs(self) -> float:
-        return self.fixed_macs + sum(c * self.gate(n).n() / self.s.m for n, c in self.layers)
+        """The budget's cost: MACs, each layer at its cost fraction of its N."""
+        return self.fixed_macs + sum(c * self.fractions[n][self.gate(n).n() - 1] for n, c in self.layers)
 
     def ratio(self) -> float:
         return self.pruned_macs() / self.dense_macs
@@ -226,7 +234,8 @@ class SLSSearch:
             prio = {n: self.gate(n).priorities().detach() for n, _ in self.layers}
 
             def ratio() -> float:
-                pruned = self.fixed_macs + sum(c * (1 + hard[n].sum().item()) / self.s.m for n, c in self.layers)
+                pruned = self.fixed_macs + sum(c * self.fractions[n][int(hard[n].sum().item())]
+                                               for n, c in self.layers)
                 return pruned / self.dense_macs
 
             while ratio() > self.budget + 1e-12:
@@ -239,6 +248,21 @@ class SLSSearch:
             for n, _ in self.layers:
                 self.gate(n).frozen = hard[n]
         return closed
+
+    def settle(self) -> int:
+        """Raise each layer's N to the largest N of the same cost (on TensorRT 1:4 costs what 2:4 costs, 3:4 what
+        dense costs: the extra weights are free accuracy); freeze. Returns the number of layers raised."""
+        raised = 0
+        with torch.no_grad():
+            for name, _ in self.layers:
+                gate = self.gate(name)
+                n, frac = gate.n(), self.fractions[name]
+                best = max(k for k in range(n, self.s.m + 1) if frac[k - 1] <= frac[n - 1] + 1e-12)
+                hard = gate.hard().clone()
+                hard[: best - 1] = 1.0
+                gate.frozen = hard
+                raised += best != n
+        return raised
 
     def detach(self, model: nn.Module) -> None:
         """Bake the current hard masks into the weights (pruned entries exactly 0) and drop the parametrization."""
