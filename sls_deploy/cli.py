@@ -59,6 +59,10 @@ def _video_options(f):
                      help="Clip/step (video) models: weight of the frame-difference term of the training loss "
                           "(this project's own term, L1 of frame-to-frame differences; 0 = per-frame L1; default: "
                           "the recipe's structured.temporal_weight).")(f)
+    f = click.option("--keep-full", "keep_full", multiple=True, metavar="GROUP",
+                     help="Channel methods: keep this channel group at full width (repeatable), e.g. --keep-full "
+                          "stream keeps EDSR's residual stream whole and prunes only block inner channels and the "
+                          "upsampler (default: the recipe's structured.keep_full, none).")(f)
     f = click.option("--round-to", type=click.IntRange(min=1),
                      help="Channel methods: kept channels per group are a multiple of this, or the full width "
                           "(default: the recipe's structured.round_to, 8).")(f)
@@ -113,8 +117,8 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @_precision_options
 @_progress_option
-def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, temporal_weight,
-          data, eval_data, steps, out, as_json, precisions, calib, calib_method, no_progress):
+def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, keep_full,
+          temporal_weight, data, eval_data, steps, out, as_json, precisions, calib, calib_method, no_progress):
     """Plan, finetune, export and validate: the whole pipeline into one bundle folder.
 
     Re-running the same command resumes an interrupted build (finished stages are skipped, finetune continues
@@ -127,8 +131,8 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
 
     recipe = resolve_recipe(model_name, recipe_path)
     settings = _settings(recipe, budget, method, lam=lam, alpha=alpha, n=n, target=target, m=m, weights=weights,
-                         seed=seed, round_to=round_to, temporal_weight=temporal_weight, data=data,
-                         eval_data=eval_data, steps=steps, precisions=tuple(precisions), calib=calib,
+                         seed=seed, round_to=round_to, keep_full=tuple(keep_full) or None,
+                         temporal_weight=temporal_weight, data=data, eval_data=eval_data, steps=steps, precisions=tuple(precisions), calib=calib,
                          calib_method=calib_method)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     rep = run_build(start(recipe, settings, out_dir, _log, not no_progress))
@@ -174,7 +178,7 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, force, seed,
               "recipe's list).")
 @click.option("--steps", type=click.IntRange(min=0), help="Search + finetune steps (default: the recipe's).")
 @_progress_option
-def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to,
+def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, keep_full,
            temporal_weight, out, data, steps, no_progress):
     """Only plan: write plan.json (one entry per prunable layer, or per channel group for video models) into a
     new or matching bundle."""
@@ -185,7 +189,8 @@ def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, we
 
     recipe = resolve_recipe(model_name, recipe_path)
     settings = _settings(recipe, budget, method, lam=lam, alpha=alpha, n=n, target=target, m=m, weights=weights,
-                         seed=seed, round_to=round_to, temporal_weight=temporal_weight, data=data, steps=steps)
+                         seed=seed, round_to=round_to, keep_full=tuple(keep_full) or None,
+                         temporal_weight=temporal_weight, data=data, steps=steps)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     plan = search_or_release(start(recipe, settings, out_dir, _log, not no_progress))
     if not dist.is_main():
@@ -426,6 +431,36 @@ def inspect(target, size, as_json):
     hw = parse_size(size)
     rows = inspect_model(load_onnx(resolve_target(Path(target))), hw)
     click.echo(json.dumps(rows, indent=2) if as_json else render(rows, hw))
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output folder: <name>.png per image, "
+              "<name>.mp4 per video (created if missing).")
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
+              help="ort: the bundle's ONNX graph in ONNX Runtime (CPU); torch: the finetuned weights in PyTorch "
+                   "(FP32); trt: engine/model.plan through Polygraphy's TrtRunner (needs TensorRT).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="With --backend ort: which graph (model.onnx, model.fp16.onnx, model.int8.onnx).")
+@click.option("--tile", type=click.IntRange(min=1), default=256, show_default=True,
+              help="LR tile side: memory stays bounded whatever the image size.")
+@click.option("--overlap", type=click.IntRange(min=0), default=16, show_default=True,
+              help="LR pixels of context around each tile; at least the network's receptive radius makes the "
+                   "tiled output equal the untiled one.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record per output.")
+@_progress_option
+def upscale(bundle_dir, inputs, out, backend, precision, tile, overlap, as_json, no_progress):
+    """Run a bundle on your own images (PNG/JPEG/TIFF/BMP/WebP; gray and RGBA become RGB) and videos (mp4, mov,
+    mkv, avi, webm: every frame, same frame count and fps), tiled, with a progress bar. Every input is checked
+    before anything runs; each output appears only when complete."""
+    from sls_deploy.upscale.run import upscale as run_upscale
+
+    records = run_upscale(Path(bundle_dir), list(inputs), Path(out), backend=backend, precision=precision,
+                          tile=tile, overlap=overlap, progress=not no_progress,
+                          log=(lambda s: None) if as_json else _log)
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -395,3 +395,32 @@ def test_tiny_edsr_channel_build(tmp_path, tiny_images, capsys, method):
         inits = {t.name: tuple(t.dims) for t in graph.graph.initializer}
         if "conv_first.weight" in inits:
             assert inits["conv_first.weight"][0] == stream.kept_units
+
+
+@pytest.mark.parametrize("method", ["l1", "ssl"])
+def test_keep_full_stream_prunes_everything_else(tmp_path, tiny_images, capsys, method):
+    """The stream-kept-full variant: the residual stream stays whole, block inner channels and the upsampler
+    carry the whole budget."""
+    from conftest import run_cli, write_tiny_recipe, write_tiny_weights
+
+    from sls_deploy.pruning.registry import load_plan
+
+    recipe = write_tiny_recipe(tmp_path, tiny_images,
+                               structured={"round_to": 2, "ssl_steps": 2, "delta": 1e-3, "grow_every": 1})
+    weights = write_tiny_weights(recipe, tmp_path / "w.safetensors")
+    out = tmp_path / "b"
+    code, _, err = run_cli(capsys, "search", "--recipe", recipe, "--weights", weights, "--budget", "0.6",
+                           "--method", method, "--keep-full", "stream", "--out", out, "--steps", "2")
+    assert code == 0, err
+    plan = load_plan(out / "plan.json")
+    widths = plan.widths
+    assert widths["stream"] == 16 and plan.ratio <= 0.6
+    assert all(w < 16 for g, w in widths.items() if g.startswith("body.")) or method == "ssl"
+    assert sum(widths.values()) < 16 * len(widths)
+    assert plan.search["kept_full"] == ["stream"]
+    code, _, err = run_cli(capsys, "search", "--recipe", recipe, "--weights", weights, "--budget", "0.6",
+                           "--method", method, "--keep-full", "strem", "--out", tmp_path / "c")
+    assert code == 2 and "--keep-full 'strem' is not a channel group" in err and not (tmp_path / "c").exists()
+    code, _, err = run_cli(capsys, "search", "--recipe", recipe, "--weights", weights, "--budget", "0.6",
+                           "--method", "oneshot", "--keep-full", "stream", "--out", tmp_path / "d")
+    assert code == 2 and "does not apply to --method oneshot" in err

@@ -185,6 +185,11 @@ def test_selection_meets_the_budget_with_rounded_widths(seed, budget, round_to, 
             assert imps[name][idx].min() >= imps[name][dropped].max()
     if uniform and round_to == 1:  # the same fraction everywhere: floor(f * units) for one f
         assert abs(widths["a"] / 8 - widths["b"] / 16) < 1 / 8
+    if not uniform:  # the global selection leaves no rounding step unspent: no group can grow by one more step
+        for name, units in costs.units.items():
+            if widths[name] < units:
+                grown = min(units, (widths[name] // round_to + 1) * round_to)
+                assert costs.total({**widths, name: grown}) > budget * costs.dense * (1 + 1e-9)
 
 
 def test_global_prunes_the_group_with_unimportant_units_uniform_prunes_all():

@@ -244,7 +244,9 @@ def test_ssl_search_learned_scales(sv_ssl):
     plan = json.loads((sv_ssl["out"] / "plan.json").read_text())
     s = plan["search"]
     assert s["ssl_steps"] == 2 and sum(s["marked_units"].values()) > 0
-    assert all(0 < v <= 1e-2 for v in s["final_reg"].values())  # the penalty grew
+    marked = s["marked_units"]
+    assert all(0 < v <= 1e-2 for k, v in s["final_reg"].items() if marked[k])  # the penalty grew where it acts
+    assert all(v == 0 for k, v in s["final_reg"].items() if not marked[k])
     assert any(l.startswith("[1/4] search") for l in sv_ssl["logs"])
     assert any(l.startswith("[4/4] validate") for l in sv_ssl["logs"])
     assert any("plan: ssl" in l and "per frame" in l for l in sv_ssl["logs"])

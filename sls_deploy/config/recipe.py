@@ -113,7 +113,7 @@ class StructuredSection:
     scale_lr: float = 2.0e-2  # Adam learning rate of the scales (fixed; the weights follow the finetune schedule)
     temporal_weight: float = 0.5  # temporal_l1 weight during ssl and finetuning; 0 = plain per-frame L1
     align: float = 0.0  # ASSL's Sparsity Structure Alignment weight on stream groups' producers (0: off)
-    hybrid_2to4: bool = False  # 2:4 on top of the sliced layers (not implemented yet)
+    keep_full: tuple[str, ...] = ()  # channel groups kept at full width (e.g. [stream])
 
 
 @dataclass(frozen=True)
@@ -299,13 +299,17 @@ def _drops(value: Any, what: str) -> dict[str, float]:
 
 def _structured(raw: Mapping[str, Any]) -> StructuredSection:
     d = StructuredSection()
-    sec = _section(raw, "structured", set(d.__dataclass_fields__))
+    sec = _section(raw, "structured", set(d.__dataclass_fields__) | {"hybrid_2to4"})
     values: dict[str, Any] = {}
     for k, v in sec.items():
         if k == "method":
             values[k] = str(v)
         elif k in ("round_to", "ssl_steps", "grow_every"):
             values[k] = as_int(v, f"structured.{k}", 1, 10**7)
+        elif k == "keep_full":
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+                raise RecipeError(f"structured.keep_full must be a list of channel group names, not {v!r}")
+            values[k] = tuple(v)
         elif k != "hybrid_2to4":
             values[k] = as_float(v, f"structured.{k}", 0.0)
     hybrid = sec.get("hybrid_2to4", False)
@@ -313,7 +317,7 @@ def _structured(raw: Mapping[str, Any]) -> StructuredSection:
         raise RecipeError(f"structured.hybrid_2to4 must be true or false, not {hybrid!r}")
     if hybrid:
         raise RecipeError("structured.hybrid_2to4 (2:4 on top of channel pruning) is not implemented yet")
-    out = StructuredSection(**values, hybrid_2to4=hybrid)
+    out = StructuredSection(**values)
     if out.method not in STRUCTURED_METHODS:
         raise RecipeError(f"structured.method must be one of {', '.join(STRUCTURED_METHODS)}, not '{out.method}'")
     if out.round_to < 1 or out.ssl_steps < 1 or out.grow_every < 1:

@@ -27,7 +27,7 @@ VALID_M = (4, 8, 16, 32)
 CALIB_METHODS = ("max", "percentile", "entropy")
 # options that only mean something for one strategy: given for the other, they are usage errors naming them
 NM_ONLY = ("m", "n", "lam", "alpha")
-CHANNELS_ONLY = ("round_to",)
+CHANNELS_ONLY = ("round_to", "keep_full")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Settings:
     target: str = "trt"  # what the budget is counted on (pruning/target.py): trt | ort | none
     # channels
     round_to: int = 8
+    keep_full: tuple[str, ...] = ()  # channel groups kept at full width
     ssl_steps: int = 100
     temporal_weight: float = 0.0  # weight of the frame-difference term of the clip loss (0 = per-frame L1)
     # export
@@ -84,7 +85,7 @@ class Settings:
             "steps": recipe.finetune.steps,
             "data": recipe.data_train, "eval_data": recipe.data_eval,
             "m": recipe.sparsity_m, "target": recipe.sparsity_target,
-            "round_to": st.round_to, "ssl_steps": st.ssl_steps,
+            "round_to": st.round_to, "keep_full": tuple(st.keep_full), "ssl_steps": st.ssl_steps,
             "temporal_weight": st.temporal_weight if modality != "image" else 0.0,
             "precisions": tuple(dict.fromkeys(("fp32",) + tuple(prec.graphs))),
             "calib": prec.calib, "calib_method": prec.calib_method, "io": prec.io,
@@ -128,6 +129,14 @@ class Settings:
             raise UsageError(f"--target must be one of {', '.join(TARGETS)}, not '{self.target}'")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise UsageError(f"--round-to must be an integer >= 1, not {self.round_to}")
+        if self.keep_full and self.strategy == "channels":
+            names = [g.name for g in recipe.adapter.channel_groups(recipe.build_model())]
+            unknown = [k for k in self.keep_full if k not in names]
+            if unknown:
+                raise UsageError(f"--keep-full '{unknown[0]}' is not a channel group of {recipe.describe_model()} "
+                                 f"(its groups: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+            if set(names) <= set(self.keep_full):
+                raise UsageError("--keep-full names every channel group: nothing would be pruned")
         if not isinstance(self.ssl_steps, int) or self.ssl_steps < 1:
             raise UsageError(f"ssl steps must be an integer >= 1, not {self.ssl_steps}")
         if not math.isfinite(self.temporal_weight) or self.temporal_weight < 0:
@@ -165,6 +174,8 @@ class Settings:
         """What makes a bundle folder this bundle (a folder holding another build is refused)."""
         key = {"model": recipe.name, "arch": recipe.model.arch, "scale": recipe.scale, "budget": self.budget,
                "method": self.method, "strategy": self.strategy, "modality": self.modality}
+        if self.keep_full:
+            key["keep_full"] = sorted(self.keep_full)
         if self.strategy == "nm":  # the target changes an N:M plan (which layers may be N:M, what N costs)
             key["m"] = self.m
             key["target"] = self.target
@@ -181,7 +192,7 @@ class Settings:
         unknown = [k for k in record if k not in fields]
         if unknown:
             raise UsageError(f"the bundle's settings hold an unknown field '{unknown[0]}' (made by another version?)")
-        values = {k: tuple(v) if k == "precisions" else v for k, v in record.items()}
+        values = {k: tuple(v) if k in ("precisions", "keep_full") else v for k, v in record.items()}
         try:
             return cls(**values).check(recipe)
         except TypeError as e:

@@ -49,7 +49,7 @@ def run_search(run: Run) -> Plan | StructuredPlan:
     else:
         if dist.world_size() > 1:
             raise UsageError("channel pruning runs in one process (no torchrun)")
-        inputs.update(round_to=s.round_to)
+        inputs.update(round_to=s.round_to, **({"keep_full": sorted(s.keep_full)} if s.keep_full else {}))
         if s.method == "ssl":
             inputs.update(ssl=s.structured(recipe).__dict__, data=s.data, ft=recipe.finetune.__dict__)
         body = _channels_body
@@ -116,8 +116,10 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
     h, w = recipe.reference_input_hw()
     example = adapter.example_input(recipe.model, h, w)
     costs = GroupCosts.measure(adapter.export_module(model), groups, example)
-    l1 = {g.name: l1_importance(model, g) for g in groups}
+    l1 = {g.name: l1_importance(model, g) for g in groups if g.name not in s.keep_full}
     info: dict[str, Any] = {"lr_hw": [h, w], "importance": "l1 filter norm (mean |w| per unit)"}
+    if s.keep_full:
+        info["kept_full"] = sorted(s.keep_full)
     if s.method == "l1":
         keep = select_uniform(l1, costs, s.budget, s.round_to)
         info["selection"] = "uniform kept fraction in every group"
@@ -128,8 +130,9 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
         marks = select_global(l1, costs, s.budget, s.round_to)  # fails fast on an unreachable budget
         importance, ssl_info = _learned_scales(run, model, groups, marks, key)
         info.update(ssl_info)
-        keep = select_global(importance, costs, s.budget, s.round_to)
+        keep = select_global({k: v for k, v in importance.items() if k in l1}, costs, s.budget, s.round_to)
         info["kept_marked_units"] = {g: len(set(keep[g].tolist()) - set(marks[g].tolist())) for g in keep}
+    keep.update({g: torch.arange(costs.units[g]) for g in s.keep_full})  # full width
     widths = widths_of(keep)
     sliced = adapter.build(model_config(recipe, widths))
     slice_into(model, sliced, groups, keep)

@@ -107,6 +107,7 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
         "model": recipe.name, "budget": plan.budget, "method": plan.method, "m": getattr(plan, "m", None),
         "macs": {"unit": "GMACs", "dense": plan.macs_dense / 1e9, "pruned": plan.macs_pruned / 1e9,
                  "ratio": plan.ratio, "trt_2to4_ratio": getattr(plan, "trt_2to4_ratio", plan.ratio),
+                 "target": plan.target, "target_ratio": plan.target_ratio,
                  "reference_output": plan.reference_output, "budget_scope": plan.budget_scope},
         "search": plan.search,
         "baseline": deg.name,  # what "bicubic" below measured: the degradation's trivial restoration

@@ -555,7 +555,8 @@ def select_global(importances: Mapping[str, torch.Tensor], costs: GroupCosts, bu
     Each group's importances are divided by their mean (unless all zero), so groups measured on different
     scales compare. At threshold t a group keeps its units with normalised importance >= t, the count rounded
     down to a multiple of ``round_to`` (full width stays, at least min(round_to, units)), the top-k by
-    importance. t is bisected over the importance values so that the whole model's MACs are <= budget * dense.
+    importance. t is bisected over the importance values so that the whole model's MACs are <= budget * dense;
+    what rounding left of the budget is then spent widening the groups whose next units matter most (``_fill``).
     Groups not in ``importances`` stay at full width. Returns {group: kept unit indices, ascending}.
     """
     imps, limit = _prepare(importances, costs, budget, round_to)
@@ -571,8 +572,28 @@ def select_global(importances: Mapping[str, torch.Tensor], costs: GroupCosts, bu
     # total MACs fall as the threshold rises: find the first threshold that fits (from the top, a prefix fits)
     rev = len(cands) - 1
     j = _last_true(len(cands), lambda k: costs.total(widths(rev - k)) <= limit)
-    chosen = widths(rev - j)
+    chosen = _fill(widths(rev - j), desc, costs, limit, round_to)
     return {n: _top(imps[n], chosen[n]) for n in imps}
+
+
+def _fill(widths: dict[str, int], desc: Mapping[str, torch.Tensor], costs: GroupCosts, limit: float,
+          round_to: int) -> dict[str, int]:
+    """Spend what rounding left of the budget: repeatedly widen, by one step of ``round_to`` units, the group whose
+    next units have the highest mean normalised importance, while the whole model still fits ``limit``."""
+    widths = dict(widths)
+    while True:
+        best, best_score = None, -math.inf
+        for n, d in desc.items():
+            w = widths[n]
+            if w >= d.numel():
+                continue
+            grown = min(d.numel(), (w // round_to + 1) * round_to)
+            score = float(d[w:grown].mean())
+            if score > best_score and costs.total({**widths, n: grown}) <= limit:
+                best, best_score = (n, grown), score
+        if best is None:
+            return widths
+        widths[best[0]] = best[1]
 
 
 def select_uniform(importances: Mapping[str, torch.Tensor], costs: GroupCosts, budget: float,

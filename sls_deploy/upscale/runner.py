@@ -1,0 +1,114 @@
+"""A finished bundle opened for inference: ``infer(lr) -> sr`` on ONNX Runtime, PyTorch or a TensorRT engine.
+
+``ort`` (default) runs the bundle's graph of the chosen precision through Polygraphy's ``OnnxrtRunner`` on CPU;
+``trt`` runs ``engine/model.plan`` through Polygraphy's ``TrtRunner`` (TensorRT required, the engine built by
+`sls-deploy engine`); ``torch`` runs the finetuned weights in PyTorch (FP32 only). Only image models (one LR
+image in, one SR image out) are run here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from sls_deploy.core.bundle import GRAPH_FILES, PLAN, RECIPE, WEIGHTS, Bundle
+from sls_deploy.core.errors import BundleError, UsageError
+
+BACKENDS = ("ort", "torch", "trt")
+ENGINE_FILE = "engine/model.plan"
+
+
+@dataclass(frozen=True)
+class Opened:
+    recipe: object
+    scale: int
+    min_size: int
+    input_name: str
+    output_name: str
+
+
+def open_bundle(root: Path) -> Opened:
+    """The bundle's recipe and graph names, checked to be an image model's finished bundle."""
+    from sls_deploy.config.recipe import load_recipe
+    from sls_deploy.modalities.registry import modality_of
+    from sls_deploy.stages.models import graph_spec
+
+    Bundle(root).require()
+    if not (root / RECIPE).is_file():
+        raise BundleError(f"{root} has no {RECIPE}: not a finished bundle")
+    recipe = load_recipe(root / RECIPE)
+    spec = graph_spec(recipe)
+    if modality_of(recipe) != "image":
+        raise UsageError(f"{recipe.describe_model()} is a video model; `upscale` runs image models only for now "
+                         "(run video bundles with `sls-deploy validate`)")
+    return Opened(recipe, recipe.scale, recipe.adapter.min_input_size(recipe.model), spec.input_names[0],
+                  spec.output_names[0])
+
+
+@contextlib.contextmanager
+def open_infer(root: Path, opened: Opened, backend: str, precision: str) -> Iterator:
+    """Yield ``infer((1, 3, h, w) float32) -> (1, 3, h*s, w*s) float32``."""
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
+    if backend == "torch":
+        if precision != "fp32":
+            raise UsageError("--backend torch runs the FP32 weights only; use --backend ort for the "
+                             f"{precision} graph")
+        yield _torch_infer(root, opened)
+        return
+    if backend == "ort":
+        graph = root / GRAPH_FILES[precision]
+        if not graph.is_file():
+            raise BundleError(f"{root} has no {GRAPH_FILES[precision]} (export it with `sls-deploy export {root} "
+                              f"--precision {precision}`)")
+        import onnxruntime as ort
+        from polygraphy.backend.onnxrt import OnnxrtRunner
+
+        from sls_deploy.backends.runners import onnx_inputs, quiet_polygraphy
+
+        quiet_polygraphy()
+        dtype = onnx_inputs(graph)[opened.input_name]
+        opts = ort.SessionOptions()
+        opts.enable_cpu_mem_arena = False  # tiles of one size: the arena would only keep the peak allocated
+        runner = OnnxrtRunner(ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"]))
+    else:
+        from sls_deploy.trt.engine import require_tensorrt
+
+        require_tensorrt()
+        engine = root / ENGINE_FILE
+        if not engine.is_file():
+            raise BundleError(f"{root} has no {ENGINE_FILE} (build it with `sls-deploy engine {root}`)")
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        dtype = np.float32
+        runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine))))
+    with runner:
+        def infer(x: np.ndarray) -> np.ndarray:
+            out = runner.infer({opened.input_name: x.astype(dtype, copy=False)})[opened.output_name]
+            return np.array(out, dtype=np.float32)  # a copy: runners may reuse their output buffers
+
+        yield infer
+
+
+def _torch_infer(root: Path, opened: Opened):
+    import torch
+
+    from sls_deploy.pruning.registry import load_plan
+    from sls_deploy.stages.models import load_model, plan_widths
+
+    weights = root / WEIGHTS
+    if not weights.is_file():
+        raise BundleError(f"{root} has no {WEIGHTS} (finetune it first)")
+    model = load_model(opened.recipe, weights, plan_widths(load_plan(root / PLAN)))
+    module = opened.recipe.adapter.export_module(model).eval()
+
+    @torch.no_grad()
+    def infer(x: np.ndarray) -> np.ndarray:
+        return module(torch.from_numpy(x)).numpy()
+
+    return infer
