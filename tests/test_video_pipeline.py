@@ -409,8 +409,8 @@ def test_options_of_the_other_strategy_are_usage_errors(capsys, tmp_path, clips,
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--method", "l1"], "--method l1 prunes channel groups, and recipe 'edsr"), (["--round-to", "4"], "--round-to does not apply"),
-    (["--temporal-weight", "0"], "--temporal-weight does not apply")])
+    (["--method", "l1"], "--method l1 prunes channel groups, and recipe 'edsr"), (["--method", "sls", "--round-to", "4"], "--round-to does not apply"),
+    (["--method", "sls", "--temporal-weight", "0"], "--temporal-weight does not apply")])
 def test_video_options_on_an_image_recipe_are_usage_errors(capsys, tmp_path, monkeypatch, extra, fragment):
     # EDSR declares channel groups now: stand in a model that declares none for the "--method l1" case
     from sls_deploy.models.edsr import EDSRAdapter
