@@ -18,7 +18,7 @@ from sls_deploy.pruning.target import TARGET_HELP, TARGETS
 BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
 SEED = click.IntRange(0, 2**31 - 1)
 NM_METHODS = ("sls", "oneshot", "srste")  # = pruning.registry's, not imported: --help stays fast
-CHANNEL_METHODS = ("ssl", "l1", "l1-global")
+CHANNEL_METHODS = ("ssl", "l1", "l1-global", "hybrid")
 
 
 def _recipe_options(f):
@@ -48,7 +48,9 @@ def _plan_options(f):
                           "layer-wise N:M search (SLS); oneshot = uniform magnitude N:M (the SLS paper's baseline); "
                           "srste = uniform N:M finetuned with SR-STE. Channel strategy, the adapter's channel groups "
                           "sliced: ssl = learned channel scales with a growing penalty; l1 = uniform L1-norm channel "
-                          "pruning; l1-global = one global L1-norm threshold. Any method runs on any modality.")(f)
+                          "pruning; l1-global = one global L1-norm threshold; hybrid = ssl channels, then 2:4 on the "
+                          "narrower layers the --target accelerates (none on 64-channel models: it says so). Any "
+                          "method runs on any modality.")(f)
     f = click.option("--budget", required=True, type=BUDGET,
                      help="Fraction of the dense model's MACs (whole model, reference resolution) to keep, in (0, 1].")(f)
     return f

@@ -145,3 +145,39 @@ def test_channel_plan_costs_the_same_on_every_target(tmp_path, tiny_recipe, tiny
         assert plan["target"] == target and plan["macs"]["target_ratio"] == plan["macs"]["ratio"] <= 0.6
         ratios[target] = plan["macs"]["ratio"]
     assert ratios["ort"] == ratios["none"]
+
+
+# --------------------------------------------------------------------------- hybrid: channels, then 2:4
+
+
+def test_hybrid_on_a_narrow_model_is_channels_only_and_says_so(tmp_path, tiny_recipe, tiny_weights, capsys):
+    out = tmp_path / "h"
+    assert main(["search", "--recipe", str(tiny_recipe), "--weights", str(tiny_weights), "--budget", "0.6",
+                 "--method", "hybrid", "--target", "trt", "--steps", "2", "--out", str(out)]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["nm_layers"] == [] and "no 2:4" in plan["search"]["hybrid"]["note"]
+    assert plan["macs"]["target_ratio"] == plan["macs"]["ratio"] <= 0.6
+
+
+def test_hybrid_on_a_wide_model_adds_2to4_that_survives_into_the_graphs(tmp_path, wide_recipe, capsys):
+    from safetensors.torch import load_file
+
+    from sls_deploy.pruning.nm.patterns import is_2to4
+
+    path, weights = wide_recipe
+    out = tmp_path / "h"
+    code = main(["build", "--recipe", str(path), "--weights", str(weights), "--budget", "0.7", "--method", "hybrid",
+                 "--steps", "2", "--precision", "fp16", "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    plan = json.loads((out / "plan.json").read_text())
+    nm = plan["nm_layers"]
+    assert nm and all(l["n"] == 2 and l["m"] == 4 and min(l["weight_shape"][:2]) >= 256 for l in nm)
+    assert plan["search"]["hybrid"]["channel_budget"] > 0.7  # 2:4 pays for part of the budget
+    # the cost by hand: the narrower model's MACs, each 2:4 layer at half
+    sliced = sum(l["macs_pruned"] for l in plan["layers"]) + sum(d["macs"] for d in plan["dense_layers"])
+    by_hand = (sliced - sum(l["macs_dense"] / 2 for l in nm)) / plan["macs"]["dense"]
+    assert plan["macs"]["target_ratio"] == pytest.approx(by_hand) and by_hand <= 0.7
+    sd = load_file(str(out / "model.safetensors"))
+    assert all(is_2to4(sd[l["name"] + ".weight"]) for l in nm)
+    export = json.loads((out / "manifest.json").read_text())["stages"]["export"]["result"]
+    assert export["layers_2to4"] == len(nm) and export["graphs"]["fp16"]["layers_2to4"] == len(nm)

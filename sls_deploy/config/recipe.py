@@ -90,7 +90,7 @@ class ValidateSection:
         return dict(self.max_psnr_drop_db)[precision]
 
 
-STRUCTURED_METHODS = ("ssl", "l1", "l1-global")
+STRUCTURED_METHODS = ("ssl", "l1", "l1-global", "hybrid")
 
 
 @dataclass(frozen=True)

@@ -123,8 +123,8 @@ class Settings:
                 raise UsageError(f"--n must be in 1..{self.m} for M={self.m}, not {self.n}")
         if not isinstance(self.steps, int) or self.steps < 0:
             raise UsageError(f"--steps must be an integer >= 0, not {self.steps}")
-        if self.method == "ssl" and self.steps < 1:
-            raise UsageError("--method ssl learns its channel scales by training: give --steps >= 1")
+        if self.method in ("ssl", "hybrid") and self.steps < 1:
+            raise UsageError(f"--method {self.method} learns its channel scales by training: give --steps >= 1")
         if self.target not in TARGETS:
             raise UsageError(f"--target must be one of {', '.join(TARGETS)}, not '{self.target}'")
         if not isinstance(self.round_to, int) or self.round_to < 1:

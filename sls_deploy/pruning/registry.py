@@ -2,7 +2,8 @@
 
 A *strategy* is how a plan is made and applied: ``nm`` (masks on weights: sls, oneshot, srste) or ``channels``
 (units removed and the layers sliced: ssl, l1, l1-global). The stages ask this module which one a method
-belongs to; a hybrid (channels, then N:M on what is left) is a third entry here when it exists.
+belongs to; ``hybrid`` (ssl channels, then 2:4 on the narrower layers the target accelerates) is a channel plan
+with an N:M part.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sls_deploy.pruning.channels.plan import STRUCTURED_KIND, StructuredPlan
 from sls_deploy.pruning.nm.plan import Plan
 
 NM_METHODS = ("sls", "oneshot", "srste")
-CHANNEL_METHODS = ("ssl", "l1", "l1-global")
+CHANNEL_METHODS = ("ssl", "l1", "l1-global", "hybrid")  # hybrid: ssl channels, then 2:4 where the target gains
 METHODS = NM_METHODS + CHANNEL_METHODS
 # "imported": masks searched elsewhere (`import-sls`), finetuned like any N:M plan
 STRATEGIES = {**{m: "nm" for m in NM_METHODS + ("imported",)}, **{m: "channels" for m in CHANNEL_METHODS}}

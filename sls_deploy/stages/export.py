@@ -95,6 +95,7 @@ def _export(run: Run, plan, base: Path, feeds, hashes) -> StageOutput:
                             "modality": s.modality, "graph": s.modality}
     try:
         fp32 = load_onnx(staged)
+        nm = plan if isinstance(plan, Plan) else plan.nm_plan  # a hybrid channel plan has an N:M part
         if isinstance(plan, Plan):
             info["layers_nm"] = len(plan.layers)
         else:
@@ -113,8 +114,8 @@ def _export(run: Run, plan, base: Path, feeds, hashes) -> StageOutput:
         smoke = example_feed(recipe, spec, 16, 16)
         for name, g in graphs.items():
             row: dict[str, Any] = {"file": GRAPH_FILES[name]}
-            if isinstance(plan, Plan):
-                row.update(_nm_checks(g, plan, name))
+            if nm is not None:
+                row.update(_nm_checks(g, nm, name))
             _ort_smoke(g, name, smoke)
             info["graphs"][name] = row
         for name, g in graphs.items():
@@ -124,7 +125,7 @@ def _export(run: Run, plan, base: Path, feeds, hashes) -> StageOutput:
     finally:
         if staged.exists():
             staged.unlink()
-    if isinstance(plan, Plan):
+    if nm is not None:
         info.update(layers_nm=info["graphs"]["fp32"]["layers_nm"], layers_2to4=info["graphs"]["fp32"]["layers_2to4"])
     files = [GRAPH_FILES[g] for g in graphs] + ([CALIB_CACHE] if "int8" in graphs else [])
     return StageOutput(files, result=info)

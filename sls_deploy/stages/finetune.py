@@ -72,7 +72,8 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
         ckpt = finetune_checkpoint(run)
         check_resume(ckpt, key, steps, resume, run.log, discard=discard)
         model = load_model(recipe, init, plan_widths(plan))
-        masks = stored_masks(run) or (masks_for(model, plan) if isinstance(plan, Plan) else None)
+        nm = plan if isinstance(plan, Plan) else plan.nm_plan  # a hybrid channel plan has an N:M part
+        masks = stored_masks(run) or (masks_for(model, nm) if nm is not None else None)
         controller = masks
         if isinstance(plan, Plan) and plan.method == "srste":
             controller = SRSTE([(l.name, l.n) for l in plan.layers if l.n < l.m], plan.m, recipe.srste_decay)

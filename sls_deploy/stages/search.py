@@ -24,6 +24,7 @@ from sls_deploy.pruning.channels.plan import GroupPlan, LayerCost, StructuredPla
 from sls_deploy.pruning.channels.structured import (ChannelScales, GroupCosts, l1_importance, producers_of,
                                                     select_global, select_uniform, slice_into, widths_of)
 from sls_deploy.pruning.nm.plan import DenseLayer, Plan
+from sls_deploy.pruning.hybrid import channel_budget, nm_layers_for, nm_saving
 from sls_deploy.pruning.nm.search import plan_uniform, search_sls, split_layers
 from sls_deploy.pruning.registry import load_plan
 from sls_deploy.stages.models import fp32_islands, load_model, model_config, resolve_base_weights
@@ -50,8 +51,9 @@ def run_search(run: Run) -> Plan | StructuredPlan:
         if dist.world_size() > 1:
             raise UsageError("channel pruning runs in one process (no torchrun)")
         inputs.update(round_to=s.round_to, **({"keep_full": sorted(s.keep_full)} if s.keep_full else {}))
-        if s.method == "ssl":
-            inputs.update(ssl=s.structured(recipe).__dict__, data=s.data, ft=recipe.finetune.__dict__)
+        if s.method in ("ssl", "hybrid"):
+            inputs.update(ssl=s.structured(recipe).__dict__, data=s.data, ft=recipe.finetune.__dict__,
+                          target=s.target, precisions=list(s.precisions))
         body = _channels_body
     run_stage(run, "search", inputs, lambda key: body(run, base, key), all_ranks=True)
     return load_plan(run.bundle.path(PLAN))
@@ -127,21 +129,76 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
         keep = select_global(l1, costs, s.budget, s.round_to)
         info["selection"] = "one global threshold on per-group normalised importance"
     else:
-        marks = select_global(l1, costs, s.budget, s.round_to)  # fails fast on an unreachable budget
+        hybrid = _Hybrid(run, model, costs, l1) if s.method == "hybrid" else None
+        budget = hybrid.channel_budget(l1) if hybrid else s.budget
+        marks = select_global(l1, costs, budget, s.round_to)  # fails fast on an unreachable budget
         importance, ssl_info = _learned_scales(run, model, groups, marks, key)
         info.update(ssl_info)
-        keep = select_global({k: v for k, v in importance.items() if k in l1}, costs, s.budget, s.round_to)
+        learned = {k: v for k, v in importance.items() if k in l1}
+        if hybrid:
+            budget = hybrid.channel_budget(learned)
+        keep = select_global(learned, costs, budget, s.round_to)
         info["kept_marked_units"] = {g: len(set(keep[g].tolist()) - set(marks[g].tolist())) for g in keep}
     keep.update({g: torch.arange(costs.units[g]) for g in s.keep_full})  # full width
     widths = widths_of(keep)
     sliced = adapter.build(model_config(recipe, widths))
     slice_into(model, sliced, groups, keep)
     plan = _channel_plan(run, model, groups, costs, keep, modalities.frames_per_run(example), info)
-    if plan.ratio > s.budget * (1 + 1e-9):  # select_* guarantee it; the file must say so too
-        raise PlanError(f"the plan's MACs ratio {plan.ratio:.4f} exceeds the budget {s.budget:g}")
+    if s.method == "hybrid":
+        plan.nm_layers = hybrid.nm_layers(widths)
+        plan.search["hybrid"] = hybrid.describe(plan, budget)
+        plan.validate()
+    if plan.target_ratio > s.budget * (1 + 1e-9):  # the selection guarantees it; the file must say so too
+        raise PlanError(f"the plan's cost ratio {plan.target_ratio:.4f} on --target {s.target} exceeds the budget "
+                        f"{s.budget:g}")
     save_weights(sliced, bundle.path(SEARCH_WEIGHTS), {"plan": s.method, "budget": str(s.budget)})
     plan.save(bundle.path(PLAN))
     return StageOutput([PLAN, SEARCH_WEIGHTS], extra=_record(base, bundle.path(SEARCH_WEIGHTS)))
+
+
+class _Hybrid:
+    """The 2:4 part of a hybrid plan: which layers of the narrower model the target accelerates, and the
+    channel budget that leaves the whole plan within the budget (``pruning.hybrid``)."""
+
+    def __init__(self, run: Run, model, costs: GroupCosts, l1):
+        self.run, self.costs = run, costs
+        s, recipe = run.settings, run.recipe
+        islands = fp32_islands(recipe, model)
+        self.precision_of = {d.name: layer_precision(d.name, islands, s.precisions)
+                             for d in recipe.adapter.layers(model)}
+
+    def shapes(self, widths) -> dict[str, tuple[int, ...]]:
+        """{prunable layer: weight shape} of the model at ``widths`` (built on the meta device: no memory)."""
+        recipe = self.run.recipe
+        with torch.device("meta"):
+            m = recipe.adapter.build(model_config(recipe, widths))
+        mods = dict(m.named_modules())
+        return {d.name: tuple(mods[d.name].weight.shape) for d in recipe.adapter.layers(m) if d.prunable}
+
+    def nm_layers(self, widths):
+        return nm_layers_for(self.run.settings.target, self.shapes(widths), self.costs.per_layer(widths),
+                             self.precision_of)
+
+    def cost(self, widths) -> float:
+        return (self.costs.total(widths) - nm_saving(self.run.settings.target, self.nm_layers(widths))) \
+            / self.costs.dense
+
+    def channel_budget(self, importance) -> float:
+        s = self.run.settings
+        select_global(importance, self.costs, s.budget, s.round_to)  # an unreachable budget fails here
+
+        def cost_at(b: float) -> float:
+            return self.cost(widths_of(select_global(importance, self.costs, b, s.round_to)))
+
+        return channel_budget(s.budget, cost_at)
+
+    def describe(self, plan, budget: float) -> dict[str, Any]:
+        s = self.run.settings
+        n = len(plan.nm_layers)
+        return {"channel_budget": round(budget, 6), "layers_2to4": n, "target": s.target,
+                "note": (f"{n} layers of the narrower model at 2:4 (the target accelerates them)" if n else
+                         f"no 2:4: the target ({s.target}) is predicted to accelerate no layer of the narrower "
+                         "model, so the hybrid plan is channels only")}
 
 
 def _learned_scales(run: Run, model, groups, marks, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

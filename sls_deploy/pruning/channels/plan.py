@@ -14,10 +14,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sls_deploy.core.errors import PlanError
-from sls_deploy.pruning.nm.plan import DenseLayer, PlanFile
+from sls_deploy.pruning.nm.plan import DenseLayer, LayerPlan, Plan, PlanFile
+from sls_deploy.pruning.target import layer_cost
 
 STRUCTURED_PLAN_VERSION = 1
-STRUCTURED_KIND = "structured"  # plan.json's "kind" for a channel plan (N:M plans have none)
+STRUCTURED_KIND = "structured"
+_LAYER_PLAN_FIELDS = {"name", "op", "weight_shape", "n", "m", "macs_dense", "group_axis", "kept_out", "kept_in",
+                      "precision"}  # plan.json's "kind" for a channel plan (N:M plans have none)
 
 
 @dataclass
@@ -102,10 +105,32 @@ class StructuredPlan(PlanFile):
     seed: int = 0
     search: dict[str, Any] = field(default_factory=dict)
     target: str = "trt"  # what the budget was counted on; sliced convs are dense: the cost is the MACs on every target
+    nm_layers: list[LayerPlan] = field(default_factory=list)  # hybrid: N:M on layers of the narrower model
+
+    @property
+    def sliced_macs(self) -> int:
+        """MACs of the narrower model (N:M not counted)."""
+        return sum(l.macs_pruned for l in self.layers) + sum(d.macs for d in self.dense_layers)
+
+    @property
+    def macs_pruned(self) -> int:
+        """MACs of the narrower model with its N:M layers at N/M (the MACs metric of N:M plans)."""
+        return self.sliced_macs - sum(l.macs_dense - l.macs_pruned for l in self.nm_layers)
 
     @property
     def target_ratio(self) -> float:
-        return self.ratio
+        """The cost on the target: the narrower model's MACs, minus what its N:M layers save there."""
+        saved = sum(l.macs_dense - layer_cost(self.target, l.macs_dense, l.n, l.m, l.weight_shape, l.precision)
+                    for l in self.nm_layers)
+        return (self.sliced_macs - saved) / self.macs_dense
+
+    @property
+    def nm_plan(self) -> Plan | None:
+        """The N:M part as an N:M plan over the narrower model (masks, graph checks), or None."""
+        if not self.nm_layers:
+            return None
+        return Plan(model=self.model, method=self.method, budget=self.budget, m=self.nm_layers[0].m,
+                    reference_output=list(self.reference_output), layers=list(self.nm_layers), target=self.target)
 
     def validate(self) -> None:
         """One-line PlanError unless every group is consistent (``GroupPlan.validate``), a layer produces for at
@@ -124,6 +149,13 @@ class StructuredPlan(PlanFile):
                 if c in cons:
                     raise PlanError(f"channel plan: layer '{c}' reads two groups ('{cons[c]}', '{g.name}')")
                 cons[c] = g.name
+        sliced = {l.name: l.macs_pruned for l in self.layers} | {d.name: d.macs for d in self.dense_layers}
+        for l in self.nm_layers:
+            if l.name not in sliced:
+                raise PlanError(f"channel plan: N:M layer '{l.name}' is not a layer of the plan")
+            if l.macs_dense != sliced[l.name]:
+                raise PlanError(f"channel plan: N:M layer '{l.name}' counts {l.macs_dense} MACs, the narrower "
+                                f"layer has {sliced[l.name]}")
         for l in self.layers:
             if l.out_group != prod.get(l.name) and (l.out_group is not None or l.name in prod):
                 raise PlanError(f"channel plan: layer '{l.name}' has out_group {l.out_group!r} but the groups say "
@@ -152,6 +184,7 @@ class StructuredPlan(PlanFile):
             "layers": [asdict(l) | {"ratio": l.macs_pruned / l.macs_dense if l.macs_dense else 1.0}
                        for l in self.layers],
             "dense_layers": [asdict(d) for d in self.dense_layers],
+            "nm_layers": [l.to_json() for l in self.nm_layers],
             "search": self.search,
         }
 
@@ -167,6 +200,8 @@ class StructuredPlan(PlanFile):
                    layers=[LayerCost(**{k: v for k, v in l.items() if k in lc}) for l in d["layers"]],
                    dense_layers=[DenseLayer(**x) for x in d.get("dense_layers", [])],
                    budget_scope=d.get("budget_scope", "whole_model"), seed=int(d.get("seed", 0)),
-                   search=dict(d.get("search", {})), target=str(d.get("target", "trt")))
+                   search=dict(d.get("search", {})), target=str(d.get("target", "trt")),
+                   nm_layers=[LayerPlan(**{k: v for k, v in l.items() if k in _LAYER_PLAN_FIELDS})
+                              for l in d.get("nm_layers", [])])
         plan.validate()
         return plan
