@@ -199,7 +199,8 @@ def sv_ssl(tmp_path_factory, clips):
 
 
 BUNDLE_FILES = ("manifest.json", "recipe.yaml", "plan.json", "search.safetensors", "model.safetensors", "model.onnx",
-                "report.json", "report.md", "report.html", "report_widths.png", "report_frames.png")
+                "report.json", "report.md", "report.html", "report_widths.png", "report_frames.png",
+                "report_drift.png")
 
 
 @pytest.mark.parametrize("which", ["bv_l1", "sv_ssl"])
@@ -213,6 +214,10 @@ def test_bundle_plan_and_report(request, which):
     assert plan["kind"] == "structured" and plan["budget"] == 0.5
     assert plan["method"] == ("l1" if which == "bv_l1" else "ssl")
     assert 0 < plan["macs"]["ratio"] <= 0.5
+    d = json.loads((out / "report.json").read_text())["drift"]  # the whole first eval clip, every frame scored
+    assert d["frames"] == len(d["gap"]) == len(d["psnr_dense"]) == 4  # the eval clip has 4 frames
+    assert d["gap"] == pytest.approx([a - b for a, b in zip(d["psnr_dense"], d["psnr_pruned"])])
+    assert "drift over" in (out / "report.md").read_text()
     assert plan["macs"]["pruned"] == sum(l["macs_pruned"] for l in plan["layers"]) + sum(
         d["macs"] for d in plan["dense_layers"])
     assert any(d["name"].startswith("spynet.") and "SpyNet" in d["reason"] for d in plan["dense_layers"])
@@ -510,3 +515,11 @@ def test_eval_clips_with_tiny_frames_are_one_line(capsys, tmp_path, bv_l1):
     write_clip(data / "c", frames(4, 12, 12, 0))
     code, _, err = run(capsys, "validate", bv_l1["out"], "--eval-data", data, "--no-latency")
     assert code == 1 and "has 12x12 frames; evaluation needs at least" in error_line(err)
+
+
+def test_drift_slope_is_the_least_squares_slope():
+    from sls_deploy.modalities.drift import gap_slope
+
+    assert gap_slope([0.1 + 0.002 * t for t in range(50)]) == pytest.approx(0.2)  # 0.002 dB/frame = 0.2 / 100
+    assert gap_slope([0.3] * 10) == pytest.approx(0.0, abs=1e-12) and gap_slope([1.0]) == 0.0
+    assert gap_slope([0.5 - 0.01 * t for t in range(20)]) == pytest.approx(-1.0)

@@ -134,6 +134,7 @@ def plot_crop(image: Path, scale: int, dense: torch.nn.Module, pruned: torch.nn.
 
 WIDTHS_PLOT = "report_widths.png"
 FRAMES_PLOT = "report_frames.png"
+DRIFT_PLOT = "report_drift.png"
 
 
 def plot_group_widths(rep: dict, path: str | os.PathLike) -> None:
@@ -170,5 +171,32 @@ def plot_per_frame(rep: dict, path: str | os.PathLike) -> None:
     ax.set_title(f"{rep['model']}: per-frame quality", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_drift(rep: dict, path: str | os.PathLike) -> None:
+    """Per-frame PSNR of dense and pruned over one whole long clip, and their gap with its fitted slope."""
+    plt = _plt()
+    d = rep["drift"]
+    fig, (ax, gx) = plt.subplots(2, 1, figsize=(5.6, 4.6), sharex=True)
+    ax.plot(d["psnr_dense"], "-", lw=1, label="dense")
+    ax.plot(d["psnr_pruned"], "-", lw=1, label="pruned")
+    ax.set_ylabel(f"PSNR-{rep['psnr']['channel'].upper()} (dB)")
+    ax.set_title(f"{rep['model']}: drift over {d['frames']} frames of {d['clip']}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    t = list(range(len(d["gap"])))
+    gx.plot(t, d["gap"], "-", lw=1, color="C3", label="dense - pruned")
+    if len(t) > 1:
+        import numpy as np
+
+        k, b = np.polyfit(t, d["gap"], 1)
+        gx.plot(t, [k * x + b for x in t], "--", color="k", lw=1,
+                label=f"slope {d['slope_db_per_100_frames']:+.3f} dB / 100 frames")
+    gx.set_xlabel("frame")
+    gx.set_ylabel("gap (dB)")
+    gx.legend(fontsize=7)
+    gx.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)

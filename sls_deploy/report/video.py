@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sls_deploy.report.sections import Section, channel_group_section, fmt as _f
-from sls_deploy.report.plots import FRAMES_PLOT, WIDTHS_PLOT
+from sls_deploy.report.plots import DRIFT_PLOT, FRAMES_PLOT, WIDTHS_PLOT
 
 
 def verdict(rep: dict) -> str:
@@ -31,6 +31,11 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
                                        f"{o['whole_clip']['clip']}" if o.get("whole_clip") else "") +
                                        f" (tolerance {o['tolerance']:.0e}: {'pass' if o['passed'] else 'FAIL'})"),
     ]
+    d = rep.get("drift")
+    if d:
+        rows.append((f"drift over {d['frames']} frames of {d['clip']}",
+                     f"gap dense - pruned {d['gap_first_half']:+.3f} dB (first half) -> {d['gap_second_half']:+.3f} dB "
+                     f"(second half), slope {d['slope_db_per_100_frames']:+.3f} dB / 100 frames"))
     lat = rep.get("latency") or {}
     for z in lat.get("sizes", []):
         rows.append((f"latency ORT {z['lr_hw'][0]}x{z['lr_hw'][1]} per frame (median)",
@@ -54,6 +59,16 @@ def sections(rep: dict) -> list[Section]:
         ["frame", "bicubic", "dense", "pruned", "pruned - dense"],
         [[str(t), _f(pf["bicubic"][t]), _f(pf["dense"][t]), _f(pf["pruned"][t]), f"{pf['pruned'][t] - pf['dense'][t]:+.2f}"]
          for t in range(len(pf["pruned"]))], image=FRAMES_PLOT, alt="per-frame PSNR"))
+    d = rep.get("drift")
+    if d:
+        out.append(Section(f"Drift over a whole clip ({d['frames']} frames of {d['clip']})", [
+            f"{d['how']}. Gap = dense - pruned PSNR-{ch} per frame; a positive slope means the pruned model falls "
+            "further behind as its state propagates."],
+            ["measure", "value"],
+            [["gap, first half of the clip", f"{d['gap_first_half']:+.3f} dB"],
+             ["gap, second half of the clip", f"{d['gap_second_half']:+.3f} dB"],
+             ["least-squares slope of the gap", f"{d['slope_db_per_100_frames']:+.3f} dB per 100 frames"]],
+            image=DRIFT_PLOT, alt="drift over the whole clip"))
     out.append(Section(f"Per clip (PSNR-{ch} dB, mean over frames)", [], ["clip", "bicubic", "dense", "pruned"],
                        [[c, *(_f(sum(v[k]) / len(v[k])) for k in ("bicubic", "dense", "pruned"))]
                         for c, v in p["per_clip"].items()]))

@@ -39,6 +39,7 @@ from sls_deploy.stages.models import graph_spec, load_model, plan_widths
 from sls_deploy.stages.skeleton import Run
 from sls_deploy.stages.validate_common import REPORT_HTML, ValidateOptions, graph_files_of, plan_rows, progress_bar
 from sls_deploy.modalities.clip import VideoQuality, bicubic_clip_infer, evaluate_clips
+from sls_deploy.modalities.drift import drift
 
 
 
@@ -105,6 +106,7 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
 
         quality["onnx"] = evaluate_clips(_ticking(onnx_infer, bar), clips, T, scale, ch, with_ssim=False)
         whole = whole_clip_check(graph_run, pruned, clips[0], T, scale, bool(spec.recurrent))
+        drifted = drift(_torch_infer(dense), _torch_infer(pruned), clips[0], scale, ch)
         precisions = {}
         for p, f in graph_files.items():  # FP16 / INT8 graphs: PSNR drop below the FP32 PyTorch model
             if p == "fp32":
@@ -122,7 +124,11 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
         stack.close()
         bar.close()
     rep = _report(bundle, recipe, plan, m, quality, clips, T, diffs, latency, spec, whole, frames, precisions)
-    images = {report_plots.FRAMES_PLOT: lambda p: report_plots.plot_per_frame(rep, p)}
+    rep["drift"] = drifted | {"how": "PyTorch dense and pruned models over every frame of the first eval clip, the "
+                                     "recurrent state carried through all of it (the step graph runs the same "
+                                     "within onnx_vs_torch.whole_clip.max_abs)"}
+    images = {report_plots.FRAMES_PLOT: lambda p: report_plots.plot_per_frame(rep, p),
+              report_plots.DRIFT_PLOT: lambda p: report_plots.plot_drift(rep, p)}
     if rep["groups"]:
         images[report_plots.WIDTHS_PLOT] = lambda p: report_plots.plot_group_widths(rep, p)
     for name, draw in images.items():
