@@ -57,10 +57,15 @@ def _plan_options(f):
 
 
 def _video_options(f):
-    f = click.option("--temporal-weight", type=click.FloatRange(min=0.0),
+    f = click.option("--frame-diff-weight", "--temporal-weight", "temporal_weight", type=click.FloatRange(min=0.0),
                      help="Clip/step (video) models: weight of the frame-difference term of the training loss "
-                          "(this project's own term, L1 of frame-to-frame differences; 0 = per-frame L1; default: "
-                          "the recipe's structured.temporal_weight).")(f)
+                          "(this project's own term, L1 of frame-to-frame differences, not SSL's Temporal "
+                          "Finetuning; 0 = per-frame L1; default: the recipe's structured.temporal_weight). "
+                          "--temporal-weight is its old name.")(f)
+    f = click.option("--tf-weight", "tf_weight", type=click.FloatRange(min=0.0),
+                     help="Clip/step (video) models: temporal finetuning, weight of the L1 distance between the "
+                          "pruned and the dense model's hidden states at every time step during finetuning "
+                          "(0 = off; default: the recipe's structured.tf_weight).")(f)
     f = click.option("--keep-full", "keep_full", multiple=True, metavar="GROUP",
                      help="Channel methods: keep this channel group at full width (repeatable), e.g. --keep-full "
                           "stream keeps EDSR's residual stream whole and prunes only block inner channels and the "
@@ -120,7 +125,7 @@ def cli() -> None:
 @_precision_options
 @_progress_option
 def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, keep_full,
-          temporal_weight, data, eval_data, steps, out, as_json, precisions, calib, calib_method, no_progress):
+          tf_weight, temporal_weight, data, eval_data, steps, out, as_json, precisions, calib, calib_method, no_progress):
     """Plan, finetune, export and validate: the whole pipeline into one bundle folder.
 
     Re-running the same command resumes an interrupted build (finished stages are skipped, finetune continues
@@ -133,7 +138,7 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
 
     recipe = resolve_recipe(model_name, recipe_path)
     settings = _settings(recipe, budget, method, lam=lam, alpha=alpha, n=n, target=target, m=m, weights=weights,
-                         seed=seed, round_to=round_to, keep_full=tuple(keep_full) or None,
+                         seed=seed, round_to=round_to, keep_full=tuple(keep_full) or None, tf_weight=tf_weight,
                          temporal_weight=temporal_weight, data=data, eval_data=eval_data, steps=steps, precisions=tuple(precisions), calib=calib,
                          calib_method=calib_method)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
@@ -181,7 +186,7 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, force, seed,
 @click.option("--steps", type=click.IntRange(min=0), help="Search + finetune steps (default: the recipe's).")
 @_progress_option
 def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, keep_full,
-           temporal_weight, out, data, steps, no_progress):
+           tf_weight, temporal_weight, out, data, steps, no_progress):
     """Only plan: write plan.json (one entry per prunable layer, or per channel group for video models) into a
     new or matching bundle."""
     from sls_deploy.config.recipe import resolve_recipe
@@ -191,7 +196,7 @@ def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, we
 
     recipe = resolve_recipe(model_name, recipe_path)
     settings = _settings(recipe, budget, method, lam=lam, alpha=alpha, n=n, target=target, m=m, weights=weights,
-                         seed=seed, round_to=round_to, keep_full=tuple(keep_full) or None,
+                         seed=seed, round_to=round_to, keep_full=tuple(keep_full) or None, tf_weight=tf_weight,
                          temporal_weight=temporal_weight, data=data, steps=steps)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     plan = search_or_release(start(recipe, settings, out_dir, _log, not no_progress))

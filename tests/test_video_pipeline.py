@@ -523,3 +523,63 @@ def test_drift_slope_is_the_least_squares_slope():
     assert gap_slope([0.1 + 0.002 * t for t in range(50)]) == pytest.approx(0.2)  # 0.002 dB/frame = 0.2 / 100
     assert gap_slope([0.3] * 10) == pytest.approx(0.0, abs=1e-12) and gap_slope([1.0]) == 0.0
     assert gap_slope([0.5 - 0.01 * t for t in range(20)]) == pytest.approx(-1.0)
+
+
+# --------------------------------------------------------------------------- temporal finetuning (TF)
+
+
+def _tiny_streamvsr(seed: int):
+    from sls_deploy.models.basicvsr import StreamVSR
+
+    torch.manual_seed(seed)
+    return StreamVSR(num_feat=8, num_block=1, spynet=False)
+
+
+def test_tf_term_is_zero_for_identical_models_and_pulls_states_together():
+    import copy
+
+    from sls_deploy.training.distill import HiddenStateDistill, hidden_state_loss
+
+    s = torch.zeros(2, 3, requires_grad=True)
+    t = torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, -0.5]])
+    hidden_state_loss([s], [t]).backward()
+    assert torch.all(torch.sign(s.grad[t != 0]) == -torch.sign(t[t != 0]))  # descent moves s toward t
+
+    teacher = _tiny_streamvsr(0)
+    clip = torch.rand(1, 4, 3, 12, 12)
+    same = HiddenStateDistill(copy.deepcopy(teacher), ("forward_trunk",), 1.0)
+    student = copy.deepcopy(teacher)
+    same.attach(student)
+    student(clip)
+    assert float(same.regularizer().detach()) == 0.0
+    same.detach(student)
+
+    student = _tiny_streamvsr(1)
+    tf = HiddenStateDistill(teacher, ("forward_trunk",), 1.0)
+    tf.attach(student)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    losses = []
+    for _ in range(5):
+        student(clip)
+        loss = tf.regularizer()
+        assert len(tf.teacher_states((clip,))) == 4  # one hidden state per frame
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    tf.detach(student)
+    assert losses[0] > 0 and losses[-1] < losses[0]
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_build_with_temporal_finetuning(tmp_path, clips, capsys):
+    recipe = write_recipe(tmp_path, "streamvsr", clips)
+    weights = write_weights(recipe, tmp_path / "w.safetensors")
+    out = tmp_path / "b"
+    code = main(["build", "--recipe", str(recipe), "--weights", str(weights), "--budget", "0.6", "--tf-weight",
+                 "0.1", "--steps", "4", "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    ft = json.loads((out / "manifest.json").read_text())["stages"]["finetune"]["result"]
+    assert ft["tf"]["weight"] == 0.1 and ft["tf"]["final_term"] > 0 and ft["tf"]["states"] == ["forward_trunk"]
+    code = main(["build", "--model", "edsr", "--budget", "0.5", "--tf-weight", "0.1", "--out", str(tmp_path / "e")])
+    assert code == 2 and "--tf-weight does not apply" in capsys.readouterr().err

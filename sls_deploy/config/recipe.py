@@ -111,7 +111,8 @@ class StructuredSection:
     grow_every: int = 5
     cap: float = 1.0e-2  # ... up to this
     scale_lr: float = 2.0e-2  # Adam learning rate of the scales (fixed; the weights follow the finetune schedule)
-    temporal_weight: float = 0.5  # temporal_l1 weight during ssl and finetuning; 0 = plain per-frame L1
+    temporal_weight: float = 0.5  # frame-difference (temporal_l1) weight during ssl and finetuning; 0 = per-frame L1
+    tf_weight: float = 0.0  # temporal finetuning: L1 between pruned and dense hidden states at every time step
     align: float = 0.0  # ASSL's Sparsity Structure Alignment weight on stream groups' producers (0: off)
     keep_full: tuple[str, ...] = ()  # channel groups kept at full width (e.g. [stream])
 

@@ -52,6 +52,7 @@ class Settings:
     keep_full: tuple[str, ...] = ()  # channel groups kept at full width
     ssl_steps: int = 100
     temporal_weight: float = 0.0  # weight of the frame-difference term of the clip loss (0 = per-frame L1)
+    tf_weight: float = 0.0  # temporal finetuning: hidden states distilled from the dense model (training/distill.py)
     # export
     precisions: tuple[str, ...] = ("fp32",)
     calib: str = "builtin"
@@ -75,9 +76,11 @@ class Settings:
             raise UsageError(f"--method {method} prunes channel groups, and {recipe.describe_model()} declares none "
                              f"(its methods: {', '.join(m for m in METHODS if STRATEGIES[m] == 'nm')})")
         modality = modality_of(recipe)
-        if cli.get("temporal_weight") is not None and modality == "image":
-            raise UsageError(f"--temporal-weight does not apply to {recipe.describe_model()}: it is an option of "
-                             "clip and step (video) models")
+        for opt in ("temporal_weight", "tf_weight"):
+            if cli.get(opt) is not None and modality == "image":
+                flag = "--frame-diff-weight" if opt == "temporal_weight" else "--tf-weight"
+                raise UsageError(f"{flag} does not apply to {recipe.describe_model()}: it is an option of clip and "
+                                 "step (video) models")
         st, prec = recipe.structured, recipe.precision
         values = {
             "budget": budget, "method": method, "strategy": strategy, "modality": modality,
@@ -87,6 +90,7 @@ class Settings:
             "m": recipe.sparsity_m, "target": recipe.sparsity_target,
             "round_to": st.round_to, "keep_full": tuple(st.keep_full), "ssl_steps": st.ssl_steps,
             "temporal_weight": st.temporal_weight if modality != "image" else 0.0,
+            "tf_weight": st.tf_weight if modality != "image" else 0.0,
             "precisions": tuple(dict.fromkeys(("fp32",) + tuple(prec.graphs))),
             "calib": prec.calib, "calib_method": prec.calib_method, "io": prec.io,
         }
@@ -140,7 +144,9 @@ class Settings:
         if not isinstance(self.ssl_steps, int) or self.ssl_steps < 1:
             raise UsageError(f"ssl steps must be an integer >= 1, not {self.ssl_steps}")
         if not math.isfinite(self.temporal_weight) or self.temporal_weight < 0:
-            raise UsageError(f"--temporal-weight must be a finite number >= 0, not {self.temporal_weight:g}")
+            raise UsageError(f"--frame-diff-weight must be a finite number >= 0, not {self.temporal_weight:g}")
+        if not math.isfinite(self.tf_weight) or self.tf_weight < 0:
+            raise UsageError(f"--tf-weight must be a finite number >= 0, not {self.tf_weight:g}")
         for p in self.precisions:
             if p not in PRECISIONS:
                 raise UsageError(f"unknown precision '{p}' (known: {', '.join(PRECISIONS)})")
@@ -193,6 +199,7 @@ class Settings:
         if unknown:
             raise UsageError(f"the bundle's settings hold an unknown field '{unknown[0]}' (made by another version?)")
         values = {k: tuple(v) if k in ("precisions", "keep_full") else v for k, v in record.items()}
+        values.setdefault("tf_weight", 0.0)  # bundles made before temporal finetuning existed
         try:
             return cls(**values).check(recipe)
         except TypeError as e:

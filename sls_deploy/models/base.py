@@ -158,6 +158,11 @@ class ModelAdapter(abc.ABC):
         """The module whose forward is exactly the ONNX graph (same parameter names as ``model``)."""
         return model
 
+    def state_modules(self, model: nn.Module) -> tuple[str, ...]:
+        """Modules whose output, at each call, is the recurrent hidden state of one time step (what temporal
+        finetuning distils from the dense model). Default: none (not a recurrent model)."""
+        return ()
+
     def modalities(self) -> tuple[str, ...]:
         """How data can meet this model, the default first: "image" (N,C,H,W in, one frame out), "clip"
         (N,T,C,H,W: a window of frames per graph run) or "step" (one step of a recurrent model: the graph's

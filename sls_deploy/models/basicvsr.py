@@ -337,6 +337,10 @@ class _VSRAdapter(ModelAdapter):
                 out.append(LayerDecl(name, "conv", True))
         return out
 
+    def state_modules(self, model: nn.Module) -> tuple[str, ...]:
+        """Each trunk's output is the branch's hidden state at one time step (called once per frame)."""
+        return tuple(model.trunks)
+
     def channel_groups(self, model: nn.Module) -> list[ChannelGroup]:
         """Block inner channels, fusion out, both PixelShuffle stages (unit 4), conv_hr out.
 

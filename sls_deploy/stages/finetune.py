@@ -23,6 +23,7 @@ from sls_deploy.pruning.registry import load_plan
 from sls_deploy.stages.models import load_model, plan_widths
 from sls_deploy.stages.resume import check_resume
 from sls_deploy.stages.skeleton import Run, StageOutput, run_stage
+from sls_deploy.training.distill import Controllers, HiddenStateDistill
 from sls_deploy.training.loop import TrainConfig, train
 
 
@@ -66,7 +67,7 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
     steps = max(0, s.steps - search_steps(plan))
     inputs = {"plan": atomic.sha256_file(bundle.path(PLAN)), "init": atomic.sha256_file(init), "steps": steps,
               "sec": recipe.finetune.__dict__, "data": s.data, "seed": s.seed, "modality": s.modality,
-              "temporal_weight": s.temporal_weight}
+              "temporal_weight": s.temporal_weight, **({"tf_weight": s.tf_weight} if s.tf_weight else {})}
 
     def body(key: str) -> StageOutput:
         ckpt = finetune_checkpoint(run)
@@ -77,6 +78,11 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
         controller = masks
         if isinstance(plan, Plan) and plan.method == "srste":
             controller = SRSTE([(l.name, l.n) for l in plan.layers if l.n < l.m], plan.m, recipe.srste_decay)
+        distill = None
+        if s.tf_weight > 0:  # temporal finetuning: the dense model's hidden states as targets at every step
+            base = Path(search["base_weights"])
+            distill = HiddenStateDistill(load_model(recipe, base), recipe.adapter.state_modules(model), s.tf_weight)
+            controller = Controllers(controller, distill)
         info: dict[str, Any] = {"steps": 0, "resumed_from": 0, "seconds": 0.0, "final_loss": None,
                                 "world_size": dist.world_size()}
         if steps > 0 or masks is not None:
@@ -89,6 +95,9 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
                            loss_fn=modalities.loss_fn(s.modality, s.temporal_weight))
             info.update(steps=result.steps_done, resumed_from=result.resumed_from, seconds=round(result.seconds, 1),
                         final_loss=result.final_loss)
+            if distill is not None:
+                info["tf"] = {"weight": s.tf_weight, "final_term": distill.last,
+                              "states": list(recipe.adapter.state_modules(model))}
         if masks is not None:
             if plan.method == "srste":  # SR-STE's masks moved with the weights: take the final ones
                 masks = masks_for(model, plan)
