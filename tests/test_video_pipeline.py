@@ -306,8 +306,19 @@ def test_pruned_graph_has_narrower_plain_convs_and_the_dense_ops(request, which)
 
     out = request.getfixturevalue(which)["out"]
     pruned, dense = onnx.load(str(out / "model.onnx")), onnx.load(str(out / "work" / "dense.onnx"))
-    assert op_types(pruned) == op_types(dense)  # no Gather/Scatter/Slice added by pruning
-    assert "Gather" not in op_types(pruned) or op_types(pruned)["Gather"] == op_types(dense)["Gather"]
+    plan = json.loads((out / "plan.json").read_text())
+    rsc = [g for g in plan["groups"] if g.get("index") and g["kept_units"] < g["dense_units"]]
+    ops, dense_ops = op_types(pruned), op_types(dense)
+    if not rsc:
+        assert ops == dense_ops  # no Gather/Scatter/Slice added by pruning
+    else:  # Residual Sparsity Connections: Gather (read) and ScatterElements (index add) per narrowed group
+        from sls_deploy.stages.export import RSC_OPS
+
+        extra = {k for k in set(ops) | set(dense_ops) if ops.get(k, 0) != dense_ops.get(k, 0)}
+        assert extra <= RSC_OPS | {"Add"}
+        reads = sum(1 for g in rsc if not g["producers"])
+        assert ops.get("Gather", 0) - dense_ops.get("Gather", 0) >= reads
+        assert ops.get("ScatterElements", 0) - dense_ops.get("ScatterElements", 0) >= len(rsc) - reads
     pw = {w.tensor: w.shape for w in graph_weights(pruned) if w.op == "Conv"}
     dw = {w.tensor: w.shape for w in graph_weights(dense) if w.op == "Conv"}
     assert pw["upconv2.weight"][0] < dw["upconv2.weight"][0] or pw["upconv1.weight"][0] < dw["upconv1.weight"][0]
@@ -415,7 +426,7 @@ def test_options_of_the_other_strategy_are_usage_errors(capsys, tmp_path, clips,
 
 @pytest.mark.parametrize("extra, fragment", [
     (["--method", "l1"], "--method l1 prunes channel groups, and recipe 'edsr"), (["--method", "sls", "--round-to", "4"], "--round-to does not apply"),
-    (["--method", "sls", "--temporal-weight", "0"], "--temporal-weight does not apply")])
+    (["--method", "sls", "--temporal-weight", "0"], "--frame-diff-weight does not apply")])
 def test_video_options_on_an_image_recipe_are_usage_errors(capsys, tmp_path, monkeypatch, extra, fragment):
     # EDSR declares channel groups now: stand in a model that declares none for the "--method l1" case
     from sls_deploy.models.edsr import EDSRAdapter
@@ -583,3 +594,98 @@ def test_build_with_temporal_finetuning(tmp_path, clips, capsys):
     assert ft["tf"]["weight"] == 0.1 and ft["tf"]["final_term"] > 0 and ft["tf"]["states"] == ["forward_trunk"]
     code = main(["build", "--model", "edsr", "--budget", "0.5", "--tf-weight", "0.1", "--out", str(tmp_path / "e")])
     assert code == 2 and "--tf-weight does not apply" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- Residual Sparsity Connection (RSC)
+
+
+def _rsc_setup(arch_cls):
+    from sls_deploy.models.basicvsr import BasicVSRAdapter, StreamVSRAdapter
+
+    torch.manual_seed(3)
+    model = arch_cls(num_feat=8, num_block=2, spynet=False).eval()
+    for p in model.parameters():  # weights of a trained size, so every channel matters
+        p.data.normal_(0, 0.05)
+    adapter = BasicVSRAdapter() if arch_cls.__name__ == "BasicVSR" else StreamVSRAdapter()
+    return model, adapter.channel_groups(model)
+
+
+@pytest.mark.parametrize("arch", ["BasicVSR", "StreamVSR"])
+def test_rsc_slice_equals_the_zeroed_dense_model(arch):
+    import copy
+
+    from sls_deploy.models import basicvsr
+    from sls_deploy.pruning.channels.structured import slice_into, widths_of, zero_units
+
+    cls = getattr(basicvsr, arch)
+    dense, groups = _rsc_setup(cls)
+    by_name = {g.name: g for g in groups}
+    keep = {"forward_trunk.main.2.0.read": torch.tensor([0, 2, 3, 6, 7]),
+            "forward_trunk.main.2.0.write": torch.tensor([1, 2, 5]),
+            "forward_trunk.main.2.1.read": torch.tensor([4, 5]),
+            "forward_trunk.main.2.1.conv1": torch.tensor([0, 1, 2, 3, 7])}
+    zeroed = copy.deepcopy(dense)
+    for name, idx in keep.items():
+        drop = [i for i in range(8) if i not in idx.tolist()]
+        zero_units(zeroed, by_name[name], drop)
+    widths = {**cls.dense_widths(8, 2), **widths_of(keep)}
+    sliced = cls(num_feat=8, num_block=2, spynet=False, widths=widths).eval()
+    slice_into(dense, sliced, groups, keep)
+    assert sliced.forward_trunk.main[2][0].read_idx.tolist() == [0, 2, 3, 6, 7]
+    assert sliced.forward_trunk.main[2][0].write_idx.tolist() == [1, 2, 5]
+    assert not hasattr(sliced.forward_trunk.main[2][1], "write_idx")  # block 1 writes the whole stream
+    clip = torch.rand(1, 3, 3, 12, 14)
+    with torch.no_grad():
+        a, b = zeroed(clip), sliced(clip)
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    # slicing a sliced model again composes the indices (channels of the full stream)
+    keep2 = {"forward_trunk.main.2.0.read": torch.tensor([1, 3])}  # units 1 and 3 of [0, 2, 3, 6, 7]
+    widths2 = {**widths, "forward_trunk.main.2.0.read": 2}
+    again = cls(num_feat=8, num_block=2, spynet=False, widths=widths2).eval()
+    adapter = basicvsr.BasicVSRAdapter() if arch == "BasicVSR" else basicvsr.StreamVSRAdapter()
+    slice_into(sliced, again, adapter.channel_groups(sliced), keep2)
+    assert again.forward_trunk.main[2][0].read_idx.tolist() == [2, 6]
+
+
+def test_rsc_input_scales_fold_exactly_and_learn():
+    from sls_deploy.models.basicvsr import StreamVSR
+    from sls_deploy.pruning.channels.structured import ChannelScales, l1_importance
+
+    model, groups = _rsc_setup(StreamVSR)
+    read = [g for g in groups if g.name.endswith(".read")]
+    assert all(not g.producer and g.index for g in read)
+    assert l1_importance(model, read[0]).shape == (8,)
+    scales = ChannelScales(model, read)
+    scales.attach(model)
+    with torch.no_grad():
+        for s in scales.scales.values():
+            s.copy_(torch.linspace(0.1, 1.5, 8))
+    clip = torch.rand(1, 3, 3, 10, 10)
+    with torch.no_grad():
+        hooked = model(clip)
+    scales.fold()
+    with torch.no_grad():
+        folded = model(clip)
+    assert torch.allclose(hooked, folded, atol=1e-5)
+    assert torch.allclose(scales.folded_importance[read[0].name], torch.linspace(0.1, 1.5, 8))
+
+
+def test_plan_and_weights_with_different_rsc_indices_are_refused(bv_l1, tmp_path):
+    import shutil
+
+    from sls_deploy.core.errors import PlanError
+    from sls_deploy.pruning.registry import load_plan
+    from sls_deploy.stages.models import check_plan_indices, load_model, plan_widths
+    from sls_deploy.config.recipe import load_recipe
+
+    out = bv_l1["out"]  # uniform L1 narrows every group, the RSC reads and writes too
+    plan = load_plan(out / "plan.json")
+    recipe = load_recipe(out / "recipe.yaml")
+    model = load_model(recipe, out / "model.safetensors", plan_widths(plan))
+    check_plan_indices(model, plan)  # the bundle agrees with itself
+    narrowed = [g for g in plan.groups if g.index and g.kept_units < g.dense_units]
+    assert narrowed
+    g = narrowed[0]
+    g.kept = sorted(set(range(g.dense_units)) - set(g.kept))[:g.kept_units]
+    with pytest.raises(PlanError, match="read/write indices and the weights disagree"):
+        check_plan_indices(model, plan)

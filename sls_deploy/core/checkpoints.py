@@ -81,6 +81,12 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str) ->
     own = model.state_dict()
     for k in own:
         v = sd[k]
+        if not own[k].is_floating_point():  # an index buffer (RSC): integer channel indices, in range, distinct
+            if v.is_floating_point() or v.dtype == torch.bool:
+                raise CheckpointError(f"{what}: index '{k}' is {str(v.dtype).removeprefix('torch.')}, not integer")
+            if v.numel() and (int(v.min()) < 0 or len(set(v.tolist())) != v.numel()):
+                raise CheckpointError(f"{what}: index '{k}' holds negative or repeated channel indices")
+            continue
         if not v.is_floating_point():
             raise CheckpointError(f"{what}: weight '{k}' is {str(v.dtype).removeprefix('torch.')}, not a float tensor")
         if not torch.isfinite(v).all():
@@ -92,7 +98,8 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str) ->
 def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None,
                  half: bool = False) -> None:
     """The model's state dict as safetensors (FP16 if ``half``), written atomically."""
-    sd = {k: (v.half() if half else v).detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous()
+          for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         # one metadata entry: safetensors writes several in hash-map order, which changes from call to call, so
         # identical tensors would not give identical bytes (and hashes)

@@ -56,6 +56,11 @@ class ChannelGroup:
     and all consumers then keep the SAME unit indices. A stream layer may be both a producer and a consumer
     of its group (EDSR's conv_after_body reads and writes the stream). ``producers`` defaults to
     ``(producer,)``; when it is given, ``producer`` must be its first entry (or empty, then it is filled in).
+
+    A group with ``index`` is a subset of a full-width tensor that stays full width (SSL's Residual Sparsity
+    Connection): with no producer, its consumers read (gather) the kept channels of that tensor; with a producer
+    and no consumers, the producer's kept output channels are added back into it (scatter). ``index`` names the
+    model's buffer holding those channel indices (absent in a model where the group is whole).
     """
 
     name: str
@@ -63,9 +68,14 @@ class ChannelGroup:
     consumers: tuple[str, ...]
     unit: int = 1
     producers: tuple[str, ...] = ()
+    index: str = ""  # a subset of a wider tensor: the model's buffer naming which channels (see below)
 
     def __post_init__(self) -> None:
         prods = tuple(self.producers)
+        if not prods and not self.producer and self.index:
+            if not self.consumers:
+                raise ValueError(f"channel group '{self.name}' has neither producer nor consumers")
+            return  # a gather group: consumers read the kept channels of a full-width tensor
         if not prods:
             if not self.producer:
                 raise ValueError(f"channel group '{self.name}' has no producer")

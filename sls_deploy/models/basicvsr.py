@@ -108,14 +108,17 @@ class SpyNet(nn.Module):
 class ConvResidualBlocks(nn.Module):
     """main.0: conv num_in -> num_out, main.1: LeakyReLU(0.1), main.2.{i}: residual blocks of inner width mids[i]."""
 
-    def __init__(self, num_in: int, num_out: int, num_block: int, mids: list[int] | None = None):
+    def __init__(self, num_in: int, num_out: int, num_block: int, mids: list[int] | None = None,
+                 reads: list[int] | None = None, writes: list[int] | None = None):
         super().__init__()
         mids = [num_out] * num_block if mids is None else list(mids)
-        if len(mids) != num_block:
+        reads = [num_out] * num_block if reads is None else list(reads)
+        writes = [num_out] * num_block if writes is None else list(writes)
+        if not len(mids) == len(reads) == len(writes) == num_block:
             raise ValueError(f"{len(mids)} block widths for {num_block} blocks")
         self.main = nn.Sequential(
             nn.Conv2d(num_in, num_out, 3, 1, 1), nn.LeakyReLU(0.1, inplace=True),
-            nn.Sequential(*[ResidualBlockNoBN(num_out, m) for m in mids]))
+            nn.Sequential(*[ResidualBlockNoBN(num_out, m, r, w) for m, r, w in zip(mids, reads, writes)]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(x)
@@ -124,6 +127,12 @@ class ConvResidualBlocks(nn.Module):
 def trunk_group(trunk: str, i: int) -> str:
     """Name of the group (= producer) of block i's inner channels."""
     return f"{trunk}.main.2.{i}.conv1"
+
+
+def rsc_groups(trunk: str, i: int) -> tuple[str, str]:
+    """Names of block i's Residual Sparsity Connection groups: the stream channels conv1 reads and the stream
+    channels conv2 writes back."""
+    return f"{trunk}.main.2.{i}.read", f"{trunk}.main.2.{i}.write"
 
 
 class _VSRBase(nn.Module):
@@ -149,13 +158,16 @@ class _VSRBase(nn.Module):
     def dense_widths(cls, num_feat: int, num_block: int) -> dict[str, int]:
         """{group name: units} of the unpruned model (BasicSR's widths), in forward order."""
         widths = {trunk_group(t, i): num_feat for t in cls.trunks for i in range(num_block)}
+        widths.update({g: num_feat for t in cls.trunks for i in range(num_block) for g in rsc_groups(t, i)})
         if cls.has_fusion:
             widths["fusion"] = num_feat
         return {**widths, "upconv1": num_feat, "upconv2": HR_FEAT, "conv_hr": HR_FEAT}
 
     def _trunk(self, name: str) -> ConvResidualBlocks:
         mids = [self.widths[trunk_group(name, i)] for i in range(self.num_block)]
-        return ConvResidualBlocks(self.num_feat + 3, self.num_feat, self.num_block, mids)
+        reads = [self.widths[rsc_groups(name, i)[0]] for i in range(self.num_block)]
+        writes = [self.widths[rsc_groups(name, i)[1]] for i in range(self.num_block)]
+        return ConvResidualBlocks(self.num_feat + 3, self.num_feat, self.num_block, mids, reads, writes)
 
     def _head(self, in_ch: int) -> None:
         """upconv1 -> shuffle -> upconv2 -> shuffle -> conv_hr -> conv_last (registered after the trunks)."""
@@ -342,12 +354,22 @@ class _VSRAdapter(ModelAdapter):
         return tuple(model.trunks)
 
     def channel_groups(self, model: nn.Module) -> list[ChannelGroup]:
-        """Block inner channels, fusion out, both PixelShuffle stages (unit 4), conv_hr out.
+        """Block inner channels, the blocks' Residual Sparsity Connections, fusion out, both PixelShuffle stages
+        (unit 4), conv_hr out.
 
-        The residual stream (= the hidden state) is no group: it stays full width.
+        The residual stream (= the hidden state) keeps its full width; with RSC (SSL) each block reads a subset
+        of it (group ``...read``: conv1's input channels, gathered by ``read_idx``) and writes a subset back
+        (group ``...write``: conv2's output channels, added at ``write_idx``). ``--keep-full '*.read' --keep-full
+        '*.write'`` turns RSC off (blocks read and write the whole stream).
         """
-        groups = [ChannelGroup(trunk_group(t, i), trunk_group(t, i), (f"{t}.main.2.{i}.conv2",))
-                  for t in model.trunks for i in range(model.num_block)]
+        groups = []
+        for t in model.trunks:
+            for i in range(model.num_block):
+                blk = f"{t}.main.2.{i}"
+                read, write = rsc_groups(t, i)
+                groups += [ChannelGroup(trunk_group(t, i), trunk_group(t, i), (f"{blk}.conv2",)),
+                           ChannelGroup(read, "", (f"{blk}.conv1",), index=f"{blk}.read_idx"),
+                           ChannelGroup(write, f"{blk}.conv2", (), index=f"{blk}.write_idx")]
         if model.has_fusion:
             groups.append(ChannelGroup("fusion", "fusion", ("upconv1",)))
         return groups + [ChannelGroup("upconv1", "upconv1", ("upconv2",), 4),

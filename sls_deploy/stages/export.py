@@ -25,7 +25,7 @@ from sls_deploy.onnx.export import export_onnx, graph_weights, load_onnx, verify
 from sls_deploy.pruning.nm import Plan
 from sls_deploy.pruning.registry import load_plan
 from sls_deploy.stages.calibration import calibration_feeds, step_feeds
-from sls_deploy.stages.models import fp32_islands, graph_spec, load_model, plan_widths
+from sls_deploy.stages.models import check_plan_indices, fp32_islands, graph_spec, load_model, plan_widths
 from sls_deploy.stages.skeleton import Run, StageOutput, run_stage
 
 CALIB_CACHE = "calib_cache.json"
@@ -83,6 +83,7 @@ def _export(run: Run, plan, base: Path, feeds, hashes) -> StageOutput:
     s, recipe, bundle = run.settings, run.recipe, run.bundle
     adapter = recipe.adapter
     model = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan))
+    check_plan_indices(model, plan)
     spec = graph_spec(recipe)
     islands = plan.fp32_islands if isinstance(plan, Plan) else fp32_islands(recipe, model)
     island_ops = tuple(adapter.fp32_island_ops())
@@ -99,7 +100,7 @@ def _export(run: Run, plan, base: Path, feeds, hashes) -> StageOutput:
         if isinstance(plan, Plan):
             info["layers_nm"] = len(plan.layers)
         else:
-            info.update(_channel_checks(run, fp32, model, base, staged))
+            info.update(_channel_checks(run, fp32, model, base, staged, plan))
         graphs = {"fp32": fp32}
         if "fp16" in s.precisions:
             graphs["fp16"] = to_fp16(fp32, islands, io_fp16=s.io == "fp16", island_ops=island_ops)
@@ -144,19 +145,38 @@ def _nm_checks(graph, plan: Plan, name: str) -> dict[str, int]:
     return {"layers_nm": len(checks), "layers_2to4": sum(c["2to4"] for c in checks.values())}
 
 
-def _channel_checks(run: Run, pruned_g, model, base: Path, staged: Path) -> dict[str, Any]:
-    """The pruned graph has the dense graph's op types and plain narrower convs (no Gather/Scatter added)."""
+RSC_OPS = {"Gather", "ScatterElements", "Shape", "Slice", "Expand", "ConstantOfShape", "Constant"}
+
+
+def _channel_checks(run: Run, pruned_g, model, base: Path, staged: Path, plan) -> dict[str, Any]:
+    """The pruned graph has the dense graph's op types and plain narrower convs (no Gather/Scatter added), except
+    for Residual Sparsity Connections: one Gather per narrowed read group and one ScatterElements (index add)
+    per narrowed write group, with their shape plumbing (``RSC_OPS``)."""
     recipe, bundle = run.recipe, run.bundle
     dense = load_model(recipe, base)
     dense_path = dense_graph(bundle, recipe, dense, atomic.sha256_file(base))
     dense_g = load_onnx(dense_path)
     ops, dense_ops = op_types(pruned_g), op_types(dense_g)
-    if ops != dense_ops:
+    narrowed = [g for g in plan.groups if g.index and g.kept_units < g.dense_units]
+    reads = sum(not g.producers for g in narrowed)
+    if narrowed:
+        extra = {k: ops.get(k, 0) - dense_ops.get(k, 0) for k in set(ops) | set(dense_ops)}
+        wrong = sorted(k for k, v in extra.items() if v and k not in RSC_OPS | {"Add"})
+        if wrong:
+            raise ExportError(f"the pruned graph adds '{wrong[0]}' ops beyond the RSC gathers/scatters")
+        # a block runs once per frame in an unrolled clip graph: the same number of calls k for every block
+        gathers, scatters, writes = extra.get("Gather", 0), extra.get("ScatterElements", 0), len(narrowed) - reads
+        calls = gathers // reads if reads else scatters // max(writes, 1)
+        if calls < 1 or gathers != calls * reads or scatters != calls * writes:
+            raise ExportError(f"the pruned graph has {gathers} more Gather and {scatters} more ScatterElements ops "
+                              f"than the dense one; the plan narrows {reads} read and {writes} write groups")
+    elif ops != dense_ops:
         diff = sorted(set(ops.items()) ^ set(dense_ops.items()))
         raise ExportError(f"the pruned graph's ops differ from the dense graph's ({diff[0][0]}): pruning must "
                           "leave plain narrower convs")
     convs = _conv_shapes(pruned_g, model, dense)
-    return {"op_types": ops, "same_op_types_as_dense": True,
+    return {"op_types": ops, "same_op_types_as_dense": ops == dense_ops,
+            "rsc": {"gathers": reads, "scatters": len(narrowed) - reads},
             "narrower_convs": sum(c["pruned"] != c["dense"] for c in convs.values()), "convs": convs,
             "weights_mb": {"dense": round(os.path.getsize(dense_path) / 2 ** 20, 3),
                            "pruned": round(os.path.getsize(staged) / 2 ** 20, 3)},

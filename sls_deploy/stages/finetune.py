@@ -20,7 +20,7 @@ from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.nm import MaskSet, Plan, nm_mask
 from sls_deploy.pruning.nm.srste import SRSTE
 from sls_deploy.pruning.registry import load_plan
-from sls_deploy.stages.models import load_model, plan_widths
+from sls_deploy.stages.models import check_plan_indices, load_model, plan_widths
 from sls_deploy.stages.resume import check_resume
 from sls_deploy.stages.skeleton import Run, StageOutput, run_stage
 from sls_deploy.training.distill import Controllers, HiddenStateDistill
@@ -73,6 +73,7 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
         ckpt = finetune_checkpoint(run)
         check_resume(ckpt, key, steps, resume, run.log, discard=discard)
         model = load_model(recipe, init, plan_widths(plan))
+        check_plan_indices(model, plan)
         nm = plan if isinstance(plan, Plan) else plan.nm_plan  # a hybrid channel plan has an N:M part
         masks = stored_masks(run) or (masks_for(model, nm) if nm is not None else None)
         controller = masks

@@ -9,7 +9,7 @@ import torch
 
 from sls_deploy.config.recipe import Recipe
 from sls_deploy.core.checkpoints import load_weights, read_state_dict
-from sls_deploy.core.errors import CheckpointError, RecipeError
+from sls_deploy.core.errors import CheckpointError, PlanError, RecipeError
 from sls_deploy.models import ModelConfig
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -63,3 +63,20 @@ def fp32_islands(recipe: Recipe, model: torch.nn.Module) -> list[str]:
 def graph_spec(recipe: Recipe):
     """The adapter's ExportSpec at the recipe's opset."""
     return dataclasses.replace(recipe.adapter.export_spec(recipe.model), opset=recipe.opset)
+
+
+def check_plan_indices(model: torch.nn.Module, plan) -> None:
+    """A channel plan's subset groups (RSC reads/writes) must name the channels the weights' index buffers hold:
+    a plan and weights that disagree would run the wrong channels silently (one-line PlanError)."""
+    buffers = dict(model.named_buffers())
+    for g in getattr(plan, "groups", []):
+        if not getattr(g, "index", "") or g.kept_units == g.dense_units:
+            continue
+        held = buffers.get(g.index)
+        if held is None:
+            raise PlanError(f"plan group '{g.name}' keeps {g.kept_units} of {g.dense_units} channels but the model "
+                            f"has no index '{g.index}'")
+        if held.tolist() != list(g.kept):
+            raise PlanError(f"plan group '{g.name}' keeps channels {list(g.kept)[:4]}... but the weights' "
+                            f"'{g.index}' holds {held.tolist()[:4]}...: the plan's read/write indices and the weights "
+                            "disagree")

@@ -21,7 +21,7 @@ from sls_deploy.core.checkpoints import save_weights
 from sls_deploy.core.errors import PlanError, UsageError
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.channels.plan import GroupPlan, LayerCost, StructuredPlan
-from sls_deploy.pruning.channels.structured import (ChannelScales, GroupCosts, l1_importance, producers_of,
+from sls_deploy.pruning.channels.structured import (ChannelScales, GroupCosts, index_of, l1_importance, producers_of,
                                                     select_global, select_uniform, slice_into, widths_of)
 from sls_deploy.pruning.nm.plan import DenseLayer, Plan
 from sls_deploy.pruning.hybrid import channel_budget, nm_layers_for, nm_saving
@@ -260,7 +260,8 @@ def _channel_plan(run: Run, model, groups, costs: GroupCosts, keep, frames: int,
         model=recipe.name, method=s.method, budget=s.budget, round_to=s.round_to,
         reference_output=list(recipe.reference_output), frames=frames,
         groups=[GroupPlan(g.name, g.producer, list(g.consumers), int(getattr(g, "unit", 1)), costs.units[g.name],
-                          [int(i) for i in keep[g.name].tolist()], list(producers_of(g))) for g in groups],
+                          [int(i) for i in keep[g.name].tolist()], list(producers_of(g)), index=index_of(g))
+                for g in groups],
         layers=layers, dense_layers=dense, seed=s.seed, search=info, target=s.target)
     plan.validate()
     return plan

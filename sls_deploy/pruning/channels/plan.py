@@ -37,10 +37,11 @@ class GroupPlan:
     kept: list[int]  # kept unit indices, ascending
     producers: list[str] = field(default_factory=list)
     producer_kept: dict[str, list[int]] | None = None
+    index: str = ""  # a subset of a full-width tensor (RSC): the model buffer holding the kept channels
 
     def __post_init__(self) -> None:
         if not self.producers:
-            self.producers = [self.producer]
+            self.producers = [self.producer] if self.producer else []
         self.producers = list(self.producers)
         self.consumers = list(self.consumers)
 
@@ -51,7 +52,9 @@ class GroupPlan:
     def validate(self) -> None:
         """One-line PlanError on an inconsistent group (producers, kept indices, disagreeing stream producers)."""
         where = f"channel plan, group '{self.name}'"
-        if self.producers[0] != self.producer:
+        if not self.producers and not (self.index and self.consumers):
+            raise PlanError(f"{where}: a group without producer must be an index (gather) group with consumers")
+        if self.producers and self.producers[0] != self.producer:
             raise PlanError(f"{where}: producer '{self.producer}' is not the first of its producers {self.producers}")
         if len(set(self.producers)) != len(self.producers):
             raise PlanError(f"{where}: a producer is listed twice")
@@ -192,7 +195,7 @@ class StructuredPlan(PlanFile):
     def from_json(cls, d: dict[str, Any]) -> "StructuredPlan":
         if d.get("kind") != STRUCTURED_KIND:
             raise ValueError("not a structured plan (no \"kind\": \"structured\")")
-        gp = {"name", "producer", "consumers", "unit", "dense_units", "kept", "producers", "producer_kept"}
+        gp = {"name", "producer", "consumers", "unit", "dense_units", "kept", "producers", "producer_kept", "index"}
         lc = {"name", "macs_dense", "macs_pruned", "out_group", "in_group"}
         plan = cls(model=d["model"], method=d["method"], budget=float(d["budget"]), round_to=int(d["round_to"]),
                    reference_output=list(d["reference_output"]), frames=int(d["frames"]),

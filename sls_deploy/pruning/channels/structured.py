@@ -41,7 +41,7 @@ from sls_deploy.pruning.macs import layer_macs
 from sls_deploy.pruning.nm.patterns import eligible
 from sls_deploy.pruning.nm.oneshot import check_budget
 
-__all__ = ["ChannelScales", "GroupCosts", "aligned_units", "check_groups", "l1_importance", "nm_eligible",
+__all__ = ["ChannelScales", "GroupCosts", "aligned_units", "check_groups", "index_of", "l1_importance", "nm_eligible",
            "producers_of", "select_global", "select_uniform", "slice_into", "unit_count", "widths_of",
            "zero_units"]
 
@@ -54,8 +54,14 @@ def _unit(group) -> int:
 
 
 def producers_of(group) -> tuple[str, ...]:
-    """The group's producers: ``producers`` if it has some, else ``(producer,)``."""
-    return tuple(getattr(group, "producers", None) or (group.producer,))
+    """The group's producers: ``producers`` if it has some, else ``(producer,)``; none for a gather group (its
+    consumers read the kept channels of a full-width tensor, see ``index_of``)."""
+    return tuple(p for p in (getattr(group, "producers", None) or (group.producer,)) if p)
+
+
+def index_of(group) -> str:
+    """The model buffer naming the group's channels inside a full-width tensor ('' for an ordinary group)."""
+    return str(getattr(group, "index", "") or "")
 
 
 def _conv(model: nn.Module, name: str, group, role: str) -> nn.Conv2d:
@@ -74,6 +80,13 @@ def unit_count(model: nn.Module, group) -> int:
     if unit < 1:
         raise PlanError(f"channel group '{group.name}': unit must be >= 1, not {unit}")
     prods = producers_of(group)
+    if not prods:  # a gather group: its consumers read units channels of a full-width tensor
+        if unit != 1 or not group.consumers:
+            raise PlanError(f"channel group '{group.name}': a group without producer needs consumers and unit 1")
+        widths = {c: _conv(model, c, group, "consumer").in_channels for c in group.consumers}
+        if len(set(widths.values())) > 1:
+            raise PlanError(f"channel group '{group.name}': its consumers read different widths {widths}")
+        return next(iter(widths.values()))
     first = _conv(model, prods[0], group, "producer")
     if first.out_channels % unit:
         raise PlanError(f"channel group '{group.name}': producer '{prods[0]}' has {first.out_channels} output "
@@ -200,6 +213,14 @@ def l1_importance(model: nn.Module, group, normalize: bool = True) -> torch.Tens
     units = unit_count(model, group)
     total = None
     prods = producers_of(group)
+    if not prods:  # a gather group: the consumers' weight columns (mean |w| per input channel)
+        for name in group.consumers:
+            w = _conv(model, name, group, "consumer").weight.detach().float()
+            per_unit = w.abs().transpose(0, 1).reshape(units, -1).sum(1)
+            if normalize:
+                per_unit = per_unit / (w.shape[0] * w[0, 0].numel())
+            total = per_unit if total is None else total + per_unit
+        return total / len(group.consumers) if normalize else total
     for name in prods:
         w = _conv(model, name, group, "producer").weight.detach().float()
         per_unit = w.abs().reshape(units, -1).sum(1)  # rows are contiguous: unit k = rows k*unit .. k*unit+unit-1
@@ -257,8 +278,8 @@ class ChannelScales:
         self.scales: dict[str, nn.Parameter] = {}
         for g in self.groups:
             prods = producers_of(g)
-            w = modules[prods[0]].weight
-            shape = (units[g.name],) if len(prods) == 1 else (len(prods), units[g.name])
+            w = modules[prods[0] if prods else g.consumers[0]].weight
+            shape = (units[g.name],) if len(prods) <= 1 else (len(prods), units[g.name])
             self.scales[g.name] = nn.Parameter(torch.ones(shape, device=w.device, dtype=w.dtype))
         self.reg = {g.name: float(reg) for g in self.groups}
         self.unimportant = {g.name: torch.zeros(units[g.name], dtype=torch.bool) for g in self.groups}
@@ -266,6 +287,7 @@ class ChannelScales:
         self.folded_importance: dict[str, torch.Tensor] | None = None  # |scale| at the last fold
         self._handles: list = []
         self._producers: dict[str, list[nn.Conv2d]] = {}
+        self._consumers: dict[str, list[nn.Conv2d]] = {}  # gather groups: the convs whose inputs are scaled
 
     # -- the scales ------------------------------------------------------------------------------------
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -348,6 +370,17 @@ class ChannelScales:
         modules = dict(model.named_modules())
         for g in self.groups:
             mods = []
+            if not producers_of(g):  # a gather group: scale the consumers' input channels (SSL's act_scale_pre)
+                for name in g.consumers:
+                    mod = modules[name]
+
+                    def pre(m, args, g=g):
+                        return (args[0] * self._expanded(g).view(-1, 1, 1),) + tuple(args[1:])
+
+                    self._handles.append(mod.register_forward_pre_hook(pre))
+                    mods.append(mod)
+                self._consumers[g.name] = mods
+                continue
             for i, name in enumerate(producers_of(g)):
                 mod = modules[name]
 
@@ -385,9 +418,14 @@ class ChannelScales:
         """Multiply the scales into the producers' weight rows and biases; remove the hooks; scales back to 1.
 
         The scales' values just before folding stay readable as ``folded_importance`` ({group: |scale|})."""
-        if self._producers:
+        if self._producers or self._consumers:
             self.folded_importance = self.importance()
         for g in self.groups:
+            for mod in self._consumers.get(g.name, []):  # input-side scale: into the weight columns
+                mod.weight.mul_(self._expanded(g).to(mod.weight.dtype).view(1, -1, *([1] * (mod.weight.dim() - 2))))
+            if g.name in self._consumers:
+                self.scales[g.name].fill_(1.0)
+                continue
             mods = self._producers.get(g.name)
             if mods is None:
                 continue
@@ -401,6 +439,7 @@ class ChannelScales:
             h.remove()
         self._handles.clear()
         self._producers.clear()
+        self._consumers.clear()
 
     def detach(self, model: nn.Module) -> None:
         self.fold()
@@ -631,6 +670,10 @@ def zero_units(model: nn.Module, group, units) -> None:
     """
     n = unit_count(model, group)
     idx = aligned_units(group, units, n, f"zero_units '{group.name}'")
+    if not producers_of(group):  # a gather group: its consumers stop reading those channels
+        for name in group.consumers:
+            _conv(model, name, group, "consumer").weight[:, idx.to(model.state_dict()[name + ".weight"].device)] = 0
+        return
     for name in producers_of(group):
         prod = _conv(model, name, group, "producer")
         ch = _channels(idx, _unit(group)).to(prod.weight.device)
@@ -654,7 +697,14 @@ def slice_into(src: nn.Module, dst: nn.Module, groups: Sequence, keep: Mapping[s
         if name not in units:
             raise PlanError(f"kept units given for '{name}', which is not a channel group")
     plan: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    sd_src, sd_dst = src.state_dict(), dst.state_dict()
+    indices: dict[str, torch.Tensor] = {}  # index buffers of groups that are subsets of a full-width tensor
     for g in groups:
+        if index_of(g) and (index_of(g) in sd_dst or index_of(g) in sd_src):
+            held = sd_src.get(index_of(g), torch.arange(units[g.name]))
+            idx = aligned_units(g, keep[g.name], units[g.name], f"kept units of '{g.name}'") \
+                if g.name in keep else torch.arange(units[g.name])
+            indices[index_of(g)] = held.index_select(0, idx.to(held.device))  # channels of the full tensor
         if g.name not in keep:
             continue
         idx = aligned_units(g, keep[g.name], units[g.name], f"kept units of '{g.name}'")
@@ -667,18 +717,27 @@ def slice_into(src: nn.Module, dst: nn.Module, groups: Sequence, keep: Mapping[s
                 plan.setdefault(_key(p, "bias"), []).append((0, ch))
         for c in g.consumers:
             plan.setdefault(_key(c, "weight"), []).append((1, idx))
-    sd_src, sd_dst = src.state_dict(), dst.state_dict()
     for k in sd_src:
-        if k not in sd_dst:
+        if k not in sd_dst and k not in indices:
             raise PlanError(f"tensor '{k}' of the source model is missing from the target model")
     for k in sd_dst:
-        if k not in sd_src:
+        if k not in sd_src and k not in indices:
             raise PlanError(f"tensor '{k}' of the target model is missing from the source model")
     for k in plan:
         if k not in sd_src:
             raise PlanError(f"tensor '{k}' to slice is not in the model's state dict (parametrized layer?)")
     out = {}
+    for k, v in indices.items():
+        if k in sd_dst:
+            if tuple(v.shape) != tuple(sd_dst[k].shape):
+                raise PlanError(f"index '{k}': {v.numel()} kept channels, the target model has {sd_dst[k].numel()}")
+            out[k] = v.to(sd_dst[k].dtype)
+        elif not torch.equal(v, torch.arange(v.numel())) or k in sd_src:
+            raise PlanError(f"index '{k}' keeps channels {v.tolist()[:4]}..., but the target model reads the whole "
+                            "tensor")
     for k, v in sd_src.items():
+        if k in indices:
+            continue
         for dim, idx in plan.get(k, []):
             v = v.index_select(dim, idx.to(v.device))
         if tuple(v.shape) != tuple(sd_dst[k].shape):
