@@ -67,9 +67,15 @@ def _video_options(f):
                           "pruned and the dense model's hidden states at every time step during finetuning "
                           "(0 = off; default: the recipe's structured.tf_weight).")(f)
     f = click.option("--keep-full", "keep_full", multiple=True, metavar="GROUP",
-                     help="Channel methods: keep this channel group at full width (repeatable), e.g. --keep-full "
-                          "stream keeps EDSR's residual stream whole and prunes only block inner channels and the "
-                          "upsampler (default: the recipe's structured.keep_full, none).")(f)
+                     help="Channel methods: keep this channel group at full width (repeatable; shell patterns "
+                          "allowed), e.g. --keep-full stream keeps EDSR's residual stream whole and prunes only block "
+                          "inner channels and the upsampler; --keep-full '*.read' --keep-full '*.write' turns off "
+                          "the video models' Residual Sparsity Connections (default: the recipe's "
+                          "structured.keep_full, none).")(f)
+    f = click.option("--selection", type=click.Choice(["normalised", "raw"]), default=None,
+                     help="ssl/hybrid: how the learned scales pick the kept units under the budget: one threshold on "
+                          "per-group normalised |scale| (normalised, default) or on the raw |scale| of every unit "
+                          "(raw, as SSL's public code).")(f)
     f = click.option("--round-to", type=click.IntRange(min=1),
                      help="Channel methods: kept channels per group are a multiple of this, or the full width "
                           "(default: the recipe's structured.round_to, 8).")(f)
@@ -124,8 +130,8 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @_precision_options
 @_progress_option
-def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, keep_full,
-          tf_weight, temporal_weight, data, eval_data, steps, out, as_json, precisions, calib, calib_method, no_progress):
+def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, selection,
+          keep_full, tf_weight, temporal_weight, data, eval_data, steps, out, as_json, precisions, calib, calib_method, no_progress):
     """Plan, finetune, export and validate: the whole pipeline into one bundle folder.
 
     Re-running the same command resumes an interrupted build (finished stages are skipped, finetune continues
@@ -138,8 +144,8 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
 
     recipe = resolve_recipe(model_name, recipe_path)
     settings = _settings(recipe, budget, method, lam=lam, alpha=alpha, n=n, target=target, m=m, weights=weights,
-                         seed=seed, round_to=round_to, keep_full=tuple(keep_full) or None, tf_weight=tf_weight,
-                         temporal_weight=temporal_weight, data=data, eval_data=eval_data, steps=steps, precisions=tuple(precisions), calib=calib,
+                         seed=seed, round_to=round_to, selection=selection, keep_full=tuple(keep_full) or None,
+                         tf_weight=tf_weight, temporal_weight=temporal_weight, data=data, eval_data=eval_data, steps=steps, precisions=tuple(precisions), calib=calib,
                          calib_method=calib_method)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     rep = run_build(start(recipe, settings, out_dir, _log, not no_progress))
@@ -185,8 +191,8 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, force, seed,
               "recipe's list).")
 @click.option("--steps", type=click.IntRange(min=0), help="Search + finetune steps (default: the recipe's).")
 @_progress_option
-def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, keep_full,
-           tf_weight, temporal_weight, out, data, steps, no_progress):
+def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, selection,
+           keep_full, tf_weight, temporal_weight, out, data, steps, no_progress):
     """Only plan: write plan.json (one entry per prunable layer, or per channel group for video models) into a
     new or matching bundle."""
     from sls_deploy.config.recipe import resolve_recipe
@@ -196,8 +202,8 @@ def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, we
 
     recipe = resolve_recipe(model_name, recipe_path)
     settings = _settings(recipe, budget, method, lam=lam, alpha=alpha, n=n, target=target, m=m, weights=weights,
-                         seed=seed, round_to=round_to, keep_full=tuple(keep_full) or None, tf_weight=tf_weight,
-                         temporal_weight=temporal_weight, data=data, steps=steps)
+                         seed=seed, round_to=round_to, selection=selection, keep_full=tuple(keep_full) or None,
+                         tf_weight=tf_weight, temporal_weight=temporal_weight, data=data, steps=steps)
     out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
     plan = search_or_release(start(recipe, settings, out_dir, _log, not no_progress))
     if not dist.is_main():

@@ -325,3 +325,15 @@ def test_unit_count_and_group_errors():
 def test_nm_eligibility_of_sliced_layers():
     assert nm_eligible(Tiny(8, 12), 4) == ["conv_b", "conv_c", "conv_d"]  # conv_a reads 3 channels
     assert nm_eligible(Tiny(6, 12), 4, names=["conv_b", "conv_c"]) == ["conv_c"]
+
+
+def test_raw_selection_lets_magnitudes_compete_across_groups():
+    """normalize=False (SSL's public code): one threshold on the raw values; a group of small values loses units
+    that the per-group normalised selection would keep."""
+    costs = tiny_costs()
+    imps = {"a": torch.linspace(0.01, 0.08, 8), "b": torch.linspace(1.0, 16.0, 16)}
+    budget = 0.6
+    raw = widths_of(select_global(imps, costs, budget, round_to=1, normalize=False))
+    normed = widths_of(select_global(imps, costs, budget, round_to=1))
+    assert raw["a"] < normed["a"] and raw["b"] >= normed["b"]
+    assert costs.total(raw) <= budget * costs.dense * (1 + 1e-9)

@@ -13,6 +13,7 @@ Two independent axes are chosen here: the pruning *strategy* (``nm``: sls / ones
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -27,7 +28,8 @@ VALID_M = (4, 8, 16, 32)
 CALIB_METHODS = ("max", "percentile", "entropy")
 # options that only mean something for one strategy: given for the other, they are usage errors naming them
 NM_ONLY = ("m", "n", "lam", "alpha")
-CHANNELS_ONLY = ("round_to", "keep_full")
+CHANNELS_ONLY = ("round_to", "keep_full", "selection")
+SELECTIONS = ("normalised", "raw")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Settings:
     # channels
     round_to: int = 8
     keep_full: tuple[str, ...] = ()  # channel groups kept at full width
+    selection: str = "normalised"  # ssl's final selection: one threshold on per-group normalised |scale| or raw
     ssl_steps: int = 100
     temporal_weight: float = 0.0  # weight of the frame-difference term of the clip loss (0 = per-frame L1)
     tf_weight: float = 0.0  # temporal finetuning: hidden states distilled from the dense model (training/distill.py)
@@ -135,12 +138,16 @@ class Settings:
             raise UsageError(f"--round-to must be an integer >= 1, not {self.round_to}")
         if self.keep_full and self.strategy == "channels":
             names = [g.name for g in recipe.adapter.channel_groups(recipe.build_model())]
-            unknown = [k for k in self.keep_full if k not in names]
+            unknown = [k for k in self.keep_full if not fnmatch.filter(names, k)]
             if unknown:
                 raise UsageError(f"--keep-full '{unknown[0]}' is not a channel group of {recipe.describe_model()} "
                                  f"(its groups: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
-            if set(names) <= set(self.keep_full):
+            if set(names) <= set(self.kept_full(names)):
                 raise UsageError("--keep-full names every channel group: nothing would be pruned")
+        if self.selection not in SELECTIONS:
+            raise UsageError(f"--selection must be one of {', '.join(SELECTIONS)}, not '{self.selection}'")
+        if self.selection != "normalised" and self.method not in ("ssl", "hybrid"):
+            raise UsageError(f"--selection applies to the learned scales of --method ssl/hybrid, not {self.method}")
         if not isinstance(self.ssl_steps, int) or self.ssl_steps < 1:
             raise UsageError(f"ssl steps must be an integer >= 1, not {self.ssl_steps}")
         if not math.isfinite(self.temporal_weight) or self.temporal_weight < 0:
@@ -160,6 +167,10 @@ class Settings:
             except ValueError as e:
                 raise UsageError(str(e)) from None
         return self
+
+    def kept_full(self, names) -> list[str]:
+        """The group names ``keep_full`` matches (names or shell patterns such as '*.read')."""
+        return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.keep_full)]
 
     def sls(self, recipe: Recipe):
         """The recipe's SLS settings with these M, lambda and alpha."""
@@ -182,6 +193,8 @@ class Settings:
                "method": self.method, "strategy": self.strategy, "modality": self.modality}
         if self.keep_full:
             key["keep_full"] = sorted(self.keep_full)
+        if self.selection != "normalised":
+            key["selection"] = self.selection
         if self.strategy == "nm":  # the target changes an N:M plan (which layers may be N:M, what N costs)
             key["m"] = self.m
             key["target"] = self.target
@@ -200,6 +213,7 @@ class Settings:
             raise UsageError(f"the bundle's settings hold an unknown field '{unknown[0]}' (made by another version?)")
         values = {k: tuple(v) if k in ("precisions", "keep_full") else v for k, v in record.items()}
         values.setdefault("tf_weight", 0.0)  # bundles made before temporal finetuning existed
+        values.setdefault("selection", "normalised")
         try:
             return cls(**values).check(recipe)
         except TypeError as e:

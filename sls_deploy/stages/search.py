@@ -50,7 +50,8 @@ def run_search(run: Run) -> Plan | StructuredPlan:
     else:
         if dist.world_size() > 1:
             raise UsageError("channel pruning runs in one process (no torchrun)")
-        inputs.update(round_to=s.round_to, **({"keep_full": sorted(s.keep_full)} if s.keep_full else {}))
+        inputs.update(round_to=s.round_to, **({"keep_full": sorted(s.keep_full)} if s.keep_full else {}),
+                      **({"selection": s.selection} if s.selection != "normalised" else {}))
         if s.method in ("ssl", "hybrid"):
             inputs.update(ssl=s.structured(recipe).__dict__, data=s.data, ft=recipe.finetune.__dict__,
                           target=s.target, precisions=list(s.precisions))
@@ -118,10 +119,11 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
     h, w = recipe.reference_input_hw()
     example = adapter.example_input(recipe.model, h, w)
     costs = GroupCosts.measure(adapter.export_module(model), groups, example)
-    l1 = {g.name: l1_importance(model, g) for g in groups if g.name not in s.keep_full}
+    full = set(s.kept_full([g.name for g in groups]))
+    l1 = {g.name: l1_importance(model, g) for g in groups if g.name not in full}
     info: dict[str, Any] = {"lr_hw": [h, w], "importance": "l1 filter norm (mean |w| per unit)"}
-    if s.keep_full:
-        info["kept_full"] = sorted(s.keep_full)
+    if full:
+        info["kept_full"] = sorted(full)
     if s.method == "l1":
         keep = select_uniform(l1, costs, s.budget, s.round_to)
         info["selection"] = "uniform kept fraction in every group"
@@ -137,9 +139,11 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
         learned = {k: v for k, v in importance.items() if k in l1}
         if hybrid:
             budget = hybrid.channel_budget(learned)
-        keep = select_global(learned, costs, budget, s.round_to)
+        keep = select_global(learned, costs, budget, s.round_to, normalize=s.selection == "normalised")
+        if s.selection == "raw":
+            info["selection"] = "one global threshold on the raw |scale| of every unit (SSL's public code)"
         info["kept_marked_units"] = {g: len(set(keep[g].tolist()) - set(marks[g].tolist())) for g in keep}
-    keep.update({g: torch.arange(costs.units[g]) for g in s.keep_full})  # full width
+    keep.update({g: torch.arange(costs.units[g]) for g in full})  # full width
     widths = widths_of(keep)
     sliced = adapter.build(model_config(recipe, widths))
     slice_into(model, sliced, groups, keep)

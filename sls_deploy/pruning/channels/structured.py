@@ -588,10 +588,12 @@ def _last_true(n: int, fits: Callable[[int], bool]) -> int:
 
 
 def select_global(importances: Mapping[str, torch.Tensor], costs: GroupCosts, budget: float,
-                  round_to: int = 8) -> dict[str, torch.Tensor]:
+                  round_to: int = 8, normalize: bool = True) -> dict[str, torch.Tensor]:
     """Kept units per group from one importance threshold shared by all groups, the lowest meeting the budget.
 
-    Each group's importances are divided by their mean (unless all zero), so groups measured on different
+    With ``normalize`` (default) each group's importances are divided by their mean (unless all zero); without
+    it the raw values compete (SSL's public code: one global threshold on the raw |scale| of every unit, there by
+    a pruned-unit count, here the count the MAC budget allows). Normalised, groups measured on different
     scales compare. At threshold t a group keeps its units with normalised importance >= t, the count rounded
     down to a multiple of ``round_to`` (full width stays, at least min(round_to, units)), the top-k by
     importance. t is bisected over the importance values so that the whole model's MACs are <= budget * dense;
@@ -599,7 +601,7 @@ def select_global(importances: Mapping[str, torch.Tensor], costs: GroupCosts, bu
     Groups not in ``importances`` stay at full width. Returns {group: kept unit indices, ascending}.
     """
     imps, limit = _prepare(importances, costs, budget, round_to)
-    normed = {n: (t / t.mean() if float(t.mean()) > 0 else t) for n, t in imps.items()}
+    normed = {n: (t / t.mean() if normalize and float(t.mean()) > 0 else t) for n, t in imps.items()}
     desc = {n: torch.sort(t, descending=True).values for n, t in normed.items()}
     # thresholds from the lowest (everything kept) up to +inf (every group at its minimum)
     cands = torch.unique(torch.cat(list(normed.values()))).tolist() + [float("inf")]
