@@ -176,15 +176,27 @@ def test_without_spynet_no_alignment():
 
 
 def _check_groups(adapter, model):
+    """{group: units}. An ordinary group is named after its producer; an RSC read group has no producer (its
+    consumer conv1 reads a subset of the stream), a write group no consumer (conv2's outputs are added back)."""
     modules = dict(model.named_modules())
     groups = adapter.channel_groups(model)
+    out = {}
     for g in groups:
-        assert isinstance(g, ChannelGroup) and g.name == g.producer
+        assert isinstance(g, ChannelGroup)
+        if g.name.endswith(".read"):
+            assert not g.producer and g.index.endswith(".read_idx") and len(g.consumers) == 1
+            out[g.name] = modules[g.consumers[0]].in_channels
+            continue
+        if g.name.endswith(".write"):
+            assert g.producer.endswith(".conv2") and not g.consumers and g.index.endswith(".write_idx")
+        else:
+            assert g.name == g.producer
         prod = modules[g.producer]
         assert prod.out_channels % g.unit == 0 and prod.bias.shape[0] == prod.out_channels
         for c in g.consumers:
             assert prod.out_channels == g.unit * modules[c].in_channels, (g, c)
-    return {g.name: modules[g.producer].out_channels // g.unit for g in groups}
+        out[g.name] = prod.out_channels // g.unit
+    return out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -193,13 +205,17 @@ def test_channel_groups_and_widths(arch):
     _, model = built(arch, num_block=2)
     widths = _check_groups(adapter, model)
     assert widths == type(model).dense_widths(8, 2)  # group names = the widths option's keys
-    assert "forward_trunk.main.0" not in widths and not any(".conv2" in k for k in widths)  # hidden stays
+    assert "forward_trunk.main.0" not in widths and not any(".conv2" in k for k in widths)  # hidden stays full
+    assert "forward_trunk.main.2.0.read" in widths and "forward_trunk.main.2.1.write" in widths  # RSC subsets
     small = {k: max(1, v // 2 - 1) for k, v in widths.items()}
     _, model = built(arch, num_block=2, widths=small)
     assert _check_groups(adapter, model) == small
     assert model.upconv1.weight.shape == (4 * small["upconv1"], small.get("fusion", 8), 3, 3)
     assert model.conv_last.weight.shape == (3, small["conv_hr"], 3, 3)
-    assert model.forward_trunk.main[2][1].conv2.weight.shape == (8, small["forward_trunk.main.2.1.conv1"], 3, 3)
+    assert model.forward_trunk.main[2][1].conv2.weight.shape == (small["forward_trunk.main.2.1.write"],
+                                                                 small["forward_trunk.main.2.1.conv1"], 3, 3)
+    assert model.forward_trunk.main[2][1].conv1.weight.shape == (small["forward_trunk.main.2.1.conv1"],
+                                                                 small["forward_trunk.main.2.1.read"], 3, 3)
     with torch.no_grad():
         assert model(clip(t=2)).shape == (1, 2, 3, 64, 64)
 

@@ -79,7 +79,7 @@ def test_unknown_strategy_in_a_recipe_is_one_line_naming_the_methods(tmp_path, c
 
     path = _recipe_with(tmp_path, sparsity={"method": "magic", "m": 4})
     code, _, err = run_cli(capsys, "build", "--recipe", str(path), "--budget", "0.5", "--out", str(tmp_path / "b"))
-    assert code == 2 and "unknown method 'magic' (known: sls, oneshot, srste, ssl, l1, l1-global)" in error_line(err)
+    assert code == 2 and "unknown method 'magic' (known: sls, oneshot, srste, ssl, l1, l1-global, hybrid)" in error_line(err)
     assert not (tmp_path / "b").exists()
 
 
