@@ -689,3 +689,49 @@ def test_plan_and_weights_with_different_rsc_indices_are_refused(bv_l1, tmp_path
     g.kept = sorted(set(range(g.dense_units)) - set(g.kept))[:g.kept_units]
     with pytest.raises(PlanError, match="read/write indices and the weights disagree"):
         check_plan_indices(model, plan)
+
+
+# --------------------------------------------------------------------------- upscale: video models
+
+
+@pytest.mark.parametrize("which", ["bv_l1", "sv_ssl"])
+def test_frame_stream_equals_the_whole_clip_run(request, which):
+    """Frame by frame in bounded memory gives what the whole-clip drive gives: the step graph's state carried,
+    the clip graph's T-frame windows and its tail."""
+    from sls_deploy.backends.drive import FrameStream, clip_infer
+    from sls_deploy.backends.runners import onnx_runner
+    from sls_deploy.config.recipe import load_recipe
+    from sls_deploy.stages.models import graph_spec
+
+    out = request.getfixturevalue(which)["out"]
+    spec = graph_spec(load_recipe(out / "recipe.yaml"))
+    clip = np.stack(frames(7, 20, 24, 5)).astype(np.float32).transpose(0, 3, 1, 2)[None] / 255.0  # T=7: 3+3+1
+    with onnx_runner(out / "model.onnx") as runner:
+        whole = clip_infer(runner, spec)(clip)
+        stream = FrameStream(runner, spec)
+        got = [f for t in range(7) for f in stream.push(clip[:, t])] + stream.finish()
+    assert len(got) == 7
+    assert np.abs(np.stack(got, axis=1) - whole).max() < 1e-5
+
+
+@pytest.mark.parametrize("which", ["bv_l1", "sv_ssl"])
+def test_upscale_a_video_with_a_video_model(request, which, tmp_path, capsys):
+    import imageio.v2 as iio2
+
+    out = request.getfixturevalue(which)["out"]
+    src = tmp_path / "clip.mp4"
+    with iio2.get_writer(str(src), "ffmpeg", fps=10, codec="libx264", macro_block_size=1,
+                         ffmpeg_log_level="error") as w:
+        for f in frames(7, 20, 24, 6):
+            w.append_data(f)
+    code = main(["upscale", str(out), str(src), "-o", str(tmp_path / "o"), "--json", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rec = json.loads(captured.out)[0]
+    assert rec["frames"] == 7 and rec["fps"] == 10 and rec["output_size"] == [96, 80]
+    with iio2.get_reader(rec["output"], "ffmpeg") as r:
+        assert r.count_frames() == 7 and r.get_meta_data()["size"] == (96, 80)
+    img = tmp_path / "still.png"
+    iio.imwrite(img, frames(1, 20, 24, 7)[0])
+    code = main(["upscale", str(out), str(img), "-o", str(tmp_path / "p")])
+    assert code == 2 and "is a video model; give it videos" in capsys.readouterr().err

@@ -223,6 +223,58 @@ def _run_steps(runner: Runner, spec, x: np.ndarray, info: Mapping[str, InputInfo
     return np.stack(frames, axis=1)
 
 
+class FrameStream:
+    """A video through a graph one frame at a time, in bounded memory: ``push(frame)`` (N, C, h, w) returns the
+    SR frames ready so far; ``finish()`` the rest. A step graph gives one frame per frame, its state carried; a
+    clip graph of T frames runs every T frames, and at the end once more on the last T frames for a tail shorter
+    than T (only the frames not produced yet are returned); an image graph gives one frame per frame."""
+
+    def __init__(self, runner: Runner, spec):
+        self.runner, self.spec = runner, spec
+        self.info = input_info(runner)
+        self.kind = graph_kind(spec, self.info)
+        self.window = self.info[spec.input_names[0]].fixed(1) if self.kind == CLIP else None
+        self.state: dict[str, np.ndarray] | None = None
+        self.pending: list[np.ndarray] = []  # clip graph: frames not run yet
+        self.recent: list[np.ndarray] = []  # clip graph: the last T frames (for the tail window)
+        self.seen = 0
+
+    def push(self, frame: Any) -> list[np.ndarray]:
+        x = _array(frame)
+        self.seen += 1
+        if self.kind == IMAGE:
+            return [run_image(self.runner, self.spec, x, self.info)]
+        if self.kind == STEP:
+            name = frame_input(self.spec)
+            if self.state is None:
+                self.state = initial_state(self.spec, self.info, x)
+            feed = {n: x if n == name else self.state[n] for n in self.spec.input_names}
+            res = _infer(self.runner, feed, self.info)
+            self.state = {n: res[src] if src in res else feed[src] for n, src in self.spec.recurrent.items()}
+            return [_output(res, self.spec.output_names[0])]
+        if self.window is None:
+            raise UsageError("a clip graph with a dynamic frame count cannot stream; export it with a fixed T")
+        self.pending.append(x)
+        self.recent = (self.recent + [x])[-self.window:]
+        if len(self.pending) < self.window:
+            return []
+        out = run_image(self.runner, self.spec, np.stack(self.pending, axis=1), self.info)
+        self.pending = []
+        return [out[:, t] for t in range(self.window)]
+
+    def finish(self) -> list[np.ndarray]:
+        """The frames still owed: a clip graph's tail, run on the video's last T frames."""
+        left = len(self.pending)
+        if self.kind != CLIP or left == 0:
+            return []
+        if self.seen < self.window:
+            raise ValidationError(f"the clip graph takes {self.window} frames per run; the video has only "
+                                  f"{self.seen}")
+        out = run_image(self.runner, self.spec, np.stack(self.recent, axis=1), self.info)
+        self.pending = []
+        return [out[:, t] for t in range(self.window - left, self.window)]
+
+
 def example_feed(spec, example: Any, info: Mapping[str, InputInfo] | None = None) -> dict[str, np.ndarray]:
     """The adapter's ``example_input`` (one tensor or a tuple, in ``spec.input_names`` order) as a feed dict,
     cast to the graph's input dtypes when ``info`` is given (for timing one graph run)."""

@@ -2,8 +2,9 @@
 
 ``ort`` (default) runs the bundle's graph of the chosen precision through Polygraphy's ``OnnxrtRunner`` on CPU;
 ``trt`` runs ``engine/model.plan`` through Polygraphy's ``TrtRunner`` (TensorRT required, the engine built by
-`sls-deploy engine`); ``torch`` runs the finetuned weights in PyTorch (FP32 only). Only image models (one LR
-image in, one SR image out) are run here.
+`sls-deploy engine`); ``torch`` runs the finetuned weights in PyTorch (FP32 only, image models). Image models run
+tile by tile; video models (a clip graph of T frames, or a step graph with its state) run whole frames through
+``backends.drive.FrameStream``, frame by frame.
 """
 
 from __future__ import annotations
@@ -29,6 +30,25 @@ class Opened:
     min_size: int
     input_name: str
     output_name: str
+    modality: str  # image | clip | step
+    spec: object
+
+
+class Session:
+    """An opened bundle: ``image(x)`` for image models, ``stream()`` (a FrameStream) for video models."""
+
+    def __init__(self, opened: Opened, infer=None, runner=None):
+        self.opened, self._infer, self.runner = opened, infer, runner
+
+    def image(self, x: np.ndarray) -> np.ndarray:
+        return self._infer(x)
+
+    def stream(self):
+        from sls_deploy.backends.drive import FrameStream
+
+        if self.runner is None:
+            raise UsageError("--backend torch runs image models only; upscale a video model with --backend ort")
+        return FrameStream(self.runner, self.opened.spec)
 
 
 def open_bundle(root: Path) -> Opened:
@@ -42,23 +62,21 @@ def open_bundle(root: Path) -> Opened:
         raise BundleError(f"{root} has no {RECIPE}: not a finished bundle")
     recipe = load_recipe(root / RECIPE)
     spec = graph_spec(recipe)
-    if modality_of(recipe) != "image":
-        raise UsageError(f"{recipe.describe_model()} is a video model; `upscale` runs image models only for now "
-                         "(run video bundles with `sls-deploy validate`)")
+    modality = modality_of(recipe)
     return Opened(recipe, recipe.scale, recipe.adapter.min_input_size(recipe.model), spec.input_names[0],
-                  spec.output_names[0])
+                  spec.output_names[0], modality, spec)
 
 
 @contextlib.contextmanager
 def open_infer(root: Path, opened: Opened, backend: str, precision: str) -> Iterator:
-    """Yield ``infer((1, 3, h, w) float32) -> (1, 3, h*s, w*s) float32``."""
+    """Yield a Session: ``image((1, 3, h, w) float32) -> (1, 3, h*s, w*s)``, or ``stream()`` for video models."""
     if backend not in BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
     if backend == "torch":
         if precision != "fp32":
             raise UsageError("--backend torch runs the FP32 weights only; use --backend ort for the "
                              f"{precision} graph")
-        yield _torch_infer(root, opened)
+        yield Session(opened, infer=_torch_infer(root, opened) if opened.modality == "image" else None)
         return
     if backend == "ort":
         graph = root / GRAPH_FILES[precision]
@@ -92,7 +110,7 @@ def open_infer(root: Path, opened: Opened, backend: str, precision: str) -> Iter
             out = runner.infer({opened.input_name: x.astype(dtype, copy=False)})[opened.output_name]
             return np.array(out, dtype=np.float32)  # a copy: runners may reuse their output buffers
 
-        yield infer
+        yield Session(opened, infer=infer if opened.modality == "image" else None, runner=runner)
 
 
 def _torch_infer(root: Path, opened: Opened):
