@@ -214,3 +214,28 @@ def test_tampered_file_is_detected(built):
     run = reopen(out, lambda s: None)
     with pytest.raises(BundleError, match="sha256"):
         run_validate(run)
+
+
+def test_the_dynamo_exporter_gives_graphs_that_pass_every_export_check(tmp_path, tiny_images, capsys):
+    """export.exporter: dynamo (torch.export-based, opset 18): the same FP32/FP16/INT8 graphs and checks (2:4
+    patterns survive, ONNX Runtime == PyTorch at several sizes)."""
+    from conftest import write_tiny_recipe, write_tiny_weights
+
+    from sls_deploy.cli import main
+
+    recipe = write_tiny_recipe(tmp_path, tiny_images, export={"opset": 18, "exporter": "dynamo"})
+    weights = write_tiny_weights(recipe, tmp_path / "w.safetensors")
+    out = tmp_path / "b"
+    code = main(["build", "--recipe", str(recipe), "--weights", str(weights), "--budget", "0.9", "--method",
+                 "oneshot", "--n", "2", "--out", str(out), "--no-progress", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rep = json.loads(captured.out)
+    assert rep["onnx_vs_torch"]["passed"] and {s["lr_hw"][0] for s in rep["onnx_vs_torch"]["sizes"]} > {8}
+    export = json.loads((out / "manifest.json").read_text())["stages"]["export"]["result"]
+    assert export["opset"] == 18 and export["layers_2to4"] == export["layers_nm"] > 0
+    assert set(export["graphs"]) == {"fp32", "fp16", "int8"}
+    (tmp_path / "bad").mkdir()
+    bad = write_tiny_recipe(tmp_path / "bad", tiny_images, export={"opset": 17, "exporter": "dynamo"})
+    assert main(["search", "--recipe", str(bad), "--budget", "0.9", "--out", str(tmp_path / "c")]) == 1
+    assert "set export.opset: 18" in capsys.readouterr().err

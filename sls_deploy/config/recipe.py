@@ -134,6 +134,7 @@ class Recipe:
     sparsity_m: int
     sparsity_target: str
     opset: int
+    exporter: str
     validate: ValidateSection
     precision: "PrecisionSection"
     engine: "EngineSection"
@@ -374,7 +375,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     data = _section(raw, "data", {"train", "eval", "metric_channel"})
     sparsity = _section(raw, "sparsity", {"method", "m", "target"})
     srste = _section(raw, "srste", {"decay"})
-    export = _section(raw, "export", {"opset"})
+    export = _section(raw, "export", {"opset", "exporter"})
     engine = _engine(raw)  # first: _validate reads the engine section's legacy max_psnr_drop_db
     validate = _validate(raw)
     try:
@@ -387,6 +388,11 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError("reference_output must be [width, height], each at least the scale factor")
     if opset < 17:
         raise RecipeError(f"export.opset must be >= 17, not {opset}")
+    exporter = str(export.get("exporter", "torchscript"))
+    if exporter not in ("torchscript", "dynamo"):
+        raise RecipeError(f"export.exporter must be torchscript or dynamo, not '{exporter}'")
+    if exporter == "dynamo" and opset < 18:
+        raise RecipeError("export.exporter dynamo writes opset 18 or later: set export.opset: 18")
     if m not in (4, 8, 16, 32):
         raise RecipeError(f"sparsity.m must be 4, 8, 16 or 32, not {m}")
     target = str(sparsity.get("target", DEFAULT_TARGET))
@@ -410,6 +416,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data_train=str(data.get("train", "skimage:train")), data_eval=str(data.get("eval", "skimage:eval")),
         metric_channel=channel, train=_steps(raw, "train"), finetune=_steps(raw, "finetune"),
         sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, sparsity_target=target, opset=opset,
+        exporter=exporter,
         validate=validate, precision=precision, engine=engine, sls=sls_settings, sls_max_search_steps=max_search,
         srste_decay=decay, adapter=adapter, structured=_structured(raw), modality=modality)
 

@@ -27,6 +27,7 @@ class ExportSpec:
     output_names: tuple[str, ...]
     dynamic_axes: Mapping[str, Mapping[int, str]]
     opset: int = 17
+    exporter: str = "torchscript"  # torch.onnx's exporter: "torchscript" (dynamo=False) or "dynamo" (torch.export)
     # Step graphs of streaming models: {input name: the name whose value it takes at the next step}, e.g.
     # {"hidden": "hidden_out", "prev_lr": "lr"} (an output, or an input of the previous step). Empty for
     # graphs that are run once per input.

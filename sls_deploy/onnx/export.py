@@ -6,10 +6,13 @@ example input. The graph's weights are then read back and checked for the N:M pa
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -22,6 +25,27 @@ from sls_deploy.models.base import ExportSpec
 from sls_deploy.pruning.nm.patterns import is_nm, max_nonzeros_per_group
 
 
+def _dynamic_shapes(spec: ExportSpec, args) -> tuple:
+    """torch.export Dims for the spec's dynamic axes (one Dim per axis name, shared across inputs)."""
+    dims: dict[str, Any] = {}
+    out = []
+    for name, a in zip(spec.input_names, args):
+        axes = {}
+        for axis, label in spec.dynamic_axes.get(name, {}).items():
+            dims.setdefault(label, torch.export.Dim(label.replace(" ", "_"), min=2, max=8192))
+            axes[int(axis)] = dims[label]
+        out.append(axes or None)
+    return tuple(out)
+
+
+def _require_onnxscript() -> None:
+    try:
+        import onnxscript  # noqa: F401  (imported only to say it is missing)
+    except ImportError:
+        raise ExportError("export.exporter: dynamo needs onnxscript: pip install 'sls-deploy[dynamo]' "
+                          "(or pip install onnxscript)") from None
+
+
 def export_onnx(model: torch.nn.Module, spec: ExportSpec, example: torch.Tensor | tuple[torch.Tensor, ...],
                 path: str | os.PathLike) -> Path:
     """Write ``model`` as ONNX (dynamic axes from ``spec``), atomically, and run onnx.checker on it.
@@ -32,14 +56,27 @@ def export_onnx(model: torch.nn.Module, spec: ExportSpec, example: torch.Tensor 
     path = Path(path)
     args = example if isinstance(example, tuple) else (example,)
     model.eval()
+    if spec.exporter == "dynamo":
+        _require_onnxscript()
     with atomic_path(path) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             try:
-                torch.onnx.export(
-                    model, args, str(tmp), dynamo=False, opset_version=spec.opset,
-                    input_names=list(spec.input_names), output_names=list(spec.output_names),
-                    dynamic_axes={k: dict(v) for k, v in spec.dynamic_axes.items()}, do_constant_folding=True)
+                if spec.exporter == "dynamo":  # the torch.export-based exporter (needs onnxscript)
+                    # a dynamic axis traced at size 1 would be specialised to 1: trace the batch at 2
+                    args = tuple(a.repeat(2, *([1] * (a.dim() - 1)))
+                                 if 0 in spec.dynamic_axes.get(n, {}) and a.shape[0] == 1 else a
+                                 for n, a in zip(spec.input_names, args))
+                    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress on stdout
+                        torch.onnx.export(model, args, str(tmp), dynamo=True, opset_version=spec.opset,
+                                          input_names=list(spec.input_names), output_names=list(spec.output_names),
+                                          dynamic_shapes=_dynamic_shapes(spec, args), external_data=False,
+                                          verbose=False)
+                else:
+                    torch.onnx.export(
+                        model, args, str(tmp), dynamo=False, opset_version=spec.opset,
+                        input_names=list(spec.input_names), output_names=list(spec.output_names),
+                        dynamic_axes={k: dict(v) for k, v in spec.dynamic_axes.items()}, do_constant_folding=True)
             except Exception as e:
                 raise ExportError(f"torch.onnx.export failed: {str(e).splitlines()[0]}") from None
         check_graph(tmp)

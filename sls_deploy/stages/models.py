@@ -62,7 +62,7 @@ def fp32_islands(recipe: Recipe, model: torch.nn.Module) -> list[str]:
 
 def graph_spec(recipe: Recipe):
     """The adapter's ExportSpec at the recipe's opset."""
-    return dataclasses.replace(recipe.adapter.export_spec(recipe.model), opset=recipe.opset)
+    return dataclasses.replace(recipe.adapter.export_spec(recipe.model), opset=recipe.opset, exporter=recipe.exporter)
 
 
 def check_plan_indices(model: torch.nn.Module, plan) -> None:
