@@ -29,9 +29,9 @@ from sls_deploy.core.errors import SlsError  # noqa: E402
 from sls_deploy.stages.build import build_bundle  # noqa: E402
 
 CONFIGS = {  # name: build options
-    "ssl (aligned, stream pruned)": {"method": "ssl"},
+    "ssl (aligned, stream pruned)": {"method": "ssl", "keep_full": ()},
     "ssl, stream kept full": {"method": "ssl", "keep_full": ("stream",)},
-    "l1 uniform": {"method": "l1"},
+    "l1 uniform": {"method": "l1", "keep_full": ()},
     "sls N:M (--target none)": {"method": "sls", "target": "none"},
 }
 

@@ -70,8 +70,8 @@ def _video_options(f):
                      help="Channel methods: keep this channel group at full width (repeatable; shell patterns "
                           "allowed), e.g. --keep-full stream keeps EDSR's residual stream whole and prunes only block "
                           "inner channels and the upsampler; --keep-full '*.read' --keep-full '*.write' turns off "
-                          "the video models' Residual Sparsity Connections (default: the recipe's "
-                          "structured.keep_full, none).")(f)
+                          "the video models' Residual Sparsity Connections; --keep-full none prunes every group "
+                          "(default: the recipe's structured.keep_full; EDSR's: stream).")(f)
     f = click.option("--selection", type=click.Choice(["normalised", "raw"]), default=None,
                      help="ssl/hybrid: how the learned scales pick the kept units under the budget: one threshold on "
                           "per-group normalised |scale| (normalised, default) or on the raw |scale| of every unit "

@@ -424,3 +424,14 @@ def test_keep_full_stream_prunes_everything_else(tmp_path, tiny_images, capsys, 
     code, _, err = run_cli(capsys, "search", "--recipe", recipe, "--weights", weights, "--budget", "0.6",
                            "--method", "oneshot", "--keep-full", "stream", "--out", tmp_path / "d")
     assert code == 2 and "does not apply to --method oneshot" in err
+
+
+def test_edsr_default_is_ssl_with_the_stream_kept_full_and_none_prunes_it():
+    from sls_deploy.config.recipe import resolve_recipe
+    from sls_deploy.config.settings import Settings
+
+    recipe = resolve_recipe("edsr", None)
+    s = Settings.resolve(recipe, budget=0.4)
+    assert (s.method, s.keep_full, s.round_to, s.target) == ("ssl", ("stream",), 16, "trt")
+    assert Settings.resolve(recipe, budget=0.4, keep_full=("none",)).keep_full == ()
+    assert Settings.resolve(recipe, budget=0.4, method="sls", target="none").strategy == "nm"

@@ -103,6 +103,8 @@ class Settings:
             if k not in cls.__dataclass_fields__:
                 raise TypeError(f"unknown setting {k}")
             values[k] = v
+        if tuple(values.get("keep_full") or ()) == ("none",):  # --keep-full none: drop the recipe's list
+            values["keep_full"] = ()
         if values.get("precisions") is not None:
             values["precisions"] = tuple(dict.fromkeys(("fp32",) + tuple(values["precisions"])))
         return cls(**values).check(recipe)
