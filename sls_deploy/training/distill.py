@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sls_deploy.core.controller import StatelessController
+
 from sls_deploy.core.errors import UsageError
 
 
@@ -31,7 +33,7 @@ def hidden_state_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.T
     return torch.stack([F.l1_loss(s, t.detach()) for s, t in zip(student, teacher)]).mean()
 
 
-class HiddenStateDistill:
+class HiddenStateDistill(StatelessController):
     """The TF term as a training controller (see the module docstring)."""
 
     def __init__(self, teacher: nn.Module, state_modules: Sequence[str], weight: float):
@@ -66,9 +68,6 @@ class HiddenStateDistill:
         self._handles.append(model.register_forward_pre_hook(keep_inputs))
         self._handles += [mods[n].register_forward_hook(self._record_into(self._states)) for n in self.names]
 
-    def param_groups(self) -> list[dict]:
-        return []
-
     def teacher_states(self, inputs: tuple) -> list[torch.Tensor]:
         states: list[torch.Tensor] = []
         mods = dict(self.teacher.named_modules())
@@ -89,15 +88,6 @@ class HiddenStateDistill:
         self._inputs = None
         self.last = float(loss.detach())
         return loss
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def detach(self, model: nn.Module) -> None:
         for h in self._handles:

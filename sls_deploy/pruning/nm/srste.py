@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from sls_deploy.core.controller import StatelessController
 from torch.nn.utils import parametrize
 
 from sls_deploy.pruning.nm.patterns import nm_mask
@@ -26,7 +28,7 @@ class _STEMask(nn.Module):
         return weight + (masked - weight).detach()
 
 
-class SRSTE:
+class SRSTE(StatelessController):
     """Training controller. ``layers``: (module name, N); M shared."""
 
     finished = False
@@ -41,9 +43,6 @@ class SRSTE:
             parametrize.register_parametrization(modules[name], "weight", _STEMask(n, self.m), unsafe=True)
             self._modules[name] = modules[name]
 
-    def param_groups(self) -> list[dict]:
-        return []
-
     def regularizer(self) -> torch.Tensor | None:
         terms = []
         for name, n in self.layers:
@@ -51,15 +50,6 @@ class SRSTE:
             pruned = ~nm_mask(w, n, self.m)
             terms.append((w * pruned).pow(2).sum())
         return 0.5 * self.decay * torch.stack(terms).sum() if terms else None
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def detach(self, model: nn.Module) -> None:
         with torch.no_grad():
