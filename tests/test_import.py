@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +109,9 @@ def test_bad_sls_checkpoints(capsys, tmp_path, tiny_recipe, kind, fragment):
 ])
 def test_bad_mask_files(capsys, tmp_path, tiny_recipe, tiny_weights, layer, shape, fragment):
     masks = tmp_path / "masks.safetensors"
-    save_file({layer: torch.ones(shape, dtype=torch.uint8)}, str(masks))
+    mask = torch.ones(shape, dtype=torch.uint8)
+    mask.view(-1)[0] = 0  # a real mask (all ones would mean "dense" and be accepted)
+    save_file({layer: mask}, str(masks))
     code = main(["import-sls", str(masks), "--recipe", str(tiny_recipe), "--weights", str(tiny_weights),
                  "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
@@ -134,3 +137,35 @@ def test_imported_uneven_and_all_zero_masks_survive_finetuning(capsys, tmp_path,
     tuned = load_file(str(out / "model.safetensors"))
     assert torch.equal(tuned["body.0.conv1.weight"] != 0, uneven)  # not one pruned weight came back
     assert not tuned["body.0.conv2.weight"].any()  # the all-zero layer stays all zero
+
+
+# --------------------------------------------------------------------------- NVIDIA ModelOpt
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("fixture", ["modelopt_edsr_tiny.pth", "modelopt_edsr_tiny.safetensors"])
+def test_modelopt_sparsified_model_imports_and_continues(tmp_path, tiny_images, capsys, fixture):
+    """ModelOpt's layout (mto.save, or a plain state dict with *._weight_mask): its 2:4 masks become the plan,
+    all-ones masks (conv_first, conv_last) mean dense, and finetune/export/validate continue with the 2:4 kept."""
+    from safetensors.torch import load_file
+
+    from conftest import write_tiny_recipe
+    from sls_deploy.pruning.nm.patterns import is_2to4
+
+    recipe = write_tiny_recipe(tmp_path, tiny_images)
+    out = tmp_path / "b"
+    assert main(["import-sls", str(FIXTURES / fixture), "--recipe", str(recipe), "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    plan = json.loads((out / "plan.json").read_text())
+    ns = {l["name"]: l["n"] for l in plan["layers"]}
+    assert plan["m"] == 4 and plan["method"] == "imported"
+    assert all(ns[k] == 2 for k in ("body.0.conv1", "body.1.conv2", "conv_after_body", "upsample.0"))
+    assert "conv_first" not in ns and "conv_last" not in ns  # all-ones masks: dense, not refused
+    for stage in ("finetune", "export"):
+        assert main([stage, str(out)]) == 0, capsys.readouterr().err
+    sd = load_file(str(out / "model.safetensors"))
+    assert all(is_2to4(sd[k + ".weight"]) for k, n in ns.items() if n == 2)
+    export = json.loads((out / "manifest.json").read_text())["stages"]["export"]["result"]
+    assert export["layers_2to4"] == sum(n <= 2 for n in ns.values())

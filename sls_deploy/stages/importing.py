@@ -14,7 +14,8 @@ from sls_deploy.core.bundle import MASKS, PLAN, Bundle, digest
 from sls_deploy.core.checkpoints import read_state_dict, save_weights
 from sls_deploy.core.errors import UsageError
 from sls_deploy.pruning.nm import Plan
-from sls_deploy.pruning.nm.importing import import_masks, masks_from_sls_checkpoint, read_mask_file
+from sls_deploy.pruning.nm.importing import (import_masks, is_modelopt, masks_from_modelopt,
+                                             masks_from_sls_checkpoint, read_mask_file)
 from sls_deploy.stages.models import resolve_base_weights
 from sls_deploy.stages.search import SEARCH_WEIGHTS
 
@@ -22,17 +23,22 @@ IMPORTED_DENSE = "imported.dense.safetensors"  # the imported checkpoint's weigh
 
 
 def run_import(recipe: Recipe, source: Path, out: Path, weights: str | None, m: int | None) -> Plan:
-    if source.suffix == ".safetensors" and not any(k.endswith(".priority_scores")
-                                                   for k in read_state_dict(source)):
+    sd = read_state_dict(source)
+    if is_modelopt(sd):  # NVIDIA ModelOpt: weights and *._weight_mask in one state dict (mto.save or plain)
+        dense_sd, masks, group_m = masks_from_modelopt(sd)
+        if m and m != group_m:
+            raise UsageError(f"--m {m} differs from ModelOpt's 2:4 masks (M={group_m})")
+    elif source.suffix == ".safetensors" and not any(k.endswith(".priority_scores") for k in sd):
         base = resolve_base_weights(recipe, weights)
         masks, group_m = read_mask_file(source), m or recipe.sparsity_m
         dense_sd = recipe.adapter.convert_state_dict(read_state_dict(base), recipe.model)
     else:
-        dense_sd, masks, group_m = masks_from_sls_checkpoint(read_state_dict(source))
+        dense_sd, masks, group_m = masks_from_sls_checkpoint(sd)
         if m and m != group_m:
             raise UsageError(f"--m {m} differs from the checkpoint's pruning units (M={group_m})")
     plan, model, dense, ours = import_masks(recipe, dense_sd, masks, group_m)
     settings = Settings.resolve(recipe, budget=plan.budget, method="imported", m=group_m, weights=weights)
+    plan.target = settings.target
     bundle = Bundle(out)
     bundle.lock()
     bundle.claim(settings.build_key(recipe), Path(recipe.path).read_text(), settings.to_record())

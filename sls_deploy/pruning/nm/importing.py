@@ -1,11 +1,17 @@
 """Masks searched elsewhere enter the pipeline here (`sls-deploy import-sls`).
 
-Two inputs are accepted:
+Three inputs are accepted:
 - a checkpoint in the public SLS code's layout: for each searched layer ``<layer>.weight``,
   ``<layer>.priority_scores`` (M-1 values) and ``<layer>.pruning_units`` (M stacked 1:M unit masks, unit i =
   the (i+1)-th largest weight of each group). The mask is unit 0 plus the units whose gate is open
   (gates = cumprod(clamp(scores, 0, 1.03)) > 0.5, as the SLS code freezes them);
-- a plain safetensors file ``{layer name: mask}`` (non-zero = kept), with dense weights from ``--weights``.
+- a plain safetensors file ``{layer name: mask}`` (non-zero = kept), with dense weights from ``--weights``;
+- an NVIDIA ModelOpt sparsified model (``modelopt.torch.sparsity``, e.g. ``sparse_magnitude``): its state dict
+  holds ``<layer>.weight`` and a boolean ``<layer>._weight_mask`` per sparsified module, either as saved by
+  ``mto.save`` (``{"modelopt_state": ..., "model_state_dict": ...}``, read weights-only) or as a plain state
+  dict. ModelOpt's sparsity is 2:4 (M = 4).
+An all-ones mask means the layer stays dense (ModelOpt gives one to every module it does not sparsify, e.g. a
+first conv with 3 input channels).
 The result is a bundle holding plan.json and the masked weights as the finetune stage's starting point.
 """
 
@@ -24,6 +30,8 @@ from sls_deploy.pruning.nm.patterns import VALID_M, max_nonzeros_per_group
 from sls_deploy.pruning.nm.plan import LayerPlan, Plan
 
 SCORES, UNITS = ".priority_scores", ".pruning_units"
+MODELOPT_MASK = "._weight_mask"
+MODELOPT_M = 4  # modelopt.torch.sparsity: 2:4
 
 
 def _strip_wrapper_prefix(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,6 +73,22 @@ def masks_from_sls_checkpoint(sd: Mapping[str, torch.Tensor], clamp: float = 1.0
     return weights, masks, ms.pop()
 
 
+def is_modelopt(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.endswith(MODELOPT_MASK) for k in sd)
+
+
+def masks_from_modelopt(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """Split a ModelOpt sparsified state dict into (plain weights, {layer: bool mask}, M)."""
+    masks = {k[: -len(MODELOPT_MASK)]: v.bool() for k, v in sd.items() if k.endswith(MODELOPT_MASK)}
+    if not masks:
+        raise CheckpointError("checkpoint holds no '<layer>._weight_mask' (not a ModelOpt sparsified model)")
+    for layer in masks:
+        if layer + ".weight" not in sd:
+            raise CheckpointError(f"ModelOpt mask '{layer}{MODELOPT_MASK}' has no '{layer}.weight' beside it")
+    weights = {k: v for k, v in sd.items() if not k.endswith(MODELOPT_MASK)}
+    return weights, masks, MODELOPT_M
+
+
 def read_mask_file(path: Path) -> dict[str, torch.Tensor]:
     sd = read_state_dict(path)
     return {k: v != 0 for k, v in sd.items()}
@@ -87,11 +111,13 @@ def import_masks(recipe: Recipe, weights: Mapping[str, torch.Tensor], masks: Map
         name = rename.get(f"{layer}.weight", f"{layer}.weight")[: -len(".weight")]
         if name not in modules or not hasattr(modules[name], "weight"):
             raise CheckpointError(f"mask for '{layer}' matches no layer of {recipe.describe_model()}")
-        if name not in prunable:
-            raise CheckpointError(f"mask for '{layer}': layer '{name}' stays dense in recipe '{recipe.name}'")
         if tuple(mask.shape) != tuple(modules[name].weight.shape):
             raise CheckpointError(f"mask for '{layer}' has shape {tuple(mask.shape)}, layer '{name}' weight "
                                   f"{tuple(modules[name].weight.shape)}")
+        if bool(mask.bool().all()):  # all ones: the layer stays dense (ModelOpt's unsparsified modules)
+            continue
+        if name not in prunable:
+            raise CheckpointError(f"mask for '{layer}': layer '{name}' stays dense in recipe '{recipe.name}'")
         ours[name] = mask.bool()
     if group_m not in VALID_M:
         raise CheckpointError(f"M must be one of {VALID_M}, not {group_m}")
