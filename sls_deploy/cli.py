@@ -227,8 +227,9 @@ def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, we
               help="Group size of a plain mask file (SLS checkpoints carry their own).")
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-imported).")
 def import_sls(checkpoint, model_name, recipe_path, weights, m, out):
-    """Import masks searched elsewhere: an SLS checkpoint (<layer>.weight, .priority_scores, .pruning_units)
-    or a {layer: mask} safetensors file. Writes plan.json and the masked weights; continue with
+    """Import masks searched elsewhere: an SLS checkpoint (<layer>.weight, .priority_scores, .pruning_units),
+    an NVIDIA ModelOpt sparsified model (mto.save file, or a state dict with <layer>._weight_mask; all-ones
+    masks mean dense) or a {layer: mask} safetensors file. Writes plan.json and the masked weights; continue with
     `sls-deploy finetune BUNDLE`, `export`, `validate`."""
     from sls_deploy.config.recipe import resolve_recipe
     from sls_deploy.stages.importing import run_import
