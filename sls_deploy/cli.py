@@ -215,7 +215,8 @@ def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, we
     else:
         click.echo(f"{out_dir / 'plan.json'}: {plan.method}, widths "
                    f"{', '.join(f'{g.name}={g.kept_units}/{g.dense_units}' for g in plan.groups)}, "
-                   f"MACs ratio {plan.ratio:.3f} (= its cost on every target: sliced convs run dense)")
+                   f"MACs ratio {plan.ratio:.3f}, cost on --target {plan.target} {plan.target_ratio:.3f}"
+                   + (f", {len(plan.nm_layers)} layers at 2:4" if plan.nm_layers else ""))
 
 
 @cli.command("import-sls")

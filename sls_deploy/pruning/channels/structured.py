@@ -674,7 +674,8 @@ def zero_units(model: nn.Module, group, units) -> None:
     idx = aligned_units(group, units, n, f"zero_units '{group.name}'")
     if not producers_of(group):  # a gather group: its consumers stop reading those channels
         for name in group.consumers:
-            _conv(model, name, group, "consumer").weight[:, idx.to(model.state_dict()[name + ".weight"].device)] = 0
+            cons = _conv(model, name, group, "consumer")
+            cons.weight[:, idx.to(cons.weight.device)] = 0
         return
     for name in producers_of(group):
         prod = _conv(model, name, group, "producer")
