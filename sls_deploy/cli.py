@@ -28,7 +28,7 @@ def _recipe_options(f):
     return f
 
 
-def _plan_options(f):
+def _plan_options(f, many: bool = False):
     f = click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for sampling and planning.")(f)
     f = click.option("--weights", type=click.Path(dir_okay=False),
                      help="Base (dense) weights: .safetensors, BasicSR .pth or official EDSR .pt. "
@@ -51,9 +51,16 @@ def _plan_options(f):
                           "pruning; l1-global = one global L1-norm threshold; hybrid = ssl channels, then 2:4 on the "
                           "narrower layers the --target accelerates (none on 64-channel models: it says so). Any "
                           "method runs on any modality.")(f)
-    f = click.option("--budget", required=True, type=BUDGET,
-                     help="Fraction of the dense model's MACs (whole model, reference resolution) to keep, in (0, 1].")(f)
+    f = click.option("--budget", required=True, type=BUDGET, multiple=many,
+                     help="Fraction of the dense model's MACs (whole model, reference resolution) to keep, in (0, 1]."
+                     + (" Repeat it (--budget 0.25 --budget 0.4 --budget 0.6) to build a family: one bundle per "
+                        "budget from the same base, in one folder (default runs/<model>-family), for "
+                        "`sls-deploy route`." if many else ""))(f)
     return f
+
+
+def _build_plan_options(f):
+    return _plan_options(f, many=True)
 
 
 def _video_options(f):
@@ -120,13 +127,14 @@ def cli() -> None:
 
 @cli.command()
 @_recipe_options
-@_plan_options
+@_build_plan_options
 @_video_options
 @click.option("--data", help="Training data for finetune: a folder of HR images, or for video models of clips "
               "(default: the recipe's list).")
 @click.option("--eval-data", help="Eval data: a folder of HR images or clips (default: the recipe's eval list).")
 @click.option("--steps", type=click.IntRange(min=0), help="Finetune steps (default: the recipe's).")
-@click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>).")
+@click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>; "
+              "a family: runs/<model>-family).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @_precision_options
 @_progress_option
@@ -143,11 +151,26 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
     from sls_deploy.stages.validate import check_report
 
     recipe = resolve_recipe(model_name, recipe_path)
-    settings = _settings(recipe, budget, method, lam=lam, alpha=alpha, n=n, target=target, m=m, weights=weights,
-                         seed=seed, round_to=round_to, selection=selection, keep_full=tuple(keep_full) or None,
-                         tf_weight=tf_weight, temporal_weight=temporal_weight, data=data, eval_data=eval_data, steps=steps, precisions=tuple(precisions), calib=calib,
-                         calib_method=calib_method)
-    out_dir = Path(out) if out else default_out(model_name or Path(recipe_path).stem, budget)
+    budgets = tuple(budget)
+    cli_opts = dict(lam=lam, alpha=alpha, n=n, target=target, m=m, weights=weights, seed=seed, round_to=round_to,
+                    selection=selection, keep_full=tuple(keep_full) or None, tf_weight=tf_weight,
+                    temporal_weight=temporal_weight, data=data, eval_data=eval_data, steps=steps,
+                    precisions=tuple(precisions), calib=calib, calib_method=calib_method)
+    name = model_name or Path(recipe_path).stem
+    if len(budgets) > 1:
+        from sls_deploy.adaptive.family import build_family
+
+        reports = build_family(recipe, budgets, Path(out) if out else Path("runs") / f"{name}-family",
+                               lambda b: _settings(recipe, b, method, **cli_opts), _log, not no_progress)
+        if not reports:
+            return
+        click.echo(json.dumps(reports, indent=2) if as_json else
+                   "\n\n".join(summary_text(r) for r in reports.values()))
+        for r in reports.values():
+            check_report(r)
+        return
+    settings = _settings(recipe, budgets[0], method, **cli_opts)
+    out_dir = Path(out) if out else default_out(name, budgets[0])
     rep = run_build(start(recipe, settings, out_dir, _log, not no_progress))
     if not rep:  # a non-zero rank of a torchrun job: rank 0 reports
         return
@@ -476,6 +499,43 @@ def upscale(bundle_dir, inputs, out, backend, precision, tile, overlap, as_json,
                           log=(lambda s: None) if as_json else _log)
     if as_json:
         click.echo(json.dumps(records, indent=2))
+
+
+@cli.command()
+@click.argument("family_dir", type=click.Path(file_okay=False))
+@click.option("--router", "routers", multiple=True, type=click.Choice(["sls", "classsr", "edge"]),
+              help="Routers to fit (repeatable; default all three): sls = the SLS paper's rule on a CNN's predicted "
+                   "errors; classsr = a ClassSR-style patch classifier; edge = gradient-energy thresholds.")
+@click.option("--target-cost", type=BUDGET, help="Average MACs (fraction of dense, overlap counted) the routers aim "
+              "at, set on train patches only. Default: the middle member's cost.")
+@click.option("--patch", type=click.IntRange(min=8), default=48, show_default=True, help="LR patch side.")
+@click.option("--stride", type=click.IntRange(min=1), default=44, show_default=True,
+              help="LR patch stride (overlaps are averaged and their cost counted).")
+@click.option("--train-patches", type=click.IntRange(min=50), default=1500, show_default=True,
+              help="Random train crops the routers learn (80%) and calibrate (20%) on.")
+@click.option("--steps", type=click.IntRange(min=1), default=800, show_default=True,
+              help="Training steps of the learned routers.")
+@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--eval-data", help="Eval images (default: the recipe's eval list); never used to fit or calibrate.")
+@click.option("--json", "as_json", is_flag=True, help="Print adaptive.json instead of the table.")
+def route(family_dir, routers, target_cost, patch, stride, train_patches, steps, seed, eval_data, as_json):
+    """Adaptive inference over a family (`build --budget A --budget B ...`): per LR patch, a router picks bicubic,
+    a member or the dense model. Fits the routers on train patches, writes router-<name>.onnx next to the members,
+    and scores every single candidate and router on the eval images at their average MACs (adaptive.json/.md,
+    adaptive.png, adaptive_map.png)."""
+    from sls_deploy.adaptive.routers import ROUTERS
+    from sls_deploy.adaptive.run import route as run_route
+    from sls_deploy.core.errors import UsageError
+
+    if stride > patch:
+        raise UsageError(f"--stride {stride} is larger than --patch {patch}: pixels would be skipped")
+    rep = run_route(Path(family_dir), routers or ROUTERS, target=target_cost, size=patch, stride=stride,
+                    train_patches=train_patches, steps=steps, seed=seed, eval_data=eval_data,
+                    log=(lambda s: None) if as_json else _log)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+    else:
+        click.echo((Path(family_dir) / "adaptive.md").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ TRADEOFF_PLOT = "report_tradeoff.png"
 CROP_PLOT = "report_crop.png"
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,15 +25,15 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | os.PathLike) -> None:
+def save_figure(fig, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def plot_layer_density(rep: dict, path: str | os.PathLike) -> None:
     """Bar chart of each prunable layer's kept density N/M (2:4-compatible layers marked)."""
-    plt = _plt()
+    plt = pyplot()
     layers = rep["layers"]
     names = [l["name"] for l in layers]
     dens = [l["n"] / l["m"] for l in layers]
@@ -46,7 +46,7 @@ def plot_layer_density(rep: dict, path: str | os.PathLike) -> None:
     ax.set_title(f"{rep['model']}: {rep['method']}, budget {rep['budget']:g}, MACs ratio {rep['macs']['ratio']:.3f} "
                  "(green: 2:4-compatible)", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def tradeoff_points(rep: dict, bundle_root: Path) -> list[dict]:
@@ -71,7 +71,7 @@ def tradeoff_points(rep: dict, bundle_root: Path) -> list[dict]:
 
 def plot_tradeoff(rep: dict, path: str | os.PathLike) -> None:
     """PSNR vs MACs ratio: dense model, bicubic, this plan and sibling bundles (one curve per method)."""
-    plt = _plt()
+    plt = pyplot()
     p = rep["psnr"]
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     ax.axhline(p["bicubic"], color="tab:gray", ls=":", label=f"{rep.get('baseline', 'bicubic')} {p['bicubic']:.2f}")
@@ -92,7 +92,7 @@ def plot_tradeoff(rep: dict, path: str | os.PathLike) -> None:
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _busiest_window(img: np.ndarray, size: int) -> tuple[int, int]:
@@ -114,7 +114,7 @@ def plot_crop(image: Path, scale: int, dense: torch.nn.Module, pruned: torch.nn.
     from sls_deploy.data.degradations import default_degradation
     from sls_deploy.data.images import load_pair, to_image
 
-    plt = _plt()
+    plt = pyplot()
     deg = default_degradation(scale, degradation)
     hr, lr = load_pair(image, scale, deg)
     with torch.no_grad():
@@ -129,7 +129,7 @@ def plot_crop(image: Path, scale: int, dense: torch.nn.Module, pruned: torch.nn.
         ax.axis("off")
     fig.suptitle(f"{Path(image).name}, HR crop {size}x{size} at ({x}, {y}), x{scale}", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 WIDTHS_PLOT = "report_widths.png"
@@ -139,7 +139,7 @@ DRIFT_PLOT = "report_drift.png"
 
 def plot_group_widths(rep: dict, path: str | os.PathLike) -> None:
     """Bar chart of each channel group's kept units over its dense units (structured plans)."""
-    plt = _plt()
+    plt = pyplot()
     groups = rep["groups"]
     names = [g["name"] for g in groups]
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 3.8))
@@ -155,12 +155,12 @@ def plot_group_widths(rep: dict, path: str | os.PathLike) -> None:
                  fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_per_frame(rep: dict, path: str | os.PathLike) -> None:
     """PSNR of frame t averaged over the eval clips: bicubic, dense and pruned along the recurrence."""
-    plt = _plt()
+    plt = pyplot()
     p = rep["psnr"]
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
     for k, style in (("bicubic", ":"), ("dense", "-"), ("pruned", "-")):
@@ -172,12 +172,12 @@ def plot_per_frame(rep: dict, path: str | os.PathLike) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_drift(rep: dict, path: str | os.PathLike) -> None:
     """Per-frame PSNR of dense and pruned over one whole long clip, and their gap with its fitted slope."""
-    plt = _plt()
+    plt = pyplot()
     d = rep["drift"]
     fig, (ax, gx) = plt.subplots(2, 1, figsize=(5.6, 4.6), sharex=True)
     ax.plot(d["psnr_dense"], "-", lw=1, label="dense")
@@ -199,4 +199,4 @@ def plot_drift(rep: dict, path: str | os.PathLike) -> None:
     gx.legend(fontsize=7)
     gx.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

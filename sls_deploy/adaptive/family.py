@@ -1,0 +1,139 @@
+"""A family: several bundles of one model at different budgets, built from one base, in one folder.
+
+``family.json`` names the model, the recipe, the base weights and the members (budget, folder). Each member is a
+complete bundle (``b0.25/``, ``b0.40/``, ...), so every single-bundle command (validate, engine, upscale) works on
+it; the adaptive stage (``route``) reads the family and adds routers next to the members.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import json
+
+from sls_deploy.core.atomic import write_json
+from sls_deploy.core.errors import BundleError
+
+FAMILY = "family.json"
+KIND = "sls-deploy family"
+
+
+def member_dir(budget: float) -> str:
+    return f"b{budget:.2f}"
+
+
+@dataclass(frozen=True)
+class FamilyMember:
+    budget: float
+    folder: str
+
+
+@dataclass(frozen=True)
+class Family:
+    root: Path
+    model: str
+    method: str
+    base_weights: str
+    members: tuple[FamilyMember, ...]
+
+    def path(self, member: FamilyMember) -> Path:
+        return self.root / member.folder
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": KIND, "model": self.model, "method": self.method, "base_weights": self.base_weights,
+                "members": [{"budget": m.budget, "folder": m.folder} for m in self.members]}
+
+    def save(self) -> None:
+        write_json(self.root / FAMILY, self.to_json())
+
+
+def check_budgets(budgets) -> tuple[float, ...]:
+    """Distinct budgets, ascending; two budgets that would share a folder name are refused."""
+    out = tuple(sorted(set(float(b) for b in budgets)))
+    names = [member_dir(b) for b in out]
+    if len(set(names)) != len(names):
+        raise BundleError(f"budgets {', '.join(f'{b:g}' for b in out)} give the same member folder twice "
+                          "(folders are named by two decimals)")
+    return out
+
+
+def is_family(root: Path) -> bool:
+    return (Path(root) / FAMILY).is_file()
+
+
+def load_family(root: str | Path) -> Family:
+    """The family at ``root``, every member folder checked to exist (one-line BundleError otherwise)."""
+    root = Path(root)
+    f = root / FAMILY
+    if not f.is_file():
+        raise BundleError(f"{root} is not a family folder (no {FAMILY}; build one with "
+                          "`sls-deploy build --budget A --budget B ...`)")
+    try:
+        d = json.loads(f.read_text())
+        if d.get("kind") != KIND:
+            raise ValueError(f"kind is {d.get('kind')!r}")
+        members = tuple(FamilyMember(float(m["budget"]), str(m["folder"])) for m in d["members"])
+        fam = Family(root, str(d["model"]), str(d.get("method", "")), str(d.get("base_weights", "")), members)
+    except (ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"{f} is not a valid family file: {e}") from None
+    if not members:
+        raise BundleError(f"{f} lists no members")
+    for m in members:
+        if not (root / m.folder).is_dir():
+            raise BundleError(f"family member {m.folder} is missing from {root}")
+    return fam
+
+
+def _check_out(out: Path, model: str) -> Family | None:
+    """The folder may be new, a family of the same model, or hold only member folders of an interrupted family
+    build; anything else is refused before any work."""
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"--out {out} is a file, not a folder")
+    if not out.exists():
+        return None
+    if is_family(out):
+        fam = load_family(out)
+        if fam.model != model:
+            raise BundleError(f"{out} holds a family of {fam.model}, not {model}")
+        return fam
+    stray = [p.name for p in out.iterdir() if not (p.is_dir() and p.name.startswith("b"))]
+    if stray:
+        raise BundleError(f"{out} is not empty and not a family folder (it holds {', '.join(sorted(stray)[:3])}); "
+                          "choose another --out")
+    return None
+
+
+def build_family(recipe, budgets, out: Path, settings_for, log, progress: bool = True) -> dict[str, dict]:
+    """``sls-deploy build --budget A --budget B ...``: one complete bundle per budget, in ``out/b<budget>``, each
+    from the same base weights with the same options; ``family.json`` is written when every member is done (an
+    interrupted family build resumes member by member when the same command runs again). Members are built
+    independently: their index sets and weights are not nested (one weight set serving several costs, as in
+    ClassPruning, is not implemented). Returns {member folder: its report}."""
+    from sls_deploy.core import distributed as dist
+    from sls_deploy.stages.build import build, start
+
+    out = Path(out)
+    budgets = check_budgets(budgets)
+    if len(budgets) < 2:
+        raise BundleError("a family needs at least two distinct budgets")
+    previous = _check_out(out, recipe.name)
+    settings = {b: settings_for(b) for b in budgets}  # every option checked before any work
+    methods = {s.method for s in settings.values()}
+    reports = {}
+    for b in budgets:
+        log(f"family member {member_dir(b)} ({budgets.index(b) + 1}/{len(budgets)})")
+        rep = build(start(recipe, settings[b], out / member_dir(b), log, progress))
+        if rep:
+            reports[member_dir(b)] = rep
+    if not dist.is_main():
+        return {}
+    members = {m.folder: m for m in (previous.members if previous else ())}
+    members.update({member_dir(b): FamilyMember(b, member_dir(b)) for b in budgets})
+    w = settings[budgets[0]].weights
+    base = str(Path(w).resolve()) if w else ""
+    Family(out, recipe.name, "/".join(sorted(methods)), str(base),
+           tuple(sorted(members.values(), key=lambda m: m.budget))).save()
+    log(f"family of {len(members)} members -> {out} (next: `sls-deploy route {out}`)")
+    return reports

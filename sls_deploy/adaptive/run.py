@@ -1,0 +1,152 @@
+"""``sls-deploy route FAMILY``: fit routers on train patches, export them, score everything on the eval images.
+
+Candidates: bicubic (the degradation's baseline), every family member, and the dense base model. Routers are fitted
+on random crops of the recipe's train images (80% to fit, 20% to calibrate the operating point to ``target``
+average cost); the eval images are used only for the final figures. Writes, in the family folder:
+``router-<name>.onnx`` per router, ``adaptive.json``, ``adaptive.md``, ``adaptive.png`` (PSNR vs average MACs) and
+``adaptive_map.png`` (which candidate ran each patch of one eval image).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from sls_deploy.adaptive.evaluate import Evaluation, evaluate
+from sls_deploy.adaptive.family import Family, load_family
+from sls_deploy.adaptive.patches import coverage, grid
+from sls_deploy.adaptive.members import Candidate, bicubic_candidate, bundle_candidate, module_candidate
+from sls_deploy.adaptive.patchset import patch_set, random_crops
+from sls_deploy.adaptive.routers import ROUTERS, make_router
+from sls_deploy.core.atomic import write_json, write_text
+from sls_deploy.core.bundle import RECIPE
+from sls_deploy.core.errors import DataError, UsageError
+from sls_deploy.models.base import ExportSpec
+from sls_deploy.onnx.export import export_onnx
+from sls_deploy.pruning.macs import layer_macs
+
+RESULT_JSON = "adaptive.json"
+RESULT_MD = "adaptive.md"
+PLOT = "adaptive.png"
+MAP_PLOT = "adaptive_map.png"
+ROUTER_SPEC = ExportSpec(("lr_patches",), ("member",), {"lr_patches": {0: "patches"}, "member": {0: "patches"}})
+
+Log = Callable[[str], None]
+
+
+def router_file(name: str) -> str:
+    return f"router-{name}.onnx"
+
+
+def candidates_of(family: Family, recipe) -> tuple[list[Candidate], float]:
+    """bicubic, the members and the dense base, cheapest first; and the dense MACs per LR pixel."""
+    from sls_deploy.stages.models import load_model, resolve_base_weights
+
+    dense = recipe.adapter.export_module(load_model(recipe, resolve_base_weights(recipe, family.base_weights or None)))
+    probe = 32
+    per_px = sum(layer_macs(dense, torch.zeros(1, 3, probe, probe)).values()) / probe ** 2
+    members = [bundle_candidate(family.path(m), m.folder)[0] for m in family.members]
+    cands = [bicubic_candidate(recipe.scale, per_px, recipe.adapter.degradation(recipe.model).baseline)]
+    cands += sorted(members, key=lambda c: c.cost) + [module_candidate("dense", dense, 1.0)]
+    costs = [c.cost for c in cands]
+    if any(b <= a for a, b in zip(costs, costs[1:])):
+        raise UsageError("family members must have distinct costs below the dense model's: "
+                         + ", ".join(f"{c.name} {c.cost:.4f}" for c in cands))
+    return cands, per_px
+
+
+def train_coverage(files, scale: int, size: int, stride: int, degradation) -> float:
+    """Pixel-weighted coverage of the patch grid over the train images at least one patch large: the overlap
+    factor the operating point allows for (eval images are never looked at)."""
+    from sls_deploy.data.images import load_pair
+
+    run = pixels = 0.0
+    for f in files:
+        h, w = load_pair(f, scale, degradation)[1].shape[-2:]
+        if min(h, w) >= size:
+            run += coverage(grid(h, w, size, stride), size, h, w) * h * w
+            pixels += h * w
+    if not pixels:
+        raise DataError(f"no train image is as large as the router patch ({size} LR pixels)")
+    return run / pixels
+
+
+def route(root: str | Path, routers: Sequence[str] = ROUTERS, target: float | None = None, size: int = 48,
+          stride: int = 44, train_patches: int = 1500, steps: int = 800, seed: int = 0,
+          eval_data: str | None = None, log: Log = print) -> dict:
+    from sls_deploy.config.recipe import load_recipe
+    from sls_deploy.data.sources import resolve_images
+    from sls_deploy.report.adaptive import plot_map, plot_points, table
+
+    family = load_family(root)
+    recipe = load_recipe(family.path(family.members[0]) / RECIPE)
+    if recipe.modality != "image":
+        raise UsageError(f"adaptive routing runs image models; {recipe.name} is a {recipe.modality} model")
+    for r in routers:
+        make_router(r)  # unknown names fail before any work
+    if size < recipe.adapter.min_input_size(recipe.model):
+        raise UsageError(f"--patch {size} is below the model's minimum input size")
+    t0 = time.perf_counter()
+    cands, per_px = candidates_of(family, recipe)
+    costs = [c.cost for c in cands]
+    if target is None:
+        member_costs = sorted(costs[1:-1])
+        target = member_costs[len(member_costs) // 2]
+    if not costs[0] < target < costs[-1]:
+        raise UsageError(f"--target-cost {target:g} must lie between the cheapest candidate's cost "
+                         f"({costs[0]:.4f}) and the dense model's (1)")
+    deg = recipe.adapter.degradation(recipe.model)
+    train_files = resolve_images(recipe.data_train)
+    eval_files = resolve_images(eval_data or recipe.data_eval)
+    if not eval_files:
+        raise DataError("no eval images")
+    log(f"candidates: " + ", ".join(f"{c.name} ({c.cost:.3f})" for c in cands))
+    lr, hr = random_crops(train_files, recipe.scale, size, train_patches, seed, deg)
+    log(f"router training patches: {lr.shape[0]} crops of {size}x{size} LR from {len(train_files)} train images")
+    ps = patch_set(cands, lr, hr, progress=lambda n: log(f"  errors of {n} on the train patches"))
+    fit, calib = ps.split(0.8, seed)
+    cov = train_coverage(train_files, recipe.scale, size, stride, deg)
+    per_patch = target / cov  # the candidates' mean cost per patch that makes the whole-image average ``target``
+    log(f"patch grid coverage on the train images: {cov:.3f}; routers aim at {per_patch:.4f} per patch")
+    fitted = []
+    for name in routers:
+        r = make_router(name)
+        r.fit(fit, calib, per_patch, seed=seed, steps=steps)
+        export_onnx(r.module().eval(), ROUTER_SPEC, torch.zeros(2, 3, size, size), family.root / router_file(name))
+        log(f"  router {name}: {r.info}")
+        fitted.append(r)
+    router_macs = {r.name: float(sum(layer_macs(r.module(), torch.zeros(1, 3, size, size)).values()))
+                   for r in fitted}
+    ev = evaluate(cands, fitted, eval_files, recipe.scale, size, stride, router_macs, per_px, deg,
+                  progress=lambda n: log(f"  eval {n}"))
+    rep = _report(family, recipe, cands, fitted, ev, target, size, stride, ps, router_macs, per_px,
+                  time.perf_counter() - t0)
+    rep["train_coverage"] = cov
+    write_json(family.root / RESULT_JSON, rep)
+    write_text(family.root / RESULT_MD, table(rep))
+    plot_points(rep, family.root / PLOT)
+    plot_map(rep, ev.maps, eval_files, recipe.scale, family.root / MAP_PLOT)
+    return rep
+
+
+def _report(family, recipe, cands, routers, ev: Evaluation, target, size, stride, ps, router_macs, per_px,
+            seconds) -> dict:
+    return {
+        "family": str(family.root), "model": recipe.name, "target_cost": target,
+        "patch": {"size": size, "stride": stride, "stitch": "overlaps averaged"},
+        "candidates": [{"name": c.name, "cost": c.cost} for c in cands],
+        "train_patches": int(ps.lr.shape[0]), "fit_fraction": 0.8,
+        "eval_images": ev.images,
+        "dense_macs_per_lr_pixel": per_px,
+        "points": [{"name": p.name, "kind": p.kind, "cost": p.cost, "psnr_y": p.psnr, "share": p.share}
+                   for p in ev.points],
+        "routers": {r.name: {"label": r.label, "macs_per_patch": router_macs[r.name],
+                             "file": router_file(r.name), **r.info} for r in routers},
+        "gaps": ev.gaps(),
+        "seconds": round(seconds, 1),
+        "cost_note": "average MACs over the eval images (pixel-weighted) as a fraction of the dense model run on "
+                     "each whole image; routers count whole patches (the overlap) and their own MACs",
+    }
