@@ -72,6 +72,8 @@ def load_family(root: str | Path) -> Family:
                           "`sls-deploy build --budget A --budget B ...`)")
     try:
         d = json.loads(f.read_text())
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
         if d.get("kind") != KIND:
             raise ValueError(f"kind is {d.get('kind')!r}")
         members = tuple(FamilyMember(float(m["budget"]), str(m["folder"])) for m in d["members"])

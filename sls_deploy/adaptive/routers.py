@@ -142,6 +142,7 @@ class SlsRouter(Router):
         self._rule: _SlsRule | None = None
 
     def fit(self, fit: PatchSet, calib: PatchSet, target: float, seed: int = 0, steps: int = 600) -> None:
+        torch.manual_seed(seed)  # the net's initial weights: the same seed refits the same router
         net = PatchNet(fit.costs.numel())
         logs = torch.log(fit.errors + 1e-3)
         mu, sd = logs.mean(), logs.std().clamp_min(1e-6)
@@ -216,6 +217,7 @@ class ClassSrRouter(Router):
         lam = label_lambda(fit, target)
         labels = worth_its_cost(fit.errors, fit.costs, lam)
         fractions = torch.bincount(labels, minlength=k).float() / labels.numel()
+        torch.manual_seed(seed)  # the net's initial weights: the same seed refits the same router
         net = PatchNet(k)
 
         def loss_of(out, idx):
@@ -267,6 +269,8 @@ class EdgeRouter(Router):
         cum = torch.cumsum(torch.bincount(labels, minlength=k).float(), 0) / labels.numel()
         energy = EdgeEnergy(torch.zeros(k - 1)).energy(both.lr)
         thresholds = torch.quantile(energy, cum[:-1].clamp(0, 1))
+        # candidates no train patch went to (from the first whose cumulative share is 1) are never chosen
+        thresholds[cum[:-1] >= 1 - 1e-9] = float("inf")
         self._mod = EdgeEnergy(thresholds)
         self.info = {"label_lambda": round(lam, 6),
                      "thresholds": [round(float(t), 4) for t in thresholds],

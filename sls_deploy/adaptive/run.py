@@ -103,7 +103,7 @@ def route(root: str | Path, routers: Sequence[str] = ROUTERS, target: float | No
     eval_files = resolve_images(eval_data or recipe.data_eval)
     if not eval_files:
         raise DataError("no eval images")
-    log(f"candidates: " + ", ".join(f"{c.name} ({c.cost:.3f})" for c in cands))
+    log("candidates: " + ", ".join(f"{c.name} ({c.cost:.3f})" for c in cands))
     lr, hr = random_crops(train_files, recipe.scale, size, train_patches, seed, deg)
     log(f"router training patches: {lr.shape[0]} crops of {size}x{size} LR from {len(train_files)} train images")
     ps = patch_set(cands, lr, hr, progress=lambda n: log(f"  errors of {n} on the train patches"))
