@@ -33,6 +33,7 @@ from sls_deploy.config.recipe import load_recipe  # noqa: E402
 from sls_deploy.core.bundle import ONNX, RECIPE  # noqa: E402
 from sls_deploy.data.images import load_pair  # noqa: E402
 from sls_deploy.data.sources import resolve_images  # noqa: E402
+from sls_deploy.report.adaptive import table as adaptive_table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -86,26 +87,12 @@ def latency(family, rep: dict, size: int, stride: int, runs: int, threads: int) 
 
 
 def table(rep: dict, lat: dict) -> str:
-    names = [c["name"] for c in rep["candidates"]]
-    lines = [f"EDSR-baseline x4 family ({', '.join(names)}); patches {rep['patch']['size']} LR, stride "
-             f"{rep['patch']['stride']}; routers fitted on {rep['train_patches']} train crops, operating point "
-             f"{rep['target_cost']:.3f} average MACs set on held-out train crops (train grid coverage "
-             f"{rep['train_coverage']:.3f}); eval: {', '.join(rep['eval_images'])}. Latency: ONNX Runtime CPU "
-             f"({lat['threads']} threads), all eval images, medians of {lat['runs']} interleaved runs, over the "
-             "dense model on whole images.", "",
-             "| candidate / router | run as | avg MACs / dense | PSNR-Y dB | ORT latency / dense | patches per candidate |",
-             "|---|---|---|---|---|---|"]
-    for p in sorted(rep["points"], key=lambda p: (p["kind"] != "whole image", p["kind"], p["cost"])):
-        key = f"{p['name']} (whole image)" if p["kind"] == "whole image" else f"router {p['name']}"
-        ratio = lat["ratio_over_dense"].get(key) if p["kind"] != "patches" else None
-        share = ", ".join(f"{n} {s:.0%}" for n, s in zip(names, p["share"]) if s) if p["share"] else ""
-        lines.append(f"| {p['name']} | {p['kind']} | {p['cost']:.4f} | {p['psnr_y']:.3f} | "
-                     f"{f'{ratio:.3f}x' if ratio is not None else 'not measured'} | {share} |")
-    lines += ["", "| router | avg MACs | PSNR-Y | line between the nearest single members (whole image) | gap dB | "
-              "gap to the line of the members run on the same patches dB |", "|---|---|---|---|---|---|"]
-    for name, g in rep["gaps"].items():
-        lines.append(f"| {name} | {g['cost']:.4f} | {g['psnr']:.3f} | {g['line_psnr']:.3f} ({g['between']}) | "
-                     f"{g['gap_db']:+.3f} | {g['gap_vs_patch_line_db']:+.3f} |")
+    """The route report's table, then the measured latencies."""
+    lines = [adaptive_table(rep), f"ONNX Runtime CPU ({lat['threads']} threads), all {lat['images']} eval images per "
+             f"call, medians of {lat['runs']} interleaved runs (train grid coverage {rep['train_coverage']:.3f}):", "",
+             "| run | median ms | latency / dense whole image |", "|---|---|---|"]
+    for k, ms in lat["median_ms"].items():
+        lines.append(f"| {k} | {ms:.1f} | {lat['ratio_over_dense'][k]:.3f}x |")
     return "\n".join(lines) + "\n"
 
 

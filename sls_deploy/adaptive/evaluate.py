@@ -19,7 +19,8 @@ import torch
 
 from sls_deploy.adaptive.members import Candidate
 from sls_deploy.adaptive.patches import coverage, extract, grid, stitch
-from sls_deploy.adaptive.routers import Router
+from sls_deploy.adaptive.patchset import y_mse
+from sls_deploy.adaptive.routers import Router, bisect, worth_its_cost
 from sls_deploy.data.images import load_pair, quantize, to_image
 from sls_deploy.data.metrics import psnr
 
@@ -54,6 +55,7 @@ class Evaluation:
     points: list[Point]
     maps: dict[str, dict]  # router -> {"image": name, "grid": [...], "choice": [...], "size": p, "lr_hw": [h, w]}
     images: list[str]
+    oracle: dict[str, dict] = field(default_factory=dict)  # router -> the oracle at its cost
 
     def singles(self, kind: str = "whole image") -> list[Point]:
         return [p for p in self.points if p.kind == kind]
@@ -67,15 +69,48 @@ class Evaluation:
             line, between = line_at(self.singles(), r.cost)
             pline, _ = line_at(self.singles("patches"), r.cost)
             out[r.name] = {"cost": r.cost, "psnr": r.psnr, "line_psnr": line, "between": between,
-                           "gap_db": r.psnr - line, "gap_vs_patch_line_db": r.psnr - pline}
+                           "gap_db": r.psnr - line, "gap_vs_patch_line_db": r.psnr - pline,
+                           **self.oracle.get(r.name, {})}
         return out
+
+
+@dataclass
+class _Image:
+    name: str
+    hr: torch.Tensor
+    hw: tuple[int, int]
+    pos: list[tuple[int, int]]
+    patches: torch.Tensor
+    outs: list[torch.Tensor]
+    errors: torch.Tensor  # (N, K) per-patch Y MSE of each candidate (for the oracle only)
+
+
+def _routed(img: _Image, choice: torch.Tensor, scale: int) -> torch.Tensor:
+    picked = torch.stack([img.outs[int(j)][i] for i, j in enumerate(choice)])
+    return stitch(picked, img.pos, scale, *img.hw)
+
+
+def _oracle(images: Sequence[_Image], costs: torch.Tensor, size: int, pixels: float, cost: float, scale: int,
+            extra: float) -> dict:
+    """The best a router could do at ``cost``: per patch, argmin of its true error + lam * cost on the eval
+    image itself (not deployable: it reads the ground truth), lam bisected to spend the same MACs."""
+    def spent(lam: float) -> float:
+        return sum(float(costs[worth_its_cost(im.errors, costs, lam)].sum()) for im in images) * size * size \
+            / pixels + extra
+
+    hi = max(float(im.errors.max()) for im in images) / max(float(costs[-1] - costs[0]), 1e-9) + 1.0
+    lam = bisect(spent, cost, 0.0, hi)
+    psnrs = [_psnr_y(_routed(im, worth_its_cost(im.errors, costs, lam), scale), im.hr, scale) for im in images]
+    return {"oracle_cost": spent(lam), "oracle_psnr": float(np.mean(psnrs))}
 
 
 def evaluate(candidates: Sequence[Candidate], routers: Sequence[Router], files: Sequence[Path], scale: int,
              size: int, stride: int, router_macs: dict[str, float], dense_macs_per_pixel: float,
              degradation=None, map_image: int = 0, progress: Callable[[str], None] | None = None) -> Evaluation:
     """Score candidates and routers on ``files``. ``router_macs``: MACs of one router call on one patch;
-    ``dense_macs_per_pixel``: the dense model's MACs per LR pixel. Costs are pixel-weighted over the images."""
+    ``dense_macs_per_pixel``: the dense model's MACs per LR pixel. Costs are pixel-weighted over the images.
+    Beside each router, the oracle at the same cost (true errors on the eval image: an upper bound, not a
+    router)."""
     k = len(candidates)
     costs = torch.tensor([c.cost for c in candidates])
     sums: dict[tuple[str, str], list[float]] = {}
@@ -83,7 +118,7 @@ def evaluate(candidates: Sequence[Candidate], routers: Sequence[Router], files: 
     shares: dict[str, torch.Tensor] = {r.name: torch.zeros(k) for r in routers}
     pixels = 0.0
     maps: dict[str, dict] = {}
-    names = []
+    images: list[_Image] = []
     for fi, f in enumerate(files):
         hr, lr = load_pair(f, scale, degradation)
         h, w = lr.shape[-2:]
@@ -92,6 +127,10 @@ def evaluate(candidates: Sequence[Candidate], routers: Sequence[Router], files: 
         patches = extract(lr, pos, size)
         cov = coverage(pos, size, h, w)
         outs = [c.run(patches) for c in candidates]
+        hr_patches = extract(hr, [(y * scale, x * scale) for y, x in pos], size * scale)
+        img = _Image(Path(f).name, hr, (h, w), pos, patches, outs,
+                     torch.stack([y_mse(o, hr_patches) for o in outs], dim=1))
+        images.append(img)
         for c, o in zip(candidates, outs):
             for kind, sr, cost in (("whole image", c.run(lr), c.cost), ("patches", stitch(o, pos, scale, h, w),
                                                                            c.cost * cov)):
@@ -99,8 +138,7 @@ def evaluate(candidates: Sequence[Candidate], routers: Sequence[Router], files: 
                 macs[(c.name, kind)] = macs.get((c.name, kind), 0.0) + cost * h * w
         for r in routers:
             choice = r.choose(patches)
-            picked = torch.stack([outs[int(j)][i] for i, j in enumerate(choice)])
-            sums.setdefault((r.name, "router"), []).append(_psnr_y(stitch(picked, pos, scale, h, w), hr, scale))
+            sums.setdefault((r.name, "router"), []).append(_psnr_y(_routed(img, choice, scale), hr, scale))
             spent = float(costs[choice].sum()) * size * size + router_macs.get(r.name, 0.0) * len(pos) / \
                 dense_macs_per_pixel
             macs[(r.name, "router")] = macs.get((r.name, "router"), 0.0) + spent
@@ -108,10 +146,13 @@ def evaluate(candidates: Sequence[Candidate], routers: Sequence[Router], files: 
             if fi == map_image:
                 maps[r.name] = {"image": Path(f).name, "grid": [list(p) for p in pos], "size": size,
                                 "choice": [int(j) for j in choice], "lr_hw": [h, w]}
-        names.append(Path(f).name)
         if progress:
             progress(Path(f).name)
     points = [Point(name, kind, macs[(name, kind)] / pixels, float(np.mean(v)),
                     [round(float(s), 4) for s in (shares[name] / shares[name].sum())] if kind == "router" else [])
               for (name, kind), v in sums.items()]
-    return Evaluation(points, maps, names)
+    oracle = {}
+    for r in routers:
+        extra = router_macs.get(r.name, 0.0) * sum(len(im.pos) for im in images) / dense_macs_per_pixel / pixels
+        oracle[r.name] = _oracle(images, costs, size, pixels, macs[(r.name, "router")] / pixels, scale, extra)
+    return Evaluation(points, maps, [im.name for im in images], oracle)
