@@ -61,6 +61,11 @@ def table(rows: list[dict], steps: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def nominal(budget: float) -> float:
+    """The nominal budget a row belongs to (rows after the first ask for its MACs: 0.3966 -> 0.4)."""
+    return round(budget * 20) / 20
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.4, 0.6])
@@ -68,12 +73,17 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--l1-round-to", type=int, default=8)
     ap.add_argument("--out", default="runs/edsr_channels")
+    ap.add_argument("--merge", action="store_true", help="keep the rows already in the results file, replacing "
+                    "those of the same configuration and budget (to two decimals)")
     args = ap.parse_args()
     recipe = resolve_recipe("edsr", None)
-    rows = []
     dest = ROOT / "benchmarks" / "results" / "edsr_channels.json"
+    kept = json.loads(dest.read_text())["rows"] if args.merge and dest.is_file() else []
+    kept = [r for r in kept if not (r["config"] in args.configs and nominal(r["budget"]) in args.budgets)]
+    rows: list[dict] = []
     for budget in args.budgets:
-        reached = None
+        first = [r for r in kept if nominal(r["budget"]) == budget and "macs_ratio" in r]
+        reached = first[0]["macs_ratio"] if first else None  # merged rows: the existing first row's MACs
         for name in args.configs:
             opts = dict(CONFIGS[name])
             if opts["method"] == "l1":
@@ -96,8 +106,9 @@ def main() -> int:
             print(f"{name:30s} budget {b:.4f}: MACs {r['macs_ratio']:.3f}, Y-PSNR {r['psnr_y']:.3f} "
                   f"({-r['drop_db']:+.3f} dB), latency {r['latency_ratio']:.3f}x, {r['build_seconds']:.0f} s",
                   flush=True)
-            dest.write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2) + "\n")
-            dest.with_suffix(".md").write_text(table(rows, args.steps))
+            merged = sorted(kept + rows, key=lambda r: -nominal(r["budget"]))
+            dest.write_text(json.dumps({"steps": args.steps, "rows": merged}, indent=2) + "\n")
+            dest.with_suffix(".md").write_text(table(merged, args.steps))
     return 0
 
 

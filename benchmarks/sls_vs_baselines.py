@@ -32,7 +32,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--equal-cost", action="store_true",
+                    help="per budget and seed: one-shot first, then SLS asked for exactly the MACs ratio one-shot "
+                         "reached (the paper's comparison); writes sls_vs_baselines_m<M>_equal.{json,md}")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = ap.parse_args()
+    if args.equal_cost:
+        return equal_cost(args)
 
     recipe = resolve_recipe("edsr", None)
     rows = []
@@ -96,6 +102,63 @@ def main() -> int:
         fig.savefig(res_dir / f"{stem}_layer_n.png", dpi=110)
     print("\n".join(lines))
     return 0
+
+
+def _build(recipe, out: Path, budget: float, method: str, m: int, steps: int, seed: int) -> dict:
+    t0 = time.perf_counter()
+    rep = build_bundle(recipe, out, budget=budget, method=method, m=m, steps=steps, seed=seed, target="none",
+                       progress=False, log=lambda s: None)
+    return {"method": method, "asked": budget, "seed": seed, "macs_ratio": rep["macs"]["ratio"],
+            "psnr_y": rep["psnr"]["pruned"], "psnr_y_dense": rep["psnr"]["dense"],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def equal_cost(args) -> int:
+    """One-shot, then SLS at one-shot's MACs ratio, for every budget and seed; the table gives per-method means,
+    the paired SLS - one-shot difference (mean and range over seeds) and each one's MACs ratio."""
+    recipe = resolve_recipe("edsr", None)
+    res_dir = ROOT / "benchmarks" / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    stem = res_dir / f"sls_vs_baselines_m{args.m}_equal{args.tag}"
+    rows: list[dict] = []
+    for budget in args.budgets:
+        for seed in args.seeds:
+            tag = f"m{args.m}-b{budget:.3f}-s{args.steps}-seed{seed}"
+            one = _build(recipe, Path(args.out) / f"oneshot-{tag}", budget, "oneshot", args.m, args.steps, seed)
+            sls = _build(recipe, Path(args.out) / f"sls-eq-{tag}", round(one["macs_ratio"], 4), "sls", args.m,
+                         args.steps, seed)
+            for r in (one, sls):
+                rows.append({**r, "budget": budget, "m": args.m, "steps": args.steps})
+                print(f"{r['method']:8s} b={budget} seed {seed}: ratio {r['macs_ratio']:.4f} PSNR-Y "
+                      f"{r['psnr_y']:.3f} ({r['seconds']:.0f}s)", flush=True)
+            stem.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+            stem.with_suffix(".md").write_text(equal_table(rows, args))
+    print(equal_table(rows, args))
+    return 0
+
+
+def equal_table(rows: list[dict], args) -> str:
+    lines = [f"EDSR-baseline x4, M={args.m}, {args.steps} steps after the base model for every run, --target none "
+             "(MACs with N:M at N/M); per budget and seed one-shot runs first and SLS is asked for exactly the MACs "
+             "ratio it reached. Eval Y-PSNR on skimage:eval.", "",
+             "| budget | seeds | one-shot MACs | SLS MACs | one-shot PSNR-Y | SLS PSNR-Y | SLS - one-shot dB "
+             "(mean, range over seeds) |", "|---|---|---|---|---|---|---|"]
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        one = {r["seed"]: r for r in rows if r["budget"] == budget and r["method"] == "oneshot"}
+        sls = {r["seed"]: r for r in rows if r["budget"] == budget and r["method"] == "sls"}
+        seeds = sorted(set(one) & set(sls))
+        if not seeds:
+            continue
+        d = [sls[s]["psnr_y"] - one[s]["psnr_y"] for s in seeds]
+
+        def mean(xs):
+            return sum(xs) / len(xs)
+
+        lines.append(f"| {budget} | {len(seeds)} | {mean([one[s]['macs_ratio'] for s in seeds]):.4f} | "
+                     f"{mean([sls[s]['macs_ratio'] for s in seeds]):.4f} | "
+                     f"{mean([one[s]['psnr_y'] for s in seeds]):.3f} | {mean([sls[s]['psnr_y'] for s in seeds]):.3f} | "
+                     f"{mean(d):+.3f} ({min(d):+.3f}..{max(d):+.3f}) |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sls_deploy.report.plots import pyplot, save_figure
+from sls_deploy.report.plots import finish_axes, pyplot, save_figure
 
 _COLORS = ["tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
 
@@ -52,13 +52,8 @@ def plot_points(rep: dict, path: str | os.PathLike) -> None:
     for i, p in enumerate(p for p in rep["points"] if p["kind"] == "router"):
         ax.plot([p["cost"]], [p["psnr_y"]], "*", markersize=12, color=_COLORS[(i + 2) % len(_COLORS)],
                 label=f"router {p['name']}")
-    ax.set_xlabel("average MACs / dense (router and overlap counted)")
-    ax.set_ylabel("PSNR-Y (dB)")
-    ax.set_title("Adaptive inference on the eval images")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_axes(fig, ax, path, "average MACs / dense (router and overlap counted)", "PSNR-Y (dB)",
+                "Adaptive inference on the eval images")
 
 
 def plot_map(rep: dict, maps: dict, files: Sequence[Path], scale: int, path: str | os.PathLike) -> None:

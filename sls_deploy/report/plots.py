@@ -25,6 +25,19 @@ def pyplot():
     return plt
 
 
+def finish_axes(fig, ax, path: str | os.PathLike, xlabel: str, ylabel: str, title: str = "",
+                legend_size: int = 8) -> None:
+    """Label, grid and legend one axes, then lay out and save the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def save_figure(fig, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -194,9 +207,4 @@ def plot_drift(rep: dict, path: str | os.PathLike) -> None:
         k, b = np.polyfit(t, d["gap"], 1)
         gx.plot(t, [k * x + b for x in t], "--", color="k", lw=1,
                 label=f"slope {d['slope_db_per_100_frames']:+.3f} dB / 100 frames")
-    gx.set_xlabel("frame")
-    gx.set_ylabel("gap (dB)")
-    gx.legend(fontsize=7)
-    gx.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_axes(fig, gx, path, "frame", "gap (dB)", legend_size=7)
