@@ -409,14 +409,32 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
 
     Writes engine/model.plan, the build log, the inspector JSON, the timing cache and engine/layers.json
     (per plan layer: 2:4 weights, TensorRT-eligible, sparse tactic picked). Refuses a bundle whose files do not
-    match their recorded sha256.
+    match their recorded sha256. On a family folder (`build --budget A --budget B`), one engine per member; the
+    routers' graphs (router-*.onnx, about a million MACs per patch) stay on ONNX Runtime.
     """
-    from sls_deploy.trt.engine import build_engine, dry_run as do_dry_run, engine_settings, require_tensorrt
-    from sls_deploy.core.errors import BundleError
+    from sls_deploy.adaptive.family import is_family, load_family
+    from sls_deploy.trt.engine import require_tensorrt
 
     if not dry_run:
         require_tensorrt()  # one line, nothing written
-    root, recipe = _device_bundle(Path(bundle_path))
+    path = Path(bundle_path)
+    if path.is_dir() and is_family(path):
+        family = load_family(path)
+        roots = [family.path(m) for m in family.members]
+        for root in roots:  # every member checked before any engine is built
+            _device_bundle(root)
+        for root in roots:
+            click.echo(f"# family member {root.name}")
+            _engine_one(root, precision, sparsity, workspace_mb, dry_run)
+        return
+    _engine_one(path, precision, sparsity, workspace_mb, dry_run)
+
+
+def _engine_one(path: Path, precision, sparsity, workspace_mb, dry_run) -> None:
+    from sls_deploy.trt.engine import build_engine, dry_run as do_dry_run, engine_settings
+    from sls_deploy.core.errors import BundleError
+
+    root, recipe = _device_bundle(path)
     settings = engine_settings(recipe, precision, sparsity, workspace_mb)
     if not (root / settings.graph).is_file():
         raise BundleError(f"{root} has no {settings.graph} (run `sls-deploy export {root} --precision {precision}`)")

@@ -412,3 +412,10 @@ def test_family_build_and_route_end_to_end(tmp_path, tiny_recipe, tiny_weights, 
         g = rep["gaps"][name]
         assert math.isfinite(g["gap_db"]) and math.isfinite(g["gap_vs_patch_line_db"])
         assert g["psnr"] == p["psnr_y"] and g["cost"] == p["cost"]
+        assert math.isfinite(g["oracle_psnr"]) and g["oracle_cost"] <= p["cost"] + 1e-6  # same MACs, not more
+
+    # the engine stage on a family: one engine per member (dry run: no TensorRT here)
+    code, out, err = run_cli(capsys, "engine", fam, "--precision", "fp32", "--dry-run")
+    assert code == 0, err
+    assert out.count("# family member") == 2
+    assert all((fam / f / "engine" / "build.json").is_file() for f in ("b0.40", "b0.70"))

@@ -23,7 +23,7 @@ from sls_deploy.adaptive.patchset import patch_set, random_crops
 from sls_deploy.adaptive.routers import ROUTERS, make_router
 from sls_deploy.core.atomic import write_json, write_text
 from sls_deploy.core.bundle import RECIPE
-from sls_deploy.core.errors import DataError, UsageError
+from sls_deploy.core.errors import BundleError, DataError, UsageError
 from sls_deploy.models.base import ExportSpec
 from sls_deploy.onnx.export import export_onnx
 from sls_deploy.pruning.macs import layer_macs
@@ -48,6 +48,12 @@ def candidates_of(family: Family, recipe) -> tuple[list[Candidate], float]:
     dense = recipe.adapter.export_module(load_model(recipe, resolve_base_weights(recipe, family.base_weights or None)))
     probe = 32
     per_px = sum(layer_macs(dense, torch.zeros(1, 3, probe, probe)).values()) / probe ** 2
+    from sls_deploy.config.recipe import load_recipe
+
+    for m in family.members:
+        name = load_recipe(family.path(m) / RECIPE).name if (family.path(m) / RECIPE).is_file() else None
+        if name != family.model:
+            raise BundleError(f"family member {m.folder} is a bundle of {name or 'nothing'}, not {family.model}")
     members = [bundle_candidate(family.path(m), m.folder)[0] for m in family.members]
     cands = [bicubic_candidate(recipe.scale, per_px, recipe.adapter.degradation(recipe.model).baseline)]
     cands += sorted(members, key=lambda c: c.cost) + [module_candidate("dense", dense, 1.0)]
