@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from sls_deploy.adaptive.family import is_family, load_family  # noqa: E402
 from sls_deploy.adaptive.patches import extract, grid, stitch  # noqa: E402
-from sls_deploy.adaptive.run import PLOT, route, router_file  # noqa: E402
+from sls_deploy.adaptive.run import MAP_PLOT, PLOT, route, router_file  # noqa: E402
 from sls_deploy.backends.latency import ort_session, time_side_by_side  # noqa: E402
 from sls_deploy.cli import main as cli_main  # noqa: E402
 from sls_deploy.config.recipe import load_recipe  # noqa: E402
@@ -123,6 +123,7 @@ def main() -> int:
     (RESULTS / f"adaptive{args.tag}.json").write_text(json.dumps(out, indent=2))
     (RESULTS / f"adaptive{args.tag}.md").write_text(table(rep, lat))
     shutil.copyfile(fam_dir / PLOT, RESULTS / f"adaptive{args.tag}.png")
+    shutil.copyfile(fam_dir / MAP_PLOT, RESULTS / f"adaptive{args.tag}_map.png")
     print(table(rep, lat))
     return 0
 
