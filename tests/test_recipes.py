@@ -119,3 +119,19 @@ def test_scale_must_be_an_integer(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(RecipeError, match="model.scale must be an integer, not 4.7"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("model", ["edsr", "basicvsr", "deblur"])
+@pytest.mark.parametrize("key,value", [("num_block", 10**9), ("num_feat", 10**7), ("num_block", 0)])
+def test_absurd_architecture_sizes_are_one_line_errors_not_memory_exhaustion(tmp_path, model, key, value):
+    """Found by the Hypothesis fuzz: num_block 1e9 built a billion-entry width table and ran out of memory."""
+    import yaml
+
+    from sls_deploy.config.recipe import recipe_for_model
+
+    raw = yaml.safe_load(recipe_for_model(model).read_text())
+    raw["model"][key] = value
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match=f"model.{key} must be between 1 and"):
+        load_recipe(path)

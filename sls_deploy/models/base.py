@@ -182,6 +182,17 @@ class ModelAdapter(abc.ABC):
         return ("image",)
 
 
+SIZE_LIMITS = {"num_feat": 4096, "num_block": 1024, "clip_len": 1024}  # far above any real model, far below a
+# value whose per-block bookkeeping alone would exhaust memory
+
+
+def check_sizes(opts: Mapping[str, Any]) -> None:
+    """Architecture sizes in ``opts`` between 1 and SIZE_LIMITS (one-line RecipeError otherwise)."""
+    for k, hi in SIZE_LIMITS.items():
+        if k in opts and not 1 <= opts[k] <= hi:
+            raise RecipeError(f"model.{k} must be between 1 and {hi}, not {opts[k]}")
+
+
 def parse_widths(widths: Any, dense: Mapping[str, int], arch: str) -> dict[str, int]:
     """The recipe's ``model.widths`` ({channel group: kept units}) checked against the dense widths; {} if none."""
     if widths is None:

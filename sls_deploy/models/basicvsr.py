@@ -22,7 +22,7 @@ from torch import nn
 
 from sls_deploy.core.errors import RecipeError
 from sls_deploy.models.blocks import ResidualBlockNoBN
-from sls_deploy.models.base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig, parse_widths
+from sls_deploy.models.base import ChannelGroup, check_sizes, ExportSpec, LayerDecl, ModelAdapter, ModelConfig, parse_widths
 
 SPYNET_MEAN = (0.485, 0.456, 0.406)  # ImageNet, as SpyNet was trained
 SPYNET_STD = (0.229, 0.224, 0.225)
@@ -322,8 +322,7 @@ class _VSRAdapter(ModelAdapter):
         opts["spynet"] = spynet
         if scale != 4:
             raise RecipeError(f"model.scale must be 4 for {self.arch}, not {scale}")
-        if opts["num_feat"] < 1 or opts["num_block"] < 1 or opts["clip_len"] < 1:
-            raise RecipeError("model.num_feat, model.num_block and model.clip_len must be >= 1")
+        check_sizes(opts)
         opts["widths"] = parse_widths(section.get("widths"),
                                       self.model_cls.dense_widths(opts["num_feat"], opts["num_block"]), self.arch)
         return ModelConfig(arch=self.arch, scale=scale, options=opts)

@@ -26,7 +26,7 @@ from torch import nn
 from sls_deploy.core.errors import CheckpointError, DataError, RecipeError
 from sls_deploy.data.degradations import BLUR_KINDS, Degradation, blur_from_options
 from sls_deploy.models.blocks import ResidualBlockNoBN
-from sls_deploy.models.base import (ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig,
+from sls_deploy.models.base import (ChannelGroup, check_sizes, ExportSpec, LayerDecl, ModelAdapter, ModelConfig,
                                     convs_with_dense_ends, image_export_spec, parse_widths, seeded_rand)
 
 MULTIPLE = 4  # two stride-2 levels
@@ -105,8 +105,7 @@ class DeblurAdapter(ModelAdapter):
             raise RecipeError(f"model section: {e}") from None
         if scale != 1:
             raise RecipeError(f"model.scale must be 1 for deblur (same size in and out), not {scale}")
-        if opts["num_feat"] < 1 or opts["num_block"] < 1:
-            raise RecipeError("model.num_feat and model.num_block must be >= 1")
+        check_sizes(opts)
         opts["blur"] = self._parse_blur(section.get("blur"))
         opts["widths"] = parse_widths(section.get("widths"), DeblurNet.dense_widths(opts["num_feat"], opts["num_block"]),
                                       "deblur")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sls_deploy.core.errors import CheckpointError, RecipeError
-from sls_deploy.models.base import (ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig,
+from sls_deploy.models.base import (ChannelGroup, check_sizes, ExportSpec, LayerDecl, ModelAdapter, ModelConfig,
                                     convs_with_dense_ends, image_export_spec, parse_widths, seeded_rand)
 
 DEFAULT_RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -143,8 +143,9 @@ class EDSRAdapter(ModelAdapter):
             raise RecipeError(f"model section: {e}") from None
         if scale not in (2, 3, 4, 8):
             raise RecipeError(f"model.scale must be 2, 3, 4 or 8 for EDSR, not {scale}")
-        if opts["num_feat"] < 1 or opts["num_block"] < 1 or len(opts["rgb_mean"]) != 3:
-            raise RecipeError("model.num_feat and model.num_block must be >= 1 and rgb_mean has 3 values")
+        check_sizes(opts)
+        if len(opts["rgb_mean"]) != 3:
+            raise RecipeError("model.rgb_mean must have 3 values")
         widths = parse_widths(section.get("widths"), EDSR.dense_widths(scale, opts["num_feat"], opts["num_block"]),
                               "edsr")
         if widths:  # only when given: dense configs (and their build keys) stay as they were
