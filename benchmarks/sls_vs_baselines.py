@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -125,9 +126,16 @@ def equal_cost(args) -> int:
         for seed in args.seeds:
             tag = f"m{args.m}-b{budget:.3f}-s{args.steps}-seed{seed}"
             one = _build(recipe, Path(args.out) / f"oneshot-{tag}", budget, "oneshot", args.m, args.steps, seed)
-            sls = _build(recipe, Path(args.out) / f"sls-eq-{tag}", round(one["macs_ratio"], 4), "sls", args.m,
-                         args.steps, seed)
+            asked = math.ceil(one["macs_ratio"] * 1e4) / 1e4  # rounded up: one-shot's ratio itself is reachable
+            try:
+                sls = _build(recipe, Path(args.out) / f"sls-eq-{tag}", asked, "sls", args.m, args.steps, seed)
+            except SlsError as e:
+                print(f"sls at {asked}: {e}", flush=True)
+                sls = {"method": "sls", "asked": asked, "seed": seed, "error": str(e)}
             for r in (one, sls):
+                if "error" in r:
+                    rows.append({**r, "budget": budget, "m": args.m, "steps": args.steps})
+                    continue
                 rows.append({**r, "budget": budget, "m": args.m, "steps": args.steps})
                 print(f"{r['method']:8s} b={budget} seed {seed}: ratio {r['macs_ratio']:.4f} PSNR-Y "
                       f"{r['psnr_y']:.3f} ({r['seconds']:.0f}s)", flush=True)
@@ -145,7 +153,7 @@ def equal_table(rows: list[dict], args) -> str:
              "(mean, range over seeds) |", "|---|---|---|---|---|---|---|"]
     for budget in dict.fromkeys(r["budget"] for r in rows):
         one = {r["seed"]: r for r in rows if r["budget"] == budget and r["method"] == "oneshot"}
-        sls = {r["seed"]: r for r in rows if r["budget"] == budget and r["method"] == "sls"}
+        sls = {r["seed"]: r for r in rows if r["budget"] == budget and r["method"] == "sls" and "error" not in r}
         seeds = sorted(set(one) & set(sls))
         if not seeds:
             continue
