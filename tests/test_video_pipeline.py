@@ -735,3 +735,28 @@ def test_upscale_a_video_with_a_video_model(request, which, tmp_path, capsys):
     iio.imwrite(img, frames(1, 20, 24, 7)[0])
     code = main(["upscale", str(out), str(img), "-o", str(tmp_path / "p")])
     assert code == 2 and "is a video model; give it videos" in capsys.readouterr().err
+
+
+def test_streamvsr_with_rsc_through_the_dynamo_exporter(tmp_path, clips):
+    """export.exporter: dynamo lowers RSC's index add to Transpose + ScatterND (reduction add): the export
+    checks accept it as the RSC scatter, the FP16 graph keeps ScatterND in FP32 (ONNX Runtime's CPU provider has
+    no FP16 ScatterND-add), and the step graph matches PyTorch over the clips with its state fed back."""
+    import onnx
+
+    recipe = write_recipe(tmp_path, "streamvsr", clips, export={"opset": 18, "exporter": "dynamo"},
+                          precision={"graphs": ["fp32", "fp16"]})
+    weights = write_weights(recipe, tmp_path / "w.safetensors")
+    out = tmp_path / "bundle"
+    rep = build_bundle(load_recipe(recipe), out, budget=0.5, method="l1", weights=str(weights), progress=False,
+                       log=lambda s: None)  # uniform L1 narrows every group, the RSC read/write groups included
+    assert rep["checks"]["onnx_vs_torch"] is True
+    plan = json.loads((out / "plan.json").read_text())
+    narrowed_writes = [g for g in plan["groups"] if g.get("index") and g["producers"]
+                       and g["kept_units"] < g["dense_units"]]
+    fp32 = onnx.load(str(out / "model.onnx"))
+    scatters = [n for n in fp32.graph.node if n.op_type == "ScatterND"]
+    assert narrowed_writes and len(scatters) == len(narrowed_writes)
+    fp16 = onnx.load(str(out / "model.fp16.onnx"))
+    float16 = {v.name for v in fp16.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    for n in (n for n in fp16.graph.node if n.op_type == "ScatterND"):
+        assert n.input[0] not in float16 and n.output[0] not in float16

@@ -402,8 +402,10 @@ class _VSRAdapter(ModelAdapter):
         flow arithmetic behind it. grid = (pixel + flow) * 2 / (size - 1) - 1 in FP16 rounds a coordinate of
         256..511 px to 1/4 px and a grid value near +-1 to 1/2048 (0.08 px at 320 px wide, growing with the
         width). Measured on the shipped small BasicVSR at 320x180 LR: an FP16 grid puts the FP16 graph's output
-        at 65 dB PSNR from the FP32 output, an FP32 grid at 74 dB."""
-        return ("GridSample",)
+        at 65 dB PSNR from the FP32 output, an FP32 grid at 74 dB. Also ScatterND: the dynamo exporter lowers RSC's
+        index add to ScatterND with reduction "add", which ONNX Runtime's CPU provider cannot run in FP16 (the
+        TorchScript exporter writes ScatterElements, which it can; an op type absent from a graph keeps nothing)."""
+        return ("GridSample", "ScatterND")
 
     def min_input_size(self, cfg: ModelConfig) -> int:
         """SpyNet resizes to a multiple of 32 itself; below 16 px there is nothing left to align."""

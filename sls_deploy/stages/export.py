@@ -145,13 +145,16 @@ def _nm_checks(graph, plan: Plan, name: str) -> dict[str, int]:
     return {"layers_nm": len(checks), "layers_2to4": sum(c["2to4"] for c in checks.values())}
 
 
-RSC_OPS = {"Gather", "ScatterElements", "Shape", "Slice", "Expand", "ConstantOfShape", "Constant"}
+# index_add lowers to ScatterElements (TorchScript exporter) or to Transpose + ScatterND + Transpose (dynamo)
+SCATTER_OPS = ("ScatterElements", "ScatterND")
+RSC_OPS = {"Gather", *SCATTER_OPS, "Transpose", "Shape", "Slice", "Expand", "ConstantOfShape", "Constant"}
 
 
 def _channel_checks(run: Run, pruned_g, model, base: Path, staged: Path, plan) -> dict[str, Any]:
     """The pruned graph has the dense graph's op types and plain narrower convs (no Gather/Scatter added), except
-    for Residual Sparsity Connections: one Gather per narrowed read group and one ScatterElements (index add)
-    per narrowed write group, with their shape plumbing (``RSC_OPS``)."""
+    for Residual Sparsity Connections: one Gather per narrowed read group and one scatter (index add:
+    ScatterElements, or ScatterND from the dynamo exporter) per narrowed write group, with their shape plumbing
+    (``RSC_OPS``)."""
     recipe, bundle = run.recipe, run.bundle
     dense = load_model(recipe, base)
     dense_path = dense_graph(bundle, recipe, dense, atomic.sha256_file(base))
@@ -165,10 +168,11 @@ def _channel_checks(run: Run, pruned_g, model, base: Path, staged: Path, plan) -
         if wrong:
             raise ExportError(f"the pruned graph adds '{wrong[0]}' ops beyond the RSC gathers/scatters")
         # a block runs once per frame in an unrolled clip graph: the same number of calls k for every block
-        gathers, scatters, writes = extra.get("Gather", 0), extra.get("ScatterElements", 0), len(narrowed) - reads
+        gathers, writes = extra.get("Gather", 0), len(narrowed) - reads
+        scatters = sum(extra.get(k, 0) for k in SCATTER_OPS)
         calls = gathers // reads if reads else scatters // max(writes, 1)
         if calls < 1 or gathers != calls * reads or scatters != calls * writes:
-            raise ExportError(f"the pruned graph has {gathers} more Gather and {scatters} more ScatterElements ops "
+            raise ExportError(f"the pruned graph has {gathers} more Gather and {scatters} more scatter ops "
                               f"than the dense one; the plan narrows {reads} read and {writes} write groups")
     elif ops != dense_ops:
         diff = sorted(set(ops.items()) ^ set(dense_ops.items()))
