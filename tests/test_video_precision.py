@@ -162,7 +162,7 @@ def test_adapters_declare_spynet_and_gridsample_islands(arch):
     islands = adapter.default_fp32_islands(model)
     spynet = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and n.startswith("spynet.")}
     assert spynet <= set(islands) and len(spynet) == 30
-    assert adapter.fp32_island_ops() == ("GridSample",)
+    assert adapter.fp32_island_ops() == ("GridSample", "ScatterND")  # ScatterND: the dynamo RSC scatter
     assert get_adapter("edsr").fp32_island_ops() == ()  # the interface's default: no op islands
 
 
