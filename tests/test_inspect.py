@@ -45,8 +45,9 @@ def test_inspect_bundle_graphs(bundle, capsys):
 def test_inspect_foreign_model(tmp_path, capsys):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
     path = tmp_path / "foreign.onnx"
-    torch.onnx.export(model, (torch.rand(1, 3, 16, 16),), str(path), dynamo=False, opset_version=17,
-                      input_names=["x"], dynamic_axes={"x": {2: "h", 3: "w"}})
+    h, w = torch.export.Dim("h", min=4, max=64), torch.export.Dim("w", min=4, max=64)
+    torch.onnx.export(model, (torch.rand(1, 3, 16, 16),), str(path), dynamo=True, opset_version=18,
+                      input_names=["x"], dynamic_shapes=({2: h, 3: w},), external_data=False)
     rows = _rows(capsys, path, "--size", "10x12")
     assert rows["0"]["macs"] == 8 * 3 * 9 * 10 * 12 and rows["2"]["macs"] == 4 * 8 * 10 * 12
     assert rows["2"]["is_2to4"] is False  # dense 8-channel 1x1 conv
