@@ -43,7 +43,7 @@ def test_inspect_bundle_graphs(bundle, capsys):
 
 
 def test_inspect_foreign_model(tmp_path, capsys):
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
     path = tmp_path / "foreign.onnx"
     h, w = torch.export.Dim("h", min=4, max=64), torch.export.Dim("w", min=4, max=64)
     torch.onnx.export(model, (torch.rand(1, 3, 16, 16),), str(path), dynamo=True, opset_version=18,
