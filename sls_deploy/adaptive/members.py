@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from sls_deploy.core.bundle import PLAN, RECIPE, WEIGHTS
+from sls_deploy.core.bundle import PLAN, WEIGHTS
 from sls_deploy.core.errors import BundleError
 
 Run = Callable[[torch.Tensor], torch.Tensor]
@@ -40,20 +40,15 @@ def bicubic_candidate(scale: int, dense_macs_per_lr_pixel: float, degradation_ba
     return Candidate("bicubic", macs / dense_macs_per_lr_pixel, degradation_baseline)
 
 
-def bundle_candidate(root, name: str | None = None) -> tuple[Candidate, object]:
-    """A finished image bundle's PyTorch model as a candidate, and its plan. The bundle must hold weights."""
+def bundle_candidate(root, recipe, name: str | None = None) -> Candidate:
+    """A finished image bundle's PyTorch model as a candidate, its cost the plan's MACs ratio."""
     from pathlib import Path
 
-    from sls_deploy.config.recipe import load_recipe
     from sls_deploy.pruning.registry import load_plan
-    from sls_deploy.stages.models import load_model, plan_widths
+    from sls_deploy.stages.models import bundle_module
 
     root = Path(root)
-    for f in (RECIPE, PLAN, WEIGHTS):
+    for f in (PLAN, WEIGHTS):
         if not (root / f).is_file():
             raise BundleError(f"{root} has no {f}: not a finished bundle")
-    recipe = load_recipe(root / RECIPE)
-    plan = load_plan(root / PLAN)
-    model = load_model(recipe, root / WEIGHTS, plan_widths(plan))
-    module = recipe.adapter.export_module(model)
-    return module_candidate(name or root.name, module, plan.ratio), plan
+    return module_candidate(name or root.name, bundle_module(root, recipe), load_plan(root / PLAN).ratio)

@@ -50,11 +50,14 @@ def candidates_of(family: Family, recipe) -> tuple[list[Candidate], float]:
     per_px = sum(layer_macs(dense, torch.zeros(1, 3, probe, probe)).values()) / probe ** 2
     from sls_deploy.config.recipe import load_recipe
 
+    members = []
     for m in family.members:
-        name = load_recipe(family.path(m) / RECIPE).name if (family.path(m) / RECIPE).is_file() else None
-        if name != family.model:
-            raise BundleError(f"family member {m.folder} is a bundle of {name or 'nothing'}, not {family.model}")
-    members = [bundle_candidate(family.path(m), m.folder)[0] for m in family.members]
+        if not (family.path(m) / RECIPE).is_file():
+            raise BundleError(f"family member {m.folder} has no {RECIPE}: not a finished bundle")
+        r = load_recipe(family.path(m) / RECIPE)
+        if r.name != family.model:
+            raise BundleError(f"family member {m.folder} is a bundle of {r.name}, not {family.model}")
+        members.append(bundle_candidate(family.path(m), r, m.folder))
     cands = [bicubic_candidate(recipe.scale, per_px, recipe.adapter.degradation(recipe.model).baseline)]
     cands += sorted(members, key=lambda c: c.cost) + [module_candidate("dense", dense, 1.0)]
     costs = [c.cost for c in cands]

@@ -49,6 +49,16 @@ def plan_widths(plan) -> dict[str, int] | None:
     return getattr(plan, "widths", None)
 
 
+def bundle_module(root: Path, recipe: Recipe) -> torch.nn.Module:
+    """A finished bundle's finetuned weights at its plan's widths, as the adapter's export module (eval mode)."""
+    from sls_deploy.core.bundle import PLAN, WEIGHTS
+    from sls_deploy.pruning.registry import load_plan
+
+    root = Path(root)
+    model = load_model(recipe, root / WEIGHTS, plan_widths(load_plan(root / PLAN)))
+    return recipe.adapter.export_module(model).eval()
+
+
 def fp32_islands(recipe: Recipe, model: torch.nn.Module) -> list[str]:
     """The recipe's FP32 islands (or the adapter's default); each must name a weight layer of the model."""
     islands = list(recipe.precision.fp32_islands if recipe.precision.fp32_islands is not None

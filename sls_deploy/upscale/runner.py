@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from sls_deploy.core.bundle import GRAPH_FILES, PLAN, RECIPE, WEIGHTS, Bundle
+from sls_deploy.core.bundle import GRAPH_FILES, RECIPE, WEIGHTS, Bundle
 from sls_deploy.core.errors import BundleError, UsageError
 
 BACKENDS = ("ort", "torch", "trt")
@@ -116,14 +116,11 @@ def open_infer(root: Path, opened: Opened, backend: str, precision: str) -> Iter
 def _torch_infer(root: Path, opened: Opened):
     import torch
 
-    from sls_deploy.pruning.registry import load_plan
-    from sls_deploy.stages.models import load_model, plan_widths
+    from sls_deploy.stages.models import bundle_module
 
-    weights = root / WEIGHTS
-    if not weights.is_file():
+    if not (root / WEIGHTS).is_file():
         raise BundleError(f"{root} has no {WEIGHTS} (finetune it first)")
-    model = load_model(opened.recipe, weights, plan_widths(load_plan(root / PLAN)))
-    module = opened.recipe.adapter.export_module(model).eval()
+    module = bundle_module(root, opened.recipe)
 
     @torch.no_grad()
     def infer(x: np.ndarray) -> np.ndarray:
