@@ -79,10 +79,12 @@ def _video_options(f):
                           "inner channels and the upsampler; --keep-full '*.read' --keep-full '*.write' turns off "
                           "the video models' Residual Sparsity Connections; --keep-full none prunes every group "
                           "(default: the recipe's structured.keep_full; EDSR's: stream).")(f)
-    f = click.option("--selection", type=click.Choice(["normalised", "raw"]), default=None,
-                     help="ssl/hybrid: how the learned scales pick the kept units under the budget: one threshold on "
-                          "per-group normalised |scale| (normalised, default) or on the raw |scale| of every unit "
-                          "(raw, as SSL's public code).")(f)
+    f = click.option("--selection", type=click.Choice(["normalised", "raw", "fisher"]), default=None,
+                     help="ssl/hybrid: how the kept widths are chosen under the budget: one threshold on per-group "
+                          "normalised |learned scale| (normalised), on the raw |scale| of every unit (raw, as SSL's "
+                          "public code), or on each unit's Fisher saliency per MAC saved (fisher: Hessian-aware, "
+                          "compares groups on the loss's scale; the learned scales then pick the units inside each "
+                          "group) (default: the recipe's structured.selection, normalised).")(f)
     f = click.option("--round-to", type=click.IntRange(min=1),
                      help="Channel methods: kept channels per group are a multiple of this, or the full width "
                           "(default: the recipe's structured.round_to, 8).")(f)

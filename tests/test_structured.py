@@ -185,6 +185,14 @@ def test_selection_meets_the_budget_with_rounded_widths(seed, budget, round_to, 
             assert imps[name][idx].min() >= imps[name][dropped].max()
     if uniform and round_to == 1:  # the same fraction everywhere: floor(f * units) for one f
         assert abs(widths["a"] / 8 - widths["b"] / 16) < 1 / 8
+    if uniform:  # filled: the same fraction first, then no group can grow by one more step
+        filled = widths_of(select_uniform(imps, costs, budget, round_to, fill=True))
+        assert costs.total(widths) <= costs.total(filled) <= budget * costs.dense * (1 + 1e-9)
+        assert all(filled[n] >= widths[n] for n in widths)
+        for name, units in costs.units.items():
+            if filled[name] < units:
+                grown = min(units, (filled[name] // round_to + 1) * round_to)
+                assert costs.total({**filled, name: grown}) > budget * costs.dense * (1 + 1e-9)
     if not uniform:  # the global selection leaves no rounding step unspent: no group can grow by one more step
         for name, units in costs.units.items():
             if widths[name] < units:

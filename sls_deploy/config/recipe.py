@@ -91,6 +91,7 @@ class ValidateSection:
 
 
 STRUCTURED_METHODS = ("ssl", "l1", "l1-global", "hybrid")
+SELECTIONS = ("normalised", "raw", "fisher")  # how ssl/hybrid choose the kept widths (``--selection``)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class StructuredSection:
     tf_weight: float = 0.0  # temporal finetuning: L1 between pruned and dense hidden states at every time step
     align: float = 0.0  # ASSL's Sparsity Structure Alignment weight on stream groups' producers (0: off)
     keep_full: tuple[str, ...] = ()  # channel groups kept at full width (e.g. [stream])
+    selection: str = "normalised"  # ssl/hybrid width selection: normalised | raw | fisher (``--selection``)
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,7 @@ def _structured(raw: Mapping[str, Any]) -> StructuredSection:
     sec = _section(raw, "structured", set(d.__dataclass_fields__) | {"hybrid_2to4"})
     values: dict[str, Any] = {}
     for k, v in sec.items():
-        if k == "method":
+        if k in ("method", "selection"):
             values[k] = str(v)
         elif k in ("round_to", "ssl_steps", "grow_every"):
             values[k] = as_int(v, f"structured.{k}", 1, 10**7)
@@ -322,6 +324,8 @@ def _structured(raw: Mapping[str, Any]) -> StructuredSection:
     out = StructuredSection(**values)
     if out.method not in STRUCTURED_METHODS:
         raise RecipeError(f"structured.method must be one of {', '.join(STRUCTURED_METHODS)}, not '{out.method}'")
+    if out.selection not in SELECTIONS:
+        raise RecipeError(f"structured.selection must be one of {', '.join(SELECTIONS)}, not '{out.selection}'")
     if out.round_to < 1 or out.ssl_steps < 1 or out.grow_every < 1:
         raise RecipeError("structured: round_to, ssl_steps and grow_every must be >= 1")
     if min(out.reg, out.delta, out.cap, out.temporal_weight, out.align) < 0 or out.reg > out.cap or out.scale_lr <= 0:

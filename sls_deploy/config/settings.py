@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sls_deploy.config.recipe import PRECISIONS, Recipe
+from sls_deploy.config.recipe import PRECISIONS, SELECTIONS, Recipe
 from sls_deploy.core.errors import UsageError
 from sls_deploy.modalities.registry import modality_of
 from sls_deploy.pruning.registry import METHODS, STRATEGIES, strategy_of
@@ -29,7 +29,6 @@ CALIB_METHODS = ("max", "percentile", "entropy")
 # options that only mean something for one strategy: given for the other, they are usage errors naming them
 NM_ONLY = ("m", "n", "lam", "alpha")
 CHANNELS_ONLY = ("round_to", "keep_full", "selection")
-SELECTIONS = ("normalised", "raw")
 
 
 @dataclass(frozen=True)
@@ -92,6 +91,7 @@ class Settings:
             "data": recipe.data_train, "eval_data": recipe.data_eval,
             "m": recipe.sparsity_m, "target": recipe.sparsity_target,
             "round_to": st.round_to, "keep_full": tuple(st.keep_full), "ssl_steps": st.ssl_steps,
+            **({"selection": st.selection} if method in ("ssl", "hybrid") else {}),
             "temporal_weight": st.temporal_weight if modality != "image" else 0.0,
             "tf_weight": st.tf_weight if modality != "image" else 0.0,
             "precisions": tuple(dict.fromkeys(("fp32",) + tuple(prec.graphs))),

@@ -21,8 +21,9 @@ from sls_deploy.core.checkpoints import save_weights
 from sls_deploy.core.errors import PlanError, UsageError
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.channels.plan import GroupPlan, LayerCost, StructuredPlan
-from sls_deploy.pruning.channels.structured import (ChannelScales, GroupCosts, index_of, l1_importance, producers_of,
-                                                    select_global, select_uniform, slice_into, widths_of)
+from sls_deploy.pruning.channels.saliency import fisher_saliency, per_mac
+from sls_deploy.pruning.channels.structured import (ChannelScales, GroupCosts, index_of, l1_importance,
+                                                    producers_of, select_global, select_uniform, slice_into, widths_of)
 from sls_deploy.pruning.nm.plan import DenseLayer, Plan
 from sls_deploy.pruning.hybrid import channel_budget, nm_layers_for, nm_saving
 from sls_deploy.pruning.nm.search import plan_uniform, search_sls, split_layers
@@ -125,21 +126,31 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
     if full:
         info["kept_full"] = sorted(full)
     if s.method == "l1":
-        keep = select_uniform(l1, costs, s.budget, s.round_to)
-        info["selection"] = "uniform kept fraction in every group"
+        keep = select_uniform(l1, costs, s.budget, s.round_to, fill=True)
+        info["selection"] = ("uniform kept fraction in every group; what rounding left of the budget is spent "
+                             "widening the groups whose next units have the largest normalised L1 norm")
     elif s.method == "l1-global":
         keep = select_global(l1, costs, s.budget, s.round_to)
         info["selection"] = "one global threshold on per-group normalised importance"
     else:
-        hybrid = _Hybrid(run, model, costs, l1) if s.method == "hybrid" else None
-        budget = hybrid.channel_budget(l1) if hybrid else s.budget
-        marks = select_global(l1, costs, budget, s.round_to)  # fails fast on an unreachable budget
+        fisher = s.selection == "fisher"
+        rank = _fisher_per_mac(run, model, groups, costs, full) if fisher else l1
+        hybrid = _Hybrid(run, model, costs, normalize=not fisher) if s.method == "hybrid" else None
+        budget = hybrid.channel_budget(rank) if hybrid else s.budget
+        marks = select_global(rank, costs, budget, s.round_to, normalize=not fisher)  # an unreachable budget fails
         importance, ssl_info = _learned_scales(run, model, groups, marks, key)
         info.update(ssl_info)
         learned = {k: v for k, v in importance.items() if k in l1}
-        if hybrid:
-            budget = hybrid.channel_budget(learned)
-        keep = select_global(learned, costs, budget, s.round_to, normalize=s.selection == "normalised")
+        if fisher:  # the kept units are the Fisher selection's: the growing penalty drove exactly the others to 0
+            keep = marks
+            info.update(importance="Fisher saliency per MAC saved (empirical Fisher of a per-unit gate)",
+                        marks="units below the budget's global Fisher-per-MAC threshold",
+                        selection="one global threshold on Fisher saliency per MAC saved; the marked units are "
+                                  "driven to 0 by the growing penalty, then sliced away")
+        else:
+            if hybrid:
+                budget = hybrid.channel_budget(learned)
+            keep = select_global(learned, costs, budget, s.round_to, normalize=s.selection == "normalised")
         if s.selection == "raw":
             info["selection"] = "one global threshold on the raw |scale| of every unit (SSL's public code)"
         info["kept_marked_units"] = {g: len(set(keep[g].tolist()) - set(marks[g].tolist())) for g in keep}
@@ -160,12 +171,25 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
     return StageOutput([PLAN, SEARCH_WEIGHTS], extra=_record(base, bundle.path(SEARCH_WEIGHTS)))
 
 
+FISHER_BATCHES = 16  # training batches whose per-sample gradients estimate the Fisher saliency
+
+
+def _fisher_per_mac(run: Run, model, groups, costs: GroupCosts, full) -> dict[str, torch.Tensor]:
+    """Fisher saliency per MAC saved of every unit of the pruned groups (``pruning.channels.saliency``), on
+    ``FISHER_BATCHES`` training batches drawn with their own seed (the training batches are not consumed)."""
+    s, recipe = run.settings, run.recipe
+    data = modalities.sampler(recipe, s.modality, s.data, s.seed + 7919)
+    loss = modalities.loss_fn(s.modality, s.temporal_weight) or torch.nn.functional.l1_loss
+    sal = fisher_saliency(model, groups, (data.batch() for _ in range(FISHER_BATCHES)), loss)
+    return per_mac({k: v for k, v in sal.items() if k not in full}, costs)
+
+
 class _Hybrid:
     """The 2:4 part of a hybrid plan: which layers of the narrower model the target accelerates, and the
     channel budget that leaves the whole plan within the budget (``pruning.hybrid``)."""
 
-    def __init__(self, run: Run, model, costs: GroupCosts, l1):
-        self.run, self.costs = run, costs
+    def __init__(self, run: Run, model, costs: GroupCosts, normalize: bool = True):
+        self.run, self.costs, self.normalize = run, costs, normalize
         s, recipe = run.settings, run.recipe
         islands = fp32_islands(recipe, model)
         self.precision_of = {d.name: layer_precision(d.name, islands, s.precisions)
@@ -189,10 +213,10 @@ class _Hybrid:
 
     def channel_budget(self, importance) -> float:
         s = self.run.settings
-        select_global(importance, self.costs, s.budget, s.round_to)  # an unreachable budget fails here
+        select_global(importance, self.costs, s.budget, s.round_to, self.normalize)  # unreachable: fails here
 
         def cost_at(b: float) -> float:
-            return self.cost(widths_of(select_global(importance, self.costs, b, s.round_to)))
+            return self.cost(widths_of(select_global(importance, self.costs, b, s.round_to, self.normalize)))
 
         return channel_budget(s.budget, cost_at)
 

@@ -41,7 +41,8 @@ from sls_deploy.pruning.macs import layer_macs
 from sls_deploy.pruning.nm.patterns import eligible
 from sls_deploy.pruning.nm.oneshot import check_budget
 
-__all__ = ["ChannelScales", "GroupCosts", "aligned_units", "check_groups", "index_of", "l1_importance", "nm_eligible",
+__all__ = ["ChannelScales", "GroupCosts", "aligned_units", "check_groups", "index_of", "l1_importance",
+           "nm_eligible",
            "producers_of", "select_global", "select_uniform", "slice_into", "unit_count", "widths_of",
            "zero_units"]
 
@@ -638,11 +639,14 @@ def _fill(widths: dict[str, int], desc: Mapping[str, torch.Tensor], costs: Group
 
 
 def select_uniform(importances: Mapping[str, torch.Tensor], costs: GroupCosts, budget: float,
-                   round_to: int = 8) -> dict[str, torch.Tensor]:
+                   round_to: int = 8, fill: bool = False) -> dict[str, torch.Tensor]:
     """The same kept fraction f in every group (L1-norm uniform pruning), the largest f meeting the budget.
 
-    A group keeps floor(f * units) units rounded as in ``select_global``, the top-k by importance. Groups not in
-    ``importances`` stay at full width. Returns {group: kept unit indices, ascending}.
+    A group keeps floor(f * units) units rounded as in ``select_global``, the top-k by importance. With ``fill``,
+    what the common fraction left of the budget is then spent as ``select_global`` does (``_fill``: one rounding
+    step at a time, to the group whose next units matter most), so the result lands as close under the budget
+    as the rounding allows (comparisons at equal MACs). Groups not in ``importances`` stay at full width.
+    Returns {group: kept unit indices, ascending}.
     """
     imps, limit = _prepare(importances, costs, budget, round_to)
     cands = sorted({Fraction(k, t.numel()) for t in imps.values() for k in range(t.numel() + 1)})
@@ -653,6 +657,10 @@ def select_uniform(importances: Mapping[str, torch.Tensor], costs: GroupCosts, b
 
     i = _last_true(len(cands), lambda k: costs.total(widths(k)) <= limit)
     chosen = widths(i)
+    if fill:
+        normed = {n: (t / t.mean() if float(t.mean()) > 0 else t) for n, t in imps.items()}
+        chosen = _fill(chosen, {n: torch.sort(t, descending=True).values for n, t in normed.items()}, costs, limit,
+                       round_to)
     return {n: _top(imps[n], chosen[n]) for n in imps}
 
 
