@@ -26,12 +26,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sls_deploy.config.recipe import resolve_recipe  # noqa: E402
+import yaml  # noqa: E402
+
+from sls_deploy.config.recipe import load_recipe, resolve_recipe  # noqa: E402
 from sls_deploy.core.errors import SlsError  # noqa: E402
 from sls_deploy.stages.build import build_bundle  # noqa: E402
 
-CONFIGS = {  # name: build options; the first is the reference whose MACs every other row is asked for
+# ASSL's SSA weight is 1 against an L1 loss on [0, 255] pixels (MingSun-Tse/ASSL); ours is on [0, 1]: 1/255
+SSA_WEIGHT = round(1 / 255, 6)
+CONFIGS = {  # name: build options ("recipe": values merged into the recipe); the first is the reference whose MACs every other row is asked for
     "ssl aligned, Fisher widths (stream pruned)": {"method": "ssl", "keep_full": (), "selection": "fisher"},
+    "ssl aligned + SSA, Fisher widths (stream pruned)": {"method": "ssl", "keep_full": (), "selection": "fisher",
+                                                         "recipe": {"structured": {"align": SSA_WEIGHT}}},
     "ssl aligned, normalised widths (stream pruned)": {"method": "ssl", "keep_full": ()},
     "ssl, stream kept full": {"method": "ssl", "keep_full": ("stream",)},
     "l1 uniform": {"method": "l1", "keep_full": ()},
@@ -39,6 +45,22 @@ CONFIGS = {  # name: build options; the first is the reference whose MACs every 
 }
 REFERENCE = next(iter(CONFIGS))
 EQUAL = 0.01  # rows within 1% of the reference's MACs are at equal cost
+
+
+def slugify(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def recipe_with(recipe, changes: dict | None, path: Path):
+    """``recipe`` with ``changes`` merged into its sections (a copy of the YAML written to ``path``), or itself."""
+    if not changes:
+        return recipe
+    raw = yaml.safe_load(Path(recipe.path).read_text())
+    for section, values in changes.items():
+        raw.setdefault(section, {}).update(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return load_recipe(path)
 
 
 def stage_seconds(out: Path, wall: float) -> float:
@@ -113,14 +135,16 @@ def main() -> int:
 
     def build_row(name: str, budget: float, b: float, attempt: int) -> dict:
         opts = dict(CONFIGS[name])
+        rec = recipe_with(recipe, opts.pop("recipe", None), Path(args.out) / "recipes" / f"{slugify(name)}.yaml")
         if opts["method"] == "l1":
             opts["round_to"] = args.l1_round_to
-        slug = name.split(" ")[0] + ("-full" if "full" in name else "") + ("-fisher" if "Fisher" in name else "") \
-            + ("-norm" if "normalised" in name else "") + (f"-try{attempt}" if attempt else "")
+        slug = name.split(" ")[0] + ("-full" if "full" in name else "") + ("-ssa" if "SSA" in name else "") \
+            + ("-fisher" if "Fisher" in name else "") + ("-norm" if "normalised" in name else "") \
+            + (f"-try{attempt}" if attempt else "")
         out = Path(args.out) / f"{slug}-b{budget:.2f}-s{args.steps}"
         t0 = time.perf_counter()
         try:
-            rep = build_bundle(recipe, out, budget=b, steps=args.steps, progress=False, log=lambda s: None, **opts)
+            rep = build_bundle(rec, out, budget=b, steps=args.steps, progress=False, log=lambda s: None, **opts)
         except SlsError as e:
             print(f"{name} at {b}: {e}", flush=True)
             return {"config": name, "budget": b, "error": str(e)}

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """SSL for video as published, at equal MACs: ssl without RSC (blocks read and write the whole stream), ssl with
-Residual Sparsity Connections, ssl + RSC + temporal finetuning (hidden states distilled from the dense model), and
-uniform L1 channel pruning (no RSC).
+Residual Sparsity Connections, ssl + RSC + temporal finetuning (hidden states distilled from the dense model),
+uniform L1 channel pruning (no RSC), and ssl + RSC with SSL's own selection (one threshold on the raw |scale| of
+every unit, ``--selection raw``) instead of the per-group normalised one.
 
 The first configuration runs at ``--budget``; every other one is asked for the MACs ratio it reached, so all rows
 compare at (nearly) equal MACs. Every configuration trains the recipe's ``finetune.steps`` (ssl: its learned-scale
@@ -35,7 +36,8 @@ def configs(tf: float) -> dict[str, dict]:
     return {"ssl, no RSC (before)": {"method": "ssl", "keep_full": NO_RSC},
             "ssl + RSC": {"method": "ssl"},
             f"ssl + RSC + TF ({tf:g})": {"method": "ssl", "tf_weight": tf},
-            "uniform L1, no RSC": {"method": "l1", "keep_full": NO_RSC}}
+            "uniform L1, no RSC": {"method": "l1", "keep_full": NO_RSC},
+            "ssl + RSC, raw |scale| selection (SSL's)": {"method": "ssl", "selection": "raw"}}
 
 
 def row(name: str, budget: float, rep: dict, seconds: float) -> dict:
@@ -75,7 +77,7 @@ def main() -> int:
     ap.add_argument("--model", default="basicvsr")
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--tf-weight", type=float, default=0.1)
-    ap.add_argument("--only", nargs="+", help="a subset of the configurations (by their first word index 0..3)")
+    ap.add_argument("--only", nargs="+", help="a subset of the configurations (by their index 0..4)")
     ap.add_argument("--out", default="runs/video_ssl")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()

@@ -137,11 +137,16 @@ def cli() -> None:
 @click.option("--steps", type=click.IntRange(min=0), help="Finetune steps (default: the recipe's).")
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>; "
               "a family: runs/<model>-family).")
+@click.option("--nested", is_flag=True, help="A family (several --budget) of channel members that share one weight "
+              "set: nested kept units (each member's are a subset of the next larger one's) from one ranking, the "
+              "full-width network trained under every member's mask at once for --steps steps, each member that "
+              "set sliced (ClassPruning-style).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @_precision_options
 @_progress_option
 def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, selection,
-          keep_full, tf_weight, temporal_weight, data, eval_data, steps, out, as_json, precisions, calib, calib_method, no_progress):
+          keep_full, tf_weight, temporal_weight, data, eval_data, steps, out, nested, as_json, precisions, calib,
+          calib_method, no_progress):
     """Plan, finetune, export and validate: the whole pipeline into one bundle folder.
 
     Re-running the same command resumes an interrupted build (finished stages are skipped, finetune continues
@@ -163,7 +168,8 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
         from sls_deploy.adaptive.family import build_family
 
         reports = build_family(recipe, budgets, Path(out) if out else Path("runs") / f"{name}-family",
-                               lambda b: _settings(recipe, b, method, **cli_opts), _log, not no_progress)
+                               lambda b: _settings(recipe, b, method, **cli_opts), _log, not no_progress,
+                               nested=nested)
         if not reports:
             return
         click.echo(json.dumps(reports, indent=2) if as_json else
@@ -171,6 +177,8 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
         for r in reports.values():
             check_report(r)
         return
+    if nested:
+        raise click.UsageError("--nested builds a family: give several --budget values")
     settings = _settings(recipe, budgets[0], method, **cli_opts)
     out_dir = Path(out) if out else default_out(name, budgets[0])
     rep = run_build(start(recipe, settings, out_dir, _log, not no_progress))

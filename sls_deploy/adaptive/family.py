@@ -13,6 +13,7 @@ from typing import Any
 
 import json
 
+from sls_deploy.adaptive.nested import NESTED_DIR, SHARED, prepare_nested
 from sls_deploy.core.atomic import write_json
 from sls_deploy.core.errors import BundleError
 
@@ -37,13 +38,15 @@ class Family:
     method: str
     base_weights: str
     members: tuple[FamilyMember, ...]
+    nested: dict[str, Any] | None = None  # a nested family (one shared weight set): how it was made
 
     def path(self, member: FamilyMember) -> Path:
         return self.root / member.folder
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": KIND, "model": self.model, "method": self.method, "base_weights": self.base_weights,
-                "members": [{"budget": m.budget, "folder": m.folder} for m in self.members]}
+                "members": [{"budget": m.budget, "folder": m.folder} for m in self.members],
+                **({"nested": self.nested} if self.nested else {})}
 
     def save(self) -> None:
         write_json(self.root / FAMILY, self.to_json())
@@ -77,7 +80,11 @@ def load_family(root: str | Path) -> Family:
         if d.get("kind") != KIND:
             raise ValueError(f"kind is {d.get('kind')!r}")
         members = tuple(FamilyMember(float(m["budget"]), str(m["folder"])) for m in d["members"])
-        fam = Family(root, str(d["model"]), str(d.get("method", "")), str(d.get("base_weights", "")), members)
+        nested = d.get("nested")
+        if nested is not None and not isinstance(nested, dict):
+            raise ValueError("its nested record is not an object")
+        fam = Family(root, str(d["model"]), str(d.get("method", "")), str(d.get("base_weights", "")), members,
+                     nested)
     except (ValueError, KeyError, TypeError) as e:
         raise BundleError(f"{f} is not a valid family file: {e}") from None
     if not members:
@@ -100,19 +107,21 @@ def _check_out(out: Path, model: str) -> Family | None:
         if fam.model != model:
             raise BundleError(f"{out} holds a family of {fam.model}, not {model}")
         return fam
-    stray = [p.name for p in out.iterdir() if not (p.is_dir() and p.name.startswith("b"))]
+    stray = [p.name for p in out.iterdir() if not (p.is_dir() and p.name.startswith("b"))
+             and p.name not in (SHARED, NESTED_DIR)]
     if stray:
         raise BundleError(f"{out} is not empty and not a family folder (it holds {', '.join(sorted(stray)[:3])}); "
                           "choose another --out")
     return None
 
 
-def build_family(recipe, budgets, out: Path, settings_for, log, progress: bool = True) -> dict[str, dict]:
+def build_family(recipe, budgets, out: Path, settings_for, log, progress: bool = True,
+                 nested: bool = False) -> dict[str, dict]:
     """``sls-deploy build --budget A --budget B ...``: one complete bundle per budget, in ``out/b<budget>``, each
     from the same base weights with the same options; ``family.json`` is written when every member is done (an
     interrupted family build resumes member by member when the same command runs again). Members are built
-    independently: their index sets and weights are not nested (one weight set serving several costs, as in
-    ClassPruning, is not implemented). Returns {member folder: its report}."""
+    independently, unless ``nested``: then their kept units are nested and their weights are one shared set
+    trained under every member's mask (``adaptive.nested``). Returns {member folder: its report}."""
     from sls_deploy.core import distributed as dist
     from sls_deploy.stages.build import build, start
 
@@ -123,6 +132,14 @@ def build_family(recipe, budgets, out: Path, settings_for, log, progress: bool =
     previous = _check_out(out, recipe.name)
     settings = {b: settings_for(b) for b in budgets}  # every option checked before any work
     methods = {s.method for s in settings.values()}
+    w = settings[budgets[0]].weights
+    base = str(Path(w).resolve()) if w else ""
+    record = None
+    if nested:
+        if dist.world_size() > 1:
+            raise BundleError("a nested family trains in one process (no torchrun)")
+        out.mkdir(parents=True, exist_ok=True)
+        settings, record = prepare_nested(recipe, settings, out, member_dir, log, progress)
     reports = {}
     for b in budgets:
         log(f"family member {member_dir(b)} ({budgets.index(b) + 1}/{len(budgets)})")
@@ -133,9 +150,7 @@ def build_family(recipe, budgets, out: Path, settings_for, log, progress: bool =
         return {}
     members = {m.folder: m for m in (previous.members if previous else ())}
     members.update({member_dir(b): FamilyMember(b, member_dir(b)) for b in budgets})
-    w = settings[budgets[0]].weights
-    base = str(Path(w).resolve()) if w else ""
     Family(out, recipe.name, "/".join(sorted(methods)), str(base),
-           tuple(sorted(members.values(), key=lambda m: m.budget))).save()
+           tuple(sorted(members.values(), key=lambda m: m.budget)), record).save()
     log(f"family of {len(members)} members -> {out} (next: `sls-deploy route {out}`)")
     return reports

@@ -28,7 +28,7 @@ VALID_M = (4, 8, 16, 32)
 CALIB_METHODS = ("max", "percentile", "entropy")
 # options that only mean something for one strategy: given for the other, they are usage errors naming them
 NM_ONLY = ("m", "n", "lam", "alpha")
-CHANNELS_ONLY = ("round_to", "keep_full", "selection")
+CHANNELS_ONLY = ("round_to", "keep_full", "selection", "units")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class Settings:
     round_to: int = 8
     keep_full: tuple[str, ...] = ()  # channel groups kept at full width
     selection: str = "normalised"  # ssl's final selection: one threshold on per-group normalised |scale| or raw
+    units: str | None = None  # a JSON file of kept units per group (a nested family's member): no selection
     ssl_steps: int = 100
     temporal_weight: float = 0.0  # weight of the frame-difference term of the clip loss (0 = per-frame L1)
     tf_weight: float = 0.0  # temporal finetuning: hidden states distilled from the dense model (training/distill.py)
@@ -132,7 +133,9 @@ class Settings:
                 raise UsageError(f"--n must be in 1..{self.m} for M={self.m}, not {self.n}")
         if not isinstance(self.steps, int) or self.steps < 0:
             raise UsageError(f"--steps must be an integer >= 0, not {self.steps}")
-        if self.method in ("ssl", "hybrid") and self.steps < 1:
+        if self.units is not None and (self.strategy != "channels" or self.method == "hybrid"):
+            raise UsageError("given kept units (a nested family member) apply to channel methods other than hybrid")
+        if self.method in ("ssl", "hybrid") and self.steps < 1 and self.units is None:
             raise UsageError(f"--method {self.method} learns its channel scales by training: give --steps >= 1")
         if self.target not in TARGETS:
             raise UsageError(f"--target must be one of {', '.join(TARGETS)}, not '{self.target}'")
@@ -216,6 +219,7 @@ class Settings:
         values = {k: tuple(v) if k in ("precisions", "keep_full") else v for k, v in record.items()}
         values.setdefault("tf_weight", 0.0)  # bundles made before temporal finetuning existed
         values.setdefault("selection", "normalised")
+        values.setdefault("units", None)
         try:
             return cls(**values).check(recipe)
         except TypeError as e:

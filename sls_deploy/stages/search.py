@@ -22,8 +22,9 @@ from sls_deploy.core.errors import PlanError, UsageError
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.channels.plan import GroupPlan, LayerCost, StructuredPlan
 from sls_deploy.pruning.channels.saliency import fisher_saliency, per_mac
-from sls_deploy.pruning.channels.structured import (ChannelScales, GroupCosts, index_of, l1_importance,
-                                                    producers_of, select_global, select_uniform, slice_into, widths_of)
+from sls_deploy.pruning.channels.structured import (ChannelScales, GroupCosts, aligned_units, index_of,
+                                                    l1_importance, producers_of, select_global, select_uniform,
+                                                    slice_into, widths_of)
 from sls_deploy.pruning.nm.plan import DenseLayer, Plan
 from sls_deploy.pruning.hybrid import channel_budget, nm_layers_for, nm_saving
 from sls_deploy.pruning.nm.search import plan_uniform, search_sls, split_layers
@@ -51,6 +52,8 @@ def run_search(run: Run) -> Plan | StructuredPlan:
     else:
         if dist.world_size() > 1:
             raise UsageError("channel pruning runs in one process (no torchrun)")
+        if s.units:
+            inputs["units"] = atomic.sha256_file(Path(s.units)) if Path(s.units).is_file() else s.units
         inputs.update(round_to=s.round_to, **({"keep_full": sorted(s.keep_full)} if s.keep_full else {}),
                       **({"selection": s.selection} if s.selection != "normalised" else {}))
         if s.method in ("ssl", "hybrid"):
@@ -125,7 +128,12 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
     info: dict[str, Any] = {"lr_hw": [h, w], "importance": "l1 filter norm (mean |w| per unit)"}
     if full:
         info["kept_full"] = sorted(full)
-    if s.method == "l1":
+    if s.units:
+        keep = given_units(Path(s.units), groups, costs.units, full)
+        info.update(importance="none (the units are given)",
+                    selection=f"given: the kept units of a nested family member ({Path(s.units).name}), one ranking "
+                              "shared by every member")
+    elif s.method == "l1":
         keep = select_uniform(l1, costs, s.budget, s.round_to, fill=True)
         info["selection"] = ("uniform kept fraction in every group; what rounding left of the budget is spent "
                              "widening the groups whose next units have the largest normalised L1 norm")
@@ -133,8 +141,8 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
         keep = select_global(l1, costs, s.budget, s.round_to)
         info["selection"] = "one global threshold on per-group normalised importance"
     else:
-        fisher = s.selection == "fisher"
-        rank = _fisher_per_mac(run, model, groups, costs, full) if fisher else l1
+        rank, normalize = unit_ranking(recipe, s, model, groups, costs, full)
+        fisher = not normalize
         hybrid = _Hybrid(run, model, costs, normalize=not fisher) if s.method == "hybrid" else None
         budget = hybrid.channel_budget(rank) if hybrid else s.budget
         marks = select_global(rank, costs, budget, s.round_to, normalize=not fisher)  # an unreachable budget fails
@@ -171,17 +179,44 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
     return StageOutput([PLAN, SEARCH_WEIGHTS], extra=_record(base, bundle.path(SEARCH_WEIGHTS)))
 
 
+def given_units(path: Path, groups, units: dict[str, int], full) -> dict[str, torch.Tensor]:
+    """{group: kept unit indices} read from a JSON file {group: [indices]} (a nested family member's); a group
+    kept full or absent stays whole. One-line PlanError on an unreadable file, an unknown group or bad indices."""
+    import json
+
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise PlanError(f"kept units file {path}: {e}") from None
+    by_name = {g.name: g for g in groups}
+    keep = {}
+    for name, idx in raw.items():
+        if name not in by_name:
+            raise PlanError(f"kept units file {path}: '{name}' is not a channel group")
+        if name in full:
+            continue
+        keep[name] = aligned_units(by_name[name], idx, units[name], f"kept units file {path}, group '{name}'")
+        if keep[name].numel() == 0:
+            raise PlanError(f"kept units file {path}: group '{name}' keeps no unit")
+    return {g.name: keep.get(g.name, torch.arange(units[g.name])) for g in groups if g.name not in full}
+
+
 FISHER_BATCHES = 16  # training batches whose per-sample gradients estimate the Fisher saliency
 
 
-def _fisher_per_mac(run: Run, model, groups, costs: GroupCosts, full) -> dict[str, torch.Tensor]:
-    """Fisher saliency per MAC saved of every unit of the pruned groups (``pruning.channels.saliency``), on
-    ``FISHER_BATCHES`` training batches drawn with their own seed (the training batches are not consumed)."""
-    s, recipe = run.settings, run.recipe
+def unit_ranking(recipe, s, model, groups, costs: GroupCosts, full) -> tuple[dict[str, torch.Tensor], bool]:
+    """The units' importance before any training, for the pruned groups, and whether a global threshold on it
+    must normalise each group: Fisher saliency per MAC saved with ``--selection fisher`` (on the loss's scale:
+    not normalised; ``FISHER_BATCHES`` training batches drawn with their own seed, so the training batches are
+    not consumed), else the filter L1 norm (normalised per group)."""
+    if s.selection != "fisher":
+        return {g.name: l1_importance(model, g) for g in groups if g.name not in full}, True
     data = modalities.sampler(recipe, s.modality, s.data, s.seed + 7919)
     loss = modalities.loss_fn(s.modality, s.temporal_weight) or torch.nn.functional.l1_loss
     sal = fisher_saliency(model, groups, (data.batch() for _ in range(FISHER_BATCHES)), loss)
-    return per_mac({k: v for k, v in sal.items() if k not in full}, costs)
+    return per_mac({k: v for k, v in sal.items() if k not in full}, costs), False
 
 
 class _Hybrid:

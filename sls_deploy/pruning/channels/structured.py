@@ -43,7 +43,7 @@ from sls_deploy.pruning.nm.oneshot import check_budget
 
 __all__ = ["ChannelScales", "GroupCosts", "aligned_units", "check_groups", "index_of", "l1_importance",
            "nm_eligible",
-           "producers_of", "select_global", "select_uniform", "slice_into", "unit_count", "widths_of",
+           "producers_of", "select_global", "select_uniform", "slice_into", "top_units", "unit_count", "widths_of",
            "zero_units"]
 
 
@@ -574,6 +574,15 @@ def _top(imp: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest values (ties: lowest index first), sorted ascending."""
     order = torch.argsort(imp, descending=True, stable=True)
     return torch.sort(order[:k]).values.long()
+
+
+def top_units(importance: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` units of largest importance (ties: lowest index first), ascending: for one fixed ranking, the
+    sets for growing k are nested."""
+    t = torch.as_tensor(importance).detach().float().cpu().reshape(-1)
+    if not 1 <= int(k) <= t.numel():
+        raise PlanError(f"cannot keep {k} of {t.numel()} units")
+    return _top(t, int(k))
 
 
 def _last_true(n: int, fits: Callable[[int], bool]) -> int:
