@@ -107,12 +107,16 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="", help="suffix of the result files (adaptive<tag>.json)")
+    ap.add_argument("--nested", action="store_true", help="build the family with `build --nested` (one shared "
+                    "weight set) when --family does not exist yet")
     args = ap.parse_args()
     fam_dir = Path(args.family)
     if not is_family(fam_dir):
         argv = ["build", "--model", "edsr", "--out", str(fam_dir), "--no-progress"]
         for b in args.budgets:
             argv += ["--budget", str(b)]
+        if args.nested:
+            argv.append("--nested")
         if cli_main(argv):
             return 1
     family = load_family(fam_dir)

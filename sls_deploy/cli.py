@@ -419,8 +419,10 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
 
     Writes engine/model.plan, the build log, the inspector JSON, the timing cache and engine/layers.json
     (per plan layer: 2:4 weights, TensorRT-eligible, sparse tactic picked). Refuses a bundle whose files do not
-    match their recorded sha256. On a family folder (`build --budget A --budget B`), one engine per member; the
-    routers' graphs (router-*.onnx, about a million MACs per patch) stay on ONNX Runtime.
+    match their recorded sha256. On a family folder (`build --budget A --budget B`), one engine per member and,
+    once `route` has run, one FP32 engine per router graph (routers/<name>/engine/model.plan; FP32 so that the
+    engine's choices are the graph's: a router's argmax can flip in FP16), its profile the number of patches the
+    grid gives on the recipe's engine min/opt/max LR size.
     """
     from sls_deploy.adaptive.family import is_family, load_family
     from sls_deploy.trt.engine import require_tensorrt
@@ -436,8 +438,36 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
         for root in roots:
             click.echo(f"# family member {root.name}")
             _engine_one(root, precision, sparsity, workspace_mb, dry_run)
+        _router_engines(path, workspace_mb, dry_run)
         return
     _engine_one(path, precision, sparsity, workspace_mb, dry_run)
+
+
+def _router_engines(family_root: Path, workspace_mb, dry_run) -> None:
+    """One engine per router graph of a routed family (none before `route`: said, not an error)."""
+    from sls_deploy.adaptive.family import load_family
+    from sls_deploy.adaptive.run import RESULT_JSON, router_file, router_profiles
+    from sls_deploy.config.recipe import load_recipe
+    from sls_deploy.core.bundle import RECIPE
+    from sls_deploy.trt.engine import build_engine, dry_run as do_dry_run, graph_settings
+
+    if not (family_root / RESULT_JSON).is_file():
+        click.echo(f"# no router engines: {family_root} has not been routed yet (`sls-deploy route {family_root}`)")
+        return
+    family = load_family(family_root)
+    recipe = load_recipe(family.path(family.members[0]) / RECIPE)
+    for name, profile in router_profiles(family_root, recipe.engine).items():
+        root = family_root / "routers" / name
+        settings = graph_settings(f"../../{router_file(name)}", profile, workspace_mb or recipe.engine.workspace_mb)
+        click.echo(f"# router {name}")
+        if dry_run:
+            root.mkdir(parents=True, exist_ok=True)
+            info = do_dry_run(root, settings)
+            click.echo(info["trtexec"])
+            click.echo(f"# settings written to {root / 'engine' / 'build.json'}")
+            continue
+        info = build_engine(root, settings, [])
+        click.echo(f"engine {root / settings.engine_file} built in {info['seconds']}s")
 
 
 def _engine_one(path: Path, precision, sparsity, workspace_mb, dry_run) -> None:

@@ -419,3 +419,15 @@ def test_family_build_and_route_end_to_end(tmp_path, tiny_recipe, tiny_weights, 
     assert code == 0, err
     assert out.count("# family member") == 2
     assert all((fam / f / "engine" / "build.json").is_file() for f in ("b0.40", "b0.70"))
+    # and one FP32 engine per router, its profile the patch count of the grid on the engine's LR sizes
+    recipe = load_recipe(fam / "b0.40" / "recipe.yaml")
+    assert out.count("# router ") == len(ROUTERS)
+    for name in ROUTERS:
+        build = json.loads((fam / "routers" / name / "engine" / "build.json").read_text())
+        prof = build["settings"]["profile"]["lr_patches"]
+        for level in ("min", "opt", "max"):
+            n, h, w = recipe.engine.levels()[level]
+            assert prof[level] == [n * len(grid(max(h, 8), max(w, 8), 8, 6)), 3, 8, 8]
+        assert build["settings"]["graph"] == f"../../router-{name}.onnx"
+        assert build["settings"]["precision"] == "fp32" and build["settings"]["sparse_weights"] is False
+        assert "--shapes" in build["trtexec"] or "--minShapes=lr_patches:" in build["trtexec"]

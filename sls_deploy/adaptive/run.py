@@ -9,6 +9,7 @@ average cost); the eval images are used only for the final figures. Writes, in t
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,6 +40,27 @@ Log = Callable[[str], None]
 
 def router_file(name: str) -> str:
     return f"router-{name}.onnx"
+
+
+def router_profiles(root: Path, engine_section) -> dict[str, dict[str, tuple]]:
+    """{router name: {"lr_patches": (min, opt, max) shape}} of the routers ``route`` wrote in the family at
+    ``root``: patches of the routed size, as many as the grid gives on the engine profile's min/opt/max LR
+    image (batch included). BundleError when the family has no routers yet."""
+    f = Path(root) / RESULT_JSON
+    try:
+        rep = json.loads(f.read_text())
+        size, stride = int(rep["patch"]["size"]), int(rep["patch"]["stride"])
+        names = [str(n) for n in rep["routers"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise BundleError(f"{root} has no routers (run `sls-deploy route {root}` first)") from None
+    shapes = []
+    for n, h, w in (engine_section.levels()[lv] for lv in ("min", "opt", "max")):
+        count = len(grid(max(h, size), max(w, size), size, stride)) * n
+        shapes.append((count, 3, size, size))
+    missing = [n for n in names if not (Path(root) / router_file(n)).is_file()]
+    if missing:
+        raise BundleError(f"{root} lists router '{missing[0]}' but has no {router_file(missing[0])}")
+    return {n: {"lr_patches": tuple(shapes)} for n in names}
 
 
 def candidates_of(family: Family, recipe) -> tuple[list[Candidate], float]:

@@ -84,7 +84,7 @@ class EngineSettings:
     def out_name(self, name: str) -> str:
         """engine/<name>, with ".dense" before the suffix for the --sparsity disable baseline build."""
         stem, dot, ext = name.partition(".")
-        return f"{stem}.dense.{ext}" if not self.sparse_weights else name
+        return f"{stem}.dense.{ext}" if self.engine_file.endswith(".dense.plan") else name
 
     def precision_flags(self, trt_major: int | None) -> dict[str, bool]:
         """TensorRT 10: FP16/INT8 flags allow the graph's reduced precision. TensorRT 11: strongly typed, none."""
@@ -141,6 +141,14 @@ def engine_settings(recipe, precision: str, sparsity: str, workspace_mb: int | N
                           profile=profile_shapes(recipe.adapter, recipe.model, spec, p),
                           sparse_weights=sparsity == "enable", workspace_mb=workspace_mb or p.workspace_mb,
                           engine_file=f"{ENGINE_DIR}/{'model.plan' if sparsity == 'enable' else 'model.dense.plan'}")
+
+
+def graph_settings(graph: str, profile: Mapping[str, tuple[Shape, Shape, Shape]], workspace_mb: int,
+                   precision: str = "fp32") -> EngineSettings:
+    """Settings for a graph that is not one of a bundle's model graphs (a family's router): its own profile,
+    dense weights; ``graph`` relative to the folder the engine is built in."""
+    return EngineSettings(precision=precision, graph=graph, profile=dict(profile), sparse_weights=False,
+                          workspace_mb=workspace_mb)
 
 
 def polygraphy_loaders(s: EngineSettings, bundle_root: Path, trt_major: int | None):
