@@ -747,8 +747,10 @@ def test_streamvsr_with_rsc_through_the_dynamo_exporter(tmp_path, clips):
                           precision={"graphs": ["fp32", "fp16"]})
     weights = write_weights(recipe, tmp_path / "w.safetensors")
     out = tmp_path / "bundle"
-    rep = build_bundle(load_recipe(recipe), out, budget=0.5, method="l1", weights=str(weights), progress=False,
-                       log=lambda s: None)  # uniform L1 narrows every group, the RSC read/write groups included
+    # uniform L1 narrows every group, the RSC read/write groups included (at 0.35 the rounding's leftover, spent
+    # by importance, does not widen every write group back)
+    rep = build_bundle(load_recipe(recipe), out, budget=0.35, method="l1", weights=str(weights), progress=False,
+                       log=lambda s: None)
     assert rep["checks"]["onnx_vs_torch"] is True
     plan = json.loads((out / "plan.json").read_text())
     narrowed_writes = [g for g in plan["groups"] if g.get("index") and g["producers"]
