@@ -39,6 +39,8 @@ CONFIGS = {  # name: build options ("recipe": values merged into the recipe); th
     "ssl aligned + SSA, Fisher widths (stream pruned)": {"method": "ssl", "keep_full": (), "selection": "fisher",
                                                          "recipe": {"structured": {"align": SSA_WEIGHT}}},
     "ssl aligned, normalised widths (stream pruned)": {"method": "ssl", "keep_full": ()},
+    "ssl aligned, Fisher widths, round-to 8 (may prune the stream)": {"method": "ssl", "keep_full": (),
+                                                                      "selection": "fisher", "round_to": 8},
     "ssl, stream kept full": {"method": "ssl", "keep_full": ("stream",)},
     "l1 uniform": {"method": "l1", "keep_full": ()},
     "sls N:M (--target none)": {"method": "sls", "target": "none"},
@@ -140,6 +142,7 @@ def main() -> int:
             opts["round_to"] = args.l1_round_to
         slug = name.split(" ")[0] + ("-full" if "full" in name else "") + ("-ssa" if "SSA" in name else "") \
             + ("-fisher" if "Fisher" in name else "") + ("-norm" if "normalised" in name else "") \
+            + ("-r8" if "round-to 8" in name else "") \
             + (f"-try{attempt}" if attempt else "")
         out = Path(args.out) / f"{slug}-b{budget:.2f}-s{args.steps}"
         t0 = time.perf_counter()
