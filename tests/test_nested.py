@@ -5,6 +5,7 @@ masks equal to the sliced members, joint training of one shared weight set, and 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,13 +134,31 @@ def test_nested_family_build(tmp_path, tiny_recipe, tiny_weights, capsys):
     groups = recipe.adapter.channel_groups(dense)
     for f, plan in plans.items():  # each member is the shared set sliced, tensor for tensor
         weights = load_file(str(fam / f / "model.safetensors"))
-        assert json.loads((fam / NESTED_DIR / f"{f}.json").read_text()) == {g.name: g.kept for g in plan.groups}
+        record = json.loads((fam / NESTED_DIR / f"{f}.json").read_text())
+        assert record["units"] == {g.name: g.kept for g in plan.groups}
+        assert record["shared_weights"] == str((fam / SHARED).resolve()) == plan.search["shared_weights"]
+        # the member's dense reference is the family's base, not the (never unmasked) shared network
+        manifest = json.loads((fam / f / "manifest.json").read_text())
+        assert Path(manifest["stages"]["search"]["base_weights"]).resolve() == Path(tiny_weights).resolve()
         narrow = recipe.adapter.build(model_config(recipe, plan.widths))
         slice_into(dense, narrow, groups, {g.name: torch.tensor(g.kept) for g in plan.groups})
         expected = narrow.state_dict()
         assert set(weights) == set(expected)
         assert all(torch.equal(weights[k].float(), expected[k].float()) for k in weights)
         assert plan.search["selection"].startswith("given")
+    # a member's kept-units file whose shared weights changed is refused in one line
+    from sls_deploy.stages.search import read_units_file
+    record = json.loads((fam / NESTED_DIR / "b0.45.json").read_text())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(record | {"shared_sha256": "0" * 64}))
+    with pytest.raises(PlanError, match="changed since it was written"):
+        read_units_file(bad)
+    bad.write_text(json.dumps(record | {"shared_weights": str(tmp_path / "nope.safetensors")}))
+    with pytest.raises(PlanError, match="are missing"):
+        read_units_file(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(PlanError, match="not a kept-units record"):
+        read_units_file(bad)
     # the same command again: everything done, nothing retrained
     stamp = (fam / SHARED).stat().st_mtime_ns
     code, _, err = run_cli(capsys, "build", "--recipe", tiny_recipe, "--weights", tiny_weights, "--budget", "0.7",

@@ -6,11 +6,12 @@ the base model (filter L1 norm, or Fisher saliency per MAC with ``--selection fi
 one), the widths capped so that a smaller member is never wider than a larger one in any group, and its kept units
 the top of that one ranking: each member's units are a subset of the next larger member's. The full-width network
 is then trained under all members' masks at once (``UnitMasks``; loss = mean over members of the training loss;
-``--steps`` steps of one forward pass per member, the compute of one finetune per member), as ClassPruning trains
+``--steps`` steps of one forward pass per member: each member sees as many batches as its own finetune would,
+through masked full-width passes that cost the dense model's MACs), as ClassPruning trains
 nested sub-networks that share their weights. Each member bundle is that one weight set sliced to its units, with
-no training of its own (``steps`` 0), then exported and validated like any bundle; its report's "dense" model is
-the shared full-width network. ssl's learned-scale phase has no place here (it would give each member its own
-units); the joint training replaces it.
+no training of its own (``steps`` 0), then exported and validated like any bundle; its report's dense model is
+the base the family was pruned from (the shared full-width network is never run unmasked). ssl's learned-scale
+phase has no place here (it would give each member its own units); the joint training replaces it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.channels.masks import UnitMasks, is_nested
 from sls_deploy.pruning.channels.structured import GroupCosts, select_global, select_uniform, top_units, widths_of
 from sls_deploy.stages.models import load_model, resolve_base_weights
-from sls_deploy.stages.search import unit_ranking
+from sls_deploy.stages.search import unit_ranking, units_record
 from sls_deploy.training.loop import TrainConfig, train
 
 SHARED = "shared.safetensors"  # the one weight set (full width) every member is sliced from
@@ -139,14 +140,13 @@ def prepare_nested(recipe, settings: dict, out: Path, member_dir, log, progress:
                               progress=progress, loss=modalities.loss_fn(s0.modality, s0.temporal_weight))
         save_weights(model, shared, {"nested": ",".join(members), "steps": str(result.steps_done)})
         for name, u in units.items():
-            atomic.write_json(folder / f"{name}.json", u)
+            atomic.write_json(folder / f"{name}.json", units_record(shared, u))
         atomic.write_json(done, {"key": key, "sha256": atomic.sha256_file(shared),
                                  "seconds": round(result.seconds, 1), "final_loss": result.final_loss})
         ckpt = folder / "joint.ckpt"
         if ckpt.exists():
             ckpt.unlink()
-    out_settings = {b: dataclasses.replace(settings[b], weights=str(shared.resolve()),
-                                           units=str((folder / f"{member_dir(b)}.json").resolve()),
+    out_settings = {b: dataclasses.replace(settings[b], units=str((folder / f"{member_dir(b)}.json").resolve()),
                                            steps=0).check(recipe) for b in budgets}
     return out_settings, record
 

@@ -116,7 +116,9 @@ def _nm_body(run: Run, base: Path, key: str) -> StageOutput:
 def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
     s, recipe, bundle = run.settings, run.recipe, run.bundle
     adapter = recipe.adapter
-    model = load_model(recipe, base)
+    given = read_units_file(Path(s.units)) if s.units else None
+    # a nested family member is sliced from the family's shared weights; the base stays its dense reference
+    model = load_model(recipe, given[0] if given else base)
     groups = adapter.channel_groups(model)
     if not groups:
         raise PlanError(f"{recipe.describe_model()} declares no channel groups to prune")
@@ -128,8 +130,9 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
     info: dict[str, Any] = {"lr_hw": [h, w], "importance": "l1 filter norm (mean |w| per unit)"}
     if full:
         info["kept_full"] = sorted(full)
-    if s.units:
-        keep = given_units(Path(s.units), groups, costs.units, full)
+    if given:
+        keep = given_units(given[1], Path(s.units), groups, costs.units, full)
+        info["shared_weights"] = str(given[0])
         info.update(importance="none (the units are given)",
                     selection=f"given: the kept units of a nested family member ({Path(s.units).name}), one ranking "
                               "shared by every member")
@@ -179,17 +182,36 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
     return StageOutput([PLAN, SEARCH_WEIGHTS], extra=_record(base, bundle.path(SEARCH_WEIGHTS)))
 
 
-def given_units(path: Path, groups, units: dict[str, int], full) -> dict[str, torch.Tensor]:
-    """{group: kept unit indices} read from a JSON file {group: [indices]} (a nested family member's); a group
-    kept full or absent stays whole. One-line PlanError on an unreadable file, an unknown group or bad indices."""
+def units_record(shared: Path, units: dict[str, list[int]]) -> dict[str, Any]:
+    """The kept-units file of a nested family member: the shared weights it is sliced from (path and sha256)
+    and its kept units per group."""
+    return {"shared_weights": str(Path(shared).resolve()), "shared_sha256": atomic.sha256_file(shared),
+            "units": units}
+
+
+def read_units_file(path: Path) -> tuple[Path, dict]:
+    """(shared weights, {group: [indices]}) from a kept-units file (``units_record``); one-line PlanError on an
+    unreadable file or shared weights that are missing or changed since."""
     import json
 
     try:
         raw = json.loads(path.read_text())
-        if not isinstance(raw, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
+        if not isinstance(raw, dict) or not isinstance(raw.get("units"), dict):
+            raise ValueError("not a kept-units record (no \"units\" object)")
+        shared = Path(str(raw["shared_weights"]))
+        sha = str(raw["shared_sha256"])
+    except (OSError, ValueError, KeyError) as e:
         raise PlanError(f"kept units file {path}: {e}") from None
+    if not shared.is_file():
+        raise PlanError(f"kept units file {path}: its shared weights {shared} are missing")
+    if atomic.sha256_file(shared) != sha:
+        raise PlanError(f"kept units file {path}: its shared weights {shared} changed since it was written")
+    return shared, raw["units"]
+
+
+def given_units(raw: dict, path: Path, groups, units: dict[str, int], full) -> dict[str, torch.Tensor]:
+    """{group: kept unit indices} from ``raw`` ({group: [indices]}, read from ``path``); a group kept full or
+    absent stays whole. One-line PlanError on an unknown group or bad indices."""
     by_name = {g.name: g for g in groups}
     keep = {}
     for name, idx in raw.items():
