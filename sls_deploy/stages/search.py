@@ -132,8 +132,7 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
         info["kept_full"] = sorted(full)
     if given:
         keep = given_units(given[1], Path(s.units), groups, costs.units, full)
-        info["shared_weights"] = str(given[0])
-        info.update(importance="none (the units are given)",
+        info.update(shared_weights=str(given[0]), importance="none (the units are given)",
                     selection=f"given: the kept units of a nested family member ({Path(s.units).name}), one ranking "
                               "shared by every member")
     elif s.method == "l1":
@@ -145,10 +144,10 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
         info["selection"] = "one global threshold on per-group normalised importance"
     else:
         rank, normalize = unit_ranking(recipe, s, model, groups, costs, full)
-        fisher = not normalize
-        hybrid = _Hybrid(run, model, costs, normalize=not fisher) if s.method == "hybrid" else None
+        fisher = not normalize  # Fisher saliency is on the loss's scale: one raw threshold across groups
+        hybrid = _Hybrid(run, model, costs, normalize=normalize) if s.method == "hybrid" else None
         budget = hybrid.channel_budget(rank) if hybrid else s.budget
-        marks = select_global(rank, costs, budget, s.round_to, normalize=not fisher)  # an unreachable budget fails
+        marks = select_global(rank, costs, budget, s.round_to, normalize=normalize)  # an unreachable budget fails
         importance, ssl_info = _learned_scales(run, model, groups, marks, key)
         info.update(ssl_info)
         learned = {k: v for k, v in importance.items() if k in l1}
