@@ -139,13 +139,13 @@ def prepare_nested(recipe, settings: dict, out: Path, member_dir, log, progress:
                               cfg, checkpoint=folder / "joint.ckpt", run_key=_digest(key),
                               progress=progress, loss=modalities.loss_fn(s0.modality, s0.temporal_weight))
         save_weights(model, shared, {"nested": ",".join(members), "steps": str(result.steps_done)})
-        for name, u in units.items():
-            atomic.write_json(folder / f"{name}.json", units_record(shared, u))
         atomic.write_json(done, {"key": key, "sha256": atomic.sha256_file(shared),
                                  "seconds": round(result.seconds, 1), "final_loss": result.final_loss})
         ckpt = folder / "joint.ckpt"
         if ckpt.exists():
             ckpt.unlink()
+    for name, u in units.items():  # always (re)written: cheap, and the members read them next
+        atomic.write_json(folder / f"{name}.json", units_record(shared, u))
     out_settings = {b: dataclasses.replace(settings[b], units=str((folder / f"{member_dir(b)}.json").resolve()),
                                            steps=0).check(recipe) for b in budgets}
     return out_settings, record
