@@ -82,9 +82,10 @@ def _video_options(f):
     f = click.option("--selection", type=click.Choice(["normalised", "raw", "fisher"]), default=None,
                      help="ssl/hybrid: how the kept widths are chosen under the budget: one threshold on per-group "
                           "normalised |learned scale| (normalised), on the raw |scale| of every unit (raw, as SSL's "
-                          "public code), or on each unit's Fisher saliency per MAC saved (fisher: Hessian-aware, "
-                          "compares groups on the loss's scale; the learned scales then pick the units inside each "
-                          "group) (default: the recipe's structured.selection, normalised).")(f)
+                          "public code), or on each unit's Fisher saliency per MAC saved, measured on the base model "
+                          "before any training (fisher: Hessian-aware, compares groups on the loss's scale; the "
+                          "units it drops are then driven to 0 by ssl's penalty) (default: the recipe's "
+                          "structured.selection, normalised).")(f)
     f = click.option("--round-to", type=click.IntRange(min=1),
                      help="Channel methods: kept channels per group are a multiple of this, or the full width "
                           "(default: the recipe's structured.round_to, 8).")(f)

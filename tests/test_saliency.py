@@ -116,6 +116,11 @@ def test_fisher_widths_under_a_budget():
     rank = per_mac(fisher_saliency(model, groups, [(x.float(), y.float()) for x, y in batches()], F.l1_loss), costs)
     keep = select_global(rank, costs, 0.5, 2, normalize=False)
     assert costs.ratio(widths_of(keep)) <= 0.5
+    for name, kept in keep.items():  # inside every group the kept units are those of highest saliency per MAC
+        dropped = [i for i in range(costs.units[name]) if i not in set(kept.tolist())]
+        if dropped:
+            assert float(rank[name][kept].min()) >= float(rank[name][dropped].max())
+    assert any(len(k) < costs.units[n] for n, k in keep.items())
 
 
 def test_fisher_selection_search_on_tiny_edsr(tmp_path, tiny_images, capsys):

@@ -150,7 +150,6 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
         marks = select_global(rank, costs, budget, s.round_to, normalize=normalize)  # an unreachable budget fails
         importance, ssl_info = _learned_scales(run, model, groups, marks, key)
         info.update(ssl_info)
-        learned = {k: v for k, v in importance.items() if k in l1}
         if fisher:  # the kept units are the Fisher selection's: the growing penalty drove exactly the others to 0
             keep = marks
             info.update(importance="Fisher saliency per MAC saved (empirical Fisher of a per-unit gate)",
@@ -158,6 +157,7 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
                         selection="one global threshold on Fisher saliency per MAC saved; the marked units are "
                                   "driven to 0 by the growing penalty, then sliced away")
         else:
+            learned = {k: v for k, v in importance.items() if k in l1}
             if hybrid:
                 budget = hybrid.channel_budget(learned)
             keep = select_global(learned, costs, budget, s.round_to, normalize=s.selection == "normalised")

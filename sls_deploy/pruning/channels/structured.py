@@ -42,9 +42,8 @@ from sls_deploy.pruning.nm.patterns import eligible
 from sls_deploy.pruning.nm.oneshot import check_budget
 
 __all__ = ["ChannelScales", "GroupCosts", "aligned_units", "check_groups", "index_of", "l1_importance",
-           "nm_eligible",
-           "producers_of", "select_global", "select_uniform", "slice_into", "top_units", "unit_count", "widths_of",
-           "zero_units"]
+           "nm_eligible", "producers_of", "select_global", "select_uniform", "slice_into", "top_units", "unit_count",
+           "widths_of", "zero_units"]
 
 
 # --------------------------------------------------------------------------- groups and units
