@@ -604,12 +604,14 @@ def main(argv: list[str] | None = None) -> int:
     """
     from sls_deploy.core import distributed as dist
 
+    ended = False  # normally: every torchrun rank then waits for the others before leaving
     try:
         dist.init_from_env()
         args = sys.argv[1:] if argv is None else list(argv)
         # parse and invoke directly (not cli.main): click's main turns Ctrl-C into a blank line and Abort
         with cli.make_context("sls-deploy", args) as ctx:
             rv = cli.invoke(ctx)
+        ended = True
         return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
@@ -623,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {e}", err=True)
         return e.exit_code
     finally:
-        dist.shutdown()
+        dist.shutdown(wait=ended)
 
 
 if __name__ == "__main__":  # pragma: no cover

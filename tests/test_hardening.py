@@ -219,3 +219,32 @@ def test_ctrl_c_mid_step_then_resume_is_bit_identical(tmp_path, tiny_images, mon
     monkeypatch.setattr(torch.optim.Adam, "step", adam_step)
     build_bundle(load_recipe(recipe_path), out, **kw)
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+def test_a_bundle_built_with_a_relative_out_resumes_after_a_move(tmp_path, capsys, monkeypatch, tiny_recipe,
+                                                                 tiny_weights):
+    """The search stage's own weights are found in the bundle wherever it now lives (a relative --out used to be
+    recorded as is: run from elsewhere, or moved, the next stage died with a FileNotFoundError traceback); the base
+    weights it recorded, once deleted, are a one-line error."""
+    import shutil
+
+    work = tmp_path / "a"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = ["--recipe", tiny_recipe, "--weights", tiny_weights, "--budget", "0.6", "--method", "l1",
+            "--steps", "2", "--precision", "fp32", "--no-progress"]
+    code, _, err = run_cli(capsys, "build", *args, "--out", "b")
+    assert code == 0, err
+    manifest = json.loads((work / "b" / "manifest.json").read_text())
+    assert manifest["stages"]["search"]["init_weights"] == "b/search.safetensors"  # as it was given, relative
+    shutil.copytree(work / "b", tmp_path / "moved")  # a move to another disk (in-process: a new lock file)
+    shutil.rmtree(work / "b")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "build", *args, "--out", tmp_path / "moved")
+    assert code == 0, err
+    after = json.loads((tmp_path / "moved" / "manifest.json").read_text())["stages"]
+    assert {k: v["inputs"] for k, v in after.items()} == {k: v["inputs"] for k, v in manifest["stages"].items()}
+    assert not (tmp_path / "b").exists()
+    tiny_weights.unlink()
+    code, _, err = run_cli(capsys, "validate", tmp_path / "moved")
+    assert code != 0 and "tiny_base.safetensors, are missing" in error_line(err)

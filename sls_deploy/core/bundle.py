@@ -160,6 +160,22 @@ class Bundle:
             "outputs": {f: atomic.sha256_file(self.path(f)) for f in outputs}, **(dict(info) if info else {})}
         self._write_manifest(m)
 
+    def recorded_file(self, stage: str, key: str, fallback: str | None = None) -> Path:
+        """A weights file a stage recorded under ``key`` (else ``fallback``): one that stage wrote is found in this
+        bundle, wherever the bundle was built from or moved to since; any other as recorded. One-line
+        BundleError when the stage or the file is missing."""
+        rec = self.require().get("stages", {}).get(stage)
+        value = (rec or {}).get(key) or (rec or {}).get(fallback or key)
+        if not value:
+            raise BundleError(f"bundle {self.root}: its {stage} stage recorded no {key} (run build again)")
+        path = Path(value)
+        if path.name in rec.get("outputs", {}):
+            return self.path(path.name)
+        if not path.is_file():
+            raise BundleError(f"bundle {self.root}: the {key.replace('_', ' ')} its {stage} stage used, {path}, "
+                              "are missing (moved or deleted?)")
+        return path
+
     def verify(self, names: list[str]) -> None:
         """Every named file exists and matches the sha256 the manifest recorded for it."""
         files = self.require().get("files", {})

@@ -8,9 +8,13 @@ SLS scores, are averaged here), so weights, gates and therefore plans stay ident
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+GROUP_TIMEOUT = timedelta(hours=4)
 
 
 def init_from_env() -> bool:
@@ -19,7 +23,8 @@ def init_from_env() -> bool:
         return False
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        # rank 0 alone exports and validates while the others wait at shutdown's barrier: allow it hours
+        dist.init_process_group(backend=backend, timeout=GROUP_TIMEOUT)
     return True
 
 
@@ -63,6 +68,11 @@ def gather(obj) -> list:
     return out
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group; ``wait`` (a command that ended normally): first wait for every rank. A rank that
+    left while rank 0 was still exporting could take the job down (gloo aborted the finished process at exit,
+    and torchrun then killed rank 0 mid-export). After an error nothing waits: the failing rank may be alone."""
     if active():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

@@ -63,7 +63,7 @@ def run_export(run: Run) -> dict[str, Any]:
     s, recipe, bundle = run.settings, run.recipe, run.bundle
     bundle.verify([PLAN, WEIGHTS])
     plan = load_plan(bundle.path(PLAN))
-    base = Path(bundle.manifest()["stages"]["search"]["base_weights"])
+    base = None if isinstance(plan, Plan) else bundle.recorded_file("search", "base_weights")  # channel checks only
     feeds, hashes = [], {}
     if "int8" in s.precisions:  # read (and reject) calibration data before anything is written
         feeds, hashes = calibration_feeds(recipe, s)
@@ -71,12 +71,12 @@ def run_export(run: Run) -> dict[str, Any]:
               "opset": recipe.opset, "model": recipe.model.options,
               "precision": {"graphs": s.precisions, "calib": hashes, "method": s.calib_method,
                             "percentile": recipe.precision.percentile, "io": s.io}}
-    if not isinstance(plan, Plan):
+    if base is not None:
         inputs["base"] = atomic.sha256_file(base)
     return run_stage(run, "export", inputs, lambda key: _export(run, plan, base, feeds, hashes))
 
 
-def _export(run: Run, plan, base: Path, feeds, hashes) -> StageOutput:
+def _export(run: Run, plan, base: Path | None, feeds, hashes) -> StageOutput:
     from sls_deploy.onnx.precision.fp16 import to_fp16
     from sls_deploy.onnx.precision.int8 import quantize_int8, quantized_inputs
 

@@ -62,8 +62,7 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
     s, recipe, bundle = run.settings, run.recipe, run.bundle
     bundle.verify([PLAN])
     plan = load_plan(bundle.path(PLAN))
-    search = bundle.manifest()["stages"]["search"]
-    init = Path(search.get("init_weights") or search["base_weights"])
+    init = bundle.recorded_file("search", "init_weights", fallback="base_weights")
     steps = max(0, s.steps - search_steps(plan))
     inputs = {"plan": atomic.sha256_file(bundle.path(PLAN)), "init": atomic.sha256_file(init), "steps": steps,
               "sec": recipe.finetune.__dict__, "data": s.data, "seed": s.seed, "modality": s.modality,
@@ -81,7 +80,7 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
             controller = SRSTE([(l.name, l.n) for l in plan.layers if l.n < l.m], plan.m, recipe.srste_decay)
         distill = None
         if s.tf_weight > 0:  # temporal finetuning: the dense model's hidden states as targets at every step
-            base = Path(search["base_weights"])
+            base = bundle.recorded_file("search", "base_weights")
             distill = HiddenStateDistill(load_model(recipe, base), recipe.adapter.state_modules(model), s.tf_weight)
             controller = Controllers(controller, distill)
         info: dict[str, Any] = {"steps": 0, "resumed_from": 0, "seconds": 0.0, "final_loss": None,

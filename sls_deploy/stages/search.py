@@ -70,7 +70,7 @@ def layer_precision(name: str, islands, precisions) -> str:
 
 
 def _record(base: Path, init: Path) -> dict[str, Any]:
-    return {"base_weights": str(base), "base_weights_sha256": atomic.sha256_file(base), "init_weights": str(init)}
+    return {"base_weights": str(Path(base).resolve()), "base_weights_sha256": atomic.sha256_file(base), "init_weights": str(init)}
 
 
 # -- N:M ---------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
     graph_files = graph_files_of(m)
     bundle.verify([PLAN, WEIGHTS, *graph_files.values()])
     plan = load_plan(bundle.path(PLAN))
-    base = Path(m["stages"]["search"]["base_weights"])
+    base = bundle.recorded_file("search", "base_weights")
     eval_spec = run.settings.eval_data
     val = recipe.validate
     runs = vopts.latency_runs or val.latency_runs

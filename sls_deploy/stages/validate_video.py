@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,7 +62,7 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
     graph_files = graph_files_of(m)
     bundle.verify([PLAN, WEIGHTS, *graph_files.values()])
     plan = load_plan(bundle.path(PLAN))
-    base = Path(m["stages"]["search"]["base_weights"])
+    base = bundle.recorded_file("search", "base_weights")
     eval_spec = run.settings.eval_data
     val, T = recipe.validate, int(recipe.model.options["clip_len"])
     runs = vopts.latency_runs or val.latency_runs
