@@ -113,6 +113,8 @@ def main() -> int:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--l1-round-to", type=int, default=4)
+    ap.add_argument("--ssl-steps", type=int, default=100, help="ssl rows: steps under the growing penalty (the "
+                    "README's table: 100; benchmarks/edsr_seeds.py compares 100 and 500)")
     ap.add_argument("--retries", type=int, default=1, help="rows more than 1%% under the reference's MACs are "
                     "built again, asked for budget * reference / reached (the closer row is kept)")
     ap.add_argument("--out", default="runs/edsr_channels")
@@ -137,7 +139,10 @@ def main() -> int:
 
     def build_row(name: str, budget: float, b: float, attempt: int) -> dict:
         opts = dict(CONFIGS[name])
-        rec = recipe_with(recipe, opts.pop("recipe", None), Path(args.out) / "recipes" / f"{slugify(name)}.yaml")
+        changes = opts.pop("recipe", None) or {}
+        if opts["method"] == "ssl":  # the regularisation length the table was measured with (recipe default: 500)
+            changes = {**changes, "structured": {**changes.get("structured", {}), "ssl_steps": args.ssl_steps}}
+        rec = recipe_with(recipe, changes, Path(args.out) / "recipes" / f"{slugify(name)}.yaml")
         if opts["method"] == "l1":
             opts["round_to"] = args.l1_round_to
         slug = name.split(" ")[0] + ("-full" if "full" in name else "") + ("-ssa" if "SSA" in name else "") \

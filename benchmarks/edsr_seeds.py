@@ -32,10 +32,12 @@ from sls_deploy.stages.build import build_bundle  # noqa: E402
 BASELINE = "l1 uniform"
 CONFIGS = {  # name: (budget, build options; "recipe": values merged into the recipe)
     BASELINE: (0.398, {"method": "l1", "keep_full": (), "round_to": 4}),
-    "ssl aligned, Fisher widths, 100 reg steps": (0.4, {"method": "ssl", "keep_full": (), "selection": "fisher"}),
+    "ssl aligned, Fisher widths, 100 reg steps": (0.4, {"method": "ssl", "keep_full": (), "selection": "fisher",
+                                                        "recipe": {"structured": {"ssl_steps": 100}}}),
     "ssl aligned, Fisher widths, 500 reg steps": (0.4, {"method": "ssl", "keep_full": (), "selection": "fisher",
                                                         "recipe": {"structured": {"ssl_steps": 500}}}),
-    "ssl, stream kept full, 100 reg steps": (0.4, {"method": "ssl", "keep_full": ("stream",)}),
+    "ssl, stream kept full, 100 reg steps": (0.4, {"method": "ssl", "keep_full": ("stream",),
+                                                   "recipe": {"structured": {"ssl_steps": 100}}}),
     "ssl, stream kept full, 500 reg steps": (0.4, {"method": "ssl", "keep_full": ("stream",),
                                                    "recipe": {"structured": {"ssl_steps": 500}}}),
 }
