@@ -4,6 +4,7 @@ documented exit code, and nothing outside the run's own folder is created, chang
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,18 +230,20 @@ def test_a_bundle_built_with_a_relative_out_resumes_after_a_move(tmp_path, capsy
     import shutil
 
     work = tmp_path / "a"
-    work.mkdir()
+    (work / "w").mkdir(parents=True)
+    tiny_weights = Path(shutil.move(tiny_weights, work / "w" / tiny_weights.name))  # given relative, below
     monkeypatch.chdir(work)
-    args = ["--recipe", tiny_recipe, "--weights", tiny_weights, "--budget", "0.6", "--method", "l1",
-            "--steps", "2", "--precision", "fp32", "--no-progress"]
-    code, _, err = run_cli(capsys, "build", *args, "--out", "b")
+    args = ["--recipe", tiny_recipe, "--budget", "0.6", "--method", "l1", "--steps", "2", "--precision", "fp32",
+            "--no-progress"]
+    code, _, err = run_cli(capsys, "build", *args, "--weights", f"w/{tiny_weights.name}", "--out", "b")
     assert code == 0, err
     manifest = json.loads((work / "b" / "manifest.json").read_text())
     assert manifest["stages"]["search"]["init_weights"] == "b/search.safetensors"  # as it was given, relative
+    assert manifest["stages"]["search"]["base_weights"] == str(tiny_weights.resolve())  # outside: absolute
     shutil.copytree(work / "b", tmp_path / "moved")  # a move to another disk (in-process: a new lock file)
     shutil.rmtree(work / "b")
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(capsys, "build", *args, "--out", tmp_path / "moved")
+    code, out, err = run_cli(capsys, "build", *args, "--weights", tiny_weights, "--out", tmp_path / "moved")
     assert code == 0, err
     after = json.loads((tmp_path / "moved" / "manifest.json").read_text())["stages"]
     assert {k: v["inputs"] for k, v in after.items()} == {k: v["inputs"] for k, v in manifest["stages"].items()}

@@ -70,7 +70,11 @@ def layer_precision(name: str, islands, precisions) -> str:
 
 
 def _record(base: Path, init: Path) -> dict[str, Any]:
-    return {"base_weights": str(Path(base).resolve()), "base_weights_sha256": atomic.sha256_file(base), "init_weights": str(init)}
+    """The search's record of its weights: the base by absolute path (it lives outside the bundle), the weights
+    finetuning starts from (a bundle file is looked up in the bundle wherever it moves: ``Bundle.recorded_file``)."""
+    base = Path(base).resolve()
+    init = base if Path(init).resolve() == base else init
+    return {"base_weights": str(base), "base_weights_sha256": atomic.sha256_file(base), "init_weights": str(init)}
 
 
 # -- N:M ---------------------------------------------------------------------------------------------------
