@@ -60,7 +60,10 @@ def _pillow_mode(path: Path) -> str | None:
         return None
 
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
+def read_pixels(path: str | os.PathLike) -> np.ndarray:
+    """The file's pixels as H x W x 3 RGB in the file's own type (uint8, uint16 or float): grayscale replicated,
+    alpha dropped, other colour models converted by Pillow. ``pixels_to_float`` makes ``read_rgb``'s floats of
+    it, or of any crop of it (element by element, so a crop converted equals the crop of the converted image)."""
     import imageio.v3 as iio
 
     path = Path(path)
@@ -87,13 +90,22 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         img = np.repeat(img[:, :, :1], 3, axis=2)
     if img.ndim != 3 or img.shape[2] != 3:
         raise DataError(f"image {path} has shape {img.shape}; expected H x W (gray), H x W x 3 or H x W x 4")
+    if img.dtype not in (np.uint8, np.uint16) and not np.issubdtype(img.dtype, np.floating):
+        raise DataError(f"image {path} has unsupported pixel type {img.dtype}")
+    return img
+
+
+def pixels_to_float(img: np.ndarray) -> np.ndarray:
+    """``read_pixels``'s array (or a crop of it) -> float32 in [0, 1]."""
     if img.dtype == np.uint8:
         return img.astype(np.float32) / 255.0
     if img.dtype == np.uint16:
         return img.astype(np.float32) / 65535.0
-    if np.issubdtype(img.dtype, np.floating):
-        return np.clip(img.astype(np.float32), 0.0, 1.0)
-    raise DataError(f"image {path} has unsupported pixel type {img.dtype}")
+    return np.clip(img.astype(np.float32), 0.0, 1.0)
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    return pixels_to_float(read_pixels(path))
 
 
 def conversion_note(path: str | os.PathLike) -> str | None:
