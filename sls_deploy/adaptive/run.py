@@ -89,14 +89,14 @@ def candidates_of(family: Family, recipe) -> tuple[list[Candidate], float]:
     return cands, per_px
 
 
-def train_coverage(files, scale: int, size: int, stride: int, degradation) -> float:
+def train_coverage(files, scale: int, size: int, stride: int) -> float:
     """Pixel-weighted coverage of the patch grid over the train images at least one patch large: the overlap
-    factor the operating point allows for (eval images are never looked at)."""
-    from sls_deploy.data.images import load_pair
+    factor the operating point allows for (eval images are never looked at). Sizes from the headers."""
+    from sls_deploy.data.catalog import scan_images
 
     run = pixels = 0.0
-    for f in files:
-        h, w = load_pair(f, scale, degradation)[1].shape[-2:]
+    for im in scan_images(files):
+        h, w = im.height // scale, im.width // scale
         if min(h, w) >= size:
             run += coverage(grid(h, w, size, stride), size, h, w) * h * w
             pixels += h * w
@@ -109,6 +109,7 @@ def route(root: str | Path, routers: Sequence[str] = ROUTERS, target: float | No
           stride: int = 44, train_patches: int = 1500, steps: int = 800, seed: int = 0,
           eval_data: str | None = None, log: Log = print) -> dict:
     from sls_deploy.config.recipe import load_recipe
+    from sls_deploy.data.catalog import training_images
     from sls_deploy.data.sources import resolve_images
     from sls_deploy.report.adaptive import plot_map, plot_points, table
 
@@ -130,16 +131,16 @@ def route(root: str | Path, routers: Sequence[str] = ROUTERS, target: float | No
         raise UsageError(f"--target-cost {target:g} must lie between the cheapest candidate's cost "
                          f"({costs[0]:.4f}) and the dense model's (1)")
     deg = recipe.adapter.degradation(recipe.model)
-    train_files = resolve_images(recipe.data_train)
+    train_files = training_images(recipe.data_train)
     eval_files = resolve_images(eval_data or recipe.data_eval)
     if not eval_files:
         raise DataError("no eval images")
     log("candidates: " + ", ".join(f"{c.name} ({c.cost:.3f})" for c in cands))
-    lr, hr = random_crops(train_files, recipe.scale, size, train_patches, seed, deg)
+    lr, hr = random_crops(train_files, recipe.scale, size, train_patches, seed, deg, workers=recipe.data_workers)
     log(f"router training patches: {lr.shape[0]} crops of {size}x{size} LR from {len(train_files)} train images")
     ps = patch_set(cands, lr, hr, progress=lambda n: log(f"  errors of {n} on the train patches"))
     fit, calib = ps.split(0.8, seed)
-    cov = train_coverage(train_files, recipe.scale, size, stride, deg)
+    cov = train_coverage(train_files, recipe.scale, size, stride)
     per_patch = target / cov  # the candidates' mean cost per patch that makes the whole-image average ``target``
     log(f"patch grid coverage on the train images: {cov:.3f}; routers aim at {per_patch:.4f} per patch")
     fitted = []

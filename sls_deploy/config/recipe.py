@@ -146,14 +146,19 @@ class Recipe:
     adapter: ModelAdapter = field(compare=False, repr=False)
     structured: StructuredSection = field(default_factory=StructuredSection)
     modality: str = "image"  # how data meets the model: image | clip | step (recipe key or the adapter's default)
+    data_workers: int | str = "auto"  # data.workers: training's data loader processes ("auto" or a count)
 
     @property
     def scale(self) -> int:
         return self.model.scale
 
     def digest(self) -> str:
-        """A stable hash of the recipe's content (not of its file path)."""
-        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """A stable hash of the recipe's content (not of its file path); data.workers is left out: how many
+        processes read the data changes no result, so a run resumes with another count."""
+        raw = dict(self.raw)
+        if isinstance(raw.get("data"), Mapping) and "workers" in raw["data"]:
+            raw["data"] = {k: v for k, v in raw["data"].items() if k != "workers"}
+        return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def reference_input_hw(self) -> tuple[int, int]:
         w, h = self.reference_output
@@ -376,7 +381,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError(f"recipe name {name!r} must be letters, digits, '.', '_' or '-' (it names files under runs/)")
     adapter = get_adapter(str(raw["model"]["arch"]))
     model_cfg = adapter.parse_config(raw["model"])
-    data = _section(raw, "data", {"train", "eval", "metric_channel"})
+    data = _section(raw, "data", {"train", "eval", "metric_channel", "workers"})
     sparsity = _section(raw, "sparsity", {"method", "m", "target"})
     srste = _section(raw, "srste", {"decay"})
     export = _section(raw, "export", {"opset", "exporter"})
@@ -414,6 +419,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     channel = str(data.get("metric_channel", "y")).lower()
     if channel not in ("y", "rgb"):
         raise RecipeError(f"data.metric_channel must be 'y' or 'rgb', not '{channel}'")
+    workers = data.get("workers", "auto")
+    if workers != "auto":
+        workers = as_int(workers, "data.workers", 0, 256)
     return Recipe(
         name=str(raw.get("name", path.stem)), path=str(path), raw=raw, model=model_cfg,
         base_weights=raw.get("base_weights"), reference_output=(ref[0], ref[1]),
@@ -422,7 +430,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, sparsity_target=target, opset=opset,
         exporter=exporter,
         validate=validate, precision=precision, engine=engine, sls=sls_settings, sls_max_search_steps=max_search,
-        srste_decay=decay, adapter=adapter, structured=_structured(raw), modality=modality)
+        srste_decay=decay, adapter=adapter, structured=_structured(raw), modality=modality, data_workers=workers)
 
 
 MODALITIES = ("image", "clip", "step")

@@ -163,9 +163,16 @@ def load_pair(path: str | os.PathLike, scale: int,
     """HR image (mod-cropped) and its input, both 1x3xHxW tensors: ``degradation`` of the HR (default: bicubic
     downscaling by ``scale``); a random degradation uses the image's evaluation seed (from its file name), so
     the pair is the same every time."""
+    return pair_from_pixels(read_pixels(path), Path(path).name, scale, degradation)
+
+
+def pair_from_pixels(img: np.ndarray, name: str, scale: int,
+                     degradation: Degradation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``load_pair`` of an image already read (``read_pixels``'s array, or a memmap cache entry's) named
+    ``name`` (the file name, which seeds a random degradation)."""
     deg = default_degradation(scale, degradation)
-    hr = to_tensor(mod_crop(read_rgb(path), scale))
+    hr = to_tensor(pixels_to_float(mod_crop(img, scale)))
     if hr.shape[-1] < scale or hr.shape[-2] < scale:
-        raise DataError(f"image {path} is smaller than the scale factor {scale}")
-    return hr, deg.degrade_tensor(hr, deg.eval_seed(Path(path).name))
+        raise DataError(f"image {name} is smaller than the scale factor {scale}")
+    return hr, deg.degrade_tensor(hr, deg.eval_seed(name))
 

@@ -58,9 +58,9 @@ class PatchSampler:
         self.weights = torch.tensor([float(h * w) for h, w in self.lr_hw])
         decoded = sum(im.decoded_bytes for im in self.images if not im.cached)
         self.workers = resolve_workers(workers, decoded)
-        self._builder = PatchBuilder(self.images, scale, lr_patch, self.degradation, self.margin,
+        self.builder = PatchBuilder(self.images, scale, lr_patch, self.degradation, self.margin,
                                      DecodedCache(cache_bytes))
-        self._stream = BatchStream(self._draw, self._builder, seed, self.workers)
+        self._stream = BatchStream(self._draw, self.builder, seed, self.workers)
 
     def _draw(self, g: torch.Generator) -> list[tuple[int, int, int, int, int | None]]:
         """One batch's (image, LR y, LR x, dihedral k, kernel seed or None), drawn in the old samplers' order."""

@@ -188,3 +188,29 @@ class BatchStream:
 
 def _identity(x):
     return x
+
+
+class _Mapped(Dataset):
+    def __init__(self, fn: Callable[[Any], Any]):
+        self.fn = fn
+
+    def __getitem__(self, item):
+        try:
+            return {"value": self.fn(item)}
+        except DataError as e:
+            return {"error": str(e)}
+
+    def __len__(self) -> int:
+        raise TypeError("items come from the sampler")
+
+
+def ordered_map(fn: Callable[[Any], Any], items: list, workers: int = 0) -> Iterator[Any]:
+    """``fn(item)`` for every item, in order, computed by ``workers`` loader processes (0: here); a DataError
+    raised by ``fn`` in a worker is raised here with its one-line message."""
+    loader = DataLoader(_Mapped(fn), batch_size=None, sampler=items, num_workers=workers, collate_fn=_identity,
+                        worker_init_fn=_worker_start if workers else None, prefetch_factor=2 if workers else None,
+                        generator=torch.Generator().manual_seed(0))
+    for out in loader:
+        if "error" in out:
+            raise DataError(out["error"])
+        yield out["value"]

@@ -398,9 +398,9 @@ class ClipSampler:
             self.shapes.append((hd.frames, h, w))
         self.weights = torch.tensor([float(n * h * w) for n, h, w in self.shapes])
         self.workers = resolve_workers(workers, sum(h.frames * h.height * h.width * 3 for h in headers))
-        self._builder = ClipBuilder(self.sources, headers, self.shapes, scale, lr_patch, clip_len, max_side,
+        self.builder = ClipBuilder(self.sources, headers, self.shapes, scale, lr_patch, clip_len, max_side,
                                     DecodedCache(cache_bytes))
-        self._stream = BatchStream(self._draw, self._builder, seed, self.workers)
+        self._stream = BatchStream(self._draw, self.builder, seed, self.workers)
 
     def _draw(self, g: torch.Generator) -> list[tuple[int, int, int, int, int]]:
         """One batch's (clip, start frame, LR y, LR x, augmentation k), drawn in the old sampler's order."""

@@ -148,6 +148,9 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
         if state.get("torch_rng") is not None:
             torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
+    params = next(model.parameters(), None)
+    if params is not None and hasattr(sampler, "use_device"):
+        sampler.use_device(params.device)  # pinned batches when the model is on CUDA
     net = model
     if dist.active():  # torchrun: average the weight gradients across ranks
         net = nn.parallel.DistributedDataParallel(model)
@@ -195,6 +198,8 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
     finally:
         stop.restore()
         bar.close()
+        if hasattr(sampler, "close"):
+            sampler.close()  # its loader's workers; the sampler keeps its state and restarts if used again
         if controller is not None:
             controller.detach(model)
     model.eval()
