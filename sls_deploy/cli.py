@@ -597,6 +597,52 @@ def route(family_dir, routers, target_cost, patch, stride, train_patches, steps,
         click.echo((Path(family_dir) / "adaptive.md").read_text())
 
 
+class _Workers(click.ParamType):
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if str(value) == "auto":
+            return "auto"
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            n = -1
+        if not 0 <= n <= 256:
+            self.fail(f"expected 'auto' or a count 0..256, not {str(value)[:20]!r}", param, ctx)
+        return n
+
+
+@cli.command("prepare-data")
+@click.argument("source")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--crop", type=click.IntRange(min=0), default=480, show_default=True,
+              help="Sub-image size (pixels of the images given); 0 keeps whole images.")
+@click.option("--step", type=click.IntRange(min=1), default=240, show_default=True,
+              help="Distance between sub-images (less than --crop: they overlap).")
+@click.option("--thresh", type=click.IntRange(min=0), default=0, show_default=True,
+              help="A last sub-image flush with the bottom/right edge is added where more than this many pixels "
+                   "would be left out (BasicSR's thresh_size).")
+@click.option("--format", "fmt", type=click.Choice(["png", "memmap"]), default="png", show_default=True,
+              help="png: a folder of 8-bit PNG sub-images; memmap: one uint8 file training memory-maps (nothing "
+                   "decoded while training; the fastest on a slow disk).")
+@click.option("--compress-level", type=click.IntRange(0, 9), default=3, show_default=True,
+              help="PNG zlib level (0 decodes fastest, 9 is smallest).")
+@click.option("--workers", type=_Workers(), default="auto", show_default=True,
+              help="Processes that decode and cut (auto: one per spare core for large sets).")
+@_progress_option
+def prepare_data(source, out, crop, step, thresh, fmt, compress_level, workers, no_progress):
+    """Cut the training images of SOURCE (a folder of images, or skimage:train) into BasicSR-style sub-images
+    (480x480 every 240 pixels by default, as BasicSR prepares DIV2K) and write them into the new folder OUT,
+    as PNGs or as a uint8 memory-mapped cache. Give OUT to --data (or the recipe's data.train) to train on
+    them. OUT appears only when complete; a folder prepare-data did not write is never replaced."""
+    from sls_deploy.data.prepare import prepare_data as run
+
+    res = run(source, Path(out), crop=crop, step=step, thresh=thresh, fmt=fmt, compress_level=compress_level,
+              workers=workers, progress=not no_progress, log=_log)
+    click.echo(f"wrote {res['out']}: {res['sub_images']} {'sub-images' if crop else 'images'} of {res['images']} "
+               f"source images ({res['format']}, {res['gigabytes']:.2f} GB, {res['seconds']:.0f}s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: click in non-standalone mode so every error is a single line.
 
