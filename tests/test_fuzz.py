@@ -176,3 +176,103 @@ def test_too_small_eval_image_and_bad_base_weights_are_one_line(tmp_path, capsys
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(SlsError, match="base_weights must be a file name or path, not \\[1\\]"):
         load_recipe(tmp_path / "r.yaml")
+
+
+# --- issue 24: data at scale ---
+
+
+def _image_bytes(draw_bytes: bytes, keep: int) -> bytes:
+    """A real PNG's first ``keep`` bytes followed by fuzz: a header that may read, pixels that may not."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()[:keep] + draw_bytes
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tail=st.binary(max_size=64), keep=st.integers(0, 400), workers=st.sampled_from([0, 1]))
+def test_any_broken_training_image_is_one_data_error_naming_it(tmp_path_factory, tail, keep, workers):
+    from sls_deploy.data.patches import PatchSampler
+
+    folder = tmp_path_factory.mktemp("fuzzimg")
+    bad = folder / "fuzzed.png"
+    bad.write_bytes(_image_bytes(tail, keep))
+    try:
+        lr, hr = PatchSampler([bad], 2, 4, 2, seed=0, workers=workers).batch()
+    except SlsError as e:
+        assert "\n" not in str(e) and "fuzzed.png" in str(e), str(e)
+        return
+    assert lr.shape == (2, 3, 4, 4) and hr.shape == (2, 3, 8, 8)  # enough of the PNG survived to read
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=WEIRD)
+def test_any_data_workers_value_loads_or_is_one_typed_error(tmp_path_factory, value):
+    raw = _set(EDSR, ("data", "workers"), value)
+    path = tmp_path_factory.mktemp("rw") / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    try:
+        r = load_recipe(path)
+    except SlsError as e:
+        assert "\n" not in str(e) and "data.workers" in str(e)
+        return
+    assert r.data_workers == "auto" or 0 <= r.data_workers <= 256
+    assert r.digest() == load_recipe(recipe_for_model("edsr")).digest()  # workers are not part of a run's key
+
+
+def test_prepare_data_and_training_refuse_bad_data_in_one_line(tmp_path, capsys, tiny_images):
+    import numpy as np
+    from PIL import Image
+
+    from conftest import write_tiny_recipe
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(src / "ok.png")
+    (tmp_path / "afile").write_text("x")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.fromarray(np.zeros((20, 90, 3), np.uint8)).save(small / "thin.png")
+    headerless = tmp_path / "headerless"
+    headerless.mkdir()
+    (headerless / "noise.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(40)))
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(truncated / "cut.png")
+    raw = (truncated / "cut.png").read_bytes()
+    (truncated / "cut.png").write_bytes(raw[: len(raw) // 2])
+    recipe = write_tiny_recipe(tmp_path, tiny_images)
+    cache = tmp_path / "cache"
+    assert run_cli(capsys, "prepare-data", src, cache, "--crop", "0", "--format", "memmap", "--no-progress")[0] == 0
+    (cache / "images.u8").write_bytes(b"\x00" * 10)  # the cache's data cut short
+    w = tmp_path / "w.safetensors"
+    cases = [
+        (["prepare-data", src, tmp_path / "o1", "--crop", "-1"], 2, "--crop"),
+        (["prepare-data", src, tmp_path / "o2", "--step", "0"], 2, "--step"),
+        (["prepare-data", src, tmp_path / "o3", "--workers", "many"], 2, "--workers"),
+        (["prepare-data", src, tmp_path / "o4", "--format", "lmdb"], 2, "--format"),
+        (["prepare-data", tmp_path / "nothere", tmp_path / "o5"], 1, "image folder not found"),
+        (["prepare-data", src, tmp_path / "afile"], 2, "is a file"),
+        (["prepare-data", src, tmp_path / "afile" / "sub"], 1, "is a file"),
+        (["prepare-data", src, foreign], 1, "was not written by prepare-data"),
+        (["prepare-data", src, src], 2, "must not contain one another"),
+        (["prepare-data", headerless, tmp_path / "o6"], 1, "noise.png"),
+        (["prepare-data", truncated, tmp_path / "o7"], 1, "cut.png"),
+        (["train", "--recipe", recipe, "--data", small, "--out", w], 1, "thin.png"),
+        (["train", "--recipe", recipe, "--data", headerless, "--out", w], 1, "noise.png"),
+        (["train", "--recipe", recipe, "--data", truncated, "--out", w], 1, "cut.png"),
+        (["train", "--recipe", recipe, "--data", cache, "--out", w], 1, "memmap cache"),
+    ]
+    for args, want, text in cases:
+        before = _tree(tmp_path)
+        code, _, err = run_cli(capsys, *args, "--no-progress")
+        lines = [l for l in err.splitlines() if l.startswith("error: ")]
+        assert code == want and len(lines) == 1 and text in lines[0] and "Traceback" not in err, (args, err)
+        assert _tree(tmp_path) == before, (args, "changed files")

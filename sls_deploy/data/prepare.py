@@ -92,6 +92,10 @@ class _Cut:
 
 
 def _check_out(out: Path, source: Path | None) -> None:
+    if source is not None:
+        o, s = out.resolve(), source.resolve()
+        if o == s or o in s.parents or s in o.parents:
+            raise UsageError(f"the output folder {out} and the source {source} must not contain one another")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file; give a folder for prepare-data's output")
     parent = next(p for p in out.absolute().parents if p.exists())
@@ -99,10 +103,6 @@ def _check_out(out: Path, source: Path | None) -> None:
         raise DataError(f"cannot write {out}: {parent} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and read_marker(out) is None:
         raise DataError(f"{out} exists and was not written by prepare-data; choose another folder")
-    if source is not None:
-        o, s = out.resolve(), source.resolve()
-        if o == s or o in s.parents or s in o.parents:
-            raise UsageError(f"the output folder {out} and the source {source} must not contain one another")
 
 
 def _free_space(out: Path, need: int) -> None:
