@@ -58,23 +58,14 @@ class PatchSampler:
         self.weights = torch.tensor([float(h * w) for h, w in self.lr_hw])
         decoded = sum(im.decoded_bytes for im in self.images if not im.cached)
         self.workers = resolve_workers(workers, decoded)
+        # a set whose pixels and whole-image inputs fit each process's cache keeps both (the shipped photos):
+        # patches are then plain crops, as fast as the former in-memory sampler's, and the same values
+        lr_bytes = sum(im.decoded_bytes for im in self.images) * 4 // scale ** 2
+        whole = not self.per_patch and decoded + lr_bytes <= cache_bytes // max(1, self.workers)
         self.builder = PatchBuilder(self.images, scale, lr_patch, self.degradation, self.margin,
-                                     DecodedCache(cache_bytes))
-        self._stream = BatchStream(self._draw, self.builder, seed, self.workers)
-
-    def _draw(self, g: torch.Generator) -> list[tuple[int, int, int, int, int | None]]:
-        """One batch's (image, LR y, LR x, dihedral k, kernel seed or None), drawn in the old samplers' order."""
-        p = self.lr_patch
-        idx = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g)
-        spec = []
-        for i in idx.tolist():
-            h, w = self.lr_hw[i]
-            y = int(torch.randint(0, h - p + 1, (1,), generator=g))
-            x = int(torch.randint(0, w - p + 1, (1,), generator=g))
-            k = int(torch.randint(0, 8, (1,), generator=g))
-            seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g)) if self.per_patch else None
-            spec.append((i, y, x, k, seed))
-        return spec
+                                     DecodedCache(cache_bytes), whole_inputs=whole)
+        draw = PatchDraw(self.weights, self.lr_hw, lr_patch, batch_size, self.per_patch)
+        self._stream = BatchStream(draw, self.builder, seed, self.workers)
 
     def state(self) -> torch.Tensor:
         return self._stream.state()
@@ -93,13 +84,38 @@ class PatchSampler:
         self._stream.close()
 
 
+class PatchDraw:
+    """Draws one batch's description (in the training process; it holds no reference to the sampler, so a
+    sampler dropped is freed, and its workers stopped, at once)."""
+
+    def __init__(self, weights: torch.Tensor, lr_hw: Sequence[tuple[int, int]], lr_patch: int, batch_size: int,
+                 per_patch: bool):
+        self.weights, self.lr_hw, self.lr_patch, self.batch_size, self.per_patch = \
+            weights, list(lr_hw), lr_patch, batch_size, per_patch
+
+    def __call__(self, g: torch.Generator) -> list[tuple[int, int, int, int, int | None]]:
+        """(image, LR y, LR x, dihedral k, kernel seed or None) per patch, in the former sampler's order."""
+        p = self.lr_patch
+        idx = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g)
+        spec = []
+        for i in idx.tolist():
+            h, w = self.lr_hw[i]
+            y = int(torch.randint(0, h - p + 1, (1,), generator=g))
+            x = int(torch.randint(0, w - p + 1, (1,), generator=g))
+            k = int(torch.randint(0, 8, (1,), generator=g))
+            seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g)) if self.per_patch else None
+            spec.append((i, y, x, k, seed))
+        return spec
+
+
 class PatchBuilder:
     """Makes one batch from its description (runs in a worker process): decode, crop, degrade, augment."""
 
     def __init__(self, images: Sequence[TrainImage], scale: int, lr_patch: int, degradation: Degradation,
-                 margin: int, cache: DecodedCache):
+                 margin: int, cache: DecodedCache, whole_inputs: bool = False):
         self.images, self.scale, self.lr_patch = list(images), scale, lr_patch
         self.degradation, self.margin, self.cache = degradation, margin, cache
+        self.whole_inputs = whole_inputs  # a deterministic degradation applied to whole images, kept in the cache
         # LR pixels around a deterministic degradation's crop: one more than its kernel reaches
         self.lr_margin = -(-degradation.context() // scale) + 1
 
@@ -140,11 +156,17 @@ class PatchBuilder:
             lr = self.degradation.degrade_tensor(region, seed)
             ml = m // s
             return lr[:, :, ml:ml + p, ml:ml + p], region[:, :, m:m + p * s, m:m + p * s]
+        name = self.images[i].name
+        if self.whole_inputs:
+            lr = self.cache.get(("input", i), lambda: self.degradation.degrade_tensor(
+                to_tensor(pixels_to_float(px[:h * s, :w * s])), self.degradation.eval_seed(name)))
+            hr = to_tensor(pixels_to_float(px[y * s:(y + p) * s, x * s:(x + p) * s]))
+            return lr[:, :, y:y + p, x:x + p], hr
         ml = self.lr_margin
         y0, x0 = max(0, y - ml), max(0, x - ml)
         y1, x1 = min(h, y + p + ml), min(w, x + p + ml)
         region = to_tensor(pixels_to_float(px[y0 * s:y1 * s, x0 * s:x1 * s]))
-        lr = self.degradation.degrade_tensor(region, self.degradation.eval_seed(self.images[i].name))
+        lr = self.degradation.degrade_tensor(region, self.degradation.eval_seed(name))
         lr = lr[:, :, y - y0:y - y0 + p, x - x0:x - x0 + p]
         return lr, region[:, :, (y - y0) * s:(y - y0 + p) * s, (x - x0) * s:(x - x0 + p) * s]
 

@@ -400,21 +400,8 @@ class ClipSampler:
         self.workers = resolve_workers(workers, sum(h.frames * h.height * h.width * 3 for h in headers))
         self.builder = ClipBuilder(self.sources, headers, self.shapes, scale, lr_patch, clip_len, max_side,
                                     DecodedCache(cache_bytes))
-        self._stream = BatchStream(self._draw, self.builder, seed, self.workers)
-
-    def _draw(self, g: torch.Generator) -> list[tuple[int, int, int, int, int]]:
-        """One batch's (clip, start frame, LR y, LR x, augmentation k), drawn in the old sampler's order."""
-        p = self.lr_patch
-        idx = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g)
-        spec = []
-        for i in idx.tolist():
-            n, h, w = self.shapes[i]
-            t0 = int(torch.randint(0, n - self.clip_len + 1, (1,), generator=g))
-            y = int(torch.randint(0, h // self.scale - p + 1, (1,), generator=g))
-            x = int(torch.randint(0, w // self.scale - p + 1, (1,), generator=g))
-            k = int(torch.randint(0, 16, (1,), generator=g))
-            spec.append((i, t0, y, x, k))
-        return spec
+        draw = ClipDraw(self.weights, self.shapes, scale, lr_patch, clip_len, batch_size)
+        self._stream = BatchStream(draw, self.builder, seed, self.workers)
 
     def state(self) -> torch.Tensor:
         return self._stream.state()
@@ -432,6 +419,29 @@ class ClipSampler:
 
     def close(self) -> None:
         self._stream.close()
+
+
+class ClipDraw:
+    """Draws one batch's description in the training process (no reference to the sampler)."""
+
+    def __init__(self, weights: torch.Tensor, shapes: Sequence[tuple[int, int, int]], scale: int, lr_patch: int,
+                 clip_len: int, batch_size: int):
+        self.weights, self.shapes, self.scale = weights, list(shapes), scale
+        self.lr_patch, self.clip_len, self.batch_size = lr_patch, clip_len, batch_size
+
+    def __call__(self, g: torch.Generator) -> list[tuple[int, int, int, int, int]]:
+        """(clip, start frame, LR y, LR x, augmentation k) per sample, in the former sampler's order."""
+        p = self.lr_patch
+        idx = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g)
+        spec = []
+        for i in idx.tolist():
+            n, h, w = self.shapes[i]
+            t0 = int(torch.randint(0, n - self.clip_len + 1, (1,), generator=g))
+            y = int(torch.randint(0, h // self.scale - p + 1, (1,), generator=g))
+            x = int(torch.randint(0, w // self.scale - p + 1, (1,), generator=g))
+            k = int(torch.randint(0, 16, (1,), generator=g))
+            spec.append((i, t0, y, x, k))
+        return spec
 
 
 class ClipBuilder:
