@@ -177,8 +177,17 @@ CHILD = r'''
 import json, os, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import sls_deploy.training.base as base
-real = base.train
+import sls_deploy.data.patches as patches
+real, real_batch, marks = base.train, patches.PatchSampler.batch, {}
+def batch(self):
+    out = real_batch(self)
+    if "batch1" not in marks:
+        marks["batch1"] = time.time()
+        print(json.dumps(marks), flush=True)
+    return out
+patches.PatchSampler.batch = batch
 def timed(*a, **kw):
+    print(json.dumps({"train_entered": time.time()}), flush=True)
     def on_step(done, loss):
         print(json.dumps({"step": done, "t": time.time()}), flush=True)
     kw["on_step"] = on_step
@@ -208,7 +217,7 @@ def run_train(code_root: Path, data: Path, steps: int, warmup: int, workers, wor
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=work)
     mem = TreeMemory(p.pid)
     mem.start()
-    times, final = [], {}
+    times, final, marks = [], {}, {}
     for line in p.stdout:
         try:
             rec = json.loads(line)
@@ -216,6 +225,8 @@ def run_train(code_root: Path, data: Path, steps: int, warmup: int, workers, wor
             continue
         if "step" in rec:
             times.append(rec["t"])
+        elif "train_entered" in rec or "batch1" in rec:
+            marks.update(rec)
         else:
             final = rec
     err = p.stderr.read()
@@ -228,6 +239,9 @@ def run_train(code_root: Path, data: Path, steps: int, warmup: int, workers, wor
     rate = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else float("nan")
     row = {"label": label, "images": len(list(data.iterdir())) if data.is_dir() else None,
            "workers": workers if workers is not None else "(old: none)", "first_step_s": round(times[0] - t0, 1),
+           "setup_s": round(marks.get("train_entered", float("nan")) - t0, 1),
+           "first_batch_s": round(marks.get("batch1", float("nan")) - marks.get("train_entered", float("nan")), 1),
+           "step1_compute_s": round(times[0] - marks.get("batch1", float("nan")), 1),
            "steps_per_s": round(rate, 3), "steps": len(times),
            "peak_rss_training_mb": round(final.get("maxrss_mb", float("nan"))),
            "peak_rss_worker_mb": round(final.get("children_maxrss_mb", 0)),
@@ -405,11 +419,13 @@ def markdown(res: dict) -> str:
              f"{res['machine']}. `sls-deploy train --model edsr` settings: batch {res['batch']}, LR patch "
              f"{res['lr_patch']} (the recipe's train section), {res['steps']} steps per row; steps/s after "
              f"{res['warmup']} warm-up steps.", "",
-             "| pipeline | images | workers | first step (s) | steps/s | training process peak RSS (MB) | "
-             "worker peak RSS (MB) | tree peak PSS (MB) | tree summed RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| pipeline | images | workers | first step (s) | of it: start, batch 1, step 1 (s) | steps/s | "
+             "training process peak RSS (MB) | worker peak RSS (MB) | tree peak PSS (MB) | tree summed RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["cpu_rows"]:
-        lines.append(f"| {r['label']} | {r['images']} | {r['workers']} | {r['first_step_s']} | {r['steps_per_s']} | "
+        split = f"{r.get('setup_s', '-')}, {r.get('first_batch_s', '-')}, {r.get('step1_compute_s', '-')}"
+        lines.append(f"| {r['label']} | {r['images']} | {r['workers']} | {r['first_step_s']} | {split} | "
+                     f"{r['steps_per_s']} | "
                      f"{r['peak_rss_training_mb']} | {r['peak_rss_worker_mb']} | {r['peak_pss_tree_mb']} | "
                      f"{r['peak_rss_tree_sum_mb']} |")
     ex = res.get("old_extrapolation")
@@ -429,6 +445,10 @@ def markdown(res: dict) -> str:
         for r in g["rows"]:
             lines.append(f"| {r['loop']} | {r['amp']} | {r['steps_per_s'] if r['steps_per_s'] is not None else r.get('note')} | "
                          f"{r['images_per_s'] if r['images_per_s'] is not None else ''} |")
+    lines += ["", "First step = start (Python, torch, recipe, model, the data set scanned: the old pipeline decodes "
+                  "everything here) + batch 1 (until the first batch is in hand) + step 1 (its forward/backward). "
+                  "steps/s is the training loop's rate once running: compute-bound unless the workers cannot keep "
+                  "up (full-size PNG decoding on 2 cores)."]
     lines += ["", "Memory: the training process's peak RSS is exact (getrusage); worker peak RSS is the largest "
                   "worker's; tree PSS (shared pages counted once) and summed RSS (shared pages counted per process) "
                   "are sampled every 0.2 s. Timings on a shared 2-core machine: noisy, single runs.", ""]
@@ -444,7 +464,7 @@ def main() -> int:
     ap.add_argument("--old-images", default="25,50,100", help="Old pipeline on the first N images (comma list).")
     ap.add_argument("--workers", default="", help="Extra rows with these data.workers counts (comma list).")
     ap.add_argument("--memmap", action="store_true", help="Also a row on a prepare-data memmap cache of the set.")
-    ap.add_argument("--skip-old", action="store_true")
+    ap.add_argument("--skip-old", action="store_true", help="Keep the old rows of the last results file.")
     ap.add_argument("--gpu-only", action="store_true")
     ap.add_argument("--gpu-device", default=None, help="Device of the GPU rows (default: cuda when available; "
                     "'cpu' is a dry run of their code).")
@@ -454,6 +474,11 @@ def main() -> int:
 
     res: dict = {"images": args.images, "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
                  "batch": 16, "lr_patch": 16, "steps": args.steps, "warmup": args.warmup, "cpu_rows": []}
+    prev = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").is_file() else {}
+    if args.skip_old and not args.gpu_only and prev.get("images") == args.images:  # keep the last old rows
+        res["cpu_rows"] = [r for r in prev.get("cpu_rows", []) if r["label"].startswith("old")]
+        if prev.get("old_extrapolation"):
+            res["old_extrapolation"] = prev["old_extrapolation"]
     images = make_set(args.data_dir, args.images)
     work = Path(tempfile.mkdtemp(prefix="train-scale-"))
     try:
@@ -476,19 +501,22 @@ def main() -> int:
                 res["cpu_rows"].append(run_train(ROOT, data, args.steps, args.warmup, w, work, "new (PNG folder)"))
             if args.memmap:
                 cache = args.data_dir / f"memmap{args.images:04d}"
+                prepare_s = None
                 if not cache.is_dir():
+                    t = time.perf_counter()
                     subprocess.run([sys.executable, str(ROOT / "cli.py"), "prepare-data", str(data), str(cache),
                                     "--crop", "0", "--format", "memmap", "--no-progress"], check=True)
+                    prepare_s = time.perf_counter() - t
                 res["cpu_rows"].append(run_train(ROOT, cache, args.steps, args.warmup, "auto", work,
                                                  "new (prepare-data memmap cache)"))
                 res["cpu_rows"][-1]["images"] = args.images
+                res["cpu_rows"][-1]["prepare_data_s"] = round(prepare_s, 1) if prepare_s else "(reused)"
         res["gpu"] = gpu_rows(args.gpu_device, args.gpu_steps, 2, None)
     finally:
         if (work / "old").exists():
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "old")], check=False)
         shutil.rmtree(work, ignore_errors=True)
-    if args.gpu_only and args.out.with_suffix(".json").is_file():  # keep the CPU rows of the last full run
-        prev = json.loads(args.out.with_suffix(".json").read_text())
+    if args.gpu_only and prev:  # keep the CPU rows of the last full run
         prev["gpu"] = res["gpu"]
         res = prev
     args.out.parent.mkdir(parents=True, exist_ok=True)

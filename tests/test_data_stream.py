@@ -66,6 +66,16 @@ def test_workers_draw_the_same_batches_and_a_state_resumes_them(images):
     assert same(batches(parallel, 4), later)  # closing stops the workers, not the stream
 
 
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_patches_cut_with_a_margin_equal_crops_of_the_whole_degraded_image(images, scale):
+    """Large sets degrade each crop plus a margin (clipped at the border); small ones keep the whole image's
+    input, as the former in-memory sampler did: the two give the same values, bit for bit."""
+    whole = PatchSampler(images, scale, 5, 6, seed=scale)
+    margin = PatchSampler(images, scale, 5, 6, seed=scale, cache_bytes=0)
+    assert whole.builder.whole_inputs and not margin.builder.whole_inputs
+    assert same(batches(whole, 6), batches(margin, 6))
+
+
 def _tiny_model(seed: int = 0):
     from sls_deploy.models import get_adapter
 
