@@ -18,8 +18,9 @@ included). Steps/s: over the steps after the first ``--warmup``.
 
 - old: the code of commit 1ebba2a (every image decoded to float32 LR/HR tensors before step 1), run from a
   ``git worktree`` of it; it needs ~36 MB per image (~28 GB for 800, more than this machine has), so it runs
-  on the first ``--old-images`` images only and the per-image growth is fitted and extrapolated to 800
-  (stated as such).
+  on the first ``--old-images`` images only; its peak RSS per image is fitted and extrapolated to 800, and its
+  decoding before step 1 is extrapolated from the per-image cost of ``load_pair`` measured against the new
+  pipeline's header read, interleaved on 20 images, medians (both stated as extrapolations).
 - new: the lazy pipeline on the whole set: the PNG folder with ``data.workers`` auto (and ``--workers`` counts
   given), and a prepare-data memmap cache of the set (``--memmap``; written once into the data dir).
 
@@ -257,6 +258,26 @@ def old_worktree(work: Path) -> Path:
     return path
 
 
+def per_image_costs(images: Path, n: int = 20) -> dict:
+    """Seconds per image before step 1, interleaved on the same images, medians: the old pipeline's
+    ``load_pair`` (decode, float32, whole-image bicubic LR) against the new one's header read."""
+    sys.path.insert(0, str(ROOT))
+    from sls_deploy.data.catalog import header_size
+    from sls_deploy.data.images import load_pair
+
+    files = sorted(images.iterdir())[:n]
+    old, new = [], []
+    for f in files:
+        t = time.perf_counter()
+        load_pair(f, 4)
+        old.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        header_size(f)
+        new.append(time.perf_counter() - t)
+    return {"images": len(files), "old_load_pair_s": round(statistics.median(old), 3),
+            "new_header_s": round(statistics.median(new), 5)}
+
+
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares line: (slope, intercept)."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -418,7 +439,8 @@ def markdown(res: dict) -> str:
              f"Set: {res['images']} PNGs of {W}x{H} (DIV2K-sized, tiled from the shipped photos). Machine: "
              f"{res['machine']}. `sls-deploy train --model edsr` settings: batch {res['batch']}, LR patch "
              f"{res['lr_patch']} (the recipe's train section), {res['steps']} steps per row; steps/s after "
-             f"{res['warmup']} warm-up steps.", "",
+             f"{res['warmup']} warm-up steps. Load average when it started: {res.get('load_average_at_start')} "
+             "(the machine is shared).", "",
              "| pipeline | images | workers | first step (s) | of it: start, batch 1, step 1 (s) | steps/s | "
              "training process peak RSS (MB) | worker peak RSS (MB) | tree peak PSS (MB) | tree summed RSS (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -428,13 +450,16 @@ def markdown(res: dict) -> str:
                      f"{r['steps_per_s']} | "
                      f"{r['peak_rss_training_mb']} | {r['peak_rss_worker_mb']} | {r['peak_pss_tree_mb']} | "
                      f"{r['peak_rss_tree_sum_mb']} |")
-    ex = res.get("old_extrapolation")
+    ex, pi = res.get("old_extrapolation"), res.get("per_image")
     if ex:
-        lines += ["", f"Old pipeline, fitted over {ex['measured_on']} images (a line through the measured rows): "
-                      f"{ex['rss_mb_per_image']:.1f} MB and {ex['seconds_per_image']:.2f} s before step 1 per "
-                      f"image; **extrapolated** to {res['images']} images: peak RSS about "
-                      f"{ex['rss_gb_at_n']:.1f} GB and the first step after about {ex['first_step_min_at_n']:.1f} "
-                      f"min (not run: more memory than this machine has)."]
+        lines += ["", f"Old pipeline, peak RSS fitted over {ex['measured_on']} images (a line through the measured "
+                      f"rows): {ex['rss_mb_per_image']:.1f} MB per image; **extrapolated** to {res['images']} "
+                      f"images: about {ex['rss_gb_at_n']:.1f} GB (not run: more memory than this machine has)."]
+    if pi:
+        lines += ["", f"Before step 1, per image (medians over {pi['images']} images, old and new interleaved): "
+                      f"old {pi['old_load_pair_s']} s (decode, float32, bicubic LR), new {pi['new_header_s']} s "
+                      f"(header). For {res['images']} images: old {pi['old_load_pair_s'] * res['images'] / 60:.1f} "
+                      f"min of decoding (**extrapolated**), new {pi['new_header_s'] * res['images']:.2f} s."]
     g = res.get("gpu", {})
     lines += ["", "## GPU: EDSR-baseline x4 at BasicSR's settings", ""]
     if not g.get("rows"):
@@ -473,12 +498,14 @@ def main() -> int:
     args = ap.parse_args()
 
     res: dict = {"images": args.images, "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
+                 "load_average_at_start": round(os.getloadavg()[0], 1),
                  "batch": 16, "lr_patch": 16, "steps": args.steps, "warmup": args.warmup, "cpu_rows": []}
     prev = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").is_file() else {}
     if args.skip_old and not args.gpu_only and prev.get("images") == args.images:  # keep the last old rows
         res["cpu_rows"] = [r for r in prev.get("cpu_rows", []) if r["label"].startswith("old")]
         if prev.get("old_extrapolation"):
-            res["old_extrapolation"] = prev["old_extrapolation"]
+            res["old_extrapolation"] = {k: v for k, v in prev["old_extrapolation"].items()
+                                        if k in ("measured_on", "rss_mb_per_image", "rss_gb_at_n", "extrapolated")}
     images = make_set(args.data_dir, args.images)
     work = Path(tempfile.mkdtemp(prefix="train-scale-"))
     try:
@@ -491,11 +518,11 @@ def main() -> int:
                 olds = [r for r in res["cpu_rows"] if r["label"].startswith("old")]
                 if len(olds) >= 2:
                     rs, ri = fit([r["images"] for r in olds], [r["peak_rss_training_mb"] for r in olds])
-                    ts, ti = fit([r["images"] for r in olds], [r["first_step_s"] for r in olds])
                     res["old_extrapolation"] = {
                         "measured_on": ", ".join(str(r["images"]) for r in olds), "rss_mb_per_image": rs,
-                        "seconds_per_image": ts, "rss_gb_at_n": (rs * args.images + ri) / 1024,
-                        "first_step_min_at_n": (ts * args.images + ti) / 60, "extrapolated": True}
+                        "rss_gb_at_n": (rs * args.images + ri) / 1024, "extrapolated": True}
+            res["per_image"] = per_image_costs(images)
+            print(json.dumps(res["per_image"]), flush=True)
             data = images if args.images == len(list(images.iterdir())) else subset(args.data_dir, images, args.images)
             for w in ["auto"] + [int(x) for x in args.workers.split(",") if x]:
                 res["cpu_rows"].append(run_train(ROOT, data, args.steps, args.warmup, w, work, "new (PNG folder)"))

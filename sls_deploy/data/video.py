@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from sls_deploy.core.errors import DataError
+from sls_deploy.data.catalog import header_size
 from sls_deploy.data.images import bicubic_down, read_rgb
 from sls_deploy.data.patches import dihedral
 from sls_deploy.data.sources import IMAGE_SUFFIXES
@@ -328,8 +329,6 @@ def clip_header(source: ClipSource, max_side: int | None) -> ClipHeader:
     """A clip's ``ClipHeader``: a folder's listing and its first frame's header; a video file's frame count
     from ffmpeg (no frame decoded) and its size from the container."""
     if source.kind == "frames":
-        from sls_deploy.data.catalog import header_size
-
         files = tuple(_folder_frames(source))
         if not files:
             return ClipHeader(0, 0, 0)
