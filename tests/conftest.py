@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sysconfig
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -11,8 +13,43 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+import sls_deploy
 from sls_deploy.data.images import read_rgb
 from sls_deploy.data.sources import skimage_data_dir
+
+# The source checkout (README, benchmarks/, recipes/, cli.py, pyproject.toml): the tests' parent folder unless
+# SLS_DEPLOY_CHECKOUT names it. The package under test is whichever sls_deploy is imported, source or installed.
+CHECKOUT = Path(os.environ.get("SLS_DEPLOY_CHECKOUT") or Path(__file__).resolve().parent.parent)
+INSTALLED_ONLY = "SLS_DEPLOY_TEST_INSTALLED"  # set by .ci/test: the run must test the installed package
+
+
+def site_packages() -> set[Path]:
+    return {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+
+
+def imported_from_site_packages(package_file: str | os.PathLike, checkout: Path = CHECKOUT) -> bool:
+    """Is ``package_file`` (sls_deploy/__init__.py as imported) the installed package: directly in this
+    interpreter's site-packages, and not the checkout's source folder?"""
+    pkg = Path(package_file).resolve().parent
+    return pkg.parent in site_packages() and pkg != (checkout / "sls_deploy").resolve()
+
+
+def pytest_sessionstart(session):
+    if os.environ.get(INSTALLED_ONLY) == "1" and not imported_from_site_packages(sls_deploy.__file__):
+        pytest.exit(f"{INSTALLED_ONLY}=1 but sls_deploy was imported from {Path(sls_deploy.__file__).parent}, not "
+                    f"from site-packages ({', '.join(sorted(map(str, site_packages())))}): run the `pytest` console "
+                    "script (not `python -m pytest`) outside the checkout, as .ci/test does", returncode=1)
+
+
+def same_package_env(**extra: str) -> dict[str, str]:
+    """Environment for a subprocess (``python -m sls_deploy.cli``, torchrun) that imports the same sls_deploy as
+    this test run: the source folder is put on PYTHONPATH when that is what runs; an installed one needs nothing."""
+    env = {**os.environ, **extra}
+    if not imported_from_site_packages(sls_deploy.__file__):
+        root = str(Path(sls_deploy.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return env
+
 
 TINY_RECIPE = {
     "name": "edsr-tiny-x4",

@@ -13,7 +13,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from sls_deploy.data.images import bicubic_down, load_pair, read_rgb, to_image, to_tensor
 from sls_deploy.data.patches import PatchSampler
 from sls_deploy.data.sources import resolve_images
-from tests.conftest import data_error
+from conftest import data_error
 
 
 def write_random(path, h, w, seed=0, channels=3):

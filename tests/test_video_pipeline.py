@@ -25,12 +25,11 @@ from sls_deploy.stages.export import op_types
 from sls_deploy.stages.models import load_model as load_video_model
 from sls_deploy.backends.drive import clip_infer
 from sls_deploy.backends.runners import onnx_runner
-from tests.conftest import error_line, run_cli as run
+from conftest import CHECKOUT, error_line, run_cli as run
 
 torch.set_num_threads(1)  # the tests' models are tiny; more threads only contend
 
 ARCHS = ("basicvsr", "streamvsr")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # --------------------------------------------------------------------------- synthetic clips and recipes
@@ -481,7 +480,7 @@ def test_structured_recipe_section_is_checked(tmp_path, clips):
         path = write_recipe(tmp_path / fragment[:8].replace(" ", "_"), "basicvsr", clips, structured=section)
         with pytest.raises(RecipeError, match=fragment.replace("(", r"\(")):
             load_recipe(path)
-    assert load_recipe(ROOT / "recipes" / "edsr.yaml").structured.method == "ssl"  # image recipes: defaults, unused
+    assert load_recipe(CHECKOUT / "recipes" / "edsr.yaml").structured.method == "ssl"  # image recipes: defaults, unused
 
 
 def test_nm_strategy_on_a_clip_model_gives_2to4_video_graphs(tmp_path, clips):
