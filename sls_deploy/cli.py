@@ -12,11 +12,13 @@ from pathlib import Path
 import click
 
 from sls_deploy import __version__
-from sls_deploy.core.errors import SlsError, ValidationError
+from sls_deploy.core.errors import SlsError, ValidationError, one_line
+from sls_deploy.core.numbers import MAX_COUNT, MAX_LATENCY_RUNS, MAX_SIDE, MAX_STEPS, MAX_WORKSPACE_MB
 from sls_deploy.pruning.target import TARGET_HELP, TARGETS
 
 BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
 SEED = click.IntRange(0, 2**31 - 1)
+STEPS = click.IntRange(0, MAX_STEPS)  # the recipe's cap: a number no run finishes is a usage error, not an ETA
 NM_METHODS = ("sls", "oneshot", "srste")  # = pruning.registry's, not imported: --help stays fast
 CHANNEL_METHODS = ("ssl", "l1", "l1-global", "hybrid")
 
@@ -86,7 +88,7 @@ def _video_options(f):
                           "before any training (fisher: Hessian-aware, compares groups on the loss's scale; the "
                           "units it drops are then driven to 0 by ssl's penalty) (default: the recipe's "
                           "structured.selection, normalised).")(f)
-    f = click.option("--round-to", type=click.IntRange(min=1),
+    f = click.option("--round-to", type=click.IntRange(1, MAX_COUNT),
                      help="Channel methods: kept channels per group are a multiple of this, or the full width "
                           "(default: the recipe's structured.round_to, 8).")(f)
     return f
@@ -135,7 +137,7 @@ def cli() -> None:
 @click.option("--data", help="Training data for finetune: a folder of HR images, or for video models of clips "
               "(default: the recipe's list).")
 @click.option("--eval-data", help="Eval data: a folder of HR images or clips (default: the recipe's eval list).")
-@click.option("--steps", type=click.IntRange(min=0), help="Finetune steps (default: the recipe's).")
+@click.option("--steps", type=STEPS, help="Finetune steps (default: the recipe's).")
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>; "
               "a family: runs/<model>-family).")
 @click.option("--nested", is_flag=True, help="A family (several --budget) of channel members that share one weight "
@@ -193,7 +195,8 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
 @_recipe_options
 @click.option("--out", type=click.Path(dir_okay=False), help="Weights file to write (.safetensors). "
               "Default: runs/<recipe name>.safetensors")
-@click.option("--steps", type=click.IntRange(min=1), help="Training steps (default: the recipe's train.steps).")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), help="Training steps (default: the recipe's "
+              "train.steps).")
 @click.option("--data", help="Folder of HR training images (default: the recipe's train list).")
 @click.option("--fp16", is_flag=True, help="Store the weights in FP16 (half the size; used for shipped weights).")
 @click.option("--restart", is_flag=True, help="Ignore an existing checkpoint and start from scratch.")
@@ -223,7 +226,7 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, force, seed,
 @_video_options
 @click.option("--data", help="Training images for the SLS search, or clips for the ssl search (default: the "
               "recipe's list).")
-@click.option("--steps", type=click.IntRange(min=0), help="Search + finetune steps (default: the recipe's).")
+@click.option("--steps", type=STEPS, help="Search + finetune steps (default: the recipe's).")
 @_progress_option
 def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, selection,
            keep_full, tf_weight, temporal_weight, out, data, steps, no_progress):
@@ -279,7 +282,7 @@ def import_sls(checkpoint, model_name, recipe_path, weights, m, out):
 
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--steps", type=click.IntRange(min=0), help="Finetune steps (default: the recipe's).")
+@click.option("--steps", type=STEPS, help="Finetune steps (default: the recipe's).")
 @click.option("--data", help="Folder of HR training images (default: the recipe's train list).")
 @click.option("--resume", "resume", flag_value=True, default=None, help="Continue an interrupted finetune.")
 @click.option("--restart", "resume", flag_value=False, help="Discard an interrupted finetune's checkpoint.")
@@ -334,9 +337,9 @@ def export(bundle_dir, precisions, calib, calib_method, io):
                    "ort and torch write report.json/md/html.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
               help="With --backend trt: which graph the engine was built from.")
-@click.option("--latency-runs", type=click.IntRange(min=1), help="Timed runs per model and size "
+@click.option("--latency-runs", type=click.IntRange(1, MAX_LATENCY_RUNS), help="Timed runs per model and size "
               "(default: the recipe's validate.latency_runs).")
-@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for latency "
+@click.option("--threads", type=click.IntRange(1, 1024), help="ONNX Runtime intra-op threads for latency "
               "(default: every core).")
 @click.option("--no-latency", is_flag=True, help="Skip the dense-vs-pruned latency measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the summary.")
@@ -412,7 +415,7 @@ def _device_bundle(path: Path):
               help="TensorRT's SPARSE_WEIGHTS flag (2:4 layers may then use sparse tactics). disable builds the "
                    "dense baseline engine/model.dense.plan that `validate --backend trt` times the sparse one "
                    "against.")
-@click.option("--workspace-mb", type=click.IntRange(min=1), help="Workspace limit (default: the recipe's).")
+@click.option("--workspace-mb", type=click.IntRange(1, MAX_WORKSPACE_MB), help="Workspace limit (default: the recipe's).")
 @click.option("--dry-run", is_flag=True, help="Print the settings and the equivalent trtexec / polygraphy "
               "command lines and write engine/build.json; needs no TensorRT.")
 def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
@@ -540,9 +543,9 @@ def inspect(target, size, as_json):
                    "(FP32); trt: engine/model.plan through Polygraphy's TrtRunner (needs TensorRT).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="With --backend ort: which graph (model.onnx, model.fp16.onnx, model.int8.onnx).")
-@click.option("--tile", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--tile", type=click.IntRange(1, MAX_SIDE), default=256, show_default=True,
               help="LR tile side: memory stays bounded whatever the image size.")
-@click.option("--overlap", type=click.IntRange(min=0), default=16, show_default=True,
+@click.option("--overlap", type=click.IntRange(0, MAX_SIDE), default=16, show_default=True,
               help="LR pixels of context around each tile; at least the network's receptive radius makes the "
                    "tiled output equal the untiled one.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per output.")
@@ -567,12 +570,12 @@ def upscale(bundle_dir, inputs, out, backend, precision, tile, overlap, as_json,
                    "errors; classsr = a ClassSR-style patch classifier; edge = gradient-energy thresholds.")
 @click.option("--target-cost", type=BUDGET, help="Average MACs (fraction of dense, overlap counted) the routers aim "
               "at, set on train patches only. Default: the middle member's cost.")
-@click.option("--patch", type=click.IntRange(min=8), default=48, show_default=True, help="LR patch side.")
-@click.option("--stride", type=click.IntRange(min=1), default=44, show_default=True,
+@click.option("--patch", type=click.IntRange(8, MAX_SIDE), default=48, show_default=True, help="LR patch side.")
+@click.option("--stride", type=click.IntRange(1, MAX_SIDE), default=44, show_default=True,
               help="LR patch stride (overlaps are averaged and their cost counted).")
-@click.option("--train-patches", type=click.IntRange(min=50), default=1500, show_default=True,
+@click.option("--train-patches", type=click.IntRange(50, 100_000), default=1500, show_default=True,
               help="Random train crops the routers learn (80%) and calibrate (20%) on.")
-@click.option("--steps", type=click.IntRange(min=1), default=800, show_default=True,
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=800, show_default=True,
               help="Training steps of the learned routers.")
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--eval-data", help="Eval images (default: the recipe's eval list); never used to fit or calibrate.")
@@ -616,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.UsageError as e:
-        click.echo(f"error: {e.format_message()}", err=True)
+        click.echo(f"error: {one_line(e.format_message())}", err=True)
         return 2
     except (KeyboardInterrupt, click.Abort):
         click.echo("interrupted: run the same command again to resume from the last checkpoint", err=True)
