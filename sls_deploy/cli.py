@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a failed check or bad file, 2 a usage error (bad option
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -208,9 +209,13 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, force, seed,
     from sls_deploy.training.base import train_base
     from sls_deploy.config.recipe import resolve_recipe
 
+    from sls_deploy.core.atomic import refuse_non_regular, remove_stale_temps
+
     recipe = resolve_recipe(model_name, recipe_path)
     out_path = Path(out) if out else Path("runs") / f"{recipe.name}.safetensors"
     _check_output_file(out_path, force)
+    refuse_non_regular(out_path.with_name(out_path.name + ".ckpt"), "training checkpoint")
+    remove_stale_temps(out_path.parent, names={out_path.name, out_path.name + ".ckpt"})
     res = train_base(recipe, out_path, steps=steps, data=data, resume=not restart, half=fp16, seed=seed,
                      progress=not no_progress)
     ch = res["channel"].upper()
@@ -371,7 +376,9 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
 
 
 def _check_output_file(path: Path, force: bool) -> None:
-    """Before any work: an output file goes where a file can go, and never over an existing one without --force."""
+    """Before any work: an output file goes where a file can go, never over an existing one without --force, and
+    never over a device, fifo or socket (or a link to one) at all."""
+    from sls_deploy.core.atomic import refuse_non_regular
     from sls_deploy.core.errors import BundleError
 
     for parent in path.parents:
@@ -381,6 +388,7 @@ def _check_output_file(path: Path, force: bool) -> None:
             break
     if path.is_dir():
         raise BundleError(f"{path} is a folder; give a file name")
+    refuse_non_regular(path, "--out")
     if path.exists() and not force:
         raise BundleError(f"{path} exists; choose another --out or pass --force to replace it")
 
@@ -415,7 +423,8 @@ def _device_bundle(path: Path):
               help="TensorRT's SPARSE_WEIGHTS flag (2:4 layers may then use sparse tactics). disable builds the "
                    "dense baseline engine/model.dense.plan that `validate --backend trt` times the sparse one "
                    "against.")
-@click.option("--workspace-mb", type=click.IntRange(1, MAX_WORKSPACE_MB), help="Workspace limit (default: the recipe's).")
+@click.option("--workspace-mb", type=click.IntRange(1, MAX_WORKSPACE_MB),
+              help="Workspace limit (default: the recipe's).")
 @click.option("--dry-run", is_flag=True, help="Print the settings and the equivalent trtexec / polygraphy "
               "command lines and write engine/build.json; needs no TensorRT.")
 def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
@@ -504,13 +513,18 @@ def pack(bundle_dir, out, force):
     """Pack what a device needs (graphs, plan, recipe, manifest, calibration cache, eval images) into a tar.
 
     Every bundle file is checked against the sha256 its manifest recorded before it is packed."""
+    from sls_deploy.core.atomic import refuse_non_regular, remove_stale_temps
     from sls_deploy.core.packing import pack as do_pack
     from sls_deploy.modalities.registry import is_video, resolve_data
     from sls_deploy.stages.build import reopen
 
+    if out:  # before anything reads it: a fifo would block the packed-bundle check
+        refuse_non_regular(Path(out), "--out")
     run = reopen(Path(bundle_dir), _log)
     bundle, recipe = run.bundle, run.recipe
     dest = Path(out) if out else bundle.root.with_name(bundle.root.name + ".tar.gz")
+    refuse_non_regular(dest, "--out")
+    remove_stale_temps(dest.parent, names={dest.name})
     # video eval clips are not packed (they can be large): a device validates video against its own clips
     evals = [] if is_video(run.settings.modality) else resolve_data(run.settings.modality, run.settings.eval_data)
     bundle.verify([n for n in bundle.require().get("files", {}) if n.endswith((".onnx", ".json", ".safetensors"))])
@@ -627,6 +641,12 @@ def main(argv: list[str] | None = None) -> int:
     except SlsError as e:
         click.echo(f"error: {e}", err=True)
         return e.exit_code
+    except OSError as e:  # a full disk under a writer that core/atomic.py does not wrap: still one line
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        click.echo(f"error: no space left on {e.filename or 'the device'} ({e.strerror}); free some space and run "
+                   "the same command again", err=True)
+        return 1
     finally:
         dist.shutdown(wait=ended)
 
