@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a failed check or bad file, 2 a usage error (bad option
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -12,11 +13,13 @@ from pathlib import Path
 import click
 
 from sls_deploy import __version__
-from sls_deploy.core.errors import SlsError, ValidationError
+from sls_deploy.core.errors import SlsError, ValidationError, one_line
+from sls_deploy.core.numbers import MAX_COUNT, MAX_LATENCY_RUNS, MAX_SIDE, MAX_STEPS, MAX_WORKSPACE_MB
 from sls_deploy.pruning.target import TARGET_HELP, TARGETS
 
 BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
 SEED = click.IntRange(0, 2**31 - 1)
+STEPS = click.IntRange(0, MAX_STEPS)  # the recipe's cap: a number no run finishes is a usage error, not an ETA
 NM_METHODS = ("sls", "oneshot", "srste")  # = pruning.registry's, not imported: --help stays fast
 CHANNEL_METHODS = ("ssl", "l1", "l1-global", "hybrid")
 
@@ -86,7 +89,7 @@ def _video_options(f):
                           "before any training (fisher: Hessian-aware, compares groups on the loss's scale; the "
                           "units it drops are then driven to 0 by ssl's penalty) (default: the recipe's "
                           "structured.selection, normalised).")(f)
-    f = click.option("--round-to", type=click.IntRange(min=1),
+    f = click.option("--round-to", type=click.IntRange(1, MAX_COUNT),
                      help="Channel methods: kept channels per group are a multiple of this, or the full width "
                           "(default: the recipe's structured.round_to, 8).")(f)
     return f
@@ -135,7 +138,7 @@ def cli() -> None:
 @click.option("--data", help="Training data for finetune: a folder of HR images, or for video models of clips "
               "(default: the recipe's list).")
 @click.option("--eval-data", help="Eval data: a folder of HR images or clips (default: the recipe's eval list).")
-@click.option("--steps", type=click.IntRange(min=0), help="Finetune steps (default: the recipe's).")
+@click.option("--steps", type=STEPS, help="Finetune steps (default: the recipe's).")
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>; "
               "a family: runs/<model>-family).")
 @click.option("--nested", is_flag=True, help="A family (several --budget) of channel members that share one weight "
@@ -193,7 +196,8 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
 @_recipe_options
 @click.option("--out", type=click.Path(dir_okay=False), help="Weights file to write (.safetensors). "
               "Default: runs/<recipe name>.safetensors")
-@click.option("--steps", type=click.IntRange(min=1), help="Training steps (default: the recipe's train.steps).")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), help="Training steps (default: the recipe's "
+              "train.steps).")
 @click.option("--data", help="Folder of HR training images (default: the recipe's train list).")
 @click.option("--fp16", is_flag=True, help="Store the weights in FP16 (half the size; used for shipped weights).")
 @click.option("--restart", is_flag=True, help="Ignore an existing checkpoint and start from scratch.")
@@ -205,9 +209,13 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, force, seed,
     from sls_deploy.training.base import train_base
     from sls_deploy.config.recipe import resolve_recipe
 
+    from sls_deploy.core.atomic import refuse_non_regular, remove_stale_temps
+
     recipe = resolve_recipe(model_name, recipe_path)
     out_path = Path(out) if out else Path("runs") / f"{recipe.name}.safetensors"
     _check_output_file(out_path, force)
+    refuse_non_regular(out_path.with_name(out_path.name + ".ckpt"), "training checkpoint")
+    remove_stale_temps(out_path.parent, names={out_path.name, out_path.name + ".ckpt"})
     res = train_base(recipe, out_path, steps=steps, data=data, resume=not restart, half=fp16, seed=seed,
                      progress=not no_progress)
     ch = res["channel"].upper()
@@ -223,7 +231,7 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, force, seed,
 @_video_options
 @click.option("--data", help="Training images for the SLS search, or clips for the ssl search (default: the "
               "recipe's list).")
-@click.option("--steps", type=click.IntRange(min=0), help="Search + finetune steps (default: the recipe's).")
+@click.option("--steps", type=STEPS, help="Search + finetune steps (default: the recipe's).")
 @_progress_option
 def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, selection,
            keep_full, tf_weight, temporal_weight, out, data, steps, no_progress):
@@ -279,7 +287,7 @@ def import_sls(checkpoint, model_name, recipe_path, weights, m, out):
 
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--steps", type=click.IntRange(min=0), help="Finetune steps (default: the recipe's).")
+@click.option("--steps", type=STEPS, help="Finetune steps (default: the recipe's).")
 @click.option("--data", help="Folder of HR training images (default: the recipe's train list).")
 @click.option("--resume", "resume", flag_value=True, default=None, help="Continue an interrupted finetune.")
 @click.option("--restart", "resume", flag_value=False, help="Discard an interrupted finetune's checkpoint.")
@@ -334,9 +342,9 @@ def export(bundle_dir, precisions, calib, calib_method, io):
                    "ort and torch write report.json/md/html.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
               help="With --backend trt: which graph the engine was built from.")
-@click.option("--latency-runs", type=click.IntRange(min=1), help="Timed runs per model and size "
+@click.option("--latency-runs", type=click.IntRange(1, MAX_LATENCY_RUNS), help="Timed runs per model and size "
               "(default: the recipe's validate.latency_runs).")
-@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for latency "
+@click.option("--threads", type=click.IntRange(1, 1024), help="ONNX Runtime intra-op threads for latency "
               "(default: every core).")
 @click.option("--no-latency", is_flag=True, help="Skip the dense-vs-pruned latency measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the summary.")
@@ -368,7 +376,9 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
 
 
 def _check_output_file(path: Path, force: bool) -> None:
-    """Before any work: an output file goes where a file can go, and never over an existing one without --force."""
+    """Before any work: an output file goes where a file can go, never over an existing one without --force, and
+    never over a device, fifo or socket (or a link to one) at all."""
+    from sls_deploy.core.atomic import refuse_non_regular
     from sls_deploy.core.errors import BundleError
 
     for parent in path.parents:
@@ -378,6 +388,7 @@ def _check_output_file(path: Path, force: bool) -> None:
             break
     if path.is_dir():
         raise BundleError(f"{path} is a folder; give a file name")
+    refuse_non_regular(path, "--out")
     if path.exists() and not force:
         raise BundleError(f"{path} exists; choose another --out or pass --force to replace it")
 
@@ -412,7 +423,8 @@ def _device_bundle(path: Path):
               help="TensorRT's SPARSE_WEIGHTS flag (2:4 layers may then use sparse tactics). disable builds the "
                    "dense baseline engine/model.dense.plan that `validate --backend trt` times the sparse one "
                    "against.")
-@click.option("--workspace-mb", type=click.IntRange(min=1), help="Workspace limit (default: the recipe's).")
+@click.option("--workspace-mb", type=click.IntRange(1, MAX_WORKSPACE_MB),
+              help="Workspace limit (default: the recipe's).")
 @click.option("--dry-run", is_flag=True, help="Print the settings and the equivalent trtexec / polygraphy "
               "command lines and write engine/build.json; needs no TensorRT.")
 def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
@@ -501,13 +513,18 @@ def pack(bundle_dir, out, force):
     """Pack what a device needs (graphs, plan, recipe, manifest, calibration cache, eval images) into a tar.
 
     Every bundle file is checked against the sha256 its manifest recorded before it is packed."""
+    from sls_deploy.core.atomic import refuse_non_regular, remove_stale_temps
     from sls_deploy.core.packing import pack as do_pack
     from sls_deploy.modalities.registry import is_video, resolve_data
     from sls_deploy.stages.build import reopen
 
+    if out:  # before anything reads it: a fifo would block the packed-bundle check
+        refuse_non_regular(Path(out), "--out")
     run = reopen(Path(bundle_dir), _log)
     bundle, recipe = run.bundle, run.recipe
     dest = Path(out) if out else bundle.root.with_name(bundle.root.name + ".tar.gz")
+    refuse_non_regular(dest, "--out")
+    remove_stale_temps(dest.parent, names={dest.name})
     # video eval clips are not packed (they can be large): a device validates video against its own clips
     evals = [] if is_video(run.settings.modality) else resolve_data(run.settings.modality, run.settings.eval_data)
     bundle.verify([n for n in bundle.require().get("files", {}) if n.endswith((".onnx", ".json", ".safetensors"))])
@@ -540,9 +557,9 @@ def inspect(target, size, as_json):
                    "(FP32); trt: engine/model.plan through Polygraphy's TrtRunner (needs TensorRT).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="With --backend ort: which graph (model.onnx, model.fp16.onnx, model.int8.onnx).")
-@click.option("--tile", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--tile", type=click.IntRange(1, MAX_SIDE), default=256, show_default=True,
               help="LR tile side: memory stays bounded whatever the image size.")
-@click.option("--overlap", type=click.IntRange(min=0), default=16, show_default=True,
+@click.option("--overlap", type=click.IntRange(0, MAX_SIDE), default=16, show_default=True,
               help="LR pixels of context around each tile; at least the network's receptive radius makes the "
                    "tiled output equal the untiled one.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per output.")
@@ -567,12 +584,12 @@ def upscale(bundle_dir, inputs, out, backend, precision, tile, overlap, as_json,
                    "errors; classsr = a ClassSR-style patch classifier; edge = gradient-energy thresholds.")
 @click.option("--target-cost", type=BUDGET, help="Average MACs (fraction of dense, overlap counted) the routers aim "
               "at, set on train patches only. Default: the middle member's cost.")
-@click.option("--patch", type=click.IntRange(min=8), default=48, show_default=True, help="LR patch side.")
-@click.option("--stride", type=click.IntRange(min=1), default=44, show_default=True,
+@click.option("--patch", type=click.IntRange(8, MAX_SIDE), default=48, show_default=True, help="LR patch side.")
+@click.option("--stride", type=click.IntRange(1, MAX_SIDE), default=44, show_default=True,
               help="LR patch stride (overlaps are averaged and their cost counted).")
-@click.option("--train-patches", type=click.IntRange(min=50), default=1500, show_default=True,
+@click.option("--train-patches", type=click.IntRange(50, 100_000), default=1500, show_default=True,
               help="Random train crops the routers learn (80%) and calibrate (20%) on.")
-@click.option("--steps", type=click.IntRange(min=1), default=800, show_default=True,
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=800, show_default=True,
               help="Training steps of the learned routers.")
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--eval-data", help="Eval images (default: the recipe's eval list); never used to fit or calibrate.")
@@ -616,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.UsageError as e:
-        click.echo(f"error: {e.format_message()}", err=True)
+        click.echo(f"error: {one_line(e.format_message())}", err=True)
         return 2
     except (KeyboardInterrupt, click.Abort):
         click.echo("interrupted: run the same command again to resume from the last checkpoint", err=True)
@@ -624,6 +641,12 @@ def main(argv: list[str] | None = None) -> int:
     except SlsError as e:
         click.echo(f"error: {e}", err=True)
         return e.exit_code
+    except OSError as e:  # a full disk under a writer that core/atomic.py does not wrap: still one line
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        click.echo(f"error: no space left on {e.filename or 'the device'} ({e.strerror}); free some space and run "
+                   "the same command again", err=True)
+        return 1
     finally:
         dist.shutdown(wait=ended)
 

@@ -176,3 +176,347 @@ def test_too_small_eval_image_and_bad_base_weights_are_one_line(tmp_path, capsys
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(SlsError, match="base_weights must be a file name or path, not \\[1\\]"):
         load_recipe(tmp_path / "r.yaml")
+
+
+# --- issue 23: bounded parsing, disk, files ---------------------------------------------------------------------
+# Each case: exit 1 or 2, one line on stderr, no traceback, nothing created, changed or removed. Cases that used to
+# hang (an alias bomb: over 150 s) run in a child process with a generous cap, so that a regression fails instead of
+# stalling the suite; the cap is not a speed measurement (a refusal takes milliseconds, the child's imports most of
+# the cap on a loaded machine).
+
+import contextlib  # noqa: E402
+import hashlib  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import sls_deploy  # noqa: E402
+
+CHILD_CAP_S = 100  # all cases of a child: ~25 s on a loaded 2-core machine; the alias bomb alone ran > 150 s before
+_SRC = str(Path(sls_deploy.__file__).resolve().parents[1])  # the sls_deploy being tested (checkout or installed)
+_BATCH = r"""
+import contextlib, io, json, sys, traceback
+from sls_deploy.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except BaseException:
+            code, _ = -1, err.write(traceback.format_exc())
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def _child_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([_SRC, os.environ.get("PYTHONPATH", "")])}
+
+
+def _run_batch(cases: list[list[str]], cwd: Path) -> list[tuple[int, str]]:
+    """``sls-deploy ARGS`` for every case in one child process (imports paid once), at most CHILD_CAP_S."""
+    proc = subprocess.run([sys.executable, "-c", _BATCH, json.dumps(cases)], cwd=cwd, env=_child_env(),
+                          capture_output=True, text=True, timeout=CHILD_CAP_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [tuple(r) for r in json.loads(proc.stdout.splitlines()[-1])]
+
+
+def _one_error_line(args, code: int, err: str, progress: bool = False) -> str:
+    """The error line; with ``progress``, stage progress lines may come before it (a build reports each stage)."""
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code in (1, 2), (args, code, err[-2000:])
+    assert "Traceback" not in err, (args, err[-2000:])
+    if progress:
+        lines = [l for l in lines if not l.startswith(("[", "  "))]
+    assert len(lines) == 1 and lines[0].startswith("error: "), (args, err[-2000:])
+    return lines[0]
+
+
+def _artifacts(folder: Path) -> dict:
+    """A bundle's files byte for byte, less its lock file (it holds the pid of the last command that wrote)."""
+    return {k: v for k, v in _tree(folder).items() if k != ".sls-deploy.lock"}
+
+
+def _bomb(leaf: str, levels: int = 9) -> str:
+    """A flow-style "billion laughs": ``levels`` nested anchors, each list 9 aliases of the previous one."""
+    val = "[" + ", ".join([f"&a0 {leaf}"] + ["*a0"] * 8) + "]"
+    for i in range(1, levels):
+        val = "[" + ", ".join([f"&a{i} {val}"] + [f"*a{i}"] * 8) + "]"
+    return val
+
+
+def _stats(paths) -> dict:
+    """What identifies a node (device numbers, type, inode): a replaced node differs."""
+    return {str(p): (s.st_mode, s.st_rdev, s.st_ino) for p in paths for s in [os.lstat(p)]}
+
+
+def _special_nodes(tmp: Path) -> list[Path]:
+    """A fifo, a unix socket, a symlink to the fifo and (where this user may make one) a private /dev/null."""
+    os.mkfifo(tmp / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp / "sock"))
+    sock.close()
+    (tmp / "link").symlink_to(tmp / "fifo")
+    nodes = [tmp / "fifo", tmp / "sock", tmp / "link"]
+    with contextlib.suppress(OSError):  # needs CAP_MKNOD (root); the fifo and socket cases run everywhere
+        os.mknod(tmp / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        nodes.append(tmp / "null")
+    return nodes
+
+
+def test_hostile_recipes_and_options_are_refused_fast_in_one_line(tmp_path, built):
+    edsr = recipe_for_model("edsr").read_text()
+    assert "  sizes: [[32, 32], [45, 61]]" in edsr and "  fp32_islands: [conv_first, upsample.2, conv_last]" in edsr
+    recipes = {
+        "bomb_sizes": edsr.replace("  sizes: [[32, 32], [45, 61]]", "  sizes: " + _bomb("[1, 2]", 8)),
+        "bomb_islands": edsr.replace("  fp32_islands: [conv_first, upsample.2, conv_last]",
+                                     "  fp32_islands: " + _bomb("x")),
+        "deep": "model: " + "[" * 100_000 + "]" * 100_000 + "\n",
+        "deep_block": "".join("  " * i + f"k{i}:\n" for i in range(40)) + "  " * 40 + "v: 1\n",
+        "dup": edsr + "\nfinetune:\n  steps: 5\n",
+        "ref": edsr.replace("reference_output: [1280, 720]", "reference_output: [1000000000000000, 1000000000000000]"),
+        "engine": edsr.replace("max: [1, 270, 480]", "max: [1, 270000000, 480]"),
+    }
+    for name, text in recipes.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    with open(tmp_path / "big.yaml", "w") as f:  # 200 MB (sparse: no disk is used)
+        f.write(edsr)
+        f.truncate(200 * 2**20)
+    nodes = _special_nodes(tmp_path)
+    out = tmp_path / "o"
+    recipe_case = ["search", "--budget", "0.5", "--method", "oneshot", "--out", str(out), "--recipe"]
+    expect = {
+        "bomb_sizes": "aliases expand to more than 10000 nodes", "bomb_islands": "aliases expand to more than",
+        "deep": "nesting depth", "deep_block": "nesting deeper than 32 levels", "big": "is larger than 1 MiB",
+        "dup": "duplicate key 'finetune'", "ref": "reference_output width must be in 4..8192",
+        "engine": "engine.max must be [N, H, W] with N at most 64 and H, W at most 8192",
+    }
+    cases = [(recipe_case + [str(tmp_path / f"{n}.yaml")], frag) for n, frag in expect.items()]
+    big = "99999999999999999999"
+    cases += [(["train", "--model", "edsr", "--steps", big, "--out", str(tmp_path / "t.safetensors")], "--steps"),
+              (["build", "--model", "edsr", "--budget", "0.4", "--steps", big, "--out", str(out)], "--steps"),
+              (["search", "--model", "edsr", "--budget", "0.4", "--steps", big, "--out", str(out)], "--steps"),
+              (["finetune", str(built), "--steps", big], "--steps"),
+              (["route", str(tmp_path / "fam"), "--steps", big], "--steps"),
+              (["validate", str(built), "--latency-runs", big], "--latency-runs"),
+              (["upscale", str(built), "x.png", "-o", str(out), "--overlap", big], "--overlap")]
+    for node in nodes:  # never replaced, --force or not; a fifo never blocks the run
+        cases += [(["train", "--model", "edsr", "--steps", "1", "--out", str(node), "--force"], "not a regular file"),
+                  (["pack", str(built), "--out", str(node)], "not a regular file"),
+                  (["pack", str(built), "--out", str(node), "--force"], "not a regular file"),
+                  (["build", "--model", "edsr", "--budget", "0.4", "--out", str(node)], "is not a folder"),
+                  (["search", "--model", "edsr", "--budget", "0.4", "--out", str(node)], "is not a folder")]
+    before, node_stats, bundle_before = _tree(tmp_path), _stats(nodes), _tree(built)
+    results = _run_batch([args for args, _ in cases], tmp_path)
+    for (args, fragment), (code, err) in zip(cases, results):
+        line = _one_error_line(args, code, err)
+        assert fragment in line and len(line) < 400, (args, line[:500])
+    assert _tree(tmp_path) == before and _stats(nodes) == node_stats and _tree(built) == bundle_before
+    made = sorted([*(f"{n}.yaml" for n in expect), *(n.name for n in nodes)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == made
+
+
+def test_yaml_loader_keeps_what_recipes_use_and_bounds_the_rest(tmp_path):
+    from sls_deploy.core.errors import RecipeError
+    from sls_deploy.core.safe_yaml import MAX_ALIAS_NODES, load_yaml
+
+    def load(text):
+        (tmp_path / "r.yaml").write_text(text)
+        return load_yaml(tmp_path / "r.yaml", "recipe", RecipeError)
+
+    # anchors, aliases and merge keys within the limits load as PyYAML loads them
+    text = "base: &b {lr: 1.0e-3, steps: 4}\na: *b\nc: {<<: *b, steps: 5}\nl: [&x 1, *x, *x]\n"
+    assert load(text) == yaml.safe_load(text) == {"base": {"lr": 1e-3, "steps": 4}, "a": {"lr": 1e-3, "steps": 4},
+                                                  "c": {"lr": 1e-3, "steps": 5}, "l": [1, 1, 1]}
+    nested = "x: " + "[" * 31 + "]" * 31 + "\n"  # 32 levels with the mapping: the limit, still read
+    assert load(nested) == yaml.safe_load(nested)
+    refused = {
+        "a: &a [1, *a]\n": "an alias refers to a node that contains it",
+        "a: [1, *nope]\n": "found undefined alias 'nope'",
+        "a:\n  b: 1\n  b: 2\n": "duplicate key 'b' (the second one would silently replace the first) at line 3",
+        "x: [" + ", ".join(["1"] * 20_000) + "]\n": "more than 10000 values",
+        # 200 aliases of a 100-item list: 20,000 nodes from 2 KB
+        "l: &l [" + ", ".join(["0"] * 99) + "]\nm: [" + ", ".join(["*l"] * 200) + "]\n":
+            f"aliases expand to more than {MAX_ALIAS_NODES} nodes",
+    }
+    for bad, fragment in refused.items():
+        with pytest.raises(RecipeError) as e:
+            load(bad)
+        assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)[:300]
+
+
+def test_recipe_errors_quote_a_short_prefix_of_a_large_value(tmp_path):
+    raw = copy.deepcopy(EDSR)
+    raw["validate"]["sizes"] = [[1, 2, 3]] * 2000  # 8000 values: within the loader's limits, not [H, W] pairs
+    raw["precision"]["calib_method"] = "x" * 100_000
+    for field in ("validate", "precision"):
+        r = dict(EDSR, **{field: raw[field]})
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+        with pytest.raises(SlsError) as e:
+            load_recipe(tmp_path / "r.yaml")
+        assert len(str(e.value)) < 300 and ("..." in str(e.value)), str(e.value)[:400]
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path):
+    """/dev/full answers every write with ENOSPC: a real kernel error inside atomic_path, on any machine."""
+    from sls_deploy.core.atomic import atomic_path
+    from sls_deploy.core.errors import DiskFullError
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    (tmp_path / "model.onnx").write_bytes(b"old")
+    with pytest.raises(DiskFullError) as e:
+        with atomic_path(tmp_path / "model.onnx") as tmp:
+            tmp.write_bytes(b"partial")
+            with open("/dev/full", "wb") as full:
+                full.write(b"x" * 4096)
+                full.flush()
+    assert str(e.value).startswith(f"no space left on {tmp_path}: model.onnx was not written")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"] and (tmp_path / "model.onnx").read_bytes() == b"old"
+
+
+_DISK_FULL = r"""
+import contextlib, hashlib, io, json, os, shutil, subprocess, sys, traceback
+from pathlib import Path
+from sls_deploy.cli import main
+
+def tree(root):  # the lock file holds the pid of the last command: not an artifact
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file() and p.name not in ("fill", ".sls-deploy.lock")}
+
+results = []
+for case in json.loads(sys.argv[1]):
+    mnt = Path(case["mount"])
+    mnt.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    if case.get("copy"):
+        shutil.copytree(case["copy"], mnt / "b")
+        for name in case.get("drop", []):
+            (mnt / "b" / name).unlink()
+    st = os.statvfs(mnt)
+    with open(mnt / "fill", "wb") as f:  # leave exactly case["slack"] bytes
+        f.write(b"\0" * (st.f_bavail * st.f_frsize - case["slack"]))
+    before = tree(mnt)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(case["argv"])
+        except BaseException:
+            code, _ = -1, err.write(traceback.format_exc())
+    results.append({"code": code, "err": err.getvalue(), "before": before, "after": tree(mnt),
+                    "temps": sorted(str(p) for p in mnt.rglob("*tmp*"))})
+print(json.dumps(results))
+"""
+
+
+def _namespace_mounts() -> str | None:
+    """None if a tmpfs can be mounted in a private mount namespace here, else why not."""
+    if not shutil.which("unshare"):
+        return "no unshare(1) on this system"
+    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", "/mnt"],
+                           capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {probe.stderr.strip()}"
+
+
+def test_full_disk_during_export_upscale_pack_train_and_build_is_one_line(tmp_path, built, tiny_images):
+    """A real full disk: a 4 MiB tmpfs, filled to a few KB, in a private mount namespace (``unshare -rm``: nothing
+    is mounted for anyone else and it vanishes with the child). The slack of each case lets small writes through
+    and stops the stage's first large file: torch.onnx.export's graph, the PNG, the tar, torch.save's training
+    checkpoint (a RuntimeError from torch's C++ writer, not an OSError)."""
+    why = _namespace_mounts()
+    if why:
+        pytest.skip(why)
+    mnt, src = tmp_path / "m", tmp_path / "src"
+    shutil.copytree(built, src)  # this process holds the lock of `built` (it built it): the child may not take it
+    recipe = built.parent / "tiny.yaml"
+    weights = built.parent / "w.safetensors"
+    photo = next(Path(tiny_images["eval"]).glob("*.png"))
+    cases = [
+        {"name": "export", "copy": str(src), "slack": 65536,
+         "drop": ["model.onnx", "model.fp16.onnx", "model.int8.onnx", "work/dense.onnx"],
+         "argv": ["export", str(mnt / "export" / "b")], "file": "fp32.onnx"},
+        {"name": "upscale", "slack": 8192, "argv": ["upscale", str(src), str(photo), "-o", str(mnt / "upscale" / "o"),
+                                                    "--no-progress"], "file": photo.name},
+        {"name": "pack", "slack": 8192, "argv": ["pack", str(src), "--out", str(mnt / "pack" / "b.tar.gz")],
+         "file": "b.tar.gz"},
+        {"name": "train", "slack": 8192, "argv": ["train", "--recipe", str(recipe), "--out",
+                                                  str(mnt / "train" / "t.safetensors"), "--no-progress"],
+         "file": "t.safetensors.ckpt"},
+        {"name": "build", "slack": 150_000, "argv": ["build", "--recipe", str(recipe), "--weights", str(weights),
+                                                     "--budget", "0.9", "--method", "oneshot", "--n", "2", "--out",
+                                                     str(mnt / "build" / "b"), "--no-progress"],
+         "file": "finetune.ckpt"},
+    ]
+    for c in cases:
+        c["mount"] = str(mnt / c["name"])
+    bundle_before = _artifacts(src)
+    proc = subprocess.run(["unshare", "-rm", sys.executable, "-c", _DISK_FULL, json.dumps(cases)], cwd=tmp_path,
+                          env=_child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for c, r in zip(cases, json.loads(proc.stdout.splitlines()[-1])):
+        line = _one_error_line(c["name"], r["code"], r["err"], progress=c["name"] == "build")
+        assert line.startswith("error: no space left on ") and f"{c['file']} was not written" in line, line
+        assert r["temps"] == [], (c["name"], r["temps"])
+        if c["name"] != "build":  # a build keeps its finished stages (plan, weights) to resume from
+            assert r["after"] == r["before"], (c["name"], r["before"], r["after"])
+    assert _artifacts(src) == bundle_before
+
+
+_KILLED_WRITER = r"""
+import os, signal, sys
+from sls_deploy.core.atomic import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"half a graph")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_later_run_removes_the_temp_files_a_killed_writer_left(tmp_path, built, capsys):
+    """SIGKILL mid-write leaves work/.fp32.onnx.<host>-<pid>.<random>.tmp; the next command that takes the bundle's
+    lock removes it. Only that naming, only writers that are gone: a live pid's, another machine's or an old-style
+    name younger than an hour, and any other file stay."""
+    import time
+
+    from sls_deploy.core import atomic
+
+    b = tmp_path / "b"
+    shutil.copytree(built, b)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(b / "work" / "fp32.onnx")], env=_child_env(),
+                          timeout=CHILD_CAP_S)
+    assert proc.returncode == -9
+    left = list((b / "work").glob(".fp32.onnx.*.tmp"))
+    assert len(left) == 1 and left[0].read_bytes() == b"half a graph"
+    host = atomic.temp_name("x").split(".")[2].split("-")[0]
+    kept = [b / "work" / f".plan.json.{host}-1.abcd1234.tmp",  # pid 1 runs
+            b / "work" / f".plan.json.{'0' * 6 if host != '0' * 6 else '1' * 6}-999999.abcd1234.tmp",  # elsewhere
+            b / ".model.onnx.abcd1234.tmp",  # old naming, young
+            b / "notes.tmp", b / ".notes.tmp"]  # not ours
+    old = b / "work" / ".dense.onnx.wxyz9876.tmp"  # old naming, two hours old
+    for p in kept + [old]:
+        p.write_text("x")
+    os.utime(old, (time.time() - 7200,) * 2)
+    code, _, err = run_cli(capsys, "export", str(b))  # current: skipped, but it takes the lock
+    assert code == 0, err
+    assert not left[0].exists() and not old.exists() and all(p.exists() for p in kept)
+
+
+def test_pickle_refusal_is_our_own_line(tmp_path, capsys):
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never print",))
+
+    torch.save({"params": {"w": torch.zeros(2)}, "x": Payload()}, tmp_path / "evil.pth")
+    before = _tree(tmp_path)
+    code, out, err = run_cli(capsys, "build", "--model", "edsr", "--budget", "0.4", "--weights",
+                             str(tmp_path / "evil.pth"), "--out", str(tmp_path / "o"))
+    line = _one_error_line("evil.pth", code, err)
+    assert line == (f"error: {tmp_path / 'evil.pth'} is a pickle that needs code (print) to load, and that code is "
+                    "never run; give .safetensors, or a .pt/.pth holding only tensors (and dicts/lists of them)")
+    assert "weights_only" not in err and "this must never print" not in out + err and _tree(tmp_path) == before

@@ -74,9 +74,15 @@ class Bundle:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise BundleError(f"folder busy: another sls-deploy process (pid {pid}) is writing {self.root}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise (atomic.disk_full_error(e, self.root / LOCK, check_free=False)
+                   or BundleError(f"cannot write the bundle folder {self.root}: {e.strerror}")) from None
         _HELD[key] = fd
+        atomic.remove_stale_temps(self.root, recursive=True)  # a killed writer's; no other writer holds the lock
 
     def path(self, name: str) -> Path:
         return self.root / name
