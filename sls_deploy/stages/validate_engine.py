@@ -9,6 +9,9 @@ carries no PyTorch weights, can be validated on the device. Engine and reference
   frame by frame with its recurrent state fed back (``ExportSpec.recurrent``), at the same labelled sizes (each
   frame centre-cropped or mirror-extended to the size), scored per frame.
 
+``validate_packed`` is the same accuracy check with ONNX Runtime on each packed graph in place of the engine:
+`validate PACK` anywhere, no TensorRT needed.
+
 A row fails when the engine's PSNR is more than the recipe's ``validate.max_psnr_drop_db[precision]`` below the
 FP32 graph's. The engine is then timed per graph run at the latency sizes, and side by side with
 ``engine/model.dense.plan`` when that exists (an engine built from the same graph with ``--sparsity disable``),
