@@ -352,18 +352,39 @@ def export(bundle_dir, precisions, calib, calib_method, io):
 def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, no_latency, as_json, no_progress):
     """Does a bundle ship? Accuracy at the engine profile's min/opt/max and an odd size against the PyTorch
     reference and the ground truth (thresholds per precision from the recipe), dense-vs-pruned latency side by
-    side, and report.md / report.html with plots. Exits 1 naming the first failed check."""
+    side, and report.md / report.html with plots. Exits 1 naming the first failed check.
+
+    A packed bundle (.tar.gz, .tgz or .tar from `pack`, unpacked beside it, or its unpacked folder) carries no
+    PyTorch weights: with --backend ort every packed graph runs against the packed FP32 graph at the same shapes,
+    on its val/ images (no latency, no report files; the result is printed as JSON)."""
     from sls_deploy.report.document import summary_text
     from sls_deploy.stages.build import reopen
     from sls_deploy.stages.validate import ValidateOptions, check_report, run_validate
 
-    if backend == "trt":
-        from sls_deploy.trt.engine import require_tensorrt
-        from sls_deploy.stages.validate_engine import validate_engine
+    from sls_deploy.core.bundle import GRAPH_FILES
+    from sls_deploy.core.packing import is_packed
 
-        require_tensorrt()  # before anything is read or written
-        root, recipe = _device_bundle(Path(bundle_path))
-        res = validate_engine(root, recipe, precision, Path(eval_data) if eval_data else None, runs=latency_runs)
+    path = Path(bundle_path)
+    if backend == "trt" or is_packed(path):
+        from sls_deploy.core.errors import UsageError
+        from sls_deploy.stages.validate_engine import validate_engine, validate_packed
+
+        if backend == "torch":
+            raise UsageError(f"{path} is a packed bundle, which carries no PyTorch weights: validate it with "
+                             "--backend ort (its graphs) or trt, or validate the bundle folder it was packed from")
+        if backend == "trt":
+            from sls_deploy.trt.engine import require_tensorrt
+
+            require_tensorrt()  # before anything is read or written
+        opened, recipe = _device_bundle(path)
+        eval_path = Path(eval_data) if eval_data else None
+        if backend == "trt":
+            opened.verify(["model.onnx"])  # the reference; the engine was built here, after the manifest
+            res = validate_engine(opened.root, recipe, precision, eval_path, runs=latency_runs)
+        else:
+            opened.verify(["model.onnx", *(n for n in GRAPH_FILES.values()
+                                           if n != "model.onnx" and opened.path(n).is_file())])
+            res = validate_packed(opened.root, recipe, eval_path)
         click.echo(json.dumps(res, indent=2))
         if not res["passed"]:
             raise ValidationError(res["verdict"])
@@ -393,26 +414,14 @@ def _check_output_file(path: Path, force: bool) -> None:
         raise BundleError(f"{path} exists; choose another --out or pass --force to replace it")
 
 
-def _device_bundle(path: Path):
-    """A bundle folder or a packed .tar.gz (unpacked beside it), hash-checked; returns (root, recipe)."""
-    from sls_deploy.core.bundle import Bundle
-    from sls_deploy.core.errors import BundleError
-    from sls_deploy.core.packing import PACK_MANIFEST, unpack, verify_packed
+def _device_bundle(path: Path, use=()):
+    """A bundle folder, an unpacked pack or a packed tar (unpacked beside it) opened for use, recipe.yaml and
+    ``use`` checked against the recorded sha256 (core.opening); returns (the opened bundle, its recipe)."""
     from sls_deploy.config.recipe import load_recipe
+    from sls_deploy.core.opening import open_for_use
 
-    if path.is_file():
-        root = unpack(path)
-    elif (path / PACK_MANIFEST).is_file():
-        root = path
-        verify_packed(root)
-    else:
-        root = path
-        bundle = Bundle(root)
-        names = [n for n in bundle.require().get("files", {}) if n.endswith((".onnx", ".json")) and n != "report.json"]
-        bundle.verify(names)
-    if not (root / "recipe.yaml").is_file():
-        raise BundleError(f"{root} is not a bundle (no recipe.yaml)")
-    return root, load_recipe(root / "recipe.yaml")
+    opened = open_for_use(path, use)
+    return opened, load_recipe(opened.path("recipe.yaml"))
 
 
 @cli.command()
@@ -438,6 +447,7 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
     grid gives on the recipe's engine min/opt/max LR size.
     """
     from sls_deploy.adaptive.family import is_family, load_family
+    from sls_deploy.core.bundle import GRAPH_FILES
     from sls_deploy.trt.engine import require_tensorrt
 
     if not dry_run:
@@ -447,7 +457,7 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
         family = load_family(path)
         roots = [family.path(m) for m in family.members]
         for root in roots:  # every member checked before any engine is built
-            _device_bundle(root)
+            _device_bundle(root, [GRAPH_FILES[precision], *([] if dry_run else ["plan.json"])])
         for root in roots:
             click.echo(f"# family member {root.name}")
             _engine_one(root, precision, sparsity, workspace_mb, dry_run)
@@ -487,10 +497,12 @@ def _engine_one(path: Path, precision, sparsity, workspace_mb, dry_run) -> None:
     from sls_deploy.trt.engine import build_engine, dry_run as do_dry_run, engine_settings
     from sls_deploy.core.errors import BundleError
 
-    root, recipe = _device_bundle(path)
+    opened, recipe = _device_bundle(path)
+    root = opened.root
     settings = engine_settings(recipe, precision, sparsity, workspace_mb)
     if not (root / settings.graph).is_file():
         raise BundleError(f"{root} has no {settings.graph} (run `sls-deploy export {root} --precision {precision}`)")
+    opened.verify([settings.graph, *([] if dry_run else ["plan.json"])])  # what the build reads
     if dry_run:
         info = do_dry_run(root, settings)
         click.echo(f"# {info['path']}")
@@ -512,22 +524,24 @@ def _engine_one(path: Path, precision, sparsity, workspace_mb, dry_run) -> None:
 def pack(bundle_dir, out, force):
     """Pack what a device needs (graphs, plan, recipe, manifest, calibration cache, eval images) into a tar.
 
-    Every bundle file is checked against the sha256 its manifest recorded before it is packed."""
-    from sls_deploy.core.atomic import refuse_non_regular, remove_stale_temps
-    from sls_deploy.core.packing import pack as do_pack
+    Every bundle file is checked against the sha256 its manifest recorded, and every graph with onnx.checker,
+    before it is packed. --out is never a file inside the bundle."""
+    from sls_deploy.core.atomic import remove_stale_temps
+    from sls_deploy.core.opening import open_for_use
+    from sls_deploy.core.packing import check_pack_out, pack as do_pack, packed_names
     from sls_deploy.modalities.registry import is_video, resolve_data
     from sls_deploy.stages.build import reopen
 
-    if out:  # before anything reads it: a fifo would block the packed-bundle check
-        refuse_non_regular(Path(out), "--out")
-    run = reopen(Path(bundle_dir), _log)
+    root = Path(bundle_dir)
+    dest = Path(out) if out else root.with_name(root.name + ".tar.gz")
+    check_pack_out(root, dest, force)  # before anything is read: a fifo would block the packed-bundle check
+    run = reopen(root, _log)
     bundle, recipe = run.bundle, run.recipe
-    dest = Path(out) if out else bundle.root.with_name(bundle.root.name + ".tar.gz")
-    refuse_non_regular(dest, "--out")
     remove_stale_temps(dest.parent, names={dest.name})
     # video eval clips are not packed (they can be large): a device validates video against its own clips
     evals = [] if is_video(run.settings.modality) else resolve_data(run.settings.modality, run.settings.eval_data)
-    bundle.verify([n for n in bundle.require().get("files", {}) if n.endswith((".onnx", ".json", ".safetensors"))])
+    # every file packed matches the manifest and every graph passes onnx.checker (the manifest itself is packed as is)
+    open_for_use(bundle.root, [n for n in packed_names(bundle.root) if n != "manifest.json"])
     do_pack(bundle.root, dest, evals, recipe.opset, recipe.digest(), force=force)
     click.echo(f"wrote {dest}")
 

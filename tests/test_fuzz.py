@@ -520,3 +520,285 @@ def test_pickle_refusal_is_our_own_line(tmp_path, capsys):
     assert line == (f"error: {tmp_path / 'evil.pth'} is a pickle that needs code (print) to load, and that code is "
                     "never run; give .safetensors, or a .pt/.pth holding only tensors (and dicts/lists of them)")
     assert "weights_only" not in err and "this must never print" not in out + err and _tree(tmp_path) == before
+
+
+# --- issue 23: bundle integrity ---
+# Every consumer (upscale, route, engine, pack, validate) opens a bundle through core/opening.py: recipe.yaml and
+# every file it reads must match the recorded sha256, graphs pass onnx.checker and keep their weights inside,
+# pack.json names only paths inside the bundle, and a tar is checked from its headers before anything is extracted.
+
+import hashlib
+import io
+import shutil
+import tarfile
+
+import onnx
+from onnx import numpy_helper
+
+
+def _refused(capsys, tmp_path, args, codes=(1, 2), keep=()) -> str:
+    """Run ``args``; assert exit 1 or 2, one error line, no traceback, nothing under tmp_path (nor in the folders
+    ``keep``) created, changed or removed. Returns the line."""
+    before = {f: _tree(f) for f in (tmp_path, *keep)}
+    code, _, err = run_cli(capsys, *args)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code in codes, (args, code, err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, (args, err)
+    for f, tree in before.items():
+        assert _tree(f) == tree, (args, "created, changed or removed a file under", f)
+    assert not [p for p in tmp_path.rglob("*") if ".unpack-" in p.name], args
+    return lines[0]
+
+
+def _copy(built, tmp_path, name="c"):
+    dest = tmp_path / name
+    shutil.copytree(built, dest, ignore=shutil.ignore_patterns("work"))
+    return dest
+
+
+def _rehash(bundle, *names):
+    """What an attacker who also rewrites the manifest does: record the current sha256 of ``names``."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    for n in names:
+        m["files"][n] = hashlib.sha256((bundle / n).read_bytes()).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+def _photo(tmp_path, tiny_images):
+    dest = tmp_path / "photo.png"
+    shutil.copy(tiny_images["eval"] / "astronaut.png", dest)
+    return dest
+
+
+def test_upscale_refuses_a_graph_that_does_not_match_the_manifest(tmp_path, capsys, built, tiny_images):
+    c = _copy(built, tmp_path)
+    g = onnx.load(str(c / "model.onnx"))  # still a valid graph: only the hash tells
+    t = g.graph.initializer[0]
+    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 0, t.name))
+    onnx.save(g, str(c / "model.onnx"))
+    line = _refused(capsys, tmp_path, ["upscale", c, _photo(tmp_path, tiny_images), "-o", tmp_path / "o",
+                                       "--no-progress"])
+    assert "model.onnx was changed after it was written (sha256 mismatch)" in line
+
+
+@pytest.mark.parametrize("edit", [("num_feat: 16", "num_feat: 32"), ("  scale: 4", "  scale: 2"),
+                                  ("fp32_atol: 0.0001", "fp32_atol: 1.0")])
+def test_an_edited_bundle_recipe_is_refused_by_upscale_and_validate(tmp_path, capsys, built, tiny_images, edit):
+    c = _copy(built, tmp_path)
+    text = (c / "recipe.yaml").read_text()
+    assert edit[0] in text
+    (c / "recipe.yaml").write_text(text.replace(edit[0], edit[1]))
+    photo = _photo(tmp_path, tiny_images)
+    for args in (["upscale", c, photo, "-o", tmp_path / "o", "--no-progress"],
+                 ["validate", c, "--no-latency", "--no-progress"], ["engine", c, "--dry-run"]):
+        line = _refused(capsys, tmp_path, args)
+        assert "recipe.yaml was changed after it was written (sha256 mismatch)" in line, args
+
+
+def test_a_bundle_without_a_recorded_recipe_hash_is_refused_until_its_build_runs_again(tmp_path, capsys, built,
+                                                                                        tiny_images):
+    """Bundles written before recipe.yaml was hashed: refused in one line naming the remedy (README); running
+    the same build command again records the hash, skipping every finished stage, and the bundle works."""
+    c = _copy(built, tmp_path)
+    m = json.loads((c / "manifest.json").read_text())
+    del m["files"]["recipe.yaml"]
+    (c / "manifest.json").write_text(json.dumps(m))
+    photo = _photo(tmp_path, tiny_images)
+    for args in (["upscale", c, photo, "-o", tmp_path / "o", "--no-progress"], ["pack", c, "--out", tmp_path / "p.tar.gz"],
+                 ["validate", c, "--no-latency"], ["engine", c, "--dry-run"]):
+        line = _refused(capsys, tmp_path, args)
+        assert "written by an older sls-deploy that did not record the sha256 of recipe.yaml; run the build " \
+               "command that made it again" in line, args
+    code, _, err = run_cli(capsys, "build", "--recipe", built.parent / "tiny.yaml", "--weights",
+                           built.parent / "w.safetensors", "--budget", "0.9", "--method", "oneshot", "--n", "2",
+                           "--out", c, "--no-progress")
+    assert code == 0, err
+    assert err.count("up to date") >= 1 and "finetune" in err
+    assert json.loads((c / "manifest.json").read_text())["files"]["recipe.yaml"] == \
+        hashlib.sha256((c / "recipe.yaml").read_bytes()).hexdigest()
+    code, _, err = run_cli(capsys, "upscale", c, photo, "-o", tmp_path / "o", "--no-progress")
+    assert code == 0 and (tmp_path / "o" / "photo.png").is_file(), err
+
+
+def test_pack_refuses_a_truncated_graph_even_when_the_manifest_was_rehashed(tmp_path, capsys, built):
+    c = _copy(built, tmp_path)
+    (c / "model.onnx").write_bytes((c / "model.onnx").read_bytes()[:3000])
+    _rehash(c, "model.onnx")
+    line = _refused(capsys, tmp_path, ["pack", c, "--out", tmp_path / "c.tar.gz"])
+    assert "model.onnx" in line and "corrupt" in line
+
+
+def test_pack_runs_onnx_checker_on_what_it_packs(tmp_path, capsys, built):
+    c = _copy(built, tmp_path)
+    g = onnx.load(str(c / "model.fp16.onnx"))  # parses, but a node reads a tensor nothing produces
+    g.graph.node[0].input[0] = "nowhere"
+    onnx.save(g, str(c / "model.fp16.onnx"))
+    _rehash(c, "model.fp16.onnx")
+    line = _refused(capsys, tmp_path, ["pack", c, "--out", tmp_path / "c.tar.gz"])
+    assert line.startswith("error: onnx.checker rejects model.fp16.onnx")
+
+
+def test_pack_out_is_never_inside_the_bundle(tmp_path, capsys, built):
+    c = _copy(built, tmp_path)
+    for out in (c / "manifest.json", c / "new.tar.gz", c / "work" / ".." / "x.tar.gz"):
+        line = _refused(capsys, tmp_path, ["pack", c, "--out", out, "--force"], codes=(2,))
+        assert "is inside the bundle" in line
+
+
+@pytest.fixture(scope="module")
+def packed(built, tmp_path_factory):
+    """A pack of ``built`` and its unpacked folder (as `engine` leaves it)."""
+    from sls_deploy.cli import main
+
+    tmp = tmp_path_factory.mktemp("packed")
+    assert main(["pack", str(built), "--out", str(tmp / "dev.tar.gz")]) == 0
+    assert main(["engine", str(tmp / "dev.tar.gz"), "--dry-run"]) == 0
+    return tmp / "dev.tar.gz", tmp / "dev"
+
+
+def test_pack_json_members_must_be_paths_inside_the_bundle(tmp_path, capsys, packed):
+    """No absolute path, no '..', no symlink out: refused before any file is read, with the same message whether
+    the outside file's hash was guessed right or not (no hash oracle)."""
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not yours")
+    right = hashlib.sha256(outside.read_bytes()).hexdigest()
+    d = tmp_path / "d"
+    shutil.copytree(packed[1], d, ignore=shutil.ignore_patterns("engine"))
+    (d / "link").symlink_to(outside)
+    meta = json.loads((d / "pack.json").read_text())
+    lines = {}
+    for name in (str(outside), "../secret.txt", "val/../../secret.txt", "link"):
+        for sha in (right, "0" * 64):
+            (d / "pack.json").write_text(json.dumps({**meta, "files": {**meta["files"], name: sha}}))
+            lines[name, sha] = _refused(capsys, tmp_path, ["engine", d, "--dry-run"])
+        assert lines[name, right] == lines[name, "0" * 64], name
+        assert "not a relative path inside the bundle" in lines[name, right] or "leads out of the bundle" in \
+            lines[name, right]
+
+
+def _tar(path, members):
+    """A gzipped tar written header by header: (TarInfo, data or None); a member with None has a header only, so
+    it can declare any size while the file stays a few hundred bytes."""
+    buf = io.BytesIO()
+    for info, data in members:
+        buf.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        if data is not None:
+            buf.write(data + b"\0" * (-len(data) % 512))
+    buf.write(b"\0" * 1024)
+    path.write_bytes(__import__("gzip").compress(buf.getvalue()))
+    return path
+
+
+def _info(name, size=0, kind=tarfile.REGTYPE, link=""):
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.linkname = size, kind, link
+    return info
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unlisted", "member 'huge.bin' is not listed in pack.json (refused, nothing was extracted)"),
+    ("listed", "would unpack to more than 4 GiB"),
+    ("link", "refusing suspicious member 'model.onnx'"),
+    ("device", "refusing suspicious member 'dev'"),
+    ("absolute", "refusing suspicious member '/tmp/x'"),
+    ("dotdot", "refusing suspicious member '../x'"),
+    ("twice", "member 'pack.json' appears twice"),
+    ("no pack.json", "holds no pack.json"),
+])
+def test_a_tar_is_refused_from_its_headers_before_anything_is_extracted(tmp_path, capsys, case, message):
+    listed = {"huge.bin": "0" * 64} if case == "listed" else {"recipe.yaml": "0" * 64}
+    meta = json.dumps({"files": listed}).encode()
+    head = [(_info("pack.json", len(meta)), meta)]
+    members = {
+        "unlisted": head + [(_info("huge.bin", 3 * 2**29), None)],  # declares 1.5 GiB, holds nothing
+        "listed": head + [(_info("huge.bin", 5 * 2**30), None)],
+        "link": head + [(_info("model.onnx", kind=tarfile.SYMTYPE, link="/etc/passwd"), b"")],
+        "device": head + [(_info("dev", kind=tarfile.CHRTYPE), b"")],
+        "absolute": head + [(_info("/tmp/x", 1), b"x")],
+        "dotdot": head + [(_info("../x", 1), b"x")],
+        "twice": head + head,
+        "no pack.json": [(_info("recipe.yaml", 1), b"x")],
+    }[case]
+    tar = _tar(tmp_path / "dev.tar.gz", members)
+    assert tar.stat().st_size < 4096
+    line = _refused(capsys, tmp_path, ["engine", tar, "--dry-run"])
+    assert message in line
+    assert not (tmp_path / "dev").exists()
+
+
+def test_tar_names_that_give_no_folder_and_other_files_are_one_line(tmp_path, capsys, packed):
+    (tmp_path / "d").mkdir()
+    for name in (".tar.gz", "..tgz", ".tar"):
+        shutil.copy(packed[0], tmp_path / "d" / name)
+    shutil.copy(packed[0], tmp_path / "d" / "dev.zip")
+    for name in (".tar.gz", "..tgz", ".tar"):
+        line = _refused(capsys, tmp_path, ["engine", tmp_path / "d" / name, "--dry-run"])
+        assert "names none; rename it" in line
+    line = _refused(capsys, tmp_path, ["validate", tmp_path / "d" / "dev.zip"])
+    assert "is not a packed bundle: give a bundle folder or a .tar.gz, .tgz, .tar file" in line
+
+
+def test_empty_or_outside_pointing_graphs_are_one_line_even_when_rehashed(tmp_path, capsys, built, tiny_images):
+    photo = _photo(tmp_path, tiny_images)
+    c = _copy(built, tmp_path)
+    (c / "model.onnx").write_bytes(b"")
+    _rehash(c, "model.onnx")
+    line = _refused(capsys, tmp_path, ["upscale", c, photo, "-o", tmp_path / "o", "--no-progress"])
+    assert "model.onnx is empty (0 bytes), not an ONNX model" in line
+    shutil.rmtree(c)
+    c = _copy(built, tmp_path)
+    g = onnx.load(str(c / "model.onnx"))
+    t = g.graph.initializer[0]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.ClearField("raw_data")
+    t.ClearField("float_data")
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", "../../../etc/passwd"
+    onnx.save(g, str(c / "model.onnx"))
+    _rehash(c, "model.onnx")
+    for args in (["upscale", c, photo, "-o", tmp_path / "o", "--no-progress"], ["validate", c, "--no-latency"],
+                 ["engine", c, "--dry-run", "--precision", "fp32"], ["pack", c, "--out", tmp_path / "p.tar.gz"]):
+        line = _refused(capsys, tmp_path, args)
+        assert "keeps its data outside the graph file ('../../../etc/passwd')" in line, args
+
+
+def test_route_checks_every_member_against_its_manifest(tmp_path, capsys, built):
+    from sls_deploy.adaptive.family import Family, FamilyMember
+
+    fam = tmp_path / "fam"
+    fam.mkdir()
+    _copy(built, fam, "b0.40")
+    _copy(built, fam, "b0.60")
+    Family(fam, "edsr-tiny-x4", "oneshot", str(built.parent / "w.safetensors"),
+           (FamilyMember(0.4, "b0.40"), FamilyMember(0.6, "b0.60"))).save()
+    plan = json.loads((fam / "b0.60" / "plan.json").read_text())
+    plan["budget"] = 0.5
+    (fam / "b0.60" / "plan.json").write_text(json.dumps(plan))
+    line = _refused(capsys, tmp_path, ["route", fam, "--steps", "1"])
+    assert "b0.60: plan.json was changed after it was written (sha256 mismatch)" in line
+
+
+def test_a_good_pack_round_trips_through_engine_and_validate(tmp_path, capsys, built):
+    """.tar.gz, .tgz and .tar: `validate` and `engine --dry-run` unpack beside it, check every hash, and run."""
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        tar = tmp_path / f"dev{suffix}"
+        if suffix == ".tar":
+            with tarfile.open(tmp_path / "dev.tar.gz") as src, tarfile.open(tar, "w") as dst:
+                for m in src.getmembers():
+                    dst.addfile(m, src.extractfile(m))
+        else:
+            code, _, err = run_cli(capsys, "pack", built, "--out", tar)
+            assert code == 0, err
+        name = f"v{suffix.replace('.', '_')}"
+        shutil.copy(tar, tmp_path / f"{name}{suffix}")
+        code, out, err = run_cli(capsys, "validate", tmp_path / f"{name}{suffix}")
+        assert code == 0, err
+        res = json.loads(out)
+        assert res["passed"] and res["packed"] and res["eval_images"] == ["astronaut.png", "chelsea.png"]
+        assert {r["backend"] for r in res["shapes"]} == {"onnxruntime fp32", "onnxruntime fp16", "onnxruntime int8"}
+        assert (tmp_path / name / "pack.json").is_file() and not (tmp_path / name / "model.safetensors").exists()
+        code, out, err = run_cli(capsys, "engine", tmp_path / f"{name}{suffix}", "--dry-run")  # reuses the folder
+        assert code == 0 and "trtexec --onnx=model.fp16.onnx" in out, err
+        assert (tmp_path / name / "engine" / "build.json").is_file()
+    code, _, err = run_cli(capsys, "validate", tmp_path / "v_tgz", "--backend", "torch")
+    assert code == 2 and "carries no PyTorch weights" in err

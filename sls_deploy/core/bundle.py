@@ -107,9 +107,12 @@ class Bundle:
     def _write_manifest(self, m: Mapping[str, Any]) -> None:
         m = dict(m)
         m["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        recipe_sha = m.get("files", {}).get(RECIPE)  # as `claim` wrote it, never re-read: a later edit shows
         m["files"] = {name: atomic.sha256_file(self.path(name))
                       for name in sorted({f for s in m.get("stages", {}).values() for f in s["outputs"]})
                       if self.path(name).is_file()}
+        if recipe_sha:
+            m["files"][RECIPE] = recipe_sha
         atomic.write_json(self.path(MANIFEST), m)
 
     def check_claimable(self, build_key: Mapping[str, Any]) -> dict[str, Any]:
@@ -139,6 +142,7 @@ class Bundle:
         if options is not None:
             m["options"] = dict(options)
         atomic.write_text(self.path(RECIPE), recipe_text)
+        m["files"] = {**m.get("files", {}), RECIPE: atomic.sha256_file(self.path(RECIPE))}
         m.setdefault("stages", {})
         self._write_manifest(m)
 
@@ -190,6 +194,10 @@ class Bundle:
             if not p.is_file():
                 raise BundleError(f"bundle {self.root} lacks {name}")
             want = files.get(name)
+            if want is None and name == RECIPE:
+                raise BundleError(f"bundle {self.root} was written by an older sls-deploy that did not record the "
+                                  f"sha256 of {RECIPE}; run the build command that made it again to record it "
+                                  "(finished stages are skipped)")
             if want is None:
                 raise BundleError(f"bundle {self.root}: {name} is not recorded in the manifest")
             if atomic.sha256_file(p) != want:

@@ -19,6 +19,7 @@ from sls_deploy.core import atomic
 from sls_deploy.report import document as report_mod
 from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
+from sls_deploy.core.opening import open_for_use
 from sls_deploy.data import load_pair, resolve_images
 from sls_deploy.data.images import check_eval_size, check_pixels, conversion_note
 from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
@@ -52,7 +53,7 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
     bundle, recipe = run.bundle, run.recipe
     m = bundle.require()
     graph_files = graph_files_of(m)
-    bundle.verify([PLAN, WEIGHTS, *graph_files.values()])
+    open_for_use(bundle.root, [PLAN, WEIGHTS, *graph_files.values()])  # hashes, and onnx.checker on each graph
     plan = load_plan(bundle.path(PLAN))
     base = bundle.recorded_file("search", "base_weights")
     eval_spec = run.settings.eval_data

@@ -26,6 +26,7 @@ from sls_deploy.core import atomic
 from sls_deploy.report import document as report_mod
 from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
+from sls_deploy.core.opening import open_for_use
 from sls_deploy.data.video import read_frames, resolve_clips
 from sls_deploy.core.errors import DataError, UsageError, ValidationError
 from sls_deploy.config.recipe import Recipe
@@ -60,7 +61,7 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
         raise UsageError(f"--backend {vopts.backend} is not available for video bundles (use ort)")
     m = bundle.require()
     graph_files = graph_files_of(m)
-    bundle.verify([PLAN, WEIGHTS, *graph_files.values()])
+    open_for_use(bundle.root, [PLAN, WEIGHTS, *graph_files.values()])  # hashes, and onnx.checker on each graph
     plan = load_plan(bundle.path(PLAN))
     base = bundle.recorded_file("search", "base_weights")
     eval_spec = run.settings.eval_data

@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from sls_deploy.core.errors import UsageError
+from sls_deploy.core.opening import inference_files, open_for_use
 from sls_deploy.upscale.media import Job, VideoWriter, collect, read_image, video_frames, video_info, write_png
 from sls_deploy.upscale.runner import open_bundle, open_infer
 from sls_deploy.upscale.tiling import check_tiling, tile_count, upscale_tiled
@@ -19,6 +20,7 @@ def upscale(bundle: Path, inputs: list[str], out_dir: Path, *, backend: str = "o
     """Upscale every input into ``out_dir``; returns one record per output (path, sizes, frames, seconds)."""
     import time
 
+    open_for_use(bundle, inference_files(backend, precision))  # recipe and graph/weights match the manifest
     opened = open_bundle(bundle)
     check_tiling(tile, overlap, opened.min_size)
     jobs = collect(inputs, out_dir)  # every input checked before anything runs
