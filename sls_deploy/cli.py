@@ -577,15 +577,19 @@ def inspect(target, size, as_json):
               help="LR pixels of context around each tile; at least the network's receptive radius makes the "
                    "tiled output equal the untiled one.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per output.")
+@click.option("--force", is_flag=True, help="Replace existing files in the -o folder that upscale did not write "
+              "(never an input, a file in a bundle, or anything but a regular file).")
 @_progress_option
-def upscale(bundle_dir, inputs, out, backend, precision, tile, overlap, as_json, no_progress):
-    """Run a bundle on your own images (PNG/JPEG/TIFF/BMP/WebP; gray and RGBA become RGB) and videos (mp4, mov,
-    mkv, avi, webm: every frame, same frame count and fps), tiled, with a progress bar. Every input is checked
-    before anything runs; each output appears only when complete."""
+def upscale(bundle_dir, inputs, out, backend, precision, tile, overlap, as_json, force, no_progress):
+    """Run a bundle on your own images (PNG/JPEG/TIFF/BMP/WebP; gray and RGBA become RGB; EXIF orientation
+    applied) and videos (mp4, mov, mkv, avi, webm: every frame, same frame count and fps), tiled, with a progress
+    bar. Every input and output path is checked before anything runs; each output appears only when complete. An
+    existing file is replaced only if an earlier upscale wrote it and it is unchanged since, or with --force;
+    never an input or a file inside a bundle."""
     from sls_deploy.upscale.run import upscale as run_upscale
 
     records = run_upscale(Path(bundle_dir), list(inputs), Path(out), backend=backend, precision=precision,
-                          tile=tile, overlap=overlap, progress=not no_progress,
+                          tile=tile, overlap=overlap, progress=not no_progress, force=force,
                           log=(lambda s: None) if as_json else _log)
     if as_json:
         click.echo(json.dumps(records, indent=2))

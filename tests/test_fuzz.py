@@ -802,3 +802,165 @@ def test_a_good_pack_round_trips_through_engine_and_validate(tmp_path, capsys, b
         assert (tmp_path / name / "engine" / "build.json").is_file()
     code, _, err = run_cli(capsys, "validate", tmp_path / "v_tgz", "--backend", "torch")
     assert code == 2 and "carries no PyTorch weights" in err
+
+
+# --- issue 23: upscale outputs and media ---
+
+
+def _snapshot(folder):
+    """Every entry under ``folder`` (links not followed): its kind and, for a regular file, its bytes."""
+    import os
+    import stat
+
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                out[os.path.relpath(p, folder)] = open(p, "rb").read()
+            elif stat.S_ISLNK(st.st_mode):
+                out[os.path.relpath(p, folder)] = ("link", os.readlink(p))
+            else:
+                out[os.path.relpath(p, folder)] = (stat.S_IFMT(st.st_mode), st.st_ino)
+    return out
+
+
+def _png_header(width, height):
+    """A PNG of ``width`` x ``height`` pixels as far as its header says (a few bytes, never decoded here)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b""))
+
+
+def _video(path, fps, size, frames=3):
+    import imageio.v2 as iio2
+    import numpy as np
+
+    with iio2.get_writer(str(path), "ffmpeg", fps=fps, codec="libx264", macro_block_size=1,
+                         ffmpeg_log_level="error") as w:
+        for i in range(frames):
+            w.append_data(np.full(size[::-1] + (3,), 40 * i, np.uint8))
+
+
+def _media_cases(tmp, bundle):
+    """(arguments after `upscale BUNDLE`, fragment of the one error line) for every refused upscale."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).save(tmp / "photo.png")
+    (tmp / "X").mkdir()
+    (tmp / "X" / "photo.png").write_bytes((tmp / "photo.png").read_bytes())
+    (tmp / "Y").mkdir()
+    (tmp / "Y" / "photo.png").write_text("my notes, not a picture")  # unrelated file of the output's name
+    (tmp / "report_crop.png").write_bytes((tmp / "photo.png").read_bytes())
+    Image.new("RGB", (1, 1)).save(tmp / "one_px.png")
+    Image.new("RGB", (7, 3)).save(tmp / "small.png")
+    (tmp / "huge.png").write_bytes(_png_header(20000, 20000))
+    frames = [Image.new("RGB", (16, 16), c) for c in ("red", "blue", "green")]
+    frames[0].save(tmp / "anim.png", format="GIF", save_all=True, append_images=frames[1:])  # a GIF named .png
+    frames[0].save(tmp / "apng.png", format="PNG", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp / "pages.tif", format="TIFF", save_all=True, append_images=frames[1:])
+    _video(tmp / "tiny.mp4", 12, (2, 2))
+    _video(tmp / "fast.mp4", 1000, (16, 16))
+    for d in ("F", "L", "M", "K"):
+        (tmp / d).mkdir()
+    os.mkfifo(tmp / "F" / "photo.png")  # a fifo where the output would go
+    os.symlink("/dev/null", tmp / "L" / "photo.png")  # a link to a device
+    os.mkfifo(tmp / "M" / ".sls-upscale.json")  # upscale's record of its outputs, replaced by a fifo
+    os.symlink(bundle / "recipe.yaml", tmp / "K" / "photo.png")  # a link into the bundle
+    os.mkfifo(tmp / "fifo_out")
+    os.mkfifo(tmp / "input_fifo.png")
+    p, b = str(tmp / "photo.png"), str(bundle)
+    return [
+        ([str(tmp / "X" / "photo.png"), "-o", str(tmp / "X")], "would overwrite the input", 2),
+        ([str(tmp / "X" / "photo.png"), "-o", str(tmp / "X"), "--force"], "would overwrite the input", 2),
+        ([p, "-o", str(tmp / "Y")], "pass --force to replace it", 1),
+        ([str(tmp / "report_crop.png"), "-o", b], "is a bundle: upscale never writes into a bundle", 2),
+        ([str(tmp / "report_crop.png"), "-o", b, "--force"], "upscale never writes into a bundle", 2),
+        ([p, "-o", str(bundle / "work" / "new"), "--force"], f"is inside the bundle {bundle}", 2),
+        ([p, "-o", str(tmp / "K"), "--force"], "is a link into the bundle", 2),
+        ([p, str(tmp / "one_px.png"), "-o", str(tmp / "o1")], "the image is 1 px wide x 1 px tall", 1),
+        ([p, "-o", "/proc/self/x"], "cannot create output folder /proc/self/x", 1),
+        ([str(tmp / "small.png"), "-o", str(tmp / "o2")], "small.png: the image is 7 px wide x 3 px tall", 1),
+        ([str(tmp / "huge.png"), "-o", str(tmp / "o3")], "huge.png is 20000x20000 (381.5 MP), above the limit", 1),
+        ([str(tmp / "tiny.mp4"), "-o", str(tmp / "o4")], "a video whose frames are 2 px wide x 2 px tall", 1),
+        ([str(tmp / "fast.mp4"), "-o", str(tmp / "o5")], "frame rate of 1000 fps, outside the supported range", 1),
+        ([p, str(tmp / "anim.png"), "-o", str(tmp / "o6")], "anim.png holds 3 frames", 1),
+        ([str(tmp / "apng.png"), "-o", str(tmp / "o7")], "apng.png holds 3 frames", 1),
+        ([str(tmp / "pages.tif"), "-o", str(tmp / "o8")], "pages.tif holds 3 frames", 1),
+        ([p, "-o", str(tmp / "F"), "--force"], "exists and is a fifo: upscale never replaces one", 1),
+        ([p, "-o", str(tmp / "L"), "--force"], "(a link) exists and is a device", 1),
+        ([p, "-o", str(tmp / "M"), "--force"], ".sls-upscale.json is not a regular file", 1),
+        ([p, "-o", str(tmp / "fifo_out")], "fifo_out is a fifo; give a folder", 2),
+        ([str(tmp / "input_fifo.png"), "-o", str(tmp / "o9")], "input_fifo.png is not a regular file", 1),
+    ]
+
+
+def test_upscale_refuses_in_one_line_and_touches_nothing(tmp_path, capsys, built):
+    import os
+
+    cases = _media_cases(tmp_path, built)
+    bundle_before, devnull = _snapshot(built), os.stat("/dev/null")
+    for args, fragment, rc in cases:
+        before = _snapshot(tmp_path)
+        code, _, err = run_cli(capsys, "upscale", built, *args, "--no-progress")
+        lines = [l for l in err.splitlines() if l.strip()]
+        assert code == rc and len(lines) == 1 and lines[0].startswith("error: "), (args, code, err)
+        assert fragment in lines[0] and "Traceback" not in err, (args, err)
+        assert _snapshot(tmp_path) == before, (args, "created, changed or removed something")
+        assert _snapshot(built) == bundle_before, args
+    assert not os.path.lexists("/proc/self/x")
+    now = os.stat("/dev/null")
+    assert (now.st_mode, now.st_rdev, now.st_ino) == (devnull.st_mode, devnull.st_rdev, devnull.st_ino)
+    assert os.readlink(tmp_path / "L" / "photo.png") == "/dev/null"
+    assert len(cases) == 21
+
+
+def test_upscale_applies_and_reports_the_exif_orientation(tmp_path, capsys, built):
+    import imageio.v3 as iio
+    import numpy as np
+    from PIL import Image
+
+    stored = Image.fromarray((np.random.default_rng(1).random((20, 24, 3)) * 255).astype(np.uint8))
+    exif = stored.getexif()
+    exif[0x0112] = 6  # stored 24 wide x 20 tall; shown rotated 90 degrees clockwise: 20 wide x 24 tall
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "phone.jpg") as im:  # the decoded JPEG pixels, turned as a viewer shows them
+        Image.fromarray(np.rot90(np.asarray(im), -1)).save(tmp_path / "upright.png")
+    code, _, err = run_cli(capsys, "upscale", built, tmp_path / "phone.jpg", tmp_path / "upright.png", "-o",
+                           tmp_path / "o", "--no-progress")
+    assert code == 0, err
+    assert f"{tmp_path / 'phone.jpg'}: rotated per its EXIF orientation (6: rotated 90 degrees clockwise)" in err
+    phone, upright = iio.imread(tmp_path / "o" / "phone.png"), iio.imread(tmp_path / "o" / "upright.png")
+    assert phone.shape == (96, 80, 3) and np.array_equal(phone, upright)
+
+
+def test_upscale_force_replaces_an_unrelated_file_and_a_rerun_replaces_only_its_own(tmp_path, capsys, built):
+    import imageio.v3 as iio
+    from PIL import Image
+
+    Image.new("RGB", (12, 10), "red").save(tmp_path / "a.png")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "a.png").write_text("mine")
+    code, _, err = run_cli(capsys, "upscale", built, tmp_path / "a.png", "-o", out, "--force", "--no-progress")
+    assert code == 0, err and iio.imread(out / "a.png").shape == (40, 48, 3)
+    first = (out / "a.png").read_bytes()
+    # the same command again: a.png is upscale's own output, unchanged since, so it is replaced without --force
+    code, _, err = run_cli(capsys, "upscale", built, tmp_path / "a.png", "-o", out, "--no-progress")
+    assert code == 0 and "replaced: its own earlier output, unchanged" in err, err
+    assert (out / "a.png").read_bytes() == first
+    # once the user changed it, it is theirs: refused without --force, and kept byte for byte
+    (out / "a.png").write_bytes(first + b"edited")
+    code, _, err = run_cli(capsys, "upscale", built, tmp_path / "a.png", "-o", out, "--no-progress")
+    assert code == 1 and "is not an unchanged output of an earlier upscale" in err and "Traceback" not in err
+    assert (out / "a.png").read_bytes() == first + b"edited"

@@ -202,3 +202,17 @@ class Bundle:
                 raise BundleError(f"bundle {self.root}: {name} is not recorded in the manifest")
             if atomic.sha256_file(p) != want:
                 raise BundleError(f"bundle {self.root}: {name} was changed after it was written (sha256 mismatch)")
+
+
+def enclosing_bundle(path: str | Path) -> Path | None:
+    """The bundle folder that ``path`` is or lies in (links followed), or None. A bundle folder holds a manifest.json
+    and the recipe.yaml or the write lock every bundle gets when it is claimed (so a web folder's manifest.json is
+    not taken for one)."""
+    p = Path(path).resolve()
+    for d in (p, *p.parents):
+        try:
+            if (d / MANIFEST).is_file() and ((d / RECIPE).is_file() or os.path.lexists(d / LOCK)):
+                return d
+        except OSError:  # a folder we may not look into is no bundle we could write either
+            continue
+    return None
