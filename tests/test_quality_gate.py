@@ -131,7 +131,7 @@ def test_a_model_below_bicubic_fails_validate_naming_the_figures(below_bicubic, 
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert "## Quality gate" in md and "Verdict: **FAIL**" in md
     assert f"| pruned | {p['pruned']:.2f} | {p['dense'] - p['pruned']:.2f} | 0.50 |" in md
-    assert "<h2>Quality gate</h2>" in html and "too close to or below bicubic</td>" in html
+    assert "<h2>Quality gate</h2>" in html and "short of the bicubic limit</td>" in html
 
 
 def test_validate_backend_torch_applies_the_same_gate(below_bicubic, tmp_path, capsys):

@@ -70,7 +70,7 @@ def quality_gate_section(gate: dict | None) -> Section | None:
     rows = [[r["name"], f"{r['psnr_db']:.2f}", f"{r['drop_vs_dense_db']:.2f}", lim(r["max_drop_vs_dense_db"]),
              f"{r['gain_vs_baseline_db']:+.2f}", lim(r["min_gain_vs_baseline_db"], "+"),
              "pass" if r["passed"] else "FAIL: " + " and ".join(
-                 "too far below dense" if f == "dense" else f"too close to or below {base}" for f in r["failed"])]
+                 "too far below dense" if f == "dense" else f"short of the {base} limit" for f in r["failed"])]
             for r in gate["rows"]]
     return Section("Quality gate", [
         f"Does the pruned model still beat what it replaces? PSNR-{ch} on the eval data: dense "

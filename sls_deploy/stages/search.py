@@ -44,11 +44,12 @@ def run_search(run: Run) -> Plan | StructuredPlan:
                               "ref": recipe.reference_output, "model": recipe.model.options, "seed": s.seed,
                               "modality": s.modality}
     allowed, need = s.search_phase(recipe)
-    if 0 < allowed < need:
-        what = ("the SLS search may take at most {} steps instead of {} (sls.max_search_steps)" if s.method == "sls"
-                else f"{s.method}'s search phase takes {{}} steps instead of {{}} (structured.ssl_steps)")
-        run.log(f"  --steps {s.steps} is short: {what.format(allowed, need)}, so that finetuning gets at least "
-                f"{s.steps - allowed} (a quarter of --steps)")
+    if allowed < need and s.steps > 0:
+        what = (f"the SLS search may take at most {allowed} steps instead of {need} (sls.max_search_steps)"
+                if s.method == "sls" else
+                f"{s.method}'s search phase takes {allowed} steps instead of {need} (structured.ssl_steps)")
+        run.log(f"  --steps {s.steps} is short: {what}, so that finetuning gets at least {s.steps - allowed} "
+                "(a quarter of --steps)")
     if s.strategy == "nm":
         inputs.update(n=s.n, target=s.target)
         if s.method == "sls":
