@@ -262,7 +262,7 @@ def per_image_costs(images: Path, n: int = 20) -> dict:
     """Seconds per image before step 1, interleaved on the same images, medians: the old pipeline's
     ``load_pair`` (decode, float32, whole-image bicubic LR) against the new one's header read."""
     sys.path.insert(0, str(ROOT))
-    from sls_deploy.data.catalog import header_size
+    from sls_deploy.data.images import check_image
     from sls_deploy.data.images import load_pair
 
     files = sorted(images.iterdir())[:n]
@@ -272,7 +272,7 @@ def per_image_costs(images: Path, n: int = 20) -> dict:
         load_pair(f, 4)
         old.append(time.perf_counter() - t)
         t = time.perf_counter()
-        header_size(f)
+        check_image(f)
         new.append(time.perf_counter() - t)
     return {"images": len(files), "old_load_pair_s": round(statistics.median(old), 3),
             "new_header_s": round(statistics.median(new), 5)}

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from sls_deploy.core.errors import DataError
-from sls_deploy.data.images import MAX_IMAGE_PIXELS, read_pixels
+from sls_deploy.data.images import check_image, read_pixels
 from sls_deploy.data.sources import resolve_images
 
 MARKER = "prepare-data.json"  # written by prepare-data into every folder it creates
@@ -61,44 +61,20 @@ class TrainImage:
         return self.width * self.height * 3
 
 
-def header_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image file from its header, without decoding the pixels (Pillow, else imageio's
-    properties); a file neither can read is a DataError naming it."""
-    from PIL import Image
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception:
-        pass
-    try:
-        import imageio.v3 as iio
-
-        shape = iio.improps(path).shape
-        if len(shape) >= 2:
-            return int(shape[1]), int(shape[0])
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"cannot read image {path}: {first[:160]}") from None
-    raise DataError(f"cannot read image {path}: no image size in its header")
-
-
 def scan_images(files: Sequence[str | os.PathLike | TrainImage]) -> list[TrainImage]:
-    """``TrainImage`` of every file from its header (entries given as ``TrainImage`` are kept); an unreadable
-    header or an image above ``images.MAX_IMAGE_PIXELS`` is named here."""
+    """``TrainImage`` of every file from its header (``images.check_image``: the size as shown, after the EXIF
+    orientation; entries given as ``TrainImage`` are kept); a missing file, an unreadable header, an image of
+    several frames or one above ``images.MAX_IMAGE_PIXELS`` is named here."""
     out = []
     for f in files:
         if isinstance(f, TrainImage):
             out.append(f)
             continue
-        w, h = header_size(f)
-        if w * h > MAX_IMAGE_PIXELS:
-            raise DataError(f"image {Path(f).name} is {w}x{h} ({w * h / 2**20:.1f} MP), above the limit of "
-                            f"{MAX_IMAGE_PIXELS / 2**20:.1f} MP; downscale or crop it")
-        out.append(TrainImage(Path(f).name, Path(f), int(w), int(h)))
+        path = Path(f)
+        if not path.is_file():
+            raise DataError(f"image not found: {path}")
+        info = check_image(path)
+        out.append(TrainImage(path.name, path, info.width, info.height))
     return out
 
 
@@ -138,5 +114,5 @@ def training_images(spec: str | os.PathLike) -> list[TrainImage]:
     return scan_images(resolve_images(spec))
 
 
-__all__ = ["CREATED_BY", "MARKER", "MEMMAP_DATA", "TrainImage", "header_size", "memmap_images", "read_marker",
+__all__ = ["CREATED_BY", "MARKER", "MEMMAP_DATA", "TrainImage", "memmap_images", "read_marker",
            "scan_images", "training_images"]

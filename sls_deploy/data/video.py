@@ -51,8 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from sls_deploy.core.errors import DataError
-from sls_deploy.data.catalog import header_size
-from sls_deploy.data.images import bicubic_down, read_rgb
+from sls_deploy.data.images import bicubic_down, check_image, read_rgb
 from sls_deploy.data.patches import dihedral
 from sls_deploy.data.sources import IMAGE_SUFFIXES
 from sls_deploy.data.stream import DECODED_CACHE_BYTES, BatchStream, DecodedCache, resolve_workers
@@ -332,7 +331,8 @@ def clip_header(source: ClipSource, max_side: int | None) -> ClipHeader:
         files = tuple(_folder_frames(source))
         if not files:
             return ClipHeader(0, 0, 0)
-        w, h = header_size(files[0])
+        info = check_image(files[0], what="frame")
+        w, h = info.width, info.height
         rh, rw = _reduced_size(h, w, max_side)
         return ClipHeader(len(files), rh, rw, files, (files[0].name, (h, w)))
     import imageio_ffmpeg
