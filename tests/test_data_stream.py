@@ -4,6 +4,7 @@ corrupt files named mid-run, folder clips read by window, prepare-data's sub-ima
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_RECIPE, data_error, error_line, run_cli, write_tiny_recipe
+from conftest import TINY_RECIPE, data_error, error_line, run_cli, same_package_env, write_tiny_recipe
 from sls_deploy.core.errors import DataError
 from sls_deploy.data.catalog import MARKER, MEMMAP_DATA, training_images
 from sls_deploy.data.patches import PatchSampler
 from sls_deploy.data.prepare import window_starts
 from sls_deploy.data.video import ClipSampler, resolve_clips
 from sls_deploy.training.loop import TrainConfig, read_checkpoint, train
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_random(path: Path, h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -115,9 +114,8 @@ def test_training_with_loader_workers_resumes_bit_identical(images, tmp_path):
 MEMORY_PROBE = r"""
 import json, resource, sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
 from sls_deploy.data.patches import PatchSampler
-files = sorted(Path(sys.argv[2]).glob("*.png"))[: int(sys.argv[3])]
+files = sorted(Path(sys.argv[1]).glob("*.png"))[: int(sys.argv[2])]
 s = PatchSampler(files, 2, 16, 4, seed=0, workers=0, cache_bytes=0)
 for _ in range(5):
     s.batch()
@@ -132,8 +130,8 @@ def test_memory_stays_flat_as_the_set_grows(tmp_path):
         write_random(folder / f"{i:03d}.png", 192, 192, seed=i)
 
     def peak_kb(n: int) -> int:
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(ROOT), str(folder), str(n)], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(folder), str(n)], check=True,
+                             capture_output=True, text=True, env=same_package_env()).stdout
         rec = json.loads(out.strip().splitlines()[-1])
         assert rec["files"] == n
         return rec["maxrss_kb"]
@@ -323,3 +321,16 @@ def test_prepare_data_replaces_only_its_own_output_and_is_atomic(tmp_path, capsy
     assert code == 1 and "b.png" in error_line(err)
     assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "mine", "src"]  # no temporary folder left
+    # a temporary folder a killed prepare-data left is removed by the next run for the same output; others stay
+    from sls_deploy.core.atomic import temp_name
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / (temp_name(mine).replace(f"-{os.getpid()}.", f"-{dead.pid}.") + "abcd1234.tmp")
+    live = tmp_path / (temp_name(mine) + "efgh5678.tmp")
+    for d in (stale, live):
+        d.mkdir()
+        (d / "a_s001.png").write_bytes(b"partial")
+    (src / "b.png").unlink()
+    assert run_cli(capsys, "prepare-data", src, mine, "--no-progress")[0] == 0
+    assert not stale.exists() and (live / "a_s001.png").read_bytes() == b"partial"

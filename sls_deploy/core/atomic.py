@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -137,11 +138,12 @@ def _pid_running(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False,
-                       names: set[str] | None = None) -> list[Path]:
+                       names: set[str] | None = None, folders: bool = False) -> list[Path]:
     """Remove the temporary files ``atomic_path`` left in ``folder`` (and below, if ``recursive``) when its
     process was killed mid-write; ``names``: only those of these final file names. Only this module's naming
     is touched, and only files whose writer is gone: its pid no longer runs here, or (another machine's, or the
-    pid-less names of earlier versions) the file is over STALE_AGE_S old. Returns what was removed."""
+    pid-less names of earlier versions) the file is over STALE_AGE_S old; ``folders``: ``atomic_dir``'s temporary
+    folders too. Returns what was removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -150,7 +152,8 @@ def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False,
         m = _TEMP.match(p.name)
         try:
             st = os.lstat(p)
-            if not stat.S_ISREG(st.st_mode):
+            is_dir = folders and stat.S_ISDIR(st.st_mode)  # atomic_dir's temporary folders
+            if not (stat.S_ISREG(st.st_mode) or is_dir):
                 continue
             if m:
                 if names is not None and m["name"] not in names:
@@ -162,7 +165,10 @@ def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False,
             else:
                 continue
             if stale:
-                p.unlink()
+                if is_dir:
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
                 removed.append(p)
         except FileNotFoundError:  # removed meanwhile
             continue
@@ -194,12 +200,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a new temporary folder beside ``final``; if the block succeeds it becomes ``final`` (a folder
     already there is moved aside first and deleted after), else it is deleted. Whether an existing ``final``
-    may be replaced is the caller's decision."""
-    import shutil
-
+    may be replaced is the caller's decision. The temporary folder is named like ``atomic_path``'s files, so one
+    a killed writer left is removed (``remove_stale_temps``) when the same ``final`` is written again."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    remove_stale_temps(final.parent, names={final.name}, folders=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_name(final), suffix=".tmp", dir=final.parent))
     old = None
     try:
         yield tmp
