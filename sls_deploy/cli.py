@@ -479,7 +479,7 @@ def _router_engines(family_root: Path, workspace_mb, dry_run) -> None:
         return
     family = load_family(family_root)
     recipe = load_recipe(family.path(family.members[0]) / RECIPE)
-    for name, profile in router_profiles(family_root, recipe.engine).items():
+    for name, profile in router_profiles(family, recipe.engine).items():
         root = family_root / "routers" / name
         settings = graph_settings(f"../../{router_file(name)}", profile, workspace_mb or recipe.engine.workspace_mb)
         click.echo(f"# router {name}")
@@ -510,8 +510,10 @@ def _engine_one(path: Path, precision, sparsity, workspace_mb, dry_run) -> None:
         click.echo(info["polygraphy"])
         click.echo(f"# settings written to {root / 'engine' / settings.out_name('build.json')}")
         return
-    plan = json.loads((root / "plan.json").read_text())
-    info = build_engine(root, settings, plan["layers"])
+    from sls_deploy.pruning.registry import load_plan
+
+    plan = load_plan(root / "plan.json")
+    info = build_engine(root, settings, plan.to_json()["layers"])
     click.echo(f"engine {root / settings.engine_file} built in {info['seconds']}s ({info['path']}); "
                f"per-layer sparsity in {root / 'engine' / 'layers.json'}")
 

@@ -29,6 +29,7 @@ from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, 
 from sls_deploy.core.opening import open_for_use
 from sls_deploy.data.video import read_frames, resolve_clips
 from sls_deploy.core.errors import DataError, UsageError, ValidationError
+from sls_deploy.core.safe_json import load_json
 from sls_deploy.config.recipe import Recipe
 from sls_deploy.pruning.channels.plan import StructuredPlan
 from sls_deploy.pruning.registry import load_plan
@@ -73,7 +74,7 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
         "channel": recipe.metric_channel, "latency": [vopts.latency, runs, warmup, vopts.threads]})
     if bundle.stage_is_current("validate", inputs):
         run.log("  up to date")
-        return json.loads(bundle.path(REPORT_JSON).read_text())
+        return load_json(bundle.path(REPORT_JSON), "report")
     t0 = time.perf_counter()
     clips = resolve_clips(eval_spec)
     need = 11 + 2 * recipe.scale

@@ -11,7 +11,6 @@ without --force while it is unchanged since; a file edited since, or any other f
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ from pathlib import Path
 
 from sls_deploy.core import atomic
 from sls_deploy.core.bundle import enclosing_bundle
-from sls_deploy.core.errors import DataError, UsageError
+from sls_deploy.core.errors import DataError, SlsError, UsageError
+from sls_deploy.core.safe_json import load_json
 
 OWNED = ".sls-upscale.json"  # {"outputs": {name: sha256}} of the files upscale wrote into its folder
 OWNED_MAX_BYTES = 4 * 2**20
@@ -69,8 +69,8 @@ def _read_owned(path: Path) -> dict[str, str]:
     if st.st_size > OWNED_MAX_BYTES:
         return {}
     try:
-        outputs = json.loads(path.read_text()).get("outputs", {})
-    except (OSError, ValueError, AttributeError):
+        outputs = load_json(path, "upscale record", DataError, OWNED_MAX_BYTES).get("outputs", {})
+    except (SlsError, AttributeError):
         return {}
     if not isinstance(outputs, dict):
         return {}
