@@ -196,7 +196,7 @@ def _short(text: str, n: int = 60) -> str:
 def _same_pack(folder: Path, meta: bytes) -> bool:
     """``folder`` is an intact unpacked copy of the pack whose pack.json is ``meta``."""
     try:
-        if not (folder / PACK_MANIFEST).is_file() or (folder / PACK_MANIFEST).read_bytes() != meta:
+        if read_capped(folder / PACK_MANIFEST, PACK_MANIFEST, BundleError, MAX_PACK_MANIFEST) != meta:
             return False
         verify_packed(folder)
         return True

@@ -27,6 +27,7 @@ from sls_deploy.report import document as report_mod
 from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
 from sls_deploy.core.opening import open_for_use
+from sls_deploy.data.images import dims
 from sls_deploy.data.video import read_frames, resolve_clips
 from sls_deploy.core.errors import DataError, UsageError, ValidationError
 from sls_deploy.core.safe_json import load_json
@@ -81,7 +82,8 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
     for c in clips:  # SSIM's 11x11 window after the border crop
         h, w = read_frames(c, 0, 1).shape[1:3]
         if min(h, w) < need:
-            raise DataError(f"eval clip {c.name} has {w}x{h} frames; evaluation needs at least {need}x{need}")
+            raise DataError(f"eval clip {c.name} has frames {dims(w, h)}; evaluation needs at least {need} px on "
+                            "each side")
     dense = load_model(recipe, base)
     pruned = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan))
     spec = graph_spec(recipe)
