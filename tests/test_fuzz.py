@@ -1179,9 +1179,10 @@ if sys.argv[1] == "unpack":  # killed once every member is extracted, before the
     from sls_deploy.core import packing
     packing.verify_packed = die
     packing.unpack(Path(sys.argv[2]))
-else:  # killed after upscale's first video frame
+else:  # killed once upscale's first video frame went to ffmpeg
     from sls_deploy.upscale import media, run
-    media.VideoWriter.append = die
+    first = media.VideoWriter.append
+    media.VideoWriter.append = lambda self, frame: (first(self, frame), die())
     run.upscale(Path(sys.argv[2]), [sys.argv[3]], Path(sys.argv[4]), progress=False)
 """
 

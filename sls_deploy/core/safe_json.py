@@ -59,5 +59,5 @@ def load_json(path: str | os.PathLike, what: str, error: type[SlsError] = Bundle
               max_bytes: int = MAX_BYTES) -> Any:
     """The JSON value in the file ``path`` (``what`` names it: "manifest", "plan", ...), or one-line ``error``:
     missing or unreadable, not a regular file, over ``max_bytes``, nested over MAX_DEPTH, or not JSON."""
-    data = read_capped(path, what, error, max_bytes, "such files are a few KB")
+    data = read_capped(path, what, error, max_bytes, "not a file sls-deploy wrote")
     return parse_json(data, str(path), what, error)
