@@ -138,7 +138,9 @@ def cli() -> None:
 @click.option("--data", help="Training data for finetune: a folder of HR images, or for video models of clips "
               "(default: the recipe's list).")
 @click.option("--eval-data", help="Eval data: a folder of HR images or clips (default: the recipe's eval list).")
-@click.option("--steps", type=STEPS, help="Finetune steps (default: the recipe's).")
+@click.option("--steps", type=STEPS, help="Training steps after the base model, search and finetune "
+              "together (default: the recipe's finetune.steps); the search (ssl's scale learning, the SLS search) "
+              "takes at most three quarters of them, finetuning the rest.")
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>; "
               "a family: runs/<model>-family).")
 @click.option("--nested", is_flag=True, help="A family (several --budget) of channel members that share one weight "
@@ -287,7 +289,9 @@ def import_sls(checkpoint, model_name, recipe_path, weights, m, out):
 
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--steps", type=STEPS, help="Finetune steps (default: the recipe's).")
+@click.option("--steps", type=STEPS, help="Training steps counted as build's --steps: the search's "
+              "steps (ssl's scale learning, the SLS search) plus finetuning, which runs the rest (default: the "
+              "bundle's). 0: no finetuning (the searched weights as they are).")
 @click.option("--data", help="Folder of HR training images (default: the recipe's train list).")
 @click.option("--resume", "resume", flag_value=True, default=None, help="Continue an interrupted finetune.")
 @click.option("--restart", "resume", flag_value=False, help="Discard an interrupted finetune's checkpoint.")
@@ -307,6 +311,10 @@ def finetune(bundle_dir, steps, data, resume, no_progress):
     if not dist.is_main():
         return
     click.echo(f"finetuned {info.get('steps')} steps -> {run.bundle.path('model.safetensors')}")
+    stale = [k for k, v in run.bundle.manifest().get("invalidated", {}).items() if v == "finetune"]
+    if stale:
+        click.echo(f"{' and '.join(stale)} no longer current (new weights): next `sls-deploy export {bundle_dir}` "
+                   f"and `sls-deploy validate {bundle_dir}`, or the build again")
 
 
 @cli.command()

@@ -966,6 +966,94 @@ def test_upscale_force_replaces_an_unrelated_file_and_a_rerun_replaces_only_its_
     assert (out / "a.png").read_bytes() == first + b"edited"
 
 
+# --- issue 23: quality gates ---------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from([("validate", "max_drop_vs_dense_db"), ("validate", "min_gain_vs_baseline_db")]),
+       value=WEIRD)
+def test_any_quality_gate_limit_loads_or_is_one_typed_error(tmp_path_factory, field, value):
+    path = tmp_path_factory.mktemp("r") / "r.yaml"
+    path.write_text(yaml.safe_dump(_set(EDSR, field, value)))
+    try:
+        v = load_recipe(path).validate
+    except SlsError as e:
+        assert "\n" not in str(e) and str(e).startswith(f"validate.{field[1]} must be ")
+    else:
+        limit = getattr(v, field[1])
+        assert limit is None if value is None else limit == float(value)
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory, tiny_images):
+    """Two tiny bundles with the quality gate on: a one-shot one whose random weights fail it (build exit 1), and
+    an ssl one (its search took 3 of its steps) finetuned again after export (export and validate stale)."""
+    from conftest import TINY_RECIPE, write_tiny_recipe, write_tiny_weights
+
+    folder = tmp_path_factory.mktemp("gated")
+    recipe = write_tiny_recipe(folder, tiny_images, validate={**TINY_RECIPE["validate"], "max_drop_vs_dense_db": 0.5,
+                                                              "min_gain_vs_baseline_db": 0.0})
+    weights = write_tiny_weights(recipe, folder / "w.safetensors")
+    common = ["--recipe", recipe, "--weights", weights, "--precision", "fp32", "--no-progress"]
+    from sls_deploy.cli import main
+
+    assert main([str(a) for a in ["build", *common, "--budget", "0.9", "--method", "oneshot", "--n", "2",
+                                  "--steps", "0", "--out", folder / "failing"]]) == 1
+    assert main([str(a) for a in ["build", *common, "--budget", "0.6", "--method", "ssl", "--steps", "4",
+                                  "--out", folder / "ssl"]]) == 1  # random weights: fails the gate, all stages ran
+    assert json.loads((folder / "ssl" / "plan.json").read_text())["search"]["ssl_steps"] == 3
+    assert main([str(a) for a in ["finetune", folder / "ssl", "--steps", "5", "--no-progress"]]) == 0  # stale now
+    return {"recipe": recipe, "weights": weights, "failing": folder / "failing", "ssl": folder / "ssl"}
+
+
+def _gate_cases(tmp, g):
+    raw = yaml.safe_load(g["recipe"].read_text())
+    for name, value in (("neg", -1), ("text", "half a dB"), ("huge", 1e9), ("list", [0.5])):
+        bad = copy.deepcopy(raw)
+        bad["validate"]["max_drop_vs_dense_db"] = value
+        (tmp / f"gate_{name}.yaml").write_text(yaml.safe_dump(bad))
+    bad = copy.deepcopy(raw)
+    bad["validate"]["min_gain_vs_baseline_db"] = float("inf")
+    (tmp / "gain_inf.yaml").write_text(yaml.safe_dump(bad))
+    w = str(g["weights"])
+    return [
+        *[["build", "--recipe", str(tmp / f"gate_{n}.yaml"), "--weights", w, "--budget", "0.5", "--out",
+           str(tmp / f"o_{n}")] for n in ("neg", "text", "huge", "list")],
+        ["build", "--recipe", str(tmp / "gain_inf.yaml"), "--weights", w, "--budget", "0.5", "--out", str(tmp / "o9")],
+        ["build", "--recipe", str(g["recipe"]), "--weights", w, "--budget", "0.6", "--method", "ssl", "--steps", "1",
+         "--out", str(tmp / "o10")],
+        ["build", "--recipe", str(g["recipe"]), "--weights", w, "--budget", "0.6", "--method", "hybrid", "--steps",
+         "1", "--out", str(tmp / "o11")],
+        ["finetune", str(g["ssl"]), "--steps", "3"],  # the search took 3: finetuning would get 0
+        ["validate", str(g["ssl"]), "--no-progress"],  # finetuned after export: asks for export
+        ["validate", str(g["ssl"]), "--backend", "torch", "--no-latency", "--no-progress"],  # no graphs needed
+        ["validate", str(g["failing"]), "--no-progress"],  # current: the recorded gate failure again
+        ["validate", str(g["failing"]), "--backend", "torch", "--no-latency", "--no-progress"],
+    ]
+
+
+def test_quality_gate_cases_are_one_line_and_lose_nothing(tmp_path, capsys, gated, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cases = _gate_cases(tmp_path, gated)
+    expect = {0: "validate.max_drop_vs_dense_db must be >= 0", 2: "validate.max_drop_vs_dense_db must be <= 100",
+              4: "validate.min_gain_vs_baseline_db must be a finite number", 5: "--steps >= 2, not 1",
+              6: "--steps >= 2, not 1", 7: "finetuning would run 0 steps; give --steps 4",
+              8: "export is no longer current (finetune ran after it", 9: "quality gate: pruned ",
+              10: "quality gate: pruned ", 11: "quality gate: pruned "}
+    for i, args in enumerate(cases):
+        before, bundles = _tree(tmp_path), {k: _tree(gated[k]) for k in ("failing", "ssl")}
+        code, out, err = run_cli(capsys, *args)
+        errors = [l for l in err.splitlines() if l.startswith("error: ")]
+        others = [l for l in err.splitlines() if l.strip() and not l.startswith("error: ")]
+        assert code in (1, 2) and len(errors) == 1 and "Traceback" not in err, (args, code, err)
+        assert all(l.startswith(("  ", "[")) for l in others), (args, others)  # progress lines only
+        assert expect.get(i, "") in errors[0], (args, errors[0])
+        assert _tree(tmp_path) == before, (args, "created, changed or removed a file")
+        rewritten = {9: "ssl", 11: "failing"}.get(i)  # validate on another backend writes that backend's report
+        assert {k: _tree(gated[k]) for k in bundles if k != rewritten} == \
+            {k: v for k, v in bundles.items() if k != rewritten}, args
+    assert cases[7][0] == "finetune" and len(cases) == 12
+
+
 # --- issue 23: round-up ---
 # What the merged helpers left: JSON read within bounds (size before reading, nesting before parsing), an unpack's
 # full disk and killed runs, upscale's video temp and empty folder, a graph whose scale is not the recipe's, a

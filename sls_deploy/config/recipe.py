@@ -89,6 +89,11 @@ class ValidateSection:
     latency_warmup: int = 2
     latency_runs: int = 10
     latency_sizes: tuple[tuple[int, int], ...] | None = None  # None: the engine profile's opt size
+    # the quality gate (stages/validate_gate.py): the pruned model fails when its eval PSNR is more than this below
+    # the dense base model's, or less than ``min_gain_vs_baseline_db`` above the task's baseline (bicubic for SR,
+    # the blurred input for deblurring); None: that comparison is reported but not enforced
+    max_drop_vs_dense_db: float | None = 0.5
+    min_gain_vs_baseline_db: float | None = 0.0
 
     def max_drop(self, precision: str) -> float:
         return dict(self.max_psnr_drop_db)[precision]
@@ -286,12 +291,15 @@ def _hw_list(value: Any) -> tuple[tuple[int, int], ...]:
 
 def _validate(raw: Mapping[str, Any]) -> ValidateSection:
     sec = _section(raw, "validate", {"sizes", "odd_size", "fp32_atol", "max_psnr_drop_db", "latency_warmup",
-                                     "latency_runs", "latency_sizes"})
+                                     "latency_runs", "latency_sizes", "max_drop_vs_dense_db",
+                                     "min_gain_vs_baseline_db"})
     d = ValidateSection()
     engine = raw.get("engine") or {}
     legacy = _drops(engine.get("max_psnr_drop_db") if isinstance(engine, Mapping) else None, "engine.max_psnr_drop_db")
     drops = {**dict(d.max_psnr_drop_db), **legacy,
              **_drops(sec.get("max_psnr_drop_db"), "validate.max_psnr_drop_db")}
+    gate = {k: _gate_limit(sec, k, getattr(d, k), lo) for k, lo in (("max_drop_vs_dense_db", 0.0),
+                                                                      ("min_gain_vs_baseline_db", -GATE_DB))}
     try:
         out = ValidateSection(
             sizes=_hw_list(sec.get("sizes", d.sizes)), odd_size=_hw_list([sec.get("odd_size", d.odd_size)])[0],
@@ -300,10 +308,22 @@ def _validate(raw: Mapping[str, Any]) -> ValidateSection:
             latency_warmup=as_int(sec.get("latency_warmup", d.latency_warmup), "validate.latency_warmup", 0, 1000),
             latency_runs=as_int(sec.get("latency_runs", d.latency_runs), "validate.latency_runs", 1,
                                 MAX_LATENCY_RUNS),
-            latency_sizes=_hw_list(sec["latency_sizes"]) if sec.get("latency_sizes") else None)
+            latency_sizes=_hw_list(sec["latency_sizes"]) if sec.get("latency_sizes") else None, **gate)
     except (TypeError, ValueError) as e:
         raise RecipeError(f"recipe section 'validate': sizes are [H, W] pairs ({e})") from None
     return out
+
+
+GATE_DB = 100.0  # the quality gate's limits are dB differences within +-this
+
+
+def _gate_limit(sec: Mapping[str, Any], key: str, default: float | None, lo: float) -> float | None:
+    """A quality-gate limit in dB (``null``: reported, not enforced); absent: the default."""
+    if key not in sec:
+        return default
+    if sec[key] is None:
+        return None
+    return as_float(sec[key], f"validate.{key}", lo, GATE_DB)
 
 
 def _drops(value: Any, what: str) -> dict[str, float]:

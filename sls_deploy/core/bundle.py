@@ -32,6 +32,7 @@ REPORT_MD = "report.md"
 GRAPH_FILES = {"fp32": ONNX, "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}  # one graph per precision
 MASKS = "masks.safetensors"  # masks that do not follow from weights + plan (imported ones), kept as they are
 WORK = "work"  # resumable training checkpoints live here, outside the final artifact names
+STAGES = ("search", "finetune", "export", "validate")  # each stage reads what the ones before it wrote
 LOCK = ".sls-deploy.lock"  # held (flock) by the one process writing the folder
 _HELD: dict[str, int] = {}  # folder -> lock file descriptor, for the rest of this process
 
@@ -162,11 +163,30 @@ class Bundle:
 
     def record_stage(self, stage: str, inputs_digest: str, outputs: list[str], seconds: float,
                      info: Mapping[str, Any] | None = None) -> None:
+        """Record a stage that just ran. The stages after it (``STAGES``) read what it wrote, so their records go:
+        they are no longer current (``invalidated`` says by which stage) until they run again."""
         m = self.require()
-        m.setdefault("stages", {})[stage] = {
+        stages = m.setdefault("stages", {})
+        stages[stage] = {
             "inputs": inputs_digest, "seconds": round(seconds, 2),
             "outputs": {f: atomic.sha256_file(self.path(f)) for f in outputs}, **(dict(info) if info else {})}
+        invalidated = {k: v for k, v in m.get("invalidated", {}).items() if k != stage}
+        later = STAGES[STAGES.index(stage) + 1:] if stage in STAGES else ()
+        for name in later:
+            if stages.pop(name, None) is not None:
+                invalidated[name] = stage
+        m["invalidated"] = invalidated
+        if not invalidated:
+            del m["invalidated"]
         self._write_manifest(m)
+
+    def stage_missing(self, stage: str) -> str | None:
+        """Why ``stage`` has no current record (None: it has one): "never ran" or "<stage> ran after it"."""
+        m = self.require()
+        if stage in m.get("stages", {}):
+            return None
+        by = m.get("invalidated", {}).get(stage)
+        return f"{by} ran after it" if by else "never ran"
 
     def recorded_file(self, stage: str, key: str, fallback: str | None = None) -> Path:
         """A weights file a stage recorded under ``key`` (else ``fallback``): one that stage wrote is found in this

@@ -27,6 +27,7 @@ from sls_deploy.backends import drive
 from sls_deploy.backends.runners import Limits, check_clip_shapes, check_shapes, onnx_runner
 from sls_deploy.core import atomic
 from sls_deploy.core.packing import VAL_DIR
+from sls_deploy.stages.validate_gate import gate_failure
 from sls_deploy.trt.engine import ENGINE_DIR
 
 DENSE_ENGINE = "model.dense.plan"
@@ -48,6 +49,24 @@ def _active(stack: contextlib.ExitStack, runner):
     runner.activate()
     stack.callback(runner.deactivate)
     return runner
+
+
+def recorded_gate(root: Path) -> dict | str:
+    """The quality gate `validate` recorded in the bundle's report.json (the pruned model against the dense model
+    and the baseline, measured where the PyTorch weights were: a pack has none), or why there is none."""
+    import json
+
+    try:
+        gate = json.loads((root / "report.json").read_text()).get("quality_gate")
+    except (OSError, ValueError, AttributeError):
+        return "not measured (no readable report.json: validate the bundle before packing it)"
+    if not isinstance(gate, dict):
+        return "not measured (report.json predates the gate)"
+    try:
+        gate_failure(gate)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return "not readable (report.json's quality_gate is malformed)"
+    return gate
 
 
 def validate_engine(root: Path, recipe, precision: str, eval_data: Path | None, runs: int | None = None,
@@ -83,12 +102,15 @@ def validate_engine(root: Path, recipe, precision: str, eval_data: Path | None, 
                 entry["ratio_sparse_over_dense"] = t["sparse"].median_ms / t["dense"].median_ms
             latency.append(entry)
     failed = [r for r in rows if not r.passed]
+    gate = recorded_gate(root)
+    gate_failed = gate_failure(gate) if isinstance(gate, dict) else None
     res = {"backend": "tensorrt", "precision": precision, **data,
            "max_psnr_drop_db": limit, "shapes": [r.to_json() for r in rows], "latency": latency,
-           "dense_engine": dense_file.is_file(), "passed": not failed}
+           "dense_engine": dense_file.is_file(), "quality_gate": gate, "passed": not failed and not gate_failed}
     res["verdict"] = (f"{name} at {failed[0].label} {failed[0].size[0]}x{failed[0].size[1]}: "
-                      f"{'; '.join(failed[0].failures)}" if failed else
-                      f"{name}: {len(rows)} shape checks within the {precision} limit {limit} dB")
+                      f"{'; '.join(failed[0].failures)}" if failed else gate_failed or
+                      f"{name}: {len(rows)} shape checks within the {precision} limit {limit} dB"
+                      + ("" if isinstance(gate, dict) else f"; quality gate {gate}"))
     atomic.write_json(root / ENGINE_DIR / "validate.json", res)
     return res
 
