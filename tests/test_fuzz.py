@@ -1124,6 +1124,10 @@ def test_deep_or_huge_json_files_are_one_line(tmp_path, capsys, built, tiny_imag
         line = _one_line_refusal(capsys, tmp_path, args)
         assert fragment in line and len(line) < 400, (args, line)
     assert (out / "photo.png").read_text() == "mine"
+    from sls_deploy.stages.validate_engine import recorded_gate  # `validate PACK --backend trt` (needs TensorRT)
+
+    (packed / "report.json").write_text(_deep())
+    assert recorded_gate(packed) == "not measured (no readable report.json: validate the bundle before packing it)"
 
 
 def test_safe_json_reads_what_json_reads_within_its_bounds(tmp_path):
