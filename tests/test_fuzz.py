@@ -1362,3 +1362,14 @@ def test_full_disk_during_unpack_and_video_upscale_is_one_line_and_leaves_no_fol
         line = _one_error_line(c["name"], r["code"], r["err"])
         assert line.startswith("error: no space left on ") and f"{c['file']} was not written" in line, line
         assert r["temps"] == [] and r["after"] == r["before"] and r["dirs"] == c["dirs"], (c["name"], r)
+
+
+@pytest.mark.parametrize("model", ["edsr", "basicvsr", "deblur"])
+def test_an_infinite_model_width_is_one_recipe_line(tmp_path, model):
+    """Hypothesis found `model.num_feat: .inf` (int() of infinity: OverflowError, a traceback)."""
+    raw = yaml.safe_load(recipe_for_model(model).read_text())
+    for key in ("num_feat", "num_block"):
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(dict(raw, model={**raw["model"], key: float("inf")})))
+        with pytest.raises(SlsError) as e:
+            load_recipe(tmp_path / "r.yaml")
+        assert str(e.value) == "model section: cannot convert float infinity to integer"
