@@ -44,3 +44,10 @@ def channel_layer_section(rep: dict, note: str) -> Section:
              for d in rep["dense_layers"]]
     return Section("Layers", [note], ["layer", "output group", "input group", "GMACs dense", "GMACs pruned", "ratio"],
                    rows)
+
+
+def latency_where(lat: dict) -> str:
+    """What a latency ran on: "CPUExecutionProvider on cpu", "pytorch on NVIDIA H200" (older reports: "")."""
+    if not lat.get("provider"):
+        return ""
+    return f"{lat['provider']} on {lat.get('device_name') or lat.get('device', '?')}"

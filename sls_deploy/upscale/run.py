@@ -15,11 +15,16 @@ from sls_deploy.upscale.tiling import check_tiling, tile_count, upscale_tiled
 
 def upscale(bundle: Path, inputs: list[str], out_dir: Path, *, backend: str = "ort", precision: str = "fp32",
             tile: int = 256, overlap: int = 16, progress: bool = True,
-            log: Callable[[str], None] = print) -> list[dict]:
-    """Upscale every input into ``out_dir``; returns one record per output (path, sizes, frames, seconds)."""
+            log: Callable[[str], None] = print, device: str | None = None) -> list[dict]:
+    """Upscale every input into ``out_dir``; returns one record per output (path, sizes, frames, seconds).
+    ``device``: --device (auto, cpu, cuda, cuda:N; None: the recipe's compute.device), resolved before anything
+    is written."""
     import time
 
+    from sls_deploy.core.device import inference_device
+
     opened = open_bundle(bundle)
+    where = inference_device(opened.recipe.compute, device)
     check_tiling(tile, overlap, opened.min_size)
     jobs = collect(inputs, out_dir)  # every input checked before anything runs
     if opened.modality != "image":
@@ -30,7 +35,7 @@ def upscale(bundle: Path, inputs: list[str], out_dir: Path, *, backend: str = "o
             raise UsageError("--backend torch runs image models only; upscale a video model with --backend ort")
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
-    with open_infer(bundle, opened, backend, precision) as session:
+    with open_infer(bundle, opened, backend, precision, where) as session:
         for job in jobs:
             t0 = time.perf_counter()
             if job.kind == "image":
