@@ -54,6 +54,10 @@ class Compute:
     amp: str = "off"
     channels_last: bool = False
 
+    def evaluating(self) -> "Compute":
+        """The same device for evaluation, which runs in FP32 (no autocast) in the default memory format."""
+        return Compute(self.device)
+
     def record(self) -> dict[str, Any]:
         """What the manifest records: device and its name, torch / CUDA / cuDNN versions, AMP mode."""
         return {"device": str(self.device), "device_name": device_name(self.device), "torch": torch.__version__,

@@ -47,7 +47,7 @@ def channel_layer_section(rep: dict, note: str) -> Section:
 
 
 def latency_where(lat: dict) -> str:
-    """What a latency ran on: "CPUExecutionProvider on cpu", "pytorch on NVIDIA H200" (older reports: "")."""
+    """What a latency ran on: "<ONNX Runtime provider> on cpu", "pytorch on NVIDIA H200" (older reports: "")."""
     if not lat.get("provider"):
         return ""
     return f"{lat['provider']} on {lat.get('device_name') or lat.get('device', '?')}"

@@ -155,7 +155,7 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
     atomic.write_text(bundle.path(REPORT_MD), report_mod.render_markdown(rep))
     atomic.write_text(bundle.path(REPORT_HTML), report_mod.render_html(rep, {n: bundle.path(n) for n in images}))
     bundle.record_stage("validate", inputs, [REPORT_JSON, REPORT_MD, REPORT_HTML, *images],
-                        time.perf_counter() - t0, {"compute": run.compute.record()})
+                        time.perf_counter() - t0, {"compute": run.compute.evaluating().record()})
     return rep
 
 
