@@ -250,6 +250,8 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, force, seed,
     remove_stale_temps(out_path.parent, names={out_path.name, out_path.name + ".ckpt"})
     res = train_base(recipe, out_path, steps=steps, data=data, resume=not restart, half=fp16, seed=seed,
                      progress=not no_progress, compute=compute)
+    if not res:  # a non-zero rank of a torchrun job: rank 0 reports
+        return
     ch = res["channel"].upper()
     click.echo(f"wrote {res['weights']} after {res['steps']} steps ({res['seconds']:.0f}s)")
     click.echo(f"eval PSNR-{ch}: model {res['psnr_model']:.2f} dB, {res['baseline']} {res['psnr_baseline']:.2f} dB, "

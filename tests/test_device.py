@@ -584,3 +584,27 @@ def test_process_group_backends(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert distributed.init_from_env() and seen == {"b": "cpu:gloo,cuda:nccl", "d": 1}
+
+
+def test_train_under_torchrun_draws_a_stream_per_rank_and_only_rank_0_writes(tmp_path, tiny_images, monkeypatch):
+    from sls_deploy.core import distributed
+    from sls_deploy.training import base
+
+    seeds = []
+    real = base.PatchSampler
+
+    def recording(*a, **kw):
+        seeds.append(kw["seed"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(base, "PatchSampler", recording)
+    recipe = load_recipe(write_tiny_recipe(tmp_path, tiny_images))
+    out = tmp_path / "w.safetensors"
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    assert base.train_base(recipe, out, steps=1, seed=5, progress=False) == {}
+    assert seeds == [1005] and not out.exists() and not list(tmp_path.glob("*.ckpt"))
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "is_main", lambda: True)
+    assert base.train_base(recipe, out, steps=1, seed=5, progress=False)["steps"] == 1
+    assert seeds == [1005, 5] and out.is_file()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from sls_deploy.core import distributed as dist
 from sls_deploy.core.checkpoints import save_weights
 from sls_deploy.core.device import Compute, model_device
 from sls_deploy.data import PatchSampler, resolve_images
@@ -32,20 +33,23 @@ def train_base(recipe: Recipe, out: Path, *, steps: int | None = None, data: str
                       checkpoint_every=sec.checkpoint_every, seed=seed, amp=compute.amp,
                       channels_last=compute.channels_last, section="train")
     video = recipe.modality != "image"
+    stream = seed + 1000 * dist.rank()  # under torchrun every rank draws its own batches (as search and finetune)
     if video:
         from sls_deploy.data.video import ClipSampler, resolve_clips
 
         sampler = ClipSampler(resolve_clips(data or recipe.data_train), recipe.scale, sec.lr_patch,
-                              recipe.model.options["clip_len"], sec.batch_size, seed=seed)
+                              recipe.model.options["clip_len"], sec.batch_size, seed=stream)
     else:
         degradation = degradation or recipe.adapter.degradation(recipe.model)
         sampler = PatchSampler(resolve_images(data or recipe.data_train), recipe.scale, sec.lr_patch,
-                               sec.batch_size, seed=seed, degradation=degradation)
+                               sec.batch_size, seed=stream, degradation=degradation)
     torch.manual_seed(seed)
     model = recipe.build_model().to(compute.device)  # built (and initialised) on the CPU: the same on any device
     ckpt = out.with_name(out.name + ".ckpt")
     result: TrainResult = train(model, sampler, cfg, checkpoint=ckpt, resume=resume,
                                 run_key=f"train:{recipe.digest()}:{seed}", desc="train", progress=progress)
+    if not dist.is_main():  # rank 0 alone writes the weights and evaluates them
+        return {}
     save_weights(model, out, {"recipe": recipe.name, "steps": str(result.steps_done)}, half=half)
     if ckpt.exists():
         ckpt.unlink()
