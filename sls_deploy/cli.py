@@ -691,9 +691,9 @@ def main(argv: list[str] | None = None) -> int:
                    "the same command again", err=True)
         return 1
     except RuntimeError as e:  # out of device memory outside training (validate, upscale, route on a GPU)
-        import torch
+        from sls_deploy.core.device import is_out_of_memory
 
-        if not isinstance(e, torch.cuda.OutOfMemoryError):
+        if not is_out_of_memory(e):
             raise
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else "out of device memory"
         click.echo(f"error: {first}; run it with --device cpu, or on smaller inputs (upscale: a smaller --tile)",

@@ -471,7 +471,10 @@ def test_every_onnx_runtime_session_gets_its_providers_from_one_place():
 # --------------------------------------------------------------------------- out of device memory
 
 
-def test_out_of_memory_is_one_line_naming_batch_patch_and_keeps_the_checkpoint(tmp_path, tiny_images, monkeypatch):
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")])
+def test_out_of_memory_is_one_line_naming_batch_patch_and_keeps_the_checkpoint(tmp_path, tiny_images, monkeypatch,
+                                                                                error):
     from sls_deploy.training import loop
 
     recipe = write_tiny_recipe(tmp_path, tiny_images)
@@ -481,7 +484,7 @@ def test_out_of_memory_is_one_line_naming_batch_patch_and_keeps_the_checkpoint(t
     def l1_then_oom(a, b):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            raise error
         return real(a, b)
 
     monkeypatch.setattr(loop.F, "l1_loss", l1_then_oom)
@@ -495,6 +498,19 @@ def test_out_of_memory_is_one_line_naming_batch_patch_and_keeps_the_checkpoint(t
                           "finetune.batch_size or finetune.lr_patch in the recipe")
     assert f"the last checkpoint (step 2, {ckpt}) is kept" in msg
     assert torch.load(ckpt, weights_only=True)["step"] == 2
+
+
+def test_other_runtime_errors_pass_through_the_loop(tmp_path, tiny_images, monkeypatch):
+    from sls_deploy.training import loop
+
+    recipe = write_tiny_recipe(tmp_path, tiny_images)
+
+    def broken(a, b):
+        raise RuntimeError("shapes do not match")
+
+    monkeypatch.setattr(loop.F, "l1_loss", broken)
+    with pytest.raises(RuntimeError, match="^shapes do not match$"):
+        train(tiny_model(recipe), sampler(recipe), TrainConfig(steps=2), progress=False)
 
 
 def test_out_of_memory_in_train_command_exits_1_with_one_line(tmp_path, tiny_images, monkeypatch, capsys):

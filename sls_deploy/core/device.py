@@ -183,6 +183,15 @@ def grad_scaler(device: torch.device, amp: str):
     return torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """A device allocation failure: torch's OutOfMemoryError, or the RuntimeError a CUDA library raises when its
+    own allocation fails (cuBLAS/cuDNN "ALLOC_FAILED", "CUDA error: out of memory")."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text.lower() or "ALLOC_FAILED" in text)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (timings of CUDA calls)."""
     if device.type == "cuda":

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from sls_deploy.core import distributed as dist
 from sls_deploy.core.atomic import atomic_path
-from sls_deploy.core.device import autocast, grad_scaler, model_device, to_cpu, to_device
+from sls_deploy.core.device import autocast, grad_scaler, is_out_of_memory, model_device, to_cpu, to_device
 from sls_deploy.core.checkpoints import load_refusal
 from sls_deploy.data.patches import PatchSampler
 from sls_deploy.core.errors import CheckpointError, DeviceMemoryError
@@ -234,7 +234,9 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
                 controller.after_step(model, done)  # idempotent: finish the cut-off step's bookkeeping
             _save(checkpoint, model, opt, sampler, done, run_key, controller, scaler)
         raise
-    except torch.cuda.OutOfMemoryError:  # no checkpoint of a half-done step: the last one on disk stays
+    except RuntimeError as e:  # out of device memory: no checkpoint of a half-done step, the last one stays
+        if not is_out_of_memory(e):
+            raise
         raise DeviceMemoryError(out_of_memory_message(device, desc, step + 1, shape, cfg.section, checkpoint,
                                                       saved_at)) from None
     finally:
