@@ -18,8 +18,8 @@ keeps what it measured; a section that would not fit the remaining --budget-s is
    uninterrupted runs (GPU and CPU convolutions differ in rounding, so GPU<->CPU is "within tolerance": the
    difference is compared with the GPU-vs-CPU difference of the uninterrupted runs; GPU->GPU bit-identical where
    cuDNN is deterministic), and that every tensor in a checkpoint written on the GPU loads as a CPU tensor.
-5. oom: training with a batch far beyond the GPU's memory must stop with sls-deploy's one-line message naming the
-   batch and patch, the last checkpoint kept.
+5. oom: two ordinary training steps (a checkpoint after each), then a batch far beyond the GPU's memory: the run
+   must stop with sls-deploy's one-line message naming the batch and patch, the step-2 checkpoint kept.
 6. torchrun: `torchrun --standalone --nproc-per-node 1` of an SLS search and finetune with --device cuda
    (LOCAL_RANK 0); with 2 or more GPUs the same on 2 GPUs (NCCL); and 2 ranks on the CPU (--device cpu, a few
    steps) on this CUDA machine, whose process group is "cpu:gloo,cuda:nccl".
@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--throughput-steps", type=int, default=50, help="timed steps per throughput row (default 50)")
     ap.add_argument("--patch", type=int, default=48, help="LR patch of the throughput rows (default 48)")
     ap.add_argument("--batch", type=int, default=16, help="batch of the throughput rows (default 16)")
+    ap.add_argument("--oom-batch", type=int, default=1024, help="batch of the oom section (default 1024)")
+    ap.add_argument("--oom-patch", type=int, default=160, help="LR patch of the oom section (default 160)")
     ap.add_argument("--skip", action="append", default=[], metavar="SECTION",
                     help=f"leave a section out (repeatable): {', '.join(SECTIONS)}")
     ap.add_argument("--recipe", type=Path, help="recipe instead of --model edsr (with --weights; for dry runs)")
@@ -83,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [s for s in args.skip if s not in SECTIONS]
     if bad:
         ap.error(f"--skip {bad[0]!r}: sections are {', '.join(SECTIONS)}")
-    for name in ("build_steps", "resume_steps", "torchrun_steps", "throughput_steps", "patch", "batch"):
+    for name in ("build_steps", "resume_steps", "torchrun_steps", "throughput_steps", "patch", "batch", "oom_batch",
+                 "oom_patch"):
         if getattr(args, name) < (2 if name == "resume_steps" else 1):
             ap.error(f"--{name.replace('_', '-')} must be at least {2 if name == 'resume_steps' else 1}")
     if not args.budget_s > 0:
@@ -374,25 +377,28 @@ def section_oom(ctx: Ctx) -> dict:
 
     recipe = ctx.recipe()
     device = torch.device(ctx.dev)
-    free, total = torch.cuda.mem_get_info(device)
+    free, total = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)
     # EDSR-baseline x4 at batch 1024, LR 160x160: 6.7 GB per 64-channel feature map, two kept per residual
     # block for the backward pass: ~215 GB for the 16 blocks, well beyond 141 GB (and every map under 2^31
     # elements, so the failure is the allocation, not 32-bit indexing)
-    batch, patch = 1024, 160
-    items = Batches(1, 1, 8, recipe.scale, pin=False)
-    items.items = [(torch.full((batch, 3, patch, patch), 0.5), torch.full((batch, 3, patch * 4, patch * 4), 0.5))]
+    batch, patch = ctx.args.oom_batch, ctx.args.oom_patch
+    hr = patch * recipe.scale
+    items = Batches(2, 2, 24, recipe.scale, pin=False)  # two ordinary steps (a checkpoint after each), then the big one
+    items.items.append((torch.full((batch, 3, patch, patch), 0.5), torch.full((batch, 3, hr, hr), 0.5)))
     model = recipe.build_model().to(device)
     ckpt = ctx.work / "oom.ckpt"
     try:
-        train(model, items, TrainConfig(steps=2, checkpoint_every=1), checkpoint=ckpt, progress=False, desc="finetune")
+        train(model, items, TrainConfig(steps=3, checkpoint_every=1), checkpoint=ckpt, progress=False, desc="finetune")
         return {"passed": False, "note": f"no out-of-memory error at batch {batch} x {patch} ({total / 2**30:.0f} GiB)"}
     except DeviceMemoryError as e:
         msg = str(e)
     finally:
         del model
         torch.cuda.empty_cache()
-    return {"message": msg, "gpu_free_gib_before": round(free / 2**30, 1), "checkpoint_exists": ckpt.exists(),
-            "passed": "\n" not in msg and "finetune.batch_size" in msg and f"batch {batch}" in msg}
+    kept = torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else None
+    return {"message": msg, "gpu_free_gib_before": round(free / 2**30, 1), "checkpoint_step_kept": kept,
+            "passed": ("\n" not in msg and "finetune.batch_size" in msg and f"batch {batch} x LR patch" in msg
+                       and "the last checkpoint (step 2" in msg and kept == 2)}
 
 
 RUNNERS = {"env": section_env, "throughput": section_throughput, "build": section_build, "resume": section_resume,

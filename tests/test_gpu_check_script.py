@@ -78,3 +78,26 @@ def test_dry_run_of_throughput_and_resume_on_the_cpu(gc, tmp_path, tiny_images, 
     assert r["legs"]["gpu_then_cpu"]["checkpoint_step"] == 1 and r["legs"]["gpu_then_cpu"]["checkpoint_devices"] == ["cpu"]
     assert s["build"] == {"skipped": "--skip"} and s["oom"] == {"skipped": "CUDA only (it fills the GPU's memory)"}
     assert "passed (3 sections)" in capsys.readouterr().out
+
+
+def test_oom_section_bookkeeping_on_the_cpu(gc, tmp_path, tiny_images, monkeypatch):
+    """The oom section's own logic with a small "big" batch whose loss raises what CUDA raises (on a GPU the
+    allocation itself fails)."""
+    from sls_deploy.training import loop
+
+    recipe = write_tiny_recipe(tmp_path, tiny_images)
+    weights = write_tiny_weights(recipe, tmp_path / "w.safetensors")
+    args = gc.parse_args(["--out", str(tmp_path / "o"), "--cpu-dry-run", "--recipe", str(recipe), "--weights",
+                          str(weights), "--oom-batch", "3", "--oom-patch", "8"])
+    real = loop.F.l1_loss
+
+    def l1(a, b):
+        if a.shape[0] == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.25 GiB")
+        return real(a, b)
+
+    monkeypatch.setattr(loop.F, "l1_loss", l1)
+    (tmp_path / "work").mkdir()
+    res = gc.section_oom(gc.Ctx(args, tmp_path / "work"))
+    assert res["passed"] and res["checkpoint_step_kept"] == 2, res
+    assert "cpu out of memory at step 3 of finetune on cpu (batch 3 x LR patch 8x8)" in res["message"]
