@@ -166,7 +166,9 @@ def cli() -> None:
 @click.option("--data", help="Training data for finetune: a folder of HR images, or for video models of clips "
               "(default: the recipe's list).")
 @click.option("--eval-data", help="Eval data: a folder of HR images or clips (default: the recipe's eval list).")
-@click.option("--steps", type=STEPS, help="Finetune steps (default: the recipe's).")
+@click.option("--steps", type=STEPS, help="Training steps after the base model, search and finetune "
+              "together (default: the recipe's finetune.steps); the search (ssl's scale learning, the SLS search) "
+              "takes at most three quarters of them, finetuning the rest.")
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>; "
               "a family: runs/<model>-family).")
 @click.option("--nested", is_flag=True, help="A family (several --budget) of channel members that share one weight "
@@ -324,7 +326,9 @@ def import_sls(checkpoint, model_name, recipe_path, weights, m, out):
 
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--steps", type=STEPS, help="Finetune steps (default: the recipe's).")
+@click.option("--steps", type=STEPS, help="Training steps counted as build's --steps: the search's "
+              "steps (ssl's scale learning, the SLS search) plus finetuning, which runs the rest (default: the "
+              "bundle's). 0: no finetuning (the searched weights as they are).")
 @click.option("--data", help="Folder of HR training images (default: the recipe's train list).")
 @click.option("--resume", "resume", flag_value=True, default=None, help="Continue an interrupted finetune.")
 @click.option("--restart", "resume", flag_value=False, help="Discard an interrupted finetune's checkpoint.")
@@ -346,6 +350,10 @@ def finetune(bundle_dir, steps, data, resume, device, amp, channels_last, no_pro
     if not dist.is_main():
         return
     click.echo(f"finetuned {info.get('steps')} steps -> {run.bundle.path('model.safetensors')}")
+    stale = [k for k, v in run.bundle.manifest().get("invalidated", {}).items() if v == "finetune"]
+    if stale:
+        click.echo(f"{' and '.join(stale)} no longer current (new weights): next `sls-deploy export {bundle_dir}` "
+                   f"and `sls-deploy validate {bundle_dir}`, or the build again")
 
 
 @cli.command()
@@ -393,18 +401,41 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
              no_progress):
     """Does a bundle ship? Accuracy at the engine profile's min/opt/max and an odd size against the PyTorch
     reference and the ground truth (thresholds per precision from the recipe), dense-vs-pruned latency side by
-    side, and report.md / report.html with plots. Exits 1 naming the first failed check."""
+    side, and report.md / report.html with plots. Exits 1 naming the first failed check.
+
+    A packed bundle (.tar.gz, .tgz or .tar from `pack`, unpacked beside it, or its unpacked folder) carries no
+    PyTorch weights: with --backend ort every packed graph runs against the packed FP32 graph at the same shapes,
+    on its val/ images (no latency, no report files; the result is printed as JSON)."""
     from sls_deploy.report.document import summary_text
     from sls_deploy.stages.build import reopen
     from sls_deploy.stages.validate import ValidateOptions, check_report, run_validate
 
-    if backend == "trt":
-        from sls_deploy.trt.engine import require_tensorrt
-        from sls_deploy.stages.validate_engine import validate_engine
+    from sls_deploy.core.bundle import GRAPH_FILES
+    from sls_deploy.core.packing import is_packed
 
-        require_tensorrt()  # before anything is read or written
-        root, recipe = _device_bundle(Path(bundle_path))
-        res = validate_engine(root, recipe, precision, Path(eval_data) if eval_data else None, runs=latency_runs)
+    path = Path(bundle_path)
+    if backend == "trt" or is_packed(path):
+        from sls_deploy.core.errors import UsageError
+        from sls_deploy.stages.validate_engine import validate_engine, validate_packed
+
+        if backend == "torch":
+            raise UsageError(f"{path} is a packed bundle, which carries no PyTorch weights: validate it with "
+                             "--backend ort (its graphs) or trt, or validate the bundle folder it was packed from")
+        if backend == "trt":
+            from sls_deploy.trt.engine import require_tensorrt
+
+            require_tensorrt()  # before anything is read or written
+        opened, recipe = _device_bundle(path)
+        eval_path = Path(eval_data) if eval_data else None
+        if backend == "trt":
+            opened.verify(["model.onnx"])  # the reference; the engine was built here, after the manifest
+            res = validate_engine(opened.root, recipe, precision, eval_path, runs=latency_runs)
+        else:
+            opened.verify(["model.onnx", *(n for n in GRAPH_FILES.values()
+                                           if n != "model.onnx" and opened.path(n).is_file())])
+            from sls_deploy.core.device import inference_device
+
+            res = validate_packed(opened.root, recipe, eval_path, inference_device(recipe.compute, device))
         click.echo(json.dumps(res, indent=2))
         if not res["passed"]:
             raise ValidationError(res["verdict"])
@@ -435,26 +466,14 @@ def _check_output_file(path: Path, force: bool) -> None:
         raise BundleError(f"{path} exists; choose another --out or pass --force to replace it")
 
 
-def _device_bundle(path: Path):
-    """A bundle folder or a packed .tar.gz (unpacked beside it), hash-checked; returns (root, recipe)."""
-    from sls_deploy.core.bundle import Bundle
-    from sls_deploy.core.errors import BundleError
-    from sls_deploy.core.packing import PACK_MANIFEST, unpack, verify_packed
+def _device_bundle(path: Path, use=()):
+    """A bundle folder, an unpacked pack or a packed tar (unpacked beside it) opened for use, recipe.yaml and
+    ``use`` checked against the recorded sha256 (core.opening); returns (the opened bundle, its recipe)."""
     from sls_deploy.config.recipe import load_recipe
+    from sls_deploy.core.opening import open_for_use
 
-    if path.is_file():
-        root = unpack(path)
-    elif (path / PACK_MANIFEST).is_file():
-        root = path
-        verify_packed(root)
-    else:
-        root = path
-        bundle = Bundle(root)
-        names = [n for n in bundle.require().get("files", {}) if n.endswith((".onnx", ".json")) and n != "report.json"]
-        bundle.verify(names)
-    if not (root / "recipe.yaml").is_file():
-        raise BundleError(f"{root} is not a bundle (no recipe.yaml)")
-    return root, load_recipe(root / "recipe.yaml")
+    opened = open_for_use(path, use)
+    return opened, load_recipe(opened.path("recipe.yaml"))
 
 
 @cli.command()
@@ -480,40 +499,39 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
     grid gives on the recipe's engine min/opt/max LR size.
     """
     from sls_deploy.adaptive.family import is_family, load_family
+    from sls_deploy.core.bundle import GRAPH_FILES
     from sls_deploy.trt.engine import require_tensorrt
 
     if not dry_run:
         require_tensorrt()  # one line, nothing written
     path = Path(bundle_path)
     if path.is_dir() and is_family(path):
+        from sls_deploy.adaptive.run import RESULT_JSON, router_profiles
+
         family = load_family(path)
         roots = [family.path(m) for m in family.members]
-        for root in roots:  # every member checked before any engine is built
-            _device_bundle(root)
+        recipes = [_device_bundle(root, [GRAPH_FILES[precision], *([] if dry_run else ["plan.json"])])[1]
+                   for root in roots]  # every member checked before any engine is built
+        routed = (path / RESULT_JSON).is_file()  # and every router graph (the routers' profiles follow the recipe's)
+        routers = router_profiles(family, recipes[0].engine) if routed else {}
         for root in roots:
             click.echo(f"# family member {root.name}")
             _engine_one(root, precision, sparsity, workspace_mb, dry_run)
-        _router_engines(path, workspace_mb, dry_run)
+        if not routed:
+            click.echo(f"# no router engines: {path} has not been routed yet (`sls-deploy route {path}`)")
+        _router_engines(path, routers, workspace_mb or recipes[0].engine.workspace_mb, dry_run)
         return
     _engine_one(path, precision, sparsity, workspace_mb, dry_run)
 
 
-def _router_engines(family_root: Path, workspace_mb, dry_run) -> None:
-    """One engine per router graph of a routed family (none before `route`: said, not an error)."""
-    from sls_deploy.adaptive.family import load_family
-    from sls_deploy.adaptive.run import RESULT_JSON, router_file, router_profiles
-    from sls_deploy.config.recipe import load_recipe
-    from sls_deploy.core.bundle import RECIPE
+def _router_engines(family_root: Path, routers: dict, workspace_mb: int, dry_run) -> None:
+    """One FP32 engine per router graph of a routed family (``routers``: their checked profiles)."""
+    from sls_deploy.adaptive.run import router_file
     from sls_deploy.trt.engine import build_engine, dry_run as do_dry_run, graph_settings
 
-    if not (family_root / RESULT_JSON).is_file():
-        click.echo(f"# no router engines: {family_root} has not been routed yet (`sls-deploy route {family_root}`)")
-        return
-    family = load_family(family_root)
-    recipe = load_recipe(family.path(family.members[0]) / RECIPE)
-    for name, profile in router_profiles(family_root, recipe.engine).items():
+    for name, profile in routers.items():
         root = family_root / "routers" / name
-        settings = graph_settings(f"../../{router_file(name)}", profile, workspace_mb or recipe.engine.workspace_mb)
+        settings = graph_settings(f"../../{router_file(name)}", profile, workspace_mb)
         click.echo(f"# router {name}")
         if dry_run:
             root.mkdir(parents=True, exist_ok=True)
@@ -529,10 +547,12 @@ def _engine_one(path: Path, precision, sparsity, workspace_mb, dry_run) -> None:
     from sls_deploy.trt.engine import build_engine, dry_run as do_dry_run, engine_settings
     from sls_deploy.core.errors import BundleError
 
-    root, recipe = _device_bundle(path)
+    opened, recipe = _device_bundle(path)
+    root = opened.root
     settings = engine_settings(recipe, precision, sparsity, workspace_mb)
     if not (root / settings.graph).is_file():
         raise BundleError(f"{root} has no {settings.graph} (run `sls-deploy export {root} --precision {precision}`)")
+    opened.verify([settings.graph, *([] if dry_run else ["plan.json"])])  # what the build reads
     if dry_run:
         info = do_dry_run(root, settings)
         click.echo(f"# {info['path']}")
@@ -540,8 +560,10 @@ def _engine_one(path: Path, precision, sparsity, workspace_mb, dry_run) -> None:
         click.echo(info["polygraphy"])
         click.echo(f"# settings written to {root / 'engine' / settings.out_name('build.json')}")
         return
-    plan = json.loads((root / "plan.json").read_text())
-    info = build_engine(root, settings, plan["layers"])
+    from sls_deploy.pruning.registry import load_plan
+
+    plan = load_plan(root / "plan.json")
+    info = build_engine(root, settings, plan.to_json()["layers"])
     click.echo(f"engine {root / settings.engine_file} built in {info['seconds']}s ({info['path']}); "
                f"per-layer sparsity in {root / 'engine' / 'layers.json'}")
 
@@ -554,22 +576,24 @@ def _engine_one(path: Path, precision, sparsity, workspace_mb, dry_run) -> None:
 def pack(bundle_dir, out, force):
     """Pack what a device needs (graphs, plan, recipe, manifest, calibration cache, eval images) into a tar.
 
-    Every bundle file is checked against the sha256 its manifest recorded before it is packed."""
-    from sls_deploy.core.atomic import refuse_non_regular, remove_stale_temps
-    from sls_deploy.core.packing import pack as do_pack
+    Every bundle file is checked against the sha256 its manifest recorded, and every graph with onnx.checker,
+    before it is packed. --out is never a file inside the bundle."""
+    from sls_deploy.core.atomic import remove_stale_temps
+    from sls_deploy.core.opening import open_for_use
+    from sls_deploy.core.packing import check_pack_out, pack as do_pack, packed_names
     from sls_deploy.modalities.registry import is_video, resolve_data
     from sls_deploy.stages.build import reopen
 
-    if out:  # before anything reads it: a fifo would block the packed-bundle check
-        refuse_non_regular(Path(out), "--out")
-    run = reopen(Path(bundle_dir), _log)
+    root = Path(bundle_dir)
+    dest = Path(out) if out else root.with_name(root.name + ".tar.gz")
+    check_pack_out(root, dest, force)  # before anything is read: a fifo would block the packed-bundle check
+    run = reopen(root, _log)
     bundle, recipe = run.bundle, run.recipe
-    dest = Path(out) if out else bundle.root.with_name(bundle.root.name + ".tar.gz")
-    refuse_non_regular(dest, "--out")
     remove_stale_temps(dest.parent, names={dest.name})
     # video eval clips are not packed (they can be large): a device validates video against its own clips
     evals = [] if is_video(run.settings.modality) else resolve_data(run.settings.modality, run.settings.eval_data)
-    bundle.verify([n for n in bundle.require().get("files", {}) if n.endswith((".onnx", ".json", ".safetensors"))])
+    # every file packed matches the manifest and every graph passes onnx.checker (the manifest itself is packed as is)
+    open_for_use(bundle.root, [n for n in packed_names(bundle.root) if n != "manifest.json"])
     do_pack(bundle.root, dest, evals, recipe.opset, recipe.digest(), force=force)
     click.echo(f"wrote {dest}")
 
@@ -605,16 +629,21 @@ def inspect(target, size, as_json):
               help="LR pixels of context around each tile; at least the network's receptive radius makes the "
                    "tiled output equal the untiled one.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per output.")
+@click.option("--force", is_flag=True, help="Replace existing files in the -o folder that upscale did not write "
+              "(never an input, a file in a bundle, or anything but a regular file).")
 @_device_option
 @_progress_option
-def upscale(bundle_dir, inputs, out, backend, precision, tile, overlap, as_json, device, no_progress):
-    """Run a bundle on your own images (PNG/JPEG/TIFF/BMP/WebP; gray and RGBA become RGB) and videos (mp4, mov,
-    mkv, avi, webm: every frame, same frame count and fps), tiled, with a progress bar. Every input is checked
-    before anything runs; each output appears only when complete."""
+def upscale(bundle_dir, inputs, out, backend, precision, tile, overlap, as_json, force, device,
+            no_progress):
+    """Run a bundle on your own images (PNG/JPEG/TIFF/BMP/WebP; gray and RGBA become RGB; EXIF orientation
+    applied) and videos (mp4, mov, mkv, avi, webm: every frame, same frame count and fps), tiled, with a progress
+    bar. Every input and output path is checked before anything runs; each output appears only when complete. An
+    existing file is replaced only if an earlier upscale wrote it and it is unchanged since, or with --force;
+    never an input or a file inside a bundle."""
     from sls_deploy.upscale.run import upscale as run_upscale
 
     records = run_upscale(Path(bundle_dir), list(inputs), Path(out), backend=backend, precision=precision,
-                          tile=tile, overlap=overlap, progress=not no_progress,
+                          tile=tile, overlap=overlap, progress=not no_progress, force=force,
                           log=(lambda s: None) if as_json else _log, device=device)
     if as_json:
         click.echo(json.dumps(records, indent=2))
@@ -656,6 +685,52 @@ def route(family_dir, routers, target_cost, patch, stride, train_patches, steps,
         click.echo(json.dumps(rep, indent=2))
     else:
         click.echo((Path(family_dir) / "adaptive.md").read_text())
+
+
+class _Workers(click.ParamType):
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if str(value) == "auto":
+            return "auto"
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            n = -1
+        if not 0 <= n <= 256:
+            self.fail(f"expected 'auto' or a count 0..256, not {str(value)[:20]!r}", param, ctx)
+        return n
+
+
+@cli.command("prepare-data")
+@click.argument("source")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--crop", type=click.IntRange(min=0), default=480, show_default=True,
+              help="Sub-image size (pixels of the images given); 0 keeps whole images.")
+@click.option("--step", type=click.IntRange(min=1), default=240, show_default=True,
+              help="Distance between sub-images (less than --crop: they overlap).")
+@click.option("--thresh", type=click.IntRange(min=0), default=0, show_default=True,
+              help="A last sub-image flush with the bottom/right edge is added where more than this many pixels "
+                   "would be left out (BasicSR's thresh_size).")
+@click.option("--format", "fmt", type=click.Choice(["png", "memmap"]), default="png", show_default=True,
+              help="png: a folder of 8-bit PNG sub-images; memmap: one uint8 file training memory-maps (nothing "
+                   "decoded while training; the fastest on a slow disk).")
+@click.option("--compress-level", type=click.IntRange(0, 9), default=3, show_default=True,
+              help="PNG zlib level (0 decodes fastest, 9 is smallest).")
+@click.option("--workers", type=_Workers(), default="auto", show_default=True,
+              help="Processes that decode and cut (auto: one per spare core for large sets).")
+@_progress_option
+def prepare_data(source, out, crop, step, thresh, fmt, compress_level, workers, no_progress):
+    """Cut the training images of SOURCE (a folder of images, or skimage:train) into BasicSR-style sub-images
+    (480x480 every 240 pixels by default, as BasicSR prepares DIV2K) and write them into the new folder OUT,
+    as PNGs or as a uint8 memory-mapped cache. Give OUT to --data (or the recipe's data.train) to train on
+    them. OUT appears only when complete; a folder prepare-data did not write is never replaced."""
+    from sls_deploy.data.prepare import prepare_data as run
+
+    res = run(source, Path(out), crop=crop, step=step, thresh=thresh, fmt=fmt, compress_level=compress_level,
+              workers=workers, progress=not no_progress, log=_log)
+    click.echo(f"wrote {res['out']}: {res['sub_images']} {'sub-images' if crop else 'images'} of {res['images']} "
+               f"source images ({res['format']}, {res['gigabytes']:.2f} GB, {res['seconds']:.0f}s)")
 
 
 def main(argv: list[str] | None = None) -> int:

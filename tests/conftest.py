@@ -60,7 +60,10 @@ TINY_RECIPE = {
     "finetune": {"steps": 4, "lr": 1e-3, "batch_size": 2, "lr_patch": 8, "checkpoint_every": 2},
     "sparsity": {"method": "oneshot", "m": 4, "target": "none"},  # a 16-channel model: no TensorRT 2:4 gain
     "export": {"opset": 17},
-    "validate": {"sizes": [[9, 13]], "odd_size": [11, 7], "fp32_atol": 1e-4, "latency_warmup": 1, "latency_runs": 3},
+    # the quality gate is reported but not enforced: these random-weight models are below bicubic by design (what
+    # the tests using them check is shapes, graphs, files and errors); tests/test_quality_gate.py enforces it
+    "validate": {"sizes": [[9, 13]], "odd_size": [11, 7], "fp32_atol": 1e-4, "latency_warmup": 1, "latency_runs": 3,
+                 "max_drop_vs_dense_db": None, "min_gain_vs_baseline_db": None},
     "engine": {"min": [1, 8, 8], "opt": [1, 16, 24], "max": [1, 24, 32]},
     # a tiny model's MACs are ~1000x smaller than EDSR-baseline's: a larger lambda and a fast score LR let the
     # search reach its budget within the test's few steps

@@ -219,15 +219,17 @@ def test_blur_training_patches_are_random_reproducible_and_crops_of_the_degraded
     la2, _ = a.batch()
     assert not torch.equal(la, la2)
     # the same HR patch gets different kernels in different draws
-    hr_pad, m = a.pairs[0][0], a.margin
-    p1, h1 = a._degraded_crop(hr_pad, 5, 7, seed=1)
-    p2, h2 = a._degraded_crop(hr_pad, 5, 7, seed=2)
+    px = a.builder.pixels(0)
+    p1, h1 = a.builder.crop(0, px, 5, 7, seed=1)
+    p2, h2 = a.builder.crop(0, px, 5, 7, seed=2)
     assert torch.equal(h1, h2) and not torch.equal(p1, p2)
     # a patch is exactly the crop of the whole image blurred with the same kernel (reflect border)
-    whole = d.degrade_tensor(hr_pad[:, :, m:-m, m:-m], 1)
+    whole = d.degrade_tensor(to_tensor(read_rgb(files[0])), 1)
     assert torch.allclose(p1, whole[:, :, 5:21, 7:23], atol=1e-6)
-    corner, _ = a._degraded_crop(hr_pad, 0, 0, seed=1)
+    corner, _ = a.builder.crop(0, px, 0, 0, seed=1)
     assert torch.allclose(corner, whole[:, :, :16, :16], atol=1e-6)
+    far, _ = a.builder.crop(0, px, px.shape[0] - 16, px.shape[1] - 16, seed=1)  # the bottom-right border
+    assert torch.allclose(far, whole[:, :, -16:, -16:], atol=1e-6)
     # resuming from the state redraws the same kernels
     state = a.state()
     nxt = a.batch()

@@ -114,7 +114,9 @@ def test_upscale_video_keeps_frame_count_and_fps(bundle, tmp_path, capsys):
     with iio2.get_reader(rec["output"], "ffmpeg") as r:
         assert r.count_frames() == 5 and r.get_meta_data()["fps"] == 12
         assert r.get_meta_data()["size"] == (96, 80)
-    assert not list((tmp_path / "o").glob(".*"))  # no temporary file left
+    assert [p.name for p in (tmp_path / "o").glob(".*")] == [".sls-upscale.json"]  # no temporary file left
+    record = json.loads((tmp_path / "o" / ".sls-upscale.json").read_text())["outputs"]
+    assert set(record) == {"clip.mp4"} and len(record["clip.mp4"]) == 64  # the sha256 of the output upscale wrote
 
 
 def test_bad_inputs_are_one_line_errors_that_write_nothing(bundle, tiny_images, tmp_path, capsys):
@@ -129,7 +131,7 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(bundle, tiny_images, 
         ((good, tmp_path / "missing.png"), tmp_path / "o1", [], "input not found", 1),
         ((good, corrupt), tmp_path / "o2", [], "cannot read image", 1),
         ((good, odd), tmp_path / "o3", [], "unsupported extension '.txt'", 2),
-        ((good,), as_file, [], "is a file", 2),
+        ((good,), as_file, [], "is a regular file; give a folder", 2),
         ((good,), tmp_path / "o5", ["--tile", "4"], "smaller than the model's minimum input", 2),
         ((good,), tmp_path / "o6", ["--backend", "torch", "--precision", "int8"], "FP32 weights only", 2),
     ]

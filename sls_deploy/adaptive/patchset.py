@@ -15,7 +15,9 @@ import torch
 
 from sls_deploy.adaptive.members import Candidate
 from sls_deploy.core.errors import DataError
-from sls_deploy.data.images import load_pair
+from sls_deploy.data.catalog import scan_images
+from sls_deploy.data.images import pair_from_pixels
+from sls_deploy.data.stream import ordered_map, resolve_workers
 
 
 @dataclass
@@ -60,26 +62,45 @@ def y_mse(sr: torch.Tensor, hr: torch.Tensor, border: int = 0) -> torch.Tensor:
 
 
 def random_crops(files: Sequence, scale: int, size: int, count: int, seed: int = 0,
-                 degradation=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` LR crops of ``size`` (and their HR crops) spread evenly over the ``files`` at least that large,
-    at seeded positions."""
+                 degradation=None, workers: int | str | None = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` LR crops of ``size`` (and their HR crops) spread evenly over the ``files`` (paths or
+    ``TrainImage``) at least that large, at seeded positions. Sizes come from the headers; the positions are
+    drawn here, then each image is read, degraded whole and cut by a loader worker, one image at a time."""
     if not files:
         raise DataError("no training images to cut router patches from")
     rng = np.random.default_rng(seed)
-    pairs = [load_pair(f, scale, degradation) for f in files]
-    pairs = [(hr, lr) for hr, lr in pairs if min(lr.shape[-2:]) >= size]  # smaller images give no crop
-    if not pairs:
+    images = [im for im in scan_images(files) if min(im.height // scale, im.width // scale) >= size]
+    if not images:  # smaller images give no crop
         raise DataError(f"no train image is as large as the router patch ({size} LR pixels)")
-    lrs, hrs = [], []
-    per = [count // len(pairs) + (1 if i < count % len(pairs) else 0) for i in range(len(pairs))]
-    for (hr, lr), k in zip(pairs, per):
-        h, w = lr.shape[-2:]
+    per = [count // len(images) + (1 if i < count % len(images) else 0) for i in range(len(images))]
+    jobs = []
+    for im, k in zip(images, per):
+        h, w = im.height // scale, im.width // scale
         ys = rng.integers(0, h - size + 1, k)
         xs = rng.integers(0, w - size + 1, k)
-        for y, x in zip(ys.tolist(), xs.tolist()):
-            lrs.append(lr[:, :, y:y + size, x:x + size])
-            hrs.append(hr[:, :, y * scale:(y + size) * scale, x * scale:(x + size) * scale])
+        jobs.append((im, list(zip(ys.tolist(), xs.tolist()))))
+    cut = _Cutter(scale, size, degradation)
+    n = resolve_workers(workers, sum(im.decoded_bytes for im in images if not im.cached))
+    lrs, hrs = [], []
+    for lr, hr in ordered_map(cut, jobs, n):
+        lrs.append(lr)
+        hrs.append(hr)
     return torch.cat(lrs), torch.cat(hrs)
+
+
+class _Cutter:
+    """One image's crops at given LR positions, from the pair of the whole image (as ``load_pair`` makes it)."""
+
+    def __init__(self, scale: int, size: int, degradation):
+        self.scale, self.size, self.degradation = scale, size, degradation
+
+    def __call__(self, job) -> tuple[torch.Tensor, torch.Tensor]:
+        im, positions = job
+        s, p = self.scale, self.size
+        hr, lr = pair_from_pixels(im.pixels(), im.name, s, self.degradation)
+        lrs = [lr[:, :, y:y + p, x:x + p] for y, x in positions]
+        hrs = [hr[:, :, y * s:(y + p) * s, x * s:(x + p) * s] for y, x in positions]
+        return torch.cat(lrs), torch.cat(hrs)
 
 
 def patch_set(candidates: Sequence[Candidate], lr: torch.Tensor, hr: torch.Tensor, progress=None) -> PatchSet:

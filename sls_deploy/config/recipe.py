@@ -90,6 +90,11 @@ class ValidateSection:
     latency_warmup: int = 2
     latency_runs: int = 10
     latency_sizes: tuple[tuple[int, int], ...] | None = None  # None: the engine profile's opt size
+    # the quality gate (stages/validate_gate.py): the pruned model fails when its eval PSNR is more than this below
+    # the dense base model's, or less than ``min_gain_vs_baseline_db`` above the task's baseline (bicubic for SR,
+    # the blurred input for deblurring); None: that comparison is reported but not enforced
+    max_drop_vs_dense_db: float | None = 0.5
+    min_gain_vs_baseline_db: float | None = 0.0
 
     def max_drop(self, precision: str) -> float:
         return dict(self.max_psnr_drop_db)[precision]
@@ -152,15 +157,20 @@ class Recipe:
     structured: StructuredSection = field(default_factory=StructuredSection)
     modality: str = "image"  # how data meets the model: image | clip | step (recipe key or the adapter's default)
     compute: ComputeSection = field(default_factory=ComputeSection)  # device / amp / channels_last defaults
+    data_workers: int | str = "auto"  # data.workers: training's data loader processes ("auto" or a count)
 
     @property
     def scale(self) -> int:
         return self.model.scale
 
     def digest(self) -> str:
-        """A stable hash of the recipe's content (not of its file path). The compute section is left out: where
-        a run trains changes no setting, so a run interrupted on a GPU resumes on a CPU and the other way round."""
+        """A stable hash of the recipe's content (not of its file path). Left out: the compute section (where a
+        run trains changes no setting, so a run interrupted on a GPU resumes on a CPU and the other way round)
+        and data.workers (how many processes read the data changes no result, so a run resumes with another
+        count)."""
         raw = {k: v for k, v in self.raw.items() if k != "compute"}
+        if isinstance(raw.get("data"), Mapping) and "workers" in raw["data"]:
+            raw["data"] = {k: v for k, v in raw["data"].items() if k != "workers"}
         return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def reference_input_hw(self) -> tuple[int, int]:
@@ -291,12 +301,15 @@ def _hw_list(value: Any) -> tuple[tuple[int, int], ...]:
 
 def _validate(raw: Mapping[str, Any]) -> ValidateSection:
     sec = _section(raw, "validate", {"sizes", "odd_size", "fp32_atol", "max_psnr_drop_db", "latency_warmup",
-                                     "latency_runs", "latency_sizes"})
+                                     "latency_runs", "latency_sizes", "max_drop_vs_dense_db",
+                                     "min_gain_vs_baseline_db"})
     d = ValidateSection()
     engine = raw.get("engine") or {}
     legacy = _drops(engine.get("max_psnr_drop_db") if isinstance(engine, Mapping) else None, "engine.max_psnr_drop_db")
     drops = {**dict(d.max_psnr_drop_db), **legacy,
              **_drops(sec.get("max_psnr_drop_db"), "validate.max_psnr_drop_db")}
+    gate = {k: _gate_limit(sec, k, getattr(d, k), lo) for k, lo in (("max_drop_vs_dense_db", 0.0),
+                                                                      ("min_gain_vs_baseline_db", -GATE_DB))}
     try:
         out = ValidateSection(
             sizes=_hw_list(sec.get("sizes", d.sizes)), odd_size=_hw_list([sec.get("odd_size", d.odd_size)])[0],
@@ -305,10 +318,22 @@ def _validate(raw: Mapping[str, Any]) -> ValidateSection:
             latency_warmup=as_int(sec.get("latency_warmup", d.latency_warmup), "validate.latency_warmup", 0, 1000),
             latency_runs=as_int(sec.get("latency_runs", d.latency_runs), "validate.latency_runs", 1,
                                 MAX_LATENCY_RUNS),
-            latency_sizes=_hw_list(sec["latency_sizes"]) if sec.get("latency_sizes") else None)
+            latency_sizes=_hw_list(sec["latency_sizes"]) if sec.get("latency_sizes") else None, **gate)
     except (TypeError, ValueError) as e:
         raise RecipeError(f"recipe section 'validate': sizes are [H, W] pairs ({e})") from None
     return out
+
+
+GATE_DB = 100.0  # the quality gate's limits are dB differences within +-this
+
+
+def _gate_limit(sec: Mapping[str, Any], key: str, default: float | None, lo: float) -> float | None:
+    """A quality-gate limit in dB (``null``: reported, not enforced); absent: the default."""
+    if key not in sec:
+        return default
+    if sec[key] is None:
+        return None
+    return as_float(sec[key], f"validate.{key}", lo, GATE_DB)
 
 
 def _drops(value: Any, what: str) -> dict[str, float]:
@@ -403,7 +428,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
                           "(it names files under runs/)")
     adapter = get_adapter(str(raw["model"]["arch"]))
     model_cfg = adapter.parse_config(raw["model"])
-    data = _section(raw, "data", {"train", "eval", "metric_channel"})
+    data = _section(raw, "data", {"train", "eval", "metric_channel", "workers"})
     sparsity = _section(raw, "sparsity", {"method", "m", "target"})
     srste = _section(raw, "srste", {"decay"})
     export = _section(raw, "export", {"opset", "exporter"})
@@ -435,6 +460,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     channel = str(data.get("metric_channel", "y")).lower()
     if channel not in ("y", "rgb"):
         raise RecipeError(f"data.metric_channel must be 'y' or 'rgb', not {short_repr(channel)}")
+    workers = data.get("workers", "auto")
+    if workers != "auto":
+        workers = as_int(workers, "data.workers", 0, 256)
     return Recipe(
         name=str(raw.get("name", path.stem)), path=str(path), raw=raw, model=model_cfg,
         base_weights=raw.get("base_weights"), reference_output=(ref[0], ref[1]),
@@ -443,7 +471,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, sparsity_target=target, opset=opset,
         exporter=exporter,
         validate=validate, precision=precision, engine=engine, sls=sls_settings, sls_max_search_steps=max_search,
-        srste_decay=decay, adapter=adapter, structured=_structured(raw), modality=modality, compute=_compute(raw))
+        srste_decay=decay, adapter=adapter, structured=_structured(raw), modality=modality, compute=_compute(raw),
+        data_workers=workers)
 
 
 MODALITIES = ("image", "clip", "step")

@@ -87,6 +87,10 @@ class BicubicDown(Degradation):
     def baseline(self, lr: torch.Tensor) -> torch.Tensor:
         return bicubic_up(lr, self.scale)
 
+    def context(self) -> int:
+        """The anti-aliased bicubic kernel reaches 2 input pixels, ``2 * scale`` HR pixels."""
+        return 2 * self.scale
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "bicubic_down", "scale": self.scale}
 

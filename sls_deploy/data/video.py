@@ -26,9 +26,14 @@ frame of a clip (bicubic, anti-aliased: the kernel of ``images.bicubic_down``) s
 reduced frame, re-quantized to 8 bits, is the HR ground truth; its LR is ``images.bicubic_down`` of the HR
 (cropped to a multiple of the scale), exactly as for images.
 
-**Cache.** Decoded (already reduced) clips are kept in memory per process, whole clips as uint8, least
-recently used first out once they hold more than ``FRAME_CACHE_BYTES``: a clip evicted is decoded again when
-next needed. The bundled training clips take about 100 MB at ``max_side`` 640.
+**Reading.** Training (``ClipSampler``) knows every clip by its header before the first step: a folder's frame
+count from its listing and its size from the first frame's header, a video file's frame count from ffmpeg
+(no frame is decoded) and its size from the container. A batch's worker then reads only the frames of each
+sampled window from a folder (the REDS / Vid4 layout), or the whole decoded clip of a video file (a video is
+not seekable frame by frame), keeping what it read in a byte-bounded cache (``stream.DecodedCache``).
+Evaluation (``read_frames``) reads the frames asked for from a folder, and whole video files through a
+per-process cache of decoded clips, least recently used first out once they hold more than
+``FRAME_CACHE_BYTES``.
 """
 
 from __future__ import annotations
@@ -46,9 +51,10 @@ import torch
 import torch.nn.functional as F
 
 from sls_deploy.core.errors import DataError
-from sls_deploy.data.images import bicubic_down, read_rgb
+from sls_deploy.data.images import bicubic_down, check_image, read_rgb
 from sls_deploy.data.patches import dihedral
 from sls_deploy.data.sources import IMAGE_SUFFIXES
+from sls_deploy.data.stream import DECODED_CACHE_BYTES, BatchStream, DecodedCache, resolve_workers
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm")
 
@@ -196,42 +202,43 @@ def _decode_video(path: Path, max_side: int | None, chunk: int = 16) -> np.ndarr
     return np.concatenate(out)
 
 
-def _decode_folder(folder: Path, max_side: int | None) -> np.ndarray:
-    files = _frame_files(folder)
+def _read_frame(path: Path, max_side: int | None) -> np.ndarray:
+    """One frame file as HxWx3 uint8 (the 8-bit values), reduced so its long side is <= max_side."""
+    img = np.round(read_rgb(path) * 255.0).astype(np.uint8)
+    return _shrink([img], max_side)[0]
+
+
+def _folder_frames(source: ClipSource) -> list[Path]:
+    """The frame files of a folder clip, ``[start, stop)``."""
+    path = Path(source.path)
+    if not path.is_dir():
+        raise DataError(f"clip folder not found: {path}")
+    files = _frame_files(path)
     if not files:
-        raise DataError(f"clip folder {folder} has no frames ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)})")
-    frames, first = [], None
-    for f in files:
-        img = np.round(read_rgb(f) * 255.0).astype(np.uint8)
-        if first is None:
-            first = (f.name, img.shape)
-        elif img.shape != first[1]:
-            (h0, w0), (h, w) = first[1][:2], img.shape[:2]
-            raise DataError(f"clip folder {folder}: frame {f.name} is {w}x{h} but {first[0]} is {w0}x{h0}")
-        frames.append(_shrink([img], max_side)[0])
-    return np.stack(frames)
+        raise DataError(f"clip folder {path} has no frames ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)})")
+    return files[source.start: source.stop]
 
 
-_CACHE: OrderedDict[tuple[str, str, int | None], np.ndarray] = OrderedDict()
+def _same_size(folder: Path, first: tuple[str, tuple[int, int]], name: str, hw: tuple[int, int]) -> None:
+    if hw != first[1]:
+        (h0, w0), (h, w) = first[1], hw
+        raise DataError(f"clip folder {folder}: frame {name} is {w}x{h} but {first[0]} is {w0}x{h0}")
+
+
+_CACHE: OrderedDict[tuple[str, int | None], np.ndarray] = OrderedDict()
 
 
 def clear_frame_cache() -> None:
     _CACHE.clear()
 
 
-def _whole_clip(source: ClipSource, max_side: int | None) -> np.ndarray:
-    """Every frame of the file/folder behind ``source`` (T,H,W,3) uint8, read-only, from the cache."""
-    key = (str(Path(source.path).resolve()), source.kind, max_side or None)
+def _whole_video(path: Path, max_side: int | None) -> np.ndarray:
+    """Every frame of a video file (T,H,W,3) uint8, read-only, from this process's cache of decoded clips."""
+    key = (str(Path(path).resolve()), max_side or None)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    path = Path(source.path)
-    if source.kind == "frames":
-        if not path.is_dir():
-            raise DataError(f"clip folder not found: {path}")
-        a = _decode_folder(path, max_side)
-    else:
-        a = _decode_video(path, max_side)
+    a = _decode_video(Path(path), max_side)
     a.flags.writeable = False
     _CACHE[key] = a
     total = sum(v.nbytes for v in _CACHE.values())
@@ -241,29 +248,38 @@ def _whole_clip(source: ClipSource, max_side: int | None) -> np.ndarray:
     return a
 
 
-def _clip_frames(source: ClipSource, max_side: int | None) -> np.ndarray:
-    """The frames ``[start, stop)`` of ``source`` (a read-only view of the cache)."""
-    a = _whole_clip(source, max_side)
-    return a[source.start: source.stop if source.stop is not None else len(a)]
-
-
 def _need(source: ClipSource, have: int, need: int) -> None:
     if have < need:
         raise DataError(f"clip {source.name} has {have} frames; {need} are needed")
 
 
 def clip_length(source: ClipSource, max_side: int | None = None) -> int:
-    """Number of frames of ``source`` (decodes it, into the cache)."""
-    return len(_clip_frames(source, max_side))
+    """Number of frames of ``source`` (a folder: its listing; a video file: decoded, into the cache)."""
+    if source.kind == "frames":
+        return len(_folder_frames(source))
+    a = _whole_video(source.path, max_side)
+    return len(a[source.start: source.stop])
 
 
 def read_frames(source: ClipSource, start: int = 0, count: int | None = None,
                 max_side: int | None = None) -> np.ndarray:
     """Frames ``start .. start+count-1`` of the clip (counted from the clip's first frame) as a new
-    (T,H,W,3) uint8 array; ``count`` None: to the clip's end."""
-    a = _clip_frames(source, max_side)
+    (T,H,W,3) uint8 array; ``count`` None: to the clip's end. From a folder only those frames are read."""
     if start < 0:
         raise DataError(f"clip {source.name}: negative start frame {start}")
+    if source.kind == "frames":
+        files = _folder_frames(source)
+        count = len(files) - start if count is None else count
+        _need(source, len(files), start + count)
+        frames, first = [], None
+        for f in files[start:start + count]:
+            img = np.round(read_rgb(f) * 255.0).astype(np.uint8)
+            if first is None:
+                first = (f.name, img.shape[:2])
+            _same_size(Path(source.path), first, f.name, img.shape[:2])
+            frames.append(_shrink([img], max_side)[0])
+        return np.stack(frames)
+    a = _whole_video(source.path, max_side)[source.start: source.stop]
     count = len(a) - start if count is None else count
     _need(source, len(a), start + count)
     return a[start:start + count].copy()
@@ -296,8 +312,50 @@ def load_clip_pair(source: ClipSource, clip_len: int | None, scale: int,
 # --------------------------------------------------------------------------- training batches
 
 
+@dataclass(frozen=True)
+class ClipHeader:
+    """What training knows of a clip before reading it: frames, size after ``max_side`` (not mod-cropped), the
+    frame files of a folder clip and its first frame's name and stored (height, width)."""
+
+    frames: int
+    height: int
+    width: int
+    files: tuple[Path, ...] = ()
+    first: tuple[str, tuple[int, int]] | None = None
+
+
+def clip_header(source: ClipSource, max_side: int | None) -> ClipHeader:
+    """A clip's ``ClipHeader``: a folder's listing and its first frame's header; a video file's frame count
+    from ffmpeg (no frame decoded) and its size from the container."""
+    if source.kind == "frames":
+        files = tuple(_folder_frames(source))
+        if not files:
+            return ClipHeader(0, 0, 0)
+        info = check_image(files[0], what="frame")
+        w, h = info.width, info.height
+        rh, rw = _reduced_size(h, w, max_side)
+        return ClipHeader(len(files), rh, rw, files, (files[0].name, (h, w)))
+    import imageio_ffmpeg
+
+    path = Path(source.path)
+    if not path.is_file():
+        raise DataError(f"video not found: {path}")
+    try:
+        total, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+        gen = imageio_ffmpeg.read_frames(str(path))
+        try:
+            w, h = next(gen)["size"]
+        finally:
+            gen.close()
+    except Exception as e:
+        raise DataError(f"cannot read video {path}: {_one_line(e)}") from None
+    n = len(range(total)[source.start: source.stop])
+    rh, rw = _reduced_size(int(h), int(w), max_side)
+    return ClipHeader(n, rh, rw)
+
+
 class ClipSampler:
-    """Random aligned LR/HR clip crops for training, drawn from a seeded generator.
+    """Random aligned LR/HR clip crops for training, drawn from a seeded generator; holds only clip headers.
 
     A sample: a clip (chosen in proportion to its frames x area, so large clips are not under-used), a start
     frame, and one crop position used in every frame of the window. Augmentation, one of 16 equally likely:
@@ -305,9 +363,11 @@ class ClipSampler:
     ``PatchSampler``), and temporal reversal (the clip played backwards, which a bidirectional recurrent
     model should handle alike). The same transform applies to all frames of a sample and to LR and HR.
 
-    The LR crop is exactly the crop of ``bicubic_down`` of the whole (mod-cropped) HR frame: the LR is
-    computed on the HR crop plus a margin of ``MARGIN`` LR pixels wider than the bicubic kernel (clipped at
-    the frame's border), then the margin is cut off. So nothing but the decoded HR frames is kept in memory.
+    Clips are known by their headers (``clip_header``) before the first step; a batch is made in ``workers``
+    worker processes (``stream.BatchStream``; ``auto``: none when the decoded clips fit the cache), which read
+    only the sampled window's frames from a folder clip. The LR crop is exactly the crop of ``bicubic_down``
+    of the whole (mod-cropped) HR frame: the LR is computed on the HR crop plus a margin of ``MARGIN`` LR
+    pixels wider than the bicubic kernel (clipped at the frame's border), then the margin is cut off.
 
     Its state is the generator's state, so a resumed run draws the same batches as an uninterrupted one.
     """
@@ -315,7 +375,8 @@ class ClipSampler:
     MARGIN = 3  # LR pixels; the anti-aliased bicubic kernel reaches 2 LR pixels
 
     def __init__(self, sources: Sequence[ClipSource], scale: int, lr_patch: int, clip_len: int,
-                 batch_size: int, seed: int = 0, max_side: int | None = 640):
+                 batch_size: int, seed: int = 0, max_side: int | None = 640, workers: int | str | None = "auto",
+                 cache_bytes: int = DECODED_CACHE_BYTES):
         if lr_patch < 1 or batch_size < 1 or clip_len < 1 or scale < 1:
             raise DataError("scale, patch size, clip length and batch size must be >= 1")
         self.scale, self.lr_patch, self.clip_len, self.batch_size = scale, lr_patch, clip_len, batch_size
@@ -323,29 +384,96 @@ class ClipSampler:
         self.sources = list(sources)
         if not self.sources:
             raise DataError("no training clips")
+        headers = []
         self.shapes: list[tuple[int, int, int]] = []  # frames, HR height, HR width (mod-cropped)
         for src in self.sources:
-            a = _clip_frames(src, max_side)
-            _need(src, len(a), clip_len)
-            h, w = _mod(a.shape[1], scale), _mod(a.shape[2], scale)
+            hd = clip_header(src, max_side)
+            _need(src, hd.frames, clip_len)
+            h, w = _mod(hd.height, scale), _mod(hd.width, scale)
             if min(h, w) < lr_patch * scale:
-                raise DataError(f"clip {src.name} ({a.shape[2]}x{a.shape[1]}) is smaller than one training patch "
+                raise DataError(f"clip {src.name} ({hd.width}x{hd.height}) is smaller than one training patch "
                                 f"({lr_patch * scale}x{lr_patch * scale} HR)")
-            self.shapes.append((len(a), h, w))
+            headers.append(hd)
+            self.shapes.append((hd.frames, h, w))
         self.weights = torch.tensor([float(n * h * w) for n, h, w in self.shapes])
-        self.generator = torch.Generator().manual_seed(seed)
+        self.workers = resolve_workers(workers, sum(h.frames * h.height * h.width * 3 for h in headers))
+        self.builder = ClipBuilder(self.sources, headers, self.shapes, scale, lr_patch, clip_len, max_side,
+                                    DecodedCache(cache_bytes))
+        draw = ClipDraw(self.weights, self.shapes, scale, lr_patch, clip_len, batch_size)
+        self._stream = BatchStream(draw, self.builder, seed, self.workers)
 
     def state(self) -> torch.Tensor:
-        return self.generator.get_state()
+        return self._stream.state()
 
     def set_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
+        self._stream.set_state(state)
 
-    def _crop(self, i: int, t0: int, y: int, x: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """LR (T,3,p,p) and HR (T,3,ps,ps) at LR position (y, x) of clip i, frames t0 .. t0+T-1."""
-        p, s, m = self.lr_patch, self.scale, self.MARGIN
+    def use_device(self, device: torch.device | str) -> None:
+        """The model's device: batches are pinned for CUDA."""
+        self._stream.use_device(device)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """LR (B,T,3,p,p) and HR (B,T,3,p*scale,p*scale), floats in [0, 1]."""
+        return self._stream.next()
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class ClipDraw:
+    """Draws one batch's description in the training process (no reference to the sampler)."""
+
+    def __init__(self, weights: torch.Tensor, shapes: Sequence[tuple[int, int, int]], scale: int, lr_patch: int,
+                 clip_len: int, batch_size: int):
+        self.weights, self.shapes, self.scale = weights, list(shapes), scale
+        self.lr_patch, self.clip_len, self.batch_size = lr_patch, clip_len, batch_size
+
+    def __call__(self, g: torch.Generator) -> list[tuple[int, int, int, int, int]]:
+        """(clip, start frame, LR y, LR x, augmentation k) per sample, in the former sampler's order."""
+        p = self.lr_patch
+        idx = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g)
+        spec = []
+        for i in idx.tolist():
+            n, h, w = self.shapes[i]
+            t0 = int(torch.randint(0, n - self.clip_len + 1, (1,), generator=g))
+            y = int(torch.randint(0, h // self.scale - p + 1, (1,), generator=g))
+            x = int(torch.randint(0, w // self.scale - p + 1, (1,), generator=g))
+            k = int(torch.randint(0, 16, (1,), generator=g))
+            spec.append((i, t0, y, x, k))
+        return spec
+
+
+class ClipBuilder:
+    """Makes one batch of clip crops from its description (runs in a worker process)."""
+
+    def __init__(self, sources: Sequence[ClipSource], headers: Sequence[ClipHeader],
+                 shapes: Sequence[tuple[int, int, int]], scale: int, lr_patch: int, clip_len: int,
+                 max_side: int | None, cache: DecodedCache):
+        self.sources, self.headers, self.shapes = list(sources), list(headers), list(shapes)
+        self.scale, self.lr_patch, self.clip_len, self.max_side, self.cache = scale, lr_patch, clip_len, max_side, cache
+
+    def _frame(self, i: int, f: Path) -> np.ndarray:
+        img = np.round(read_rgb(f) * 255.0).astype(np.uint8)
+        _same_size(Path(self.sources[i].path), self.headers[i].first, f.name, img.shape[:2])
+        return _shrink([img], self.max_side)[0]
+
+    def window(self, i: int, t0: int) -> np.ndarray:
+        """Frames t0 .. t0+T-1 of clip i (T,H,W,3) uint8: from a folder only those frames are read."""
+        src, hd, T = self.sources[i], self.headers[i], self.clip_len
+        if src.kind == "frames":
+            return np.stack([self.cache.get(("frame", str(f), self.max_side), lambda f=f: self._frame(i, f))
+                             for f in hd.files[t0:t0 + T]])
+        a = self.cache.get(("video", str(src.path), self.max_side), lambda: _decode_video(Path(src.path), self.max_side))
+        a = a[src.start: src.stop]
+        if len(a) != hd.frames or a.shape[1:3] != (hd.height, hd.width):
+            raise DataError(f"video {src.path} decoded to {len(a)} frames of {a.shape[2]}x{a.shape[1]}; its header "
+                            f"said {hd.frames} of {hd.width}x{hd.height}")
+        return a[t0:t0 + T]
+
+    def crop(self, frames: np.ndarray, i: int, y: int, x: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """LR (T,3,p,p) and HR (T,3,ps,ps) at LR position (y, x) of the window ``frames`` of clip i."""
+        p, s, m = self.lr_patch, self.scale, ClipSampler.MARGIN
         _, h, w = self.shapes[i]
-        frames = _clip_frames(self.sources[i], self.max_side)[t0:t0 + self.clip_len]
         y0, x0 = max(0, y - m), max(0, x - m)
         y1, x1 = min(h // s, y + p + m), min(w // s, x + p + m)
         region = _to_tensor(frames[:, y0 * s:y1 * s, x0 * s:x1 * s])
@@ -353,18 +481,10 @@ class ClipSampler:
         hr = region[:, :, (y - y0) * s:(y - y0 + p) * s, (x - x0) * s:(x - x0 + p) * s]
         return lr, hr
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """LR (B,T,3,p,p) and HR (B,T,3,p*scale,p*scale), floats in [0, 1]."""
-        g, p = self.generator, self.lr_patch
-        idx = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g)
+    def __call__(self, spec) -> tuple[torch.Tensor, torch.Tensor]:
         lrs, hrs = [], []
-        for i in idx.tolist():
-            n, h, w = self.shapes[i]
-            t0 = int(torch.randint(0, n - self.clip_len + 1, (1,), generator=g))
-            y = int(torch.randint(0, h // self.scale - p + 1, (1,), generator=g))
-            x = int(torch.randint(0, w // self.scale - p + 1, (1,), generator=g))
-            k = int(torch.randint(0, 16, (1,), generator=g))
-            lp, hp = dihedral(*self._crop(i, t0, y, x), k)
+        for i, t0, y, x, k in spec:
+            lp, hp = dihedral(*self.crop(self.window(i, t0), i, y, x), k)
             if k & 8:  # time reversal
                 lp, hp = lp.flip(0), hp.flip(0)
             lrs.append(lp)

@@ -15,6 +15,7 @@ import torch
 
 from sls_deploy.config.recipe import MODALITIES, Recipe
 from sls_deploy.data import PatchSampler, resolve_images
+from sls_deploy.data.catalog import training_images
 from sls_deploy.data.video import ClipSampler, resolve_clips
 from sls_deploy.training.losses import temporal_l1
 
@@ -36,13 +37,14 @@ def resolve_data(modality: str, spec: str) -> list:
 
 
 def sampler(recipe: Recipe, modality: str, spec: str, seed: int):
-    """Training batches of the recipe's finetune section: LR/HR patches or clips."""
+    """Training batches of the recipe's finetune section: LR/HR patches or clips, read lazily by
+    ``recipe.data_workers`` loader processes (``spec`` may also be a prepare-data memmap cache of images)."""
     sec = recipe.finetune
     if is_video(modality):
         return ClipSampler(resolve_clips(spec), recipe.scale, sec.lr_patch, recipe.model.options["clip_len"],
-                           sec.batch_size, seed=seed)
-    return PatchSampler(resolve_images(spec), recipe.scale, sec.lr_patch, sec.batch_size, seed=seed,
-                        degradation=recipe.adapter.degradation(recipe.model))
+                           sec.batch_size, seed=seed, workers=recipe.data_workers)
+    return PatchSampler(training_images(spec), recipe.scale, sec.lr_patch, sec.batch_size, seed=seed,
+                        degradation=recipe.adapter.degradation(recipe.model), workers=recipe.data_workers)
 
 
 def loss_fn(modality: str, temporal_weight: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:

@@ -77,6 +77,7 @@ def reopen(root: Path, log: Log = print, progress: bool = True, compute: dict | 
     of the bundle recipe's compute section, checked before the folder is locked; None: the CPU (export, pack)."""
     bundle = Bundle(root)
     m = bundle.require()
+    bundle.verify([RECIPE])  # as `build` wrote it: an edited recipe.yaml is refused, not silently used
     recipe = load_recipe(bundle.path(RECIPE))
     resolved = resolve_compute(recipe.compute, **compute) if compute is not None else Compute()
     if dist.is_main():

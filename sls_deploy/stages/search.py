@@ -19,6 +19,7 @@ from sls_deploy.core import atomic, distributed as dist
 from sls_deploy.core.bundle import PLAN
 from sls_deploy.core.checkpoints import save_weights
 from sls_deploy.core.errors import PlanError, UsageError
+from sls_deploy.core.safe_json import load_json
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.channels.plan import GroupPlan, LayerCost, StructuredPlan
 from sls_deploy.pruning.channels.saliency import fisher_saliency, per_mac
@@ -43,11 +44,17 @@ def run_search(run: Run) -> Plan | StructuredPlan:
     inputs: dict[str, Any] = {"key": s.build_key(recipe), "base": atomic.sha256_file(base) if base.is_file() else None,
                               "ref": recipe.reference_output, "model": recipe.model.options, "seed": s.seed,
                               "modality": s.modality}
+    allowed, need = s.search_phase(recipe)
+    if allowed < need and s.steps > 0:
+        what = (f"the SLS search may take at most {allowed} steps instead of {need} (sls.max_search_steps)"
+                if s.method == "sls" else
+                f"{s.method}'s search phase takes {allowed} steps instead of {need} (structured.ssl_steps)")
+        run.log(f"  --steps {s.steps} is short: {what}, so that finetuning gets at least {s.steps - allowed} "
+                "(a quarter of --steps)")
     if s.strategy == "nm":
         inputs.update(n=s.n, target=s.target)
         if s.method == "sls":
-            inputs.update(sls=s.sls(recipe).__dict__, max=min(recipe.sls_max_search_steps, s.steps), data=s.data,
-                          ft=recipe.finetune.__dict__)
+            inputs.update(sls=s.sls(recipe).__dict__, max=allowed, data=s.data, ft=recipe.finetune.__dict__)
         body = _nm_body
     else:
         if dist.world_size() > 1:
@@ -89,7 +96,7 @@ def _nm_body(run: Run, base: Path, key: str) -> StageOutput:
         data = modalities.sampler(recipe, s.modality, s.data, s.seed + 1000 * dist.rank())
         ckpt = bundle.work / "search.ckpt"
         plan, _ = search_sls(recipe, model, split, s.budget, s.sls(recipe), data,
-                             max_steps=min(recipe.sls_max_search_steps, s.steps), lr=recipe.finetune.lr,
+                             max_steps=s.search_phase(recipe)[0], lr=recipe.finetune.lr,
                              checkpoint=ckpt, run_key=key, seed=s.seed, progress=run.progress,
                              amp=run.compute.amp, channels_last=run.compute.channels_last)
         plans = dist.gather([(l.name, l.n) for l in plan.layers])
@@ -196,15 +203,13 @@ def units_record(shared: Path, units: dict[str, list[int]]) -> dict[str, Any]:
 def read_units_file(path: Path) -> tuple[Path, dict]:
     """(shared weights, {group: [indices]}) from a kept-units file (``units_record``); one-line PlanError on an
     unreadable file or shared weights that are missing or changed since."""
-    import json
-
+    raw = load_json(path, "kept units file", PlanError)
     try:
-        raw = json.loads(path.read_text())
         if not isinstance(raw, dict) or not isinstance(raw.get("units"), dict):
             raise ValueError("not a kept-units record (no \"units\" object)")
         shared = Path(str(raw["shared_weights"]))
         sha = str(raw["shared_sha256"])
-    except (OSError, ValueError, KeyError) as e:
+    except (ValueError, KeyError) as e:
         raise PlanError(f"kept units file {path}: {e}") from None
     if not shared.is_file():
         raise PlanError(f"kept units file {path}: its shared weights {shared} are missing")

@@ -8,7 +8,6 @@ makes ``check_report`` raise with the check's name.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
@@ -19,6 +18,9 @@ from sls_deploy.core import atomic
 from sls_deploy.report import document as report_mod
 from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
+from sls_deploy.core.errors import SlsError
+from sls_deploy.core.opening import open_for_use
+from sls_deploy.core.safe_json import load_json
 from sls_deploy.data import load_pair, resolve_images
 from sls_deploy.data.images import check_eval_size, check_pixels, conversion_note
 from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
@@ -30,8 +32,9 @@ from sls_deploy.backends.runners import Limits, check_shapes, ort_infer
 from sls_deploy.stages.export import DENSE_ONNX, dense_graph
 from sls_deploy.stages.models import graph_spec, load_model, plan_widths
 from sls_deploy.stages.skeleton import Run
-from sls_deploy.stages.validate_common import (LAYERS_JSON, REPORT_HTML, ValidateOptions, graph_files_of,
+from sls_deploy.stages.validate_common import (LAYERS_JSON, REPORT_HTML, ValidateOptions, current_graph_files,
                                                plan_rows, progress_bar)
+from sls_deploy.stages.validate_gate import quality_gate
 
 MAX_EVAL_PIXELS = 4 * 2**20  # HR pixels of one eval image (4 MP, e.g. 2048x2048): bounded memory
 
@@ -51,8 +54,8 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
     """Every check and the report files; returns report.json's dict (``check_report`` says if it ships)."""
     bundle, recipe = run.bundle, run.recipe
     m = bundle.require()
-    graph_files = graph_files_of(m)
-    bundle.verify([PLAN, WEIGHTS, *graph_files.values()])
+    graph_files = current_graph_files(bundle, m, need_graphs=vopts.backend != "torch")
+    open_for_use(bundle.root, [PLAN, WEIGHTS, *graph_files.values()])  # hashes, and onnx.checker on each graph
     plan = load_plan(bundle.path(PLAN))
     base = bundle.recorded_file("search", "base_weights")
     eval_spec = run.settings.eval_data
@@ -66,7 +69,7 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
                                                                                  vopts.threads]})
     if bundle.stage_is_current("validate", inputs):
         run.log("  up to date")
-        return json.loads(bundle.path(REPORT_JSON).read_text())
+        return load_json(bundle.path(REPORT_JSON), "report")
     t0 = time.perf_counter()
     eval_files = resolve_images(eval_spec)
     for f in eval_files:  # bounded memory: every eval image runs whole at every deployment shape
@@ -141,6 +144,8 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
     channels = isinstance(plan, StructuredPlan)
     rep["groups"] = [{k: v for k, v in g.to_json().items() if k != "kept"} for g in plan.groups] if channels else []
     rep["widths"] = plan.widths if channels else {}
+    rep["quality_gate"] = quality_gate(val, deg.name, q_bic.psnr, q_dense.psnr, q_pruned.psnr,
+                                       {p: v[f"psnr_{ch}"] for p, v in precisions.items()}, ch)
     rep["tradeoff"] = report_plots.tradeoff_points(rep, bundle.root)
     images = {
         **({report_plots.WIDTHS_PLOT: lambda p: report_plots.plot_group_widths(rep, p)} if channels else
@@ -227,9 +232,9 @@ def _merge_engine_layers(bundle: Bundle, layers: list[dict]) -> None:
     if not path.is_file():
         return
     try:
-        data = json.loads(path.read_text())
+        data = load_json(path, "engine layer report")
         rows = {r["name"]: r for r in (data if isinstance(data, list) else data.get("layers", []))}
-    except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+    except (SlsError, AttributeError, KeyError, TypeError):
         return  # not a layers.json we wrote: the columns stay out
     for l in layers:
         r = rows.get(l["name"])

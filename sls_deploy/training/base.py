@@ -10,6 +10,7 @@ from sls_deploy.core import distributed as dist
 from sls_deploy.core.checkpoints import save_weights
 from sls_deploy.core.device import Compute, model_device
 from sls_deploy.data import PatchSampler, resolve_images
+from sls_deploy.data.catalog import training_images
 from sls_deploy.data.degradations import Degradation
 from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
 from sls_deploy.config.recipe import Recipe
@@ -38,11 +39,12 @@ def train_base(recipe: Recipe, out: Path, *, steps: int | None = None, data: str
         from sls_deploy.data.video import ClipSampler, resolve_clips
 
         sampler = ClipSampler(resolve_clips(data or recipe.data_train), recipe.scale, sec.lr_patch,
-                              recipe.model.options["clip_len"], sec.batch_size, seed=stream)
+                              recipe.model.options["clip_len"], sec.batch_size, seed=stream,
+                              workers=recipe.data_workers)
     else:
         degradation = degradation or recipe.adapter.degradation(recipe.model)
-        sampler = PatchSampler(resolve_images(data or recipe.data_train), recipe.scale, sec.lr_patch,
-                               sec.batch_size, seed=stream, degradation=degradation)
+        sampler = PatchSampler(training_images(data or recipe.data_train), recipe.scale, sec.lr_patch,
+                               sec.batch_size, seed=stream, degradation=degradation, workers=recipe.data_workers)
     torch.manual_seed(seed)
     model = recipe.build_model().to(compute.device)  # built (and initialised) on the CPU: the same on any device
     ckpt = out.with_name(out.name + ".ckpt")

@@ -177,6 +177,8 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
             scaler.load_state_dict(state["scaler"])
         start = int(state["step"])
     saved_at = start  # the step of the checkpoint on disk (what an out-of-memory stop leaves to resume from)
+    if hasattr(sampler, "use_device"):
+        sampler.use_device(device)  # pinned batches when the model is on CUDA (copied by to_device, non-blocking)
     net = model
     if dist.active():  # torchrun: average the weight gradients across ranks (NCCL on GPUs, gloo on CPUs)
         net = nn.parallel.DistributedDataParallel(
@@ -242,6 +244,8 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
     finally:
         stop.restore()
         bar.close()
+        if hasattr(sampler, "close"):
+            sampler.close()  # its loader's workers; the sampler keeps its state and restarts if used again
         if controller is not None:
             controller.detach(model)
     model.eval()

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from sls_deploy.core.errors import UsageError
+from sls_deploy.core.errors import BundleError, UsageError
 
 Infer = Callable[[np.ndarray], np.ndarray]  # (1, 3, h, w) float32 in [0, 1] -> (1, 3, h*s, w*s)
 
@@ -69,7 +69,8 @@ def upscale_tiled(img: np.ndarray, infer: Infer, scale: int, tile: int, overlap:
     float32 in [0, 1] or uint8 0..255, allocated by the caller). Returns ``out``."""
     h, w = img.shape[:2]
     if min(h, w) < min_size:
-        raise UsageError(f"image of {h}x{w} pixels is smaller than the model's minimum input of {min_size} pixels")
+        raise UsageError(f"an input {w} px wide x {h} px tall is smaller than the model's minimum input of "
+                         f"{min_size} px per side")
     if out.shape != (h * scale, w * scale, 3):
         raise ValueError(f"output array has shape {out.shape}, expected {(h * scale, w * scale, 3)}")
     for win in tiles(h, w, tile, overlap, min_size):
@@ -77,7 +78,9 @@ def upscale_tiled(img: np.ndarray, infer: Infer, scale: int, tile: int, overlap:
         y = np.asarray(infer(x), dtype=np.float32)
         expect = (1, 3, (win.cy1 - win.cy0) * scale, (win.cx1 - win.cx0) * scale)
         if y.shape != expect:
-            raise ValueError(f"the model returned {y.shape} for a tile of {x.shape}, expected {expect}")
+            raise BundleError(f"the model returned {'x'.join(map(str, y.shape))} for an input of "
+                              f"{'x'.join(map(str, x.shape))}, not the {'x'.join(map(str, expect))} of scale x{scale}: "
+                              "the graph does not match the bundle's recipe (rebuild the bundle)")
         oy, ox = (win.y0 - win.cy0) * scale, (win.x0 - win.cx0) * scale
         core = y[0, :, oy:oy + (win.y1 - win.y0) * scale, ox:ox + (win.x1 - win.x0) * scale].transpose(1, 2, 0)
         core = np.clip(core, 0.0, 1.0)
