@@ -8,7 +8,9 @@ keeps what it measured; a section that would not fit the remaining --budget-s is
 2. throughput: EDSR-baseline x4 trained by sls-deploy's own loop (training.loop.train, batches moved by it) at
    LR patch 48, batch 16 (BasicSR's settings), FP32, AMP bf16 and AMP fp16 (with the gradient scaler), each with
    and without channels_last: steps/s and images/s over --throughput-steps timed steps after 5 warm-up steps
-   (the loop reads the loss every step, so each step is complete when it is timed), peak GPU memory.
+   (the loop reads the loss every step, so each step is complete when it is timed), peak GPU memory. Beside
+   them BasicSR's own training step (train_scale.basicsr_step) on the same batches, FP32 and bf16, when basicsr
+   imports; else "not measured (BasicSR not installed)".
 3. build: `sls-deploy build --model edsr --budget 0.4 --device cuda --steps N` (N = --build-steps, the quick
    start's 1500 scaled down) as a subprocess: exit code, seconds per stage, PSNR, the manifest's compute record,
    the latency's provider.
@@ -25,9 +27,10 @@ keeps what it measured; a section that would not fit the remaining --budget-s is
    steps) on this CUDA machine, whose process group is "cpu:gloo,cuda:nccl".
 
 Without CUDA it stops at once: one line on stderr, exit 2, nothing written. --cpu-dry-run runs the plumbing on the
-CPU instead (tests; no GPU figures). Needs the repository and: torch (a CUDA build), the package's dependencies
-(`pip install torch .`); nothing else (no TensorRT, no onnxruntime-gpu: ONNX Runtime then runs on its CPU
-provider and the report says so).
+CPU instead (tests; no GPU figures). Needs this benchmarks/ folder, torch (a CUDA build) and sls-deploy with its
+dependencies: the installed package if there is one, else the checkout this script lies in (the build and
+torchrun subprocesses import the same one and run in the scratch folder). Nothing else: no TensorRT, no
+onnxruntime-gpu (ONNX Runtime then runs on its CPU provider and the report says so), no test files.
 
     python benchmarks/gpu_check.py --out OUT [--budget-s 480] [--build-steps 600] [--skip SECTION ...]
 """
@@ -46,11 +49,18 @@ import time
 import traceback
 from pathlib import Path
 
+import importlib.util
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the checkout's sls_deploy, in this process and in the subprocesses below
+if importlib.util.find_spec("sls_deploy") is None:  # not installed: this checkout's package (run from a clone)
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+import sls_deploy  # noqa: E402
+
+# where the sls_deploy this process runs comes from: the subprocesses (build, torchrun) import the same one
+PACKAGE_PARENT = Path(sls_deploy.__file__).resolve().parent.parent
 
 SECTIONS = ("env", "throughput", "build", "resume", "oom", "torchrun")
 # rough upper bounds of each section's seconds on one H200 with 16 cores (a section runs only if it fits)
@@ -100,24 +110,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def child_env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    """The environment of a subprocess: it imports the sls_deploy this process imported (an installed package
+    needs nothing; a source folder goes on PYTHONPATH). Children run in the scratch folder, never in a checkout,
+    whose sls_deploy ``python -m`` would otherwise pick up first."""
+    env = dict(os.environ)
+    if not _installed():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")) if p)
+    return env
 
 
-def cli(*args, timeout: float = 600) -> dict:
+def _installed() -> bool:
+    import sysconfig
+
+    sites = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    return PACKAGE_PARENT in sites
+
+
+def cli(*args, cwd: Path, timeout: float = 600) -> dict:
     """`sls-deploy ARGS` in a subprocess: exit code, seconds, stdout, the stderr's last lines."""
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "sls_deploy.cli", *map(str, args)], capture_output=True, text=True,
-                       env=child_env(), timeout=timeout, cwd=ROOT)
+                       env=child_env(), timeout=timeout, cwd=cwd)
     return {"rc": p.returncode, "seconds": round(time.perf_counter() - t0, 1), "stdout": p.stdout,
             "stderr_tail": p.stderr.strip().splitlines()[-6:]}
 
 
-def torchrun(nproc: int, *args, timeout: float = 600, threads: int | None = None) -> dict:
+def torchrun(nproc: int, *args, cwd: Path, timeout: float = 600, threads: int | None = None) -> dict:
     t0 = time.perf_counter()
     env = child_env() | ({"OMP_NUM_THREADS": str(threads)} if threads else {})  # torchrun's default is 1
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                         "-m", "sls_deploy.cli", *map(str, args)], capture_output=True, text=True, env=env,
-                       timeout=timeout, cwd=ROOT)
+                       timeout=timeout, cwd=cwd)
     return {"rc": p.returncode, "seconds": round(time.perf_counter() - t0, 1),
             "stderr_tail": p.stderr.strip().splitlines()[-6:]}
 
@@ -229,13 +252,38 @@ def section_throughput(ctx: Ctx) -> dict:
     measured = [r for r in rows if r.get("steps_per_s")]
     return {"model": recipe.describe_model(), "loop": "sls_deploy.training.loop.train (L1, Adam)",
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (dry run: not GPU figures)",
-            "rows": rows, "passed": bool(measured)}
+            "rows": rows, "basicsr_rows": basicsr_rows(batches, device, warmup, a.throughput_steps, a.batch),
+            "passed": bool(measured)}
+
+
+def basicsr_rows(batches: "Batches", device: torch.device, warmup: int, steps: int, batch: int) -> list[dict]:
+    """BasicSR's own training step (``SRModel.optimize_parameters``, EDSR 64x16 x4 as train_scale.py builds it) on
+    the same batches, FP32 and bf16 autocast (BasicSR has no AMP of its own), timed as our rows (it reads the loss
+    every step too); "not measured (BasicSR not installed)" when basicsr does not import."""
+    try:
+        import basicsr  # noqa: F401
+    except Exception:  # not installed, or an old release that no longer imports with this torch/torchvision
+        return [{"loop": "BasicSR", "amp": amp, "steps_per_s": None, "images_per_s": None,
+                 "note": "not measured (BasicSR not installed)"} for amp in ("fp32", "bf16")]
+    spec = importlib.util.spec_from_file_location("train_scale", Path(__file__).resolve().parent / "train_scale.py")
+    train_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_scale)
+    rows = []
+    for amp in ("fp32", "bf16"):
+        step, batches.i = train_scale.basicsr_step(device, amp), 0
+        stamps = []
+        for _ in range(warmup + steps):
+            step(*batches.batch())
+            stamps.append(time.perf_counter())
+        rate = steps / (stamps[-1] - stamps[warmup - 1])
+        rows.append({"loop": "BasicSR", "amp": amp, "steps_per_s": round(rate, 2), "images_per_s": round(rate * batch, 1)})
+    return rows
 
 
 def section_build(ctx: Ctx) -> dict:
     out = ctx.work / "build"
     r = cli("build", *ctx.model_args, "--budget", "0.4", "--device", ctx.dev, "--steps", ctx.args.build_steps,
-            "--out", out, "--no-progress", "--json", timeout=900)
+            "--out", out, "--no-progress", "--json", cwd=ctx.work, timeout=900)
     res = {"command": f"sls-deploy build {' '.join(map(str, ctx.model_args))} --budget 0.4 --device {ctx.dev} "
                       f"--steps {ctx.args.build_steps}", "rc": r["rc"], "seconds": r["seconds"]}
     manifest = out / "manifest.json"
@@ -354,8 +402,9 @@ def section_torchrun(ctx: Ctx) -> dict:
         n = min(steps, CPU_TORCHRUN_STEPS) if (dev == "cpu" and ctx.dev == "cuda") else steps
         threads = max(1, (os.cpu_count() or 2) // nproc) if dev == "cpu" else None
         s = torchrun(nproc, "search", *ctx.model_args, "--budget", "0.5", "--method", "sls", "--target", "none",
-                     "--steps", n, "--device", dev, "--out", out, "--no-progress", threads=threads)
-        f = torchrun(nproc, "finetune", out, "--steps", n + 5, "--device", dev, "--no-progress", threads=threads) \
+                     "--steps", n, "--device", dev, "--out", out, "--no-progress", cwd=ctx.work, threads=threads)
+        f = torchrun(nproc, "finetune", out, "--steps", n + 5, "--device", dev, "--no-progress", cwd=ctx.work,
+                     threads=threads) \
             if s["rc"] == 0 else {"rc": None, "note": "not run: the search failed"}
         entry = {"steps": n, "search": s, "finetune": f}
         if (out / "plan.json").is_file():
@@ -414,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="gpu_check-", dir=args.work))  # kept when --work is given
+    work = Path(tempfile.mkdtemp(prefix="gpu_check-", dir=args.work)).resolve()  # kept when --work is given
     ctx = Ctx(args, work)
     result = {"script": "benchmarks/gpu_check.py", "argv": sys.argv[1:] if argv is None else argv,
               "dry_run": args.cpu_dry_run, "budget_s": args.budget_s, "sections": {}}
@@ -465,6 +514,9 @@ def summary(result: dict) -> str:
     for r in s.get("throughput", {}).get("rows", []):
         lines.append(f"  throughput {r['amp']}{' channels_last' if r['channels_last'] else ''}: "
                      f"{r.get('steps_per_s')} steps/s, {r.get('images_per_s')} images/s {r.get('note', '')}".rstrip())
+    for r in s.get("throughput", {}).get("basicsr_rows", []):
+        lines.append(f"  throughput BasicSR {r['amp']}: {r.get('steps_per_s')} steps/s, {r.get('images_per_s')} "
+                     f"images/s {r.get('note', '')}".rstrip())
     b = s.get("build", {})
     if "rc" in b:
         lines.append(f"  build rc {b['rc']} in {b.get('seconds')} s, PSNR {b.get('psnr')}")

@@ -9,6 +9,7 @@ on CUDA (``test_the_fake_device_catches_planted_bugs`` plants such bugs and watc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -211,9 +212,11 @@ def test_temporal_distillation_step_on_the_model_device():
     assert tf.last is not None and tf.last > 0 and all_fake(student)
 
 
-def test_search_finetune_and_torch_validate_of_a_bundle_on_the_model_device(tmp_path, tiny_images):
+def test_search_finetune_and_torch_validate_of_a_bundle_on_the_model_device(tmp_path, tiny_images, monkeypatch,
+                                                                          capsys):
     """The stages themselves: ssl search (learned scales, slicing), finetune, and validate's PyTorch reference,
-    with Compute(device=<fake>); then the manifest says where they ran."""
+    with Compute(device=<fake>); then the manifest says where they ran. Then `upscale --backend torch --device`
+    (``cuda`` standing for the fake accelerator) writes the same image as on the CPU, with the model there."""
     from sls_deploy.config.settings import Settings
     from sls_deploy.stages.build import start
     from sls_deploy.stages.export import run_export
@@ -245,6 +248,23 @@ def test_search_finetune_and_torch_validate_of_a_bundle_on_the_model_device(tmp_
         assert stages[name]["compute"]["device"] == "meta" and stages[name]["compute"]["amp"] == "off"
     assert "compute" not in stages["export"]
     assert not list((tmp_path / "b").rglob("*.ckpt"))
+
+    from sls_deploy.core import device as device_mod
+    from sls_deploy.stages import models
+
+    resolve, build_module, used = device_mod.inference_device, models.bundle_module, []
+    monkeypatch.setattr(device_mod, "inference_device",
+                        lambda sec, dev=None: FAKE if dev == "cuda" else resolve(sec, dev))
+    monkeypatch.setattr(models, "bundle_module", lambda *a, **kw: used.append(build_module(*a, **kw)) or used[-1])
+    picture = sorted(tiny_images["eval"].iterdir())[0]
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        with FakeDevice() if dev == "cuda" else contextlib.nullcontext():
+            code, _, err = run_cli(capsys, "upscale", tmp_path / "b", picture, "-o", tmp_path / dev, "--backend",
+                                   "torch", "--device", dev, "--no-progress")
+        assert code == 0, err
+        outs[dev] = (tmp_path / dev / picture.name).read_bytes()
+    assert [model_device(m).type for m in used] == ["cpu", FAKE.type] and outs["cpu"] == outs["cuda"]
 
 
 @pytest.mark.parametrize("bug", ["sls gates left on the cpu", "luma weights on the cpu", "batch left on the cpu"])
