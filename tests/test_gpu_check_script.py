@@ -72,6 +72,9 @@ def test_dry_run_of_throughput_and_resume_on_the_cpu(gc, tmp_path, tiny_images, 
     rows = {(r["amp"], r["channels_last"]): r for r in s["throughput"]["rows"]}
     assert len(rows) == 6 and rows[("fp32", False)]["steps_per_s"] > 0 and rows[("bf16", True)]["images_per_s"] > 0
     assert rows[("fp16", False)]["steps_per_s"] is None and "needs a CUDA device" in rows[("fp16", False)]["note"]
+    if importlib.util.find_spec("basicsr") is None:
+        assert [(r["loop"], r["amp"], r["note"]) for r in s["throughput"]["basicsr_rows"]] == [
+            ("BasicSR", amp, "not measured (BasicSR not installed)") for amp in ("fp32", "bf16")]
     r = s["resume"]
     assert r["checkpoints_cpu_only"] and r["gpu_then_gpu_bit_identical"]  # all CPU here: every leg bit-identical
     assert set(r["max_abs_weight_diff"].values()) == {0.0}
