@@ -64,7 +64,7 @@ PACKAGE_PARENT = Path(sls_deploy.__file__).resolve().parent.parent
 
 SECTIONS = ("env", "throughput", "build", "resume", "oom", "torchrun")
 # rough upper bounds of each section's seconds on one H200 with 16 cores (a section runs only if it fits)
-ESTIMATE_S = {"env": 5, "throughput": 60, "build": 150, "resume": 90, "oom": 40, "torchrun": 120}
+ESTIMATE_S = {"env": 5, "throughput": 80, "build": 150, "resume": 90, "oom": 40, "torchrun": 120}
 CPU_TORCHRUN_STEPS = 10  # the 2-rank CPU run: a few steps are enough to exercise gloo in the mixed group
 RESULT = "gpu_check.json"
 

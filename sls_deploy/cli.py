@@ -425,6 +425,9 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
             from sls_deploy.trt.engine import require_tensorrt
 
             require_tensorrt()  # before anything is read or written
+        from sls_deploy.core.device import inference_device
+
+        where = inference_device(None, device) if device is not None and backend == "ort" else None  # before unpacking
         opened, recipe = _device_bundle(path)
         eval_path = Path(eval_data) if eval_data else None
         if backend == "trt":
@@ -433,9 +436,7 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
         else:
             opened.verify(["model.onnx", *(n for n in GRAPH_FILES.values()
                                            if n != "model.onnx" and opened.path(n).is_file())])
-            from sls_deploy.core.device import inference_device
-
-            res = validate_packed(opened.root, recipe, eval_path, inference_device(recipe.compute, device))
+            res = validate_packed(opened.root, recipe, eval_path, where or inference_device(recipe.compute))
         click.echo(json.dumps(res, indent=2))
         if not res["passed"]:
             raise ValidationError(res["verdict"])

@@ -85,7 +85,7 @@ def validate_engine(root: Path, recipe, precision: str, eval_data: Path | None, 
     name = f"tensorrt {precision}"
     dense_file = root / ENGINE_DIR / DENSE_ENGINE
     with contextlib.ExitStack() as stack:
-        ref = _active(stack, onnx_runner(root / "model.onnx"))
+        ref = _active(stack, onnx_runner(root / "model.onnx"))  # the engine's reference: ONNX Runtime on the CPU
         trt = _active(stack, open_engine(engine_file))
         rows, data, kind, frames = _graph_rows(root, recipe, ref, {name: (precision, trt)}, eval_data)
         engines = {"sparse": trt}
