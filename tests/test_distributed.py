@@ -27,6 +27,8 @@ def test_two_process_sls_build(tmp_path, tiny_recipe, tiny_weights):
     manifest = json.loads((out / "manifest.json").read_text())
     assert plan["search"]["world_size"] == 2  # both ranks searched, and their plans agreed (else PlanError)
     assert manifest["stages"]["finetune"]["result"]["world_size"] == 2
+    compute = manifest["stages"]["finetune"]["compute"]  # where it trained: both ranks on the CPU (gloo)
+    assert (compute["device"], compute["world_size"]) == ("cpu", 2)
     assert plan["macs"]["ratio"] <= 0.45
     report = json.loads((out / "report.json").read_text())
     assert report["onnx_vs_torch"]["passed"]

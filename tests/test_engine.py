@@ -339,3 +339,33 @@ def test_pack_json_without_files_is_one_line(tmp_path, capsys):
     (tmp_path / "pack.json").write_text("{}")
     with pytest.raises(BundleError, match="not a valid pack.json"):
         verify_packed(tmp_path)
+
+
+def test_validate_of_a_pack_follows_the_device(bundle, tmp_path, capsys, monkeypatch):
+    """`validate PACK --device`: every ONNX Runtime session asks backends/providers.py for that device's providers;
+    `--device cuda` without CUDA is one line, exit 2, before the pack is unpacked."""
+    import torch
+
+    from sls_deploy.backends import providers
+    from sls_deploy.core import device as device_mod
+
+    tar = tmp_path / "p.tar.gz"
+    assert main(["pack", str(bundle), "--out", str(tar)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["validate", str(tar), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --device cuda: CUDA is not available here")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.tar.gz"]
+
+    asked, real = [], providers.providers_for
+    monkeypatch.setattr(providers, "providers_for", lambda dev=None: asked.append(str(dev)) or real("cpu"))
+    resolve = device_mod.inference_device
+    monkeypatch.setattr(device_mod, "inference_device",
+                        lambda sec=None, dev=None: torch.device("cuda", 1) if dev == "cuda:1" else resolve(sec, dev))
+    for dev, want in (("cuda:1", "cuda:1"), ("cpu", "cpu")):
+        asked.clear()
+        assert main(["validate", str(tar), "--device", dev]) == 0
+        assert json.loads(capsys.readouterr().out)["passed"]
+        assert len(asked) == 4 and set(asked) == {want}  # the FP32 reference and the three packed graphs
+

@@ -142,15 +142,18 @@ def _check_out(out: Path, model: str) -> Family | None:
 
 
 def build_family(recipe, budgets, out: Path, settings_for, log, progress: bool = True,
-                 nested: bool = False) -> dict[str, dict]:
+                 nested: bool = False, compute=None) -> dict[str, dict]:
     """``sls-deploy build --budget A --budget B ...``: one complete bundle per budget, in ``out/b<budget>``, each
     from the same base weights with the same options; ``family.json`` is written when every member is done (an
     interrupted family build resumes member by member when the same command runs again). Members are built
     independently, unless ``nested``: then their kept units are nested and their weights are one shared set
-    trained under every member's mask (``adaptive.nested``). Returns {member folder: its report}."""
+    trained under every member's mask (``adaptive.nested``). ``compute``: where PyTorch runs (None: the recipe's
+    compute section). Returns {member folder: its report}."""
     from sls_deploy.core import distributed as dist
+    from sls_deploy.core.device import resolve_compute
     from sls_deploy.stages.build import build, start
 
+    compute = compute or resolve_compute(recipe.compute)  # before any work
     out = Path(out)
     budgets = check_budgets(budgets)
     if len(budgets) < 2:
@@ -165,11 +168,11 @@ def build_family(recipe, budgets, out: Path, settings_for, log, progress: bool =
         if dist.world_size() > 1:
             raise BundleError("a nested family trains in one process (no torchrun)")
         out.mkdir(parents=True, exist_ok=True)
-        settings, record = prepare_nested(recipe, settings, out, member_dir, log, progress)
+        settings, record = prepare_nested(recipe, settings, out, member_dir, log, progress, compute)
     reports = {}
     for b in budgets:
         log(f"family member {member_dir(b)} ({budgets.index(b) + 1}/{len(budgets)})")
-        rep = build(start(recipe, settings[b], out / member_dir(b), log, progress))
+        rep = build(start(recipe, settings[b], out / member_dir(b), log, progress, compute))
         if rep:
             reports[member_dir(b)] = rep
     if not dist.is_main():

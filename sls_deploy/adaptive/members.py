@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from sls_deploy.core.bundle import PLAN, WEIGHTS
+from sls_deploy.core.device import model_device
 from sls_deploy.core.errors import BundleError
 
 Run = Callable[[torch.Tensor], torch.Tensor]
@@ -26,11 +27,13 @@ class Candidate:
 
 
 def module_candidate(name: str, module: torch.nn.Module, cost: float, batch: int = 16) -> Candidate:
+    """A module as a candidate: batches run on the module's device, outputs come back to the CPU."""
     module = module.eval()
+    device = model_device(module)
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([module(x[i:i + batch]) for i in range(0, x.shape[0], batch)], dim=0)
+        return torch.cat([module(x[i:i + batch].to(device)).cpu() for i in range(0, x.shape[0], batch)], dim=0)
 
     return Candidate(name, float(cost), run)
 
@@ -40,8 +43,8 @@ def bicubic_candidate(scale: int, dense_macs_per_lr_pixel: float, degradation_ba
     return Candidate("bicubic", macs / dense_macs_per_lr_pixel, degradation_baseline)
 
 
-def bundle_candidate(root, recipe, name: str | None = None) -> Candidate:
-    """A finished image bundle's PyTorch model as a candidate, its cost the plan's MACs ratio."""
+def bundle_candidate(root, recipe, name: str | None = None, device=None) -> Candidate:
+    """A finished image bundle's PyTorch model (on ``device``) as a candidate, its cost the plan's MACs ratio."""
     from pathlib import Path
 
     from sls_deploy.pruning.registry import load_plan
@@ -51,4 +54,4 @@ def bundle_candidate(root, recipe, name: str | None = None) -> Candidate:
     for f in (PLAN, WEIGHTS):
         if not (root / f).is_file():
             raise BundleError(f"{root} has no {f}: not a finished bundle")
-    return module_candidate(name or root.name, bundle_module(root, recipe), load_plan(root / PLAN).ratio)
+    return module_candidate(name or root.name, bundle_module(root, recipe, device), load_plan(root / PLAN).ratio)

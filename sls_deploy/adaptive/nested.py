@@ -98,10 +98,14 @@ def train_shared(model: nn.Module, groups, members: dict[str, dict[str, torch.Te
         masks.detach()
 
 
-def prepare_nested(recipe, settings: dict, out: Path, member_dir, log, progress: bool = True) -> tuple[dict, dict]:
+def prepare_nested(recipe, settings: dict, out: Path, member_dir, log, progress: bool = True,
+                   compute=None) -> tuple[dict, dict]:
     """Plan the nested members, train the shared weights (skipped when ``nested/done.json`` matches), write the
     members' unit files; return ({budget: the member's settings: given units, shared weights, 0 steps},
-    the family file's "nested" record)."""
+    the family file's "nested" record). ``compute``: where the shared weights train (None: the CPU)."""
+    from sls_deploy.core.device import Compute
+
+    compute = compute or Compute()
     budgets = sorted(settings)
     s0 = settings[budgets[0]]
     if s0.strategy != "channels" or s0.method == "hybrid":
@@ -109,7 +113,7 @@ def prepare_nested(recipe, settings: dict, out: Path, member_dir, log, progress:
     if s0.steps < 1:
         raise UsageError("--nested trains the shared weights: give --steps >= 1")
     base = resolve_base_weights(recipe, s0.weights)
-    model = load_model(recipe, base)
+    model = load_model(recipe, base, device=compute.device)
     adapter = recipe.adapter
     groups = adapter.channel_groups(model)
     h, w = recipe.reference_input_hw()
@@ -135,7 +139,7 @@ def prepare_nested(recipe, settings: dict, out: Path, member_dir, log, progress:
             f"({len(members)} forward passes a step)")
         sec = recipe.finetune
         cfg = TrainConfig(steps=s0.steps, lr=sec.lr, warmup=sec.warmup, checkpoint_every=sec.checkpoint_every,
-                          seed=s0.seed)
+                          seed=s0.seed, amp=compute.amp, channels_last=compute.channels_last)
         result = train_shared(model, groups, members, modalities.sampler(recipe, s0.modality, s0.data, s0.seed + 1),
                               cfg, checkpoint=folder / "joint.ckpt", run_key=_digest(key),
                               progress=progress, loss=modalities.loss_fn(s0.modality, s0.temporal_weight))

@@ -33,10 +33,14 @@ class PatchSet:
         if bool((self.costs[1:] < self.costs[:-1]).any()):
             raise DataError("candidates must be ordered by cost, cheapest first")
 
+    def to(self, device) -> "PatchSet":
+        """The same patches, errors and costs on ``device`` (where the routers train)."""
+        return PatchSet(self.lr.to(device), self.errors.to(device), self.costs.to(device))
+
     def split(self, fraction: float, seed: int = 0) -> tuple["PatchSet", "PatchSet"]:
         """(fit part, calibration part): a seeded random split, ``fraction`` of the patches for fitting."""
         g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(self.lr.shape[0], generator=g)
+        order = torch.randperm(self.lr.shape[0], generator=g).to(self.lr.device)  # the CPU stream: same split anywhere
         k = max(1, min(self.lr.shape[0] - 1, int(round(fraction * self.lr.shape[0]))))
         a, b = order[:k], order[k:]
         return (PatchSet(self.lr[a], self.errors[a], self.costs), PatchSet(self.lr[b], self.errors[b], self.costs))
@@ -44,7 +48,7 @@ class PatchSet:
 
 def luma(x: torch.Tensor) -> torch.Tensor:
     """(N, 3, h, w) RGB in [0, 1] -> (N, 1, h, w) BT.601 Y in [16, 235] (as ``data.metrics.rgb_to_y``)."""
-    w = torch.tensor([65.481, 128.553, 24.966], dtype=x.dtype).view(1, 3, 1, 1)
+    w = torch.tensor([65.481, 128.553, 24.966], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x.clamp(0, 1) * w).sum(1, keepdim=True) + 16.0
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sls_deploy.adaptive.patchset import PatchSet, luma
+from sls_deploy.core.device import model_device
 from sls_deploy.core.errors import UsageError
 
 ROUTERS = ("sls", "classsr", "edge")
@@ -82,7 +83,8 @@ class PatchNet(nn.Module):
 
 def fit_net(net: nn.Module, lr: torch.Tensor, loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
             steps: int, seed: int, batch: int = 64, lr_rate: float = 2e-3) -> None:
-    """Adam with cosine decay; ``loss_of(outputs, batch indices)``; patches flipped/rotated at random."""
+    """Adam with cosine decay; ``loss_of(outputs, batch indices)``; patches flipped/rotated at random. Runs where
+    ``net`` and ``lr`` are (one device); the random draws come from a CPU generator, the same on any device."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr_rate)
@@ -90,7 +92,7 @@ def fit_net(net: nn.Module, lr: torch.Tensor, loss_of: Callable[[torch.Tensor, t
     net.train()
     n = lr.shape[0]
     for _ in range(steps):
-        idx = torch.randint(0, n, (min(batch, n),), generator=g)
+        idx = torch.randint(0, n, (min(batch, n),), generator=g).to(lr.device)
         x = lr[idx]
         k = int(torch.randint(0, 4, (1,), generator=g))
         x = torch.rot90(x, k, dims=(2, 3))
@@ -118,7 +120,9 @@ class Router:
 
     @torch.no_grad()
     def choose(self, lr: torch.Tensor) -> torch.Tensor:
-        return self.module().eval()(lr).long()
+        """(N,) candidate indices on the CPU; the router runs on its own device."""
+        module = self.module().eval()
+        return module(lr.to(model_device(module))).long().cpu()
 
 
 class _SlsRule(nn.Module):
@@ -126,7 +130,7 @@ class _SlsRule(nn.Module):
         super().__init__()
         self.net = net
         self.register_buffer("saved", (costs.max() - costs) / costs.max())
-        self.register_buffer("beta", torch.tensor(float(beta)))
+        self.register_buffer("beta", torch.tensor(float(beta), device=costs.device))
 
     def utility(self, x: torch.Tensor) -> torch.Tensor:
         f = torch.exp(self.net(x))  # predicted MSE per candidate
@@ -143,7 +147,7 @@ class SlsRouter(Router):
 
     def fit(self, fit: PatchSet, calib: PatchSet, target: float, seed: int = 0, steps: int = 600) -> None:
         torch.manual_seed(seed)  # the net's initial weights: the same seed refits the same router
-        net = PatchNet(fit.costs.numel())
+        net = PatchNet(fit.costs.numel()).to(fit.lr.device)  # initialised on the CPU: the same on any device
         logs = torch.log(fit.errors + 1e-3)
         mu, sd = logs.mean(), logs.std().clamp_min(1e-6)
         fit_net(net, fit.lr, lambda out, idx: F.mse_loss(out, (logs[idx] - mu) / sd), steps, seed)
@@ -218,7 +222,7 @@ class ClassSrRouter(Router):
         labels = worth_its_cost(fit.errors, fit.costs, lam)
         fractions = torch.bincount(labels, minlength=k).float() / labels.numel()
         torch.manual_seed(seed)  # the net's initial weights: the same seed refits the same router
-        net = PatchNet(k)
+        net = PatchNet(k).to(fit.lr.device)
 
         def loss_of(out, idx):
             p = out.softmax(dim=1)
@@ -267,11 +271,11 @@ class EdgeRouter(Router):
         lam = label_lambda(both, target)
         labels = worth_its_cost(both.errors, both.costs, lam)
         cum = torch.cumsum(torch.bincount(labels, minlength=k).float(), 0) / labels.numel()
-        energy = EdgeEnergy(torch.zeros(k - 1)).energy(both.lr)
+        energy = EdgeEnergy(torch.zeros(k - 1)).to(both.lr.device).energy(both.lr)
         thresholds = torch.quantile(energy, cum[:-1].clamp(0, 1))
         # candidates no train patch went to (from the first whose cumulative share is 1) are never chosen
         thresholds[cum[:-1] >= 1 - 1e-9] = float("inf")
-        self._mod = EdgeEnergy(thresholds)
+        self._mod = EdgeEnergy(thresholds).to(thresholds.device)
         self.info = {"label_lambda": round(lam, 6),
                      "thresholds": [round(float(t), 4) for t in thresholds],
                      "train_cost": round(mean_cost(self._mod(both.lr), both.costs), 4)}

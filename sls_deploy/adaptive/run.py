@@ -75,11 +75,12 @@ def router_profiles(family: Family, engine_section) -> dict[str, dict[str, tuple
     return {n: {"lr_patches": tuple(shapes)} for n in names}
 
 
-def candidates_of(family: Family, recipe) -> tuple[list[Candidate], float]:
-    """bicubic, the members and the dense base, cheapest first; and the dense MACs per LR pixel."""
+def candidates_of(family: Family, recipe, device=None) -> tuple[list[Candidate], float]:
+    """bicubic, the members and the dense base (on ``device``), cheapest first; and the dense MACs per LR pixel."""
     from sls_deploy.stages.models import load_model, resolve_base_weights
 
-    dense = recipe.adapter.export_module(load_model(recipe, resolve_base_weights(recipe, family.base_weights or None)))
+    dense = recipe.adapter.export_module(load_model(recipe, resolve_base_weights(recipe, family.base_weights or None),
+                                                    device=device))
     probe = 32
     per_px = sum(layer_macs(dense, torch.zeros(1, 3, probe, probe)).values()) / probe ** 2
     from sls_deploy.config.recipe import load_recipe
@@ -89,7 +90,7 @@ def candidates_of(family: Family, recipe) -> tuple[list[Candidate], float]:
         r = load_recipe(open_for_use(family.path(m), [PLAN, WEIGHTS]).path(RECIPE))
         if r.name != family.model:
             raise BundleError(f"family member {m.folder} is a bundle of {r.name}, not {family.model}")
-        members.append(bundle_candidate(family.path(m), r, m.folder))
+        members.append(bundle_candidate(family.path(m), r, m.folder, device))
     cands = [bicubic_candidate(recipe.scale, per_px, recipe.adapter.degradation(recipe.model).baseline)]
     cands += sorted(members, key=lambda c: c.cost) + [module_candidate("dense", dense, 1.0)]
     costs = [c.cost for c in cands]
@@ -117,8 +118,11 @@ def train_coverage(files, scale: int, size: int, stride: int) -> float:
 
 def route(root: str | Path, routers: Sequence[str] = ROUTERS, target: float | None = None, size: int = 48,
           stride: int = 44, train_patches: int = 1500, steps: int = 800, seed: int = 0,
-          eval_data: str | None = None, log: Log = print) -> dict:
+          eval_data: str | None = None, log: Log = print, device: str | None = None) -> dict:
+    """``device``: --device (None: the recipe's compute.device): where the candidates run and the routers train,
+    resolved before any work."""
     from sls_deploy.config.recipe import load_recipe
+    from sls_deploy.core.device import inference_device
     from sls_deploy.data.catalog import training_images
     from sls_deploy.data.sources import resolve_images
     from sls_deploy.report.adaptive import plot_map, plot_points, table
@@ -129,10 +133,11 @@ def route(root: str | Path, routers: Sequence[str] = ROUTERS, target: float | No
         raise UsageError(f"adaptive routing runs image models; {recipe.name} is a {recipe.modality} model")
     for r in routers:
         make_router(r)  # unknown names fail before any work
+    where = inference_device(recipe.compute, device)
     if size < recipe.adapter.min_input_size(recipe.model):
         raise UsageError(f"--patch {size} is below the model's minimum input size")
     t0 = time.perf_counter()
-    cands, per_px = candidates_of(family, recipe)
+    cands, per_px = candidates_of(family, recipe, where)
     costs = [c.cost for c in cands]
     if target is None:
         member_costs = sorted(costs[1:-1])
@@ -150,6 +155,7 @@ def route(root: str | Path, routers: Sequence[str] = ROUTERS, target: float | No
     log(f"router training patches: {lr.shape[0]} crops of {size}x{size} LR from {len(train_files)} train images")
     ps = patch_set(cands, lr, hr, progress=lambda n: log(f"  errors of {n} on the train patches"))
     fit, calib = ps.split(0.8, seed)
+    fit, calib = fit.to(where), calib.to(where)  # the routers train where the candidates ran
     cov = train_coverage(train_files, recipe.scale, size, stride)
     per_patch = target / cov  # the candidates' mean cost per patch that makes the whole-image average ``target``
     log(f"patch grid coverage on the train images: {cov:.3f}; routers aim at {per_patch:.4f} per patch")

@@ -54,14 +54,17 @@ def time_side_by_side(calls: dict[str, Callable[[], object]], warmup: int, runs:
     return {n: Timing(t) for n, t in times.items()}
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime CPU session with an explicit intra-op thread count (recorded in reports)."""
+def ort_session(path: str | os.PathLike, threads: int | None = None, device=None):
+    """An ONNX Runtime session (``providers_for(device)``: the CUDA provider on a CUDA device when installed) with
+    an explicit intra-op thread count (recorded in reports)."""
     import onnxruntime as ort
+
+    from sls_deploy.backends.providers import session
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or (os.cpu_count() or 1)
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), so.intra_op_num_threads
+    return session(path, device, so), so.intra_op_num_threads
 
 
 def ort_call(sess, feed: dict[str, np.ndarray]) -> Callable[[], object]:

@@ -39,9 +39,13 @@ def onnx_inputs(path: Path) -> dict[str, type]:
 
 
 @contextlib.contextmanager
-def ort_infer(onnx_path: str | os.PathLike, input_name: str = "lr", output_name: str = "sr") -> Iterator:
-    """An ``infer(lr_tensor) -> np.ndarray`` function backed by ONNX Runtime on CPU (via Polygraphy)."""
+def ort_infer(onnx_path: str | os.PathLike, input_name: str = "lr", output_name: str = "sr",
+              device=None) -> Iterator:
+    """An ``infer(lr_tensor) -> np.ndarray`` function backed by ONNX Runtime (via Polygraphy), on
+    ``providers_for(device)``: the CPU unless the device is a GPU and onnxruntime-gpu is installed."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    from sls_deploy.backends.providers import providers_for
 
     quiet_polygraphy()
     path = Path(onnx_path)
@@ -51,7 +55,7 @@ def ort_infer(onnx_path: str | os.PathLike, input_name: str = "lr", output_name:
     if input_name not in inputs:
         raise ValidationError(f"{path.name} has no input '{input_name}' (inputs: {', '.join(inputs) or 'none'})")
     dtype = inputs[input_name]
-    with OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])) as runner:
+    with OnnxrtRunner(SessionFromOnnx(str(path), providers=providers_for(device))) as runner:
 
         def infer(lr: torch.Tensor) -> np.ndarray:
             out = runner.infer({input_name: lr.detach().cpu().numpy().astype(dtype)})[output_name]
@@ -187,17 +191,20 @@ def _rows(acc: dict, backends: dict, want: tuple, label: str, hw, ref_gt: list, 
 # --------------------------------------------------------------------------- runners and clip checks
 
 
-def onnx_runner(onnx_path: str | os.PathLike):
-    """An (inactive) Polygraphy ``OnnxrtRunner`` on CPU: the FP32 reference of the TensorRT checks, and the
-    stand-in for ``TrtRunner`` where there is no TensorRT. Drive it with ``backends.drive``."""
+def onnx_runner(onnx_path: str | os.PathLike, device=None):
+    """An (inactive) Polygraphy ``OnnxrtRunner`` (``providers_for(device)``; the CPU by default): the FP32
+    reference of the TensorRT checks, and the stand-in for ``TrtRunner`` where there is no TensorRT. Drive it
+    with ``backends.drive``."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    from sls_deploy.backends.providers import providers_for
 
     quiet_polygraphy()
     path = Path(onnx_path)
     if not path.is_file():
         raise ValidationError(f"ONNX file not found: {path}")
     onnx_inputs(path)  # a corrupt file is a one-line ValidationError here, not a traceback at activate()
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]))
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers_for(device)))
 
 
 def clip_pair_at_size(source, clip_len: int, scale: int,

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from sls_deploy.core.device import ComputeSection
 from sls_deploy.core.errors import RecipeError, UsageError, short_repr
 from sls_deploy.core.numbers import (MAX_COUNT, MAX_LATENCY_RUNS, MAX_SIDE, MAX_STEPS, MAX_WORKSPACE_MB, as_float,
                                       as_int)
@@ -155,6 +156,7 @@ class Recipe:
     adapter: ModelAdapter = field(compare=False, repr=False)
     structured: StructuredSection = field(default_factory=StructuredSection)
     modality: str = "image"  # how data meets the model: image | clip | step (recipe key or the adapter's default)
+    compute: ComputeSection = field(default_factory=ComputeSection)  # device / amp / channels_last defaults
     data_workers: int | str = "auto"  # data.workers: training's data loader processes ("auto" or a count)
 
     @property
@@ -162,9 +164,11 @@ class Recipe:
         return self.model.scale
 
     def digest(self) -> str:
-        """A stable hash of the recipe's content (not of its file path); data.workers is left out: how many
-        processes read the data changes no result, so a run resumes with another count."""
-        raw = dict(self.raw)
+        """A stable hash of the recipe's content (not of its file path). Left out: the compute section (where a
+        run trains changes no setting, so a run interrupted on a GPU resumes on a CPU and the other way round)
+        and data.workers (how many processes read the data changes no result, so a run resumes with another
+        count)."""
+        raw = {k: v for k, v in self.raw.items() if k != "compute"}
         if isinstance(raw.get("data"), Mapping) and "workers" in raw["data"]:
             raw["data"] = {k: v for k, v in raw["data"].items() if k != "workers"}
         return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -198,7 +202,8 @@ def recipe_for_model(model: str) -> Path:
 
 
 _TOP_KEYS = {"name", "model", "base_weights", "reference_output", "data", "train", "finetune", "sparsity",
-             "export", "validate", "description", "sls", "srste", "precision", "engine", "structured", "modality"}
+             "export", "validate", "description", "sls", "srste", "precision", "engine", "structured", "modality",
+             "compute"}
 _SLS_KEYS = {"lam", "alpha", "threshold", "check_every", "refresh_every", "score_lr", "score_clamp", "loss_scale",
              "cost_patch", "max_search_steps"}
 
@@ -466,10 +471,22 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         sparsity_method=str(sparsity.get("method", "oneshot")), sparsity_m=m, sparsity_target=target, opset=opset,
         exporter=exporter,
         validate=validate, precision=precision, engine=engine, sls=sls_settings, sls_max_search_steps=max_search,
-        srste_decay=decay, adapter=adapter, structured=_structured(raw), modality=modality, data_workers=workers)
+        srste_decay=decay, adapter=adapter, structured=_structured(raw), modality=modality, compute=_compute(raw),
+        data_workers=workers)
 
 
 MODALITIES = ("image", "clip", "step")
+
+
+def _compute(raw: Mapping[str, Any]) -> ComputeSection:
+    """``compute: {device: auto|cpu|cuda|cuda:N, amp: off|bf16|fp16, channels_last: off|on|cuda}``: the
+    defaults of --device, --amp and --channels-last (form checked here, availability where it is used)."""
+    d = ComputeSection()
+    sec = _section(raw, "compute", set(d.__dataclass_fields__))
+    # YAML 1.1 reads a bare off / on as false / true: take them as the words they were written as
+    words = {"amp": {False: "off"}, "channels_last": {False: "off", True: "on"}}
+    values = {k: words.get(k, {}).get(v, v) if isinstance(v, bool) else v for k, v in sec.items()}
+    return ComputeSection(**values).check(RecipeError)
 
 
 def _modality(raw: Mapping[str, Any], adapter: ModelAdapter) -> str:

@@ -115,8 +115,9 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str) ->
 
 def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None,
                  half: bool = False) -> None:
-    """The model's state dict as safetensors (FP16 if ``half``), written atomically."""
-    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous()
+    """The model's state dict as safetensors (FP16 if ``half``), written atomically; CPU tensors in the default
+    memory format whatever device or format the model trained in, so the file is the same from any machine."""
+    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
           for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         # one metadata entry: safetensors writes several in hash-map order, which changes from call to call, so

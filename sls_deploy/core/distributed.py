@@ -18,11 +18,19 @@ GROUP_TIMEOUT = timedelta(hours=4)
 
 
 def init_from_env() -> bool:
-    """Join the process group torchrun describes (NCCL with GPUs, gloo on CPU). True when distributed."""
+    """Join the process group torchrun describes. True when distributed.
+
+    On a machine with CUDA the group has both backends, "cpu:gloo,cuda:nccl": NCCL reduces the gradients of a
+    model on the GPU (``--device cuda``: each rank on cuda:LOCAL_RANK, set by ``core.device``), gloo those of a
+    model kept on the CPU (``--device cpu``), and the small object exchanges (sampler states, barriers) go through
+    gloo. Without CUDA: gloo."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        if torch.cuda.is_available() and local < torch.cuda.device_count():
+            torch.cuda.set_device(local)  # before NCCL's first use: one GPU per rank (core.device checks the rest)
         # rank 0 alone exports and validates while the others wait at shutdown's barrier: allow it hours
         dist.init_process_group(backend=backend, timeout=GROUP_TIMEOUT)
     return True

@@ -83,3 +83,7 @@ class DiskFullError(SlsError):
 
 class BackendMissingError(SlsError):
     """An optional backend (TensorRT, ...) is not installed."""
+
+
+class DeviceMemoryError(SlsError):
+    """The device ran out of memory (CUDA out of memory during training): the message says what to lower."""

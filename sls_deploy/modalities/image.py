@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from sls_deploy.core.device import model_device
 from sls_deploy.data.degradations import BicubicDown, Degradation
 from sls_deploy.data.images import load_pair, quantize, to_image
 from sls_deploy.data.metrics import psnr, ssim
@@ -63,5 +64,7 @@ def bicubic_infer(scale: int) -> InferFn:
 
 
 def torch_infer(model: torch.nn.Module) -> InferFn:
+    """The model as an InferFn: the input moved to the model's device, the output back on the CPU."""
     model.eval()
-    return lambda lr: model(lr)
+    device = model_device(model)
+    return lambda lr: model(lr.to(device)).cpu()

@@ -7,6 +7,7 @@ example input. The graph's weights are then read back and checked for the N:M pa
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import warnings
@@ -20,6 +21,7 @@ import torch
 from onnx import numpy_helper
 
 from sls_deploy.core.atomic import atomic_path
+from sls_deploy.core.device import model_device
 from sls_deploy.core.errors import ExportError
 from sls_deploy.models.base import ExportSpec
 from sls_deploy.pruning.nm.patterns import is_nm, max_nonzeros_per_group
@@ -54,7 +56,9 @@ def export_onnx(model: torch.nn.Module, spec: ExportSpec, example: torch.Tensor 
     input tensor or a tuple of its inputs (in ``spec.input_names`` order).
     """
     path = Path(path)
-    args = example if isinstance(example, tuple) else (example,)
+    args = tuple(a.cpu() for a in (example if isinstance(example, tuple) else (example,)))
+    if model_device(model).type != "cpu":  # exported from a CPU copy: the graph does not depend on the device
+        model = copy.deepcopy(model).cpu()
     model.eval()
     if spec.exporter == "dynamo":
         _require_onnxscript()

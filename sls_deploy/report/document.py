@@ -14,7 +14,8 @@ from sls_deploy.pruning.target import TARGET_NAMES
 from sls_deploy.report import video as report_video
 from sls_deploy.report.plots import CROP_PLOT, LAYER_PLOT, TRADEOFF_PLOT, WIDTHS_PLOT
 from sls_deploy.report.sections import (Section, channel_group_section, channel_layer_section, fmt as _f,
-                                         fmt_e as _e, quality_gate_section, quality_gate_summary)
+                                         fmt_e as _e, latency_where, quality_gate_section,
+                                         quality_gate_summary)
 
 __all__ = ["LAYER_PLOT", "render_html", "render_markdown", "sections", "summary_rows", "summary_text"]
 
@@ -38,8 +39,9 @@ def _verdict(rep: dict) -> str:
 def _latency_rows(rep: dict) -> list[tuple[str, str]]:
     lat = rep.get("latency") or {}
     out = []
+    where = f" ({latency_where(lat)})" if latency_where(lat) else ""
     for s in lat.get("sizes", []):
-        out.append((f"latency {lat['backend']} {s['lr_hw'][0]}x{s['lr_hw'][1]} (median)",
+        out.append((f"latency {lat['backend']}{where} {s['lr_hw'][0]}x{s['lr_hw'][1]} (median)",
                     f"dense {s['dense']['median_ms']:.1f} ms / pruned {s['pruned']['median_ms']:.1f} ms = "
                     f"{s['ratio_pruned_over_dense']:.3f}x"))
     return out
@@ -128,7 +130,8 @@ def sections(rep: dict) -> list[Section]:
     lat = rep.get("latency") or {}
     if lat.get("sizes"):
         threads = f", {lat['threads']} threads" if lat.get("threads") else ""
-        text = [f"Backend {lat['backend']}{threads}: {lat['warmup']} warm-up runs, then {lat['runs']} timed runs "
+        where = f" ({latency_where(lat)})" if latency_where(lat) else ""
+        text = [f"Backend {lat['backend']}{where}{threads}: {lat['warmup']} warm-up runs, then {lat['runs']} timed runs "
                 "of each model, interleaved (same machine load for both). Absolute times depend on the machine; "
                 "the ratio is the result."]
         if lat.get("note"):

@@ -46,6 +46,13 @@ def channel_layer_section(rep: dict, note: str) -> Section:
                    rows)
 
 
+def latency_where(lat: dict) -> str:
+    """What a latency ran on: "<ONNX Runtime provider> on cpu", "pytorch on NVIDIA H200" (older reports: "")."""
+    if not lat.get("provider"):
+        return ""
+    return f"{lat['provider']} on {lat.get('device_name') or lat.get('device', '?')}"
+
+
 def quality_gate_summary(gate: dict | None) -> str:
     """The quality gate (stages/validate_gate.py) in one summary cell."""
     if not gate:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sls_deploy.report.sections import (Section, channel_group_section, fmt as _f, quality_gate_section,
-                                         quality_gate_summary)
+from sls_deploy.report.sections import (Section, channel_group_section, fmt as _f, latency_where,
+                                         quality_gate_section, quality_gate_summary)
 from sls_deploy.report.plots import DRIFT_PLOT, FRAMES_PLOT, WIDTHS_PLOT
 
 
@@ -40,7 +40,8 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
                      f"(second half), slope {d['slope_db_per_100_frames']:+.3f} dB / 100 frames"))
     lat = rep.get("latency") or {}
     for z in lat.get("sizes", []):
-        rows.append((f"latency ORT {z['lr_hw'][0]}x{z['lr_hw'][1]} per frame (median)",
+        rows.append((f"latency ORT{' (' + latency_where(lat) + ')' if latency_where(lat) else ''} "
+                     f"{z['lr_hw'][0]}x{z['lr_hw'][1]} per frame (median)",
                      f"dense {z['dense']['median_ms_per_frame']:.1f} ms / pruned "
                      f"{z['pruned']['median_ms_per_frame']:.1f} ms = {z['ratio_pruned_over_dense']:.3f}x"))
     return rows
@@ -94,7 +95,7 @@ def sections(rep: dict) -> list[Section]:
                 t = z[k]
                 rows.append([hw, k, f"{t['median_ms_per_frame']:.1f}", f"{t['p90_ms_per_frame']:.1f}",
                              f"{t['frames_per_s']:.2f}", f"{z['ratio_pruned_over_dense']:.3f}" if k == "pruned" else "1"])
-        out.append(Section("Latency, dense vs pruned (ONNX Runtime, CPU, FP32)", [
+        out.append(Section(f"Latency, dense vs pruned (ONNX Runtime, {latency_where(lat) or 'CPU'}, FP32)", [
             f"{lat['threads']} threads; {lat['warmup']} warm-up runs, then {lat['runs']} timed runs of each graph, "
             f"interleaved (same machine load for both); a run is {lat['frames_per_run']} frame(s), times are per "
             "frame. Channel pruning shrinks plain dense convs, so it needs no sparse kernels to pay off."],

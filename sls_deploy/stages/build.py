@@ -17,6 +17,7 @@ from sls_deploy.config.recipe import Recipe, load_recipe
 from sls_deploy.config.settings import Settings
 from sls_deploy.core import distributed as dist
 from sls_deploy.core.bundle import RECIPE, Bundle
+from sls_deploy.core.device import Compute, resolve_compute
 from sls_deploy.core.errors import BundleError
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.nm import Plan
@@ -32,9 +33,12 @@ def default_out(model_name: str, budget: float) -> Path:
     return Path("runs") / f"{model_name}-b{budget:.2f}"
 
 
-def start(recipe: Recipe, settings: Settings, out: Path, log: Log = print, progress: bool = True) -> Run:
-    """Claim ``out`` for this build (a folder holding another build is refused) and return the run."""
-    # before anything is written: data folders exist, and the base weights load onto the recipe's model
+def start(recipe: Recipe, settings: Settings, out: Path, log: Log = print, progress: bool = True,
+          compute: Compute | None = None) -> Run:
+    """Claim ``out`` for this build (a folder holding another build is refused) and return the run.
+    ``compute``: where PyTorch runs (None: the recipe's compute section, resolved here)."""
+    # before anything is written: the device exists, data folders exist, the base weights load onto the model
+    compute = compute or resolve_compute(recipe.compute)
     for spec in (settings.data, settings.eval_data):
         modalities.resolve_data(settings.modality, spec)
     load_model(recipe, resolve_base_weights(recipe, settings.weights))
@@ -50,35 +54,40 @@ def start(recipe: Recipe, settings: Settings, out: Path, log: Log = print, progr
                 shutil.rmtree(out, ignore_errors=True)
             raise
     dist.barrier()
-    return Run(bundle, recipe, settings, log if dist.is_main() else (lambda msg: None), progress, created)
+    return Run(bundle, recipe, settings, log if dist.is_main() else (lambda msg: None), progress, created, compute)
 
 
 def search_or_release(run: Run):
     """The search stage; if it fails before anything was planned in a folder this run created (an unreachable
-    budget, ...), the folder goes again, so the corrected command is not refused as "another bundle"."""
+    budget, ...), the folder goes again, so the corrected command is not refused as "another bundle". A folder
+    holding a training checkpoint (a search stopped by Ctrl-C or out of device memory) stays: it resumes."""
     try:
         return run_search(run)
     except BaseException:
         stages = run.bundle.manifest().get("stages", {}) if run.bundle.root.is_dir() else {}
-        if run.created_here and not stages and dist.is_main():
+        resumable = run.bundle.work.is_dir() and any(run.bundle.work.glob("*.ckpt"))
+        if run.created_here and not stages and not resumable and dist.is_main():
             shutil.rmtree(run.bundle.root, ignore_errors=True)
         raise
 
 
-def reopen(root: Path, log: Log = print, progress: bool = True, **overrides) -> Run:
-    """An existing bundle with the settings it was built with (``overrides``: a later stage's options)."""
+def reopen(root: Path, log: Log = print, progress: bool = True, compute: dict | None = None, **overrides) -> Run:
+    """An existing bundle with the settings it was built with (``overrides``: a later stage's options).
+    ``compute``: for a stage that runs PyTorch, the --device / --amp / --channels-last given ({} for none) on top
+    of the bundle recipe's compute section, checked before the folder is locked; None: the CPU (export, pack)."""
     bundle = Bundle(root)
     m = bundle.require()
-    if dist.is_main():
-        bundle.lock()  # a stage command writes into the folder
     bundle.verify([RECIPE])  # as `build` wrote it: an edited recipe.yaml is refused, not silently used
     recipe = load_recipe(bundle.path(RECIPE))
+    resolved = resolve_compute(recipe.compute, **compute) if compute is not None else Compute()
+    if dist.is_main():
+        bundle.lock()  # a stage command writes into the folder
     record = m.get("options")
     if not isinstance(record, dict) or "strategy" not in record:
         raise BundleError(f"{root} was made by an older sls-deploy (its manifest has no settings record); "
                           "build it again")
     settings = Settings.from_record(record, recipe).with_overrides(recipe, **overrides)
-    return Run(bundle, recipe, settings, log, progress)
+    return Run(bundle, recipe, settings, log, progress, compute=resolved)
 
 
 def plan_line(plan, modality: str = "image") -> str:
@@ -115,7 +124,7 @@ def build(run: Run) -> dict:
 
 
 def build_bundle(recipe: Recipe, out: Path, *, budget: float, method: str | None = None, log: Log = print,
-                 progress: bool = True, **cli) -> dict:
+                 progress: bool = True, compute: Compute | None = None, **cli) -> dict:
     """``sls-deploy build`` as a function (benchmarks, tests): resolve the settings, claim ``out``, build."""
     settings = Settings.resolve(recipe, budget=budget, method=method, **cli)
-    return build(start(recipe, settings, out, log, progress))
+    return build(start(recipe, settings, out, log, progress, compute))

@@ -65,9 +65,9 @@ def step_feeds(fp32_model, spec, feeds: list[dict[str, np.ndarray]]) -> list[dic
     produced at the step before (ExportSpec.recurrent), as feeds. Other graphs' feeds pass through."""
     if not feeds or "__clip__" not in feeds[0]:
         return feeds
-    import onnxruntime as ort
+    from sls_deploy.backends.providers import session
 
-    sess = ort.InferenceSession(fp32_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = session(fp32_model.SerializeToString())  # on the CPU on purpose: calibration must not depend on the GPU
     shapes = {i.name: i.shape for i in sess.get_inputs()}
     frame_input = next(n for n in spec.input_names if n not in spec.recurrent)  # the frame fed at every step
     out = []

@@ -75,7 +75,7 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
     def body(key: str) -> StageOutput:
         ckpt = finetune_checkpoint(run)
         check_resume(ckpt, key, steps, resume, run.log, discard=discard)
-        model = load_model(recipe, init, plan_widths(plan))
+        model = load_model(recipe, init, plan_widths(plan), run.compute.device)
         check_plan_indices(model, plan)
         nm = plan if isinstance(plan, Plan) else plan.nm_plan  # a hybrid channel plan has an N:M part
         masks = stored_masks(run) or (masks_for(model, nm) if nm is not None else None)
@@ -85,14 +85,15 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
         distill = None
         if s.tf_weight > 0:  # temporal finetuning: the dense model's hidden states as targets at every step
             base = bundle.recorded_file("search", "base_weights")
-            distill = HiddenStateDistill(load_model(recipe, base), recipe.adapter.state_modules(model), s.tf_weight)
+            distill = HiddenStateDistill(load_model(recipe, base, device=run.compute.device),
+                                         recipe.adapter.state_modules(model), s.tf_weight)
             controller = Controllers(controller, distill)
         info: dict[str, Any] = {"steps": 0, "resumed_from": 0, "seconds": 0.0, "final_loss": None,
                                 "world_size": dist.world_size()}
         if steps > 0 or masks is not None:
             sec = recipe.finetune
             cfg = TrainConfig(steps=steps, lr=sec.lr, warmup=sec.warmup, checkpoint_every=sec.checkpoint_every,
-                              seed=s.seed)
+                              seed=s.seed, amp=run.compute.amp, channels_last=run.compute.channels_last)
             data = modalities.sampler(recipe, s.modality, s.data, s.seed + 1 + 1000 * dist.rank())
             result = train(model, data, cfg, checkpoint=ckpt, resume=True, run_key=key, controller=controller,
                            desc="finetune", progress=run.progress,

@@ -33,15 +33,17 @@ def model_config(recipe: Recipe, widths: dict[str, int] | None) -> ModelConfig:
     return dataclasses.replace(recipe.model, options={**recipe.model.options, "widths": dict(widths)})
 
 
-def load_model(recipe: Recipe, weights: Path, widths: dict[str, int] | None = None) -> torch.nn.Module:
+def load_model(recipe: Recipe, weights: Path, widths: dict[str, int] | None = None,
+               device: torch.device | str | None = None) -> torch.nn.Module:
     """The recipe's model (at ``widths``) with ``weights`` loaded: foreign layouts converted, safe loading, fit
-    checked (a checkpoint of another width is a one-line CheckpointError naming the first mismatching key)."""
+    checked (a checkpoint of another width is a one-line CheckpointError naming the first mismatching key);
+    on ``device`` (the CPU when None)."""
     cfg = model_config(recipe, widths)
     model = recipe.adapter.build(cfg)
     sd = recipe.adapter.convert_state_dict(read_state_dict(weights), cfg)
     what = recipe.describe_model() + (" at the plan's widths" if widths else "")
     load_weights(model, sd, what)
-    return model.eval()
+    return model.to(device or "cpu").eval()
 
 
 def plan_widths(plan) -> dict[str, int] | None:
@@ -49,13 +51,14 @@ def plan_widths(plan) -> dict[str, int] | None:
     return getattr(plan, "widths", None)
 
 
-def bundle_module(root: Path, recipe: Recipe) -> torch.nn.Module:
-    """A finished bundle's finetuned weights at its plan's widths, as the adapter's export module (eval mode)."""
+def bundle_module(root: Path, recipe: Recipe, device: torch.device | str | None = None) -> torch.nn.Module:
+    """A finished bundle's finetuned weights at its plan's widths, as the adapter's export module (eval mode), on
+    ``device`` (the CPU when None)."""
     from sls_deploy.core.bundle import PLAN, WEIGHTS
     from sls_deploy.pruning.registry import load_plan
 
     root = Path(root)
-    model = load_model(recipe, root / WEIGHTS, plan_widths(load_plan(root / PLAN)))
+    model = load_model(recipe, root / WEIGHTS, plan_widths(load_plan(root / PLAN)), device)
     return recipe.adapter.export_module(model).eval()
 
 

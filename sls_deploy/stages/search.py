@@ -87,7 +87,7 @@ def _record(base: Path, init: Path) -> dict[str, Any]:
 # -- N:M ---------------------------------------------------------------------------------------------------
 def _nm_body(run: Run, base: Path, key: str) -> StageOutput:
     s, recipe, bundle = run.settings, run.recipe, run.bundle
-    model = load_model(recipe, base)
+    model = load_model(recipe, base, device=run.compute.device)
     islands = fp32_islands(recipe, model)
     split = split_layers(recipe, model, s.m, s.target, {l.name: layer_precision(l.name, islands, s.precisions)
                                                        for l in recipe.adapter.layers(model)})
@@ -97,7 +97,8 @@ def _nm_body(run: Run, base: Path, key: str) -> StageOutput:
         ckpt = bundle.work / "search.ckpt"
         plan, _ = search_sls(recipe, model, split, s.budget, s.sls(recipe), data,
                              max_steps=s.search_phase(recipe)[0], lr=recipe.finetune.lr,
-                             checkpoint=ckpt, run_key=key, seed=s.seed, progress=run.progress)
+                             checkpoint=ckpt, run_key=key, seed=s.seed, progress=run.progress,
+                             amp=run.compute.amp, channels_last=run.compute.channels_last)
         plans = dist.gather([(l.name, l.n) for l in plan.layers])
         if any(p != plans[0] for p in plans):
             raise PlanError("the ranks of this torchrun job found different plans (non-deterministic search?)")
@@ -129,7 +130,7 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
     adapter = recipe.adapter
     given = read_units_file(Path(s.units)) if s.units else None
     # a nested family member is sliced from the family's shared weights; the base stays its dense reference
-    model = load_model(recipe, given[0] if given else base)
+    model = load_model(recipe, given[0] if given else base, device=run.compute.device)
     groups = adapter.channel_groups(model)
     if not groups:
         raise PlanError(f"{recipe.describe_model()} declares no channel groups to prune")
@@ -306,7 +307,7 @@ def _learned_scales(run: Run, model, groups, marks, key: str) -> tuple[dict[str,
     ckpt = run.bundle.work / "search.ckpt"
     check_resume(ckpt, key, st.ssl_steps, None, run.log, what="ssl search")
     cfg = TrainConfig(steps=st.ssl_steps, lr=sec.lr, warmup=sec.warmup, checkpoint_every=sec.checkpoint_every,
-                      seed=s.seed)
+                      seed=s.seed, amp=run.compute.amp, channels_last=run.compute.channels_last)
     result = train(model, modalities.sampler(recipe, s.modality, s.data, s.seed), cfg, checkpoint=ckpt,
                    resume=True, run_key=key, controller=scales, desc="ssl search", progress=run.progress,
                    loss_fn=modalities.loss_fn(s.modality, s.temporal_weight))

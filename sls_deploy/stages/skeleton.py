@@ -13,6 +13,7 @@ from sls_deploy.config.recipe import Recipe
 from sls_deploy.config.settings import Settings
 from sls_deploy.core import distributed as dist
 from sls_deploy.core.bundle import Bundle, digest
+from sls_deploy.core.device import Compute
 
 Log = Callable[[str], None]
 
@@ -27,6 +28,7 @@ class Run:
     log: Log = field(default=print, repr=False)
     progress: bool = True
     created_here: bool = False  # this run created the bundle folder (so it may remove it if nothing got planned)
+    compute: Compute = field(default_factory=Compute)  # where PyTorch runs (device, AMP); the CPU by default
 
 
 @dataclass
@@ -40,8 +42,9 @@ def run_stage(run: Run, name: str, inputs: dict[str, Any], body: Callable[[str],
               all_ranks: bool = False) -> dict[str, Any]:
     """``body(inputs_digest)`` unless the stage is current; returns the stage's recorded result.
 
-    ``all_ranks``: under torchrun every rank runs ``body`` (search, finetune) and waits for rank 0 to record;
-    other stages run on rank 0 alone."""
+    ``all_ranks``: under torchrun every rank runs ``body`` (search, finetune: the training stages, whose record
+    also says where they trained: ``compute``, device name, torch/CUDA versions, AMP mode) and waits for rank 0
+    to record; other stages run on rank 0 alone."""
     key = digest(inputs)
     if run.bundle.stage_is_current(name, key):
         run.log("  up to date")
@@ -49,8 +52,9 @@ def run_stage(run: Run, name: str, inputs: dict[str, Any], body: Callable[[str],
     t0 = time.perf_counter()
     out = body(key)
     if dist.is_main():
+        compute = {"compute": run.compute.record()} if all_ranks else {}
         run.bundle.record_stage(name, key, out.files, time.perf_counter() - t0,
-                                {"result": out.result, **out.extra})
+                                {"result": out.result, **compute, **out.extra})
     if all_ranks:
         dist.barrier()
     return out.result

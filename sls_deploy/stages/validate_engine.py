@@ -85,7 +85,7 @@ def validate_engine(root: Path, recipe, precision: str, eval_data: Path | None, 
     name = f"tensorrt {precision}"
     dense_file = root / ENGINE_DIR / DENSE_ENGINE
     with contextlib.ExitStack() as stack:
-        ref = _active(stack, onnx_runner(root / "model.onnx"))
+        ref = _active(stack, onnx_runner(root / "model.onnx"))  # the engine's reference: ONNX Runtime on the CPU
         trt = _active(stack, open_engine(engine_file))
         rows, data, kind, frames = _graph_rows(root, recipe, ref, {name: (precision, trt)}, eval_data)
         engines = {"sparse": trt}
@@ -147,17 +147,19 @@ def _graph_rows(root: Path, recipe, ref, candidates: dict, eval_data: Path | Non
     return rows, data, kind, window or 1
 
 
-def validate_packed(root: Path, recipe, eval_data: Path | None) -> dict:
+def validate_packed(root: Path, recipe, eval_data: Path | None, device=None) -> dict:
     """`validate PACK` in ONNX Runtime: a pack carries no PyTorch weights, so every packed graph (FP32, FP16,
     INT8) runs against the packed FP32 graph, the reference `--backend trt` uses, at every deployment shape; a
     reduced-precision graph fails beyond the recipe's ``validate.max_psnr_drop_db`` for its precision. Nothing
-    is written (no latency: time the engine with ``--backend trt`` on the device)."""
+    is written (no latency: time the engine with ``--backend trt`` on the device). ``device``: --device (ONNX
+    Runtime's providers follow it, backends/providers.py; None: the CPU)."""
     from sls_deploy.core.bundle import GRAPH_FILES
 
     graphs = {p: f for p, f in GRAPH_FILES.items() if (root / f).is_file()}
     with contextlib.ExitStack() as stack:
-        ref = _active(stack, onnx_runner(root / GRAPH_FILES["fp32"]))
-        candidates = {f"onnxruntime {p}": (p, _active(stack, onnx_runner(root / f))) for p, f in graphs.items()}
+        ref = _active(stack, onnx_runner(root / GRAPH_FILES["fp32"], device))
+        candidates = {f"onnxruntime {p}": (p, _active(stack, onnx_runner(root / f, device)))
+                      for p, f in graphs.items()}
         rows, data, _, _ = _graph_rows(root, recipe, ref, candidates, eval_data)
     failed = [r for r in rows if not r.passed]
     verdict = (f"{failed[0].backend} at {failed[0].label} {failed[0].size[0]}x{failed[0].size[1]}: "

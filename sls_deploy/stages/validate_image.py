@@ -76,26 +76,29 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
         check_pixels(f, MAX_EVAL_PIXELS, "eval image")
         check_eval_size(f, recipe.scale, recipe.adapter.min_input_size(recipe.model))
     notes = [f"{f.name}: {n}" for f in eval_files if (n := conversion_note(f))]
-    dense = load_model(recipe, base)
-    pruned = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan))
+    device = run.compute.device  # the PyTorch reference and, with onnxruntime-gpu on a GPU, ONNX Runtime too
+    dense = load_model(recipe, base, device=device)
+    pruned = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan), device)
     scale, ch = recipe.scale, recipe.metric_channel
     deg = recipe.adapter.degradation(recipe.model)
     sizes = shape_sizes(recipe)
     bar = progress_bar(run.progress, len(sizes) * len(eval_files) + (runs if vopts.latency else 0))
     try:
-        shapes = _shape_checks(bundle, recipe, pruned, graph_files, vopts.backend, eval_files, sizes, bar.update, deg)
+        shapes = _shape_checks(bundle, recipe, pruned, graph_files, vopts.backend, eval_files, sizes, bar.update, deg,
+                               device)
         refs = {}
         for f in eval_files:
             hr, lr = load_pair(f, scale, deg)
             with torch.no_grad():
-                refs[f.name] = (hr, lr, pruned(lr).clamp(0, 1).numpy())
+                refs[f.name] = (hr, lr, torch_infer(pruned)(lr).clamp(0, 1).numpy())
         io = (graph_spec(recipe).input_names[0], graph_spec(recipe).output_names[0])
-        precisions = ({p: precision_quality(bundle.path(f), refs, scale, ch, io) | {"file": f}
+        precisions = ({p: precision_quality(bundle.path(f), refs, scale, ch, io, device) | {"file": f}
                        for p, f in graph_files.items()} if vopts.backend == "ort" else {})
         q_bic = evaluate(baseline_infer(deg), eval_files, scale, ch, degradation=deg)
         q_dense = evaluate(torch_infer(dense), eval_files, scale, ch, degradation=deg)
         q_pruned = evaluate(torch_infer(pruned), eval_files, scale, ch, degradation=deg)
-        latency = (_latency(bundle, recipe, dense, pruned, atomic.sha256_file(base), vopts, runs, warmup, bar.update)
+        latency = (_latency(bundle, recipe, dense, pruned, atomic.sha256_file(base), vopts, runs, warmup, bar.update,
+                            device)
                    if vopts.latency
                    else {"skipped": "--no-latency"})
     finally:
@@ -148,7 +151,8 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
         **({report_plots.WIDTHS_PLOT: lambda p: report_plots.plot_group_widths(rep, p)} if channels else
            {report_plots.LAYER_PLOT: lambda p: report_plots.plot_layer_density(rep, p)}),
         report_plots.TRADEOFF_PLOT: lambda p: report_plots.plot_tradeoff(rep, p),
-        report_plots.CROP_PLOT: lambda p: report_plots.plot_crop(eval_files[0], scale, dense, pruned, p, degradation=deg),
+        report_plots.CROP_PLOT: lambda p: report_plots.plot_crop(eval_files[0], scale, torch_infer(dense),
+                                                                 torch_infer(pruned), p, degradation=deg),
     }
     for name, draw in images.items():
         draw(bundle.path(name))
@@ -156,19 +160,19 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
     atomic.write_text(bundle.path(REPORT_MD), report_mod.render_markdown(rep))
     atomic.write_text(bundle.path(REPORT_HTML), report_mod.render_html(rep, {n: bundle.path(n) for n in images}))
     bundle.record_stage("validate", inputs, [REPORT_JSON, REPORT_MD, REPORT_HTML, *images],
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, {"compute": run.compute.evaluating().record()})
     return rep
 
 
 def _shape_checks(bundle: Bundle, recipe: Recipe, pruned, graph_files: dict[str, str], backend: str, files,
-                  sizes, progress, degradation) -> list:
+                  sizes, progress, degradation, device=None) -> list:
     val = recipe.validate
     limits = {p: Limits(val.max_drop(p), val.fp32_atol if p == "fp32" else None) for p in ("fp32", "fp16", "int8")}
     with contextlib.ExitStack() as stack:
         if backend == "ort":
             spec = graph_spec(recipe)
             io = (spec.input_names[0], spec.output_names[0])
-            backends = {f"onnxruntime {p}": (p, stack.enter_context(ort_infer(bundle.path(f), *io)))
+            backends = {f"onnxruntime {p}": (p, stack.enter_context(ort_infer(bundle.path(f), *io, device=device)))
                         for p, f in graph_files.items()}
         else:
             backends = {"pytorch fp32": ("fp32", torch_infer(pruned))}
@@ -177,9 +181,12 @@ def _shape_checks(bundle: Bundle, recipe: Recipe, pruned, graph_files: dict[str,
 
 
 def _latency(bundle: Bundle, recipe: Recipe, dense, pruned, dense_sha: str, vopts: ValidateOptions, runs: int,
-             warmup: int, progress) -> dict:
-    """Dense vs pruned on the same backend and input, interleaved, at each latency size."""
+             warmup: int, progress, device=None) -> dict:
+    """Dense vs pruned on the same backend and input, interleaved, at each latency size; labelled with the
+    provider (ONNX Runtime) or PyTorch and the device they ran on."""
     from sls_deploy.backends.latency import ort_call, ort_session, time_side_by_side
+    from sls_deploy.backends.providers import describe
+    from sls_deploy.core.device import device_name, synchronize
 
     sizes = list(recipe.validate.latency_sizes or [recipe.engine.profile_sizes()["opt"]])
     out: dict = {"backend": vopts.backend, "warmup": warmup, "runs": runs, "sizes": []}
@@ -187,12 +194,15 @@ def _latency(bundle: Bundle, recipe: Recipe, dense, pruned, dense_sha: str, vopt
         dense_path = dense_graph(bundle, recipe, dense, dense_sha)
         sessions = {}
         for name, path in (("dense", dense_path), ("pruned", bundle.path(ONNX))):
-            sessions[name], threads = ort_session(path, vopts.threads)
+            sessions[name], threads = ort_session(path, vopts.threads, device)
+        where = describe(sessions["pruned"], device)
         out.update(threads=threads, graphs={"dense": f"work/{DENSE_ONNX} (FP32)", "pruned": f"{ONNX} (FP32)"},
-                   note="ONNX Runtime on CPU has no 2:4 sparse kernels: N:M pruning alone does not change its "
-                        "speed; the 2:4 speed-up needs a TensorRT engine on the GPU")
+                   **where, device_name=device_name(torch.device(where["device"])),
+                   note=f"ONNX Runtime ({where['provider']}) has no 2:4 sparse kernels: N:M pruning alone does "
+                        "not change its speed; the 2:4 speed-up needs a TensorRT engine on the GPU")
     else:
-        out.update(threads=torch.get_num_threads())
+        dev = device or torch.device("cpu")
+        out.update(threads=torch.get_num_threads(), provider="pytorch", device=str(dev), device_name=device_name(dev))
     per_size_progress = progress if len(sizes) == 1 else None
     for h, w in sizes:
         x = recipe.adapter.example_input(recipe.model, h, w)
@@ -200,10 +210,13 @@ def _latency(bundle: Bundle, recipe: Recipe, dense, pruned, dense_sha: str, vopt
             feed = {graph_spec(recipe).input_names[0]: x.numpy()}
             calls = {k: ort_call(s, feed) for k, s in sessions.items()}
         else:
+            x = x.to(device or "cpu")
+
             def torch_call(model):
                 def run():
                     with torch.no_grad():
                         model(x)
+                    synchronize(x.device)  # CUDA runs asynchronously: time the work, not its launch
                 return run
 
             calls = {"dense": torch_call(dense), "pruned": torch_call(pruned)}
@@ -229,13 +242,14 @@ def _merge_engine_layers(bundle: Bundle, layers: list[dict]) -> None:
             l["trt_eligible"], l["trt_picked_sparse"] = r.get("trt_eligible"), r.get("trt_picked_sparse")
 
 
-def precision_quality(onnx_path: Path, refs: dict, scale: int, channel: str, io: tuple[str, str] = ("lr", "sr")) -> dict:
+def precision_quality(onnx_path: Path, refs: dict, scale: int, channel: str, io: tuple[str, str] = ("lr", "sr"),
+                      device=None) -> dict:
     """One graph on the eval images (one run each): PSNR vs ground truth, and vs the FP32 PyTorch output."""
     from sls_deploy.data.images import quantize, to_image
     from sls_deploy.data.metrics import psnr
 
     gt_psnr, ref_psnr, max_abs = [], [], 0.0
-    with ort_infer(onnx_path, *io) as run:
+    with ort_infer(onnx_path, *io, device=device) as run:
         for hr, lr, ref in refs.values():
             got = np.clip(run(lr), 0, 1)
             gt_psnr.append(psnr(quantize(to_image(got)), quantize(to_image(hr)), scale, channel == "y"))

@@ -26,6 +26,7 @@ from sls_deploy.core import atomic
 from sls_deploy.report import document as report_mod
 from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
+from sls_deploy.core.device import model_device
 from sls_deploy.core.opening import open_for_use
 from sls_deploy.data.images import dims
 from sls_deploy.data.video import read_frames, resolve_clips
@@ -48,9 +49,12 @@ from sls_deploy.modalities.drift import drift
 
 
 def _torch_infer(model, record: list | None = None):
+    """The model on its device as a clip function: inputs moved there, outputs back on the CPU."""
+    device = model_device(model)
+
     def infer(lr: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = model(lr)
+            out = model(lr.to(device)).cpu()
         if record is not None:
             record.append(out.numpy())
         return out
@@ -86,8 +90,9 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
         if min(h, w) < need:
             raise DataError(f"eval clip {c.name} has frames {dims(w, h)}; evaluation needs at least {need} px on "
                             "each side")
-    dense = load_model(recipe, base)
-    pruned = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan))
+    device = run.compute.device  # the PyTorch reference and, with onnxruntime-gpu on a GPU, ONNX Runtime too
+    dense = load_model(recipe, base, device=device)
+    pruned = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan), device)
     spec = graph_spec(recipe)
     scale, ch = recipe.scale, recipe.metric_channel
     bar = progress_bar(run.progress, (4 + len(graph_files) - 1) * len(clips) + (runs if vopts.latency else 0))
@@ -98,7 +103,7 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
         for name, infer in (("bicubic", bicubic_clip_infer(scale)), ("dense", _torch_infer(dense)),
                             ("pruned", _torch_infer(pruned, torch_out))):
             quality[name] = evaluate_clips(_ticking(infer, bar), clips, T, scale, ch)
-        graph_run = clip_infer(stack.enter_context(onnx_runner(bundle.path(ONNX))), spec)
+        graph_run = clip_infer(stack.enter_context(onnx_runner(bundle.path(ONNX), device)), spec)
         diffs: list[float] = []
 
         def onnx_infer(lr):
@@ -116,14 +121,15 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
         for p, f in graph_files.items():  # FP16 / INT8 graphs: PSNR drop below the FP32 PyTorch model
             if p == "fp32":
                 continue
-            q = evaluate_clips(_ticking(clip_infer(stack.enter_context(onnx_runner(bundle.path(f))), spec), bar),
+            q = evaluate_clips(_ticking(clip_infer(stack.enter_context(onnx_runner(bundle.path(f), device)), spec),
+                                        bar),
                                clips, T, scale, ch, with_ssim=False)
             drop = quality["pruned"].psnr - q.psnr
             precisions[p] = {"file": f, f"psnr_{ch}": q.psnr, "drop_db": drop, "limit_db": val.max_drop(p),
                              "passed": drop <= val.max_drop(p)}
         dense_sha = m["stages"]["search"].get("base_weights_sha256") or atomic.sha256_file(base)
         frames = int(m["stages"].get("export", {}).get("result", {}).get("frames_per_run", getattr(plan, "frames", 1)))
-        latency = (_latency(bundle, recipe, dense, dense_sha, spec, frames, vopts, runs, warmup, bar.update)
+        latency = (_latency(bundle, recipe, dense, dense_sha, spec, frames, vopts, runs, warmup, bar.update, device)
                    if vopts.latency else {"skipped": "--no-latency"})
     finally:
         stack.close()
@@ -141,7 +147,8 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
     atomic.write_json(bundle.path(REPORT_JSON), rep)
     atomic.write_text(bundle.path(REPORT_MD), report_mod.render_markdown(rep))
     atomic.write_text(bundle.path(REPORT_HTML), report_mod.render_html(rep, {n: bundle.path(n) for n in images}))
-    bundle.record_stage("validate", inputs, [REPORT_JSON, REPORT_MD, REPORT_HTML, *images], time.perf_counter() - t0)
+    bundle.record_stage("validate", inputs, [REPORT_JSON, REPORT_MD, REPORT_HTML, *images], time.perf_counter() - t0,
+                        {"compute": run.compute.evaluating().record()})
     return rep
 
 
@@ -164,8 +171,7 @@ def whole_clip_check(run, model, clip, T: int, scale: int, streaming: bool) -> d
     worst = 0.0
     for s in ([0] if streaming else range(0, n, T)):
         x = lr[:, s:s + (n if streaming else T)]
-        with torch.no_grad():
-            ref = model(x).numpy()
+        ref = _torch_infer(model)(x).numpy()
         worst = max(worst, float(np.abs(run(x) - ref).max()))
     return {"clip": clip.name, "frames": int(n), "max_abs": worst}
 
@@ -218,16 +224,21 @@ def _report(bundle, recipe, plan, manifest, q: dict[str, VideoQuality], clips, T
 
 
 def _latency(bundle: Bundle, recipe: Recipe, dense, dense_sha: str, spec, frames: int, vopts: ValidateOptions,
-             runs: int, warmup: int, progress) -> dict:
-    """Dense vs pruned FP32 graphs in ONNX Runtime, interleaved, per frame at each latency size."""
+             runs: int, warmup: int, progress, device=None) -> dict:
+    """Dense vs pruned FP32 graphs in ONNX Runtime, interleaved, per frame at each latency size (labelled with
+    the provider and the device they ran on)."""
     from sls_deploy.backends.latency import ort_call, ort_session, time_side_by_side
+    from sls_deploy.backends.providers import describe
+    from sls_deploy.core.device import device_name
 
     dense_path = dense_graph(bundle, recipe, dense, dense_sha)
     sessions = {}
     for name, path in (("dense", dense_path), ("pruned", bundle.path(ONNX))):
-        sessions[name], threads = ort_session(path, vopts.threads)
+        sessions[name], threads = ort_session(path, vopts.threads, device)
     sizes = list(recipe.validate.latency_sizes or [recipe.reference_input_hw()])
-    out: dict = {"backend": "onnxruntime", "threads": threads, "warmup": warmup, "runs": runs,
+    where = describe(sessions["pruned"], device)
+    out: dict = {"backend": "onnxruntime", **where, "device_name": device_name(torch.device(where["device"])),
+                 "threads": threads, "warmup": warmup, "runs": runs,
                  "frames_per_run": frames, "graphs": {"dense": f"work/{DENSE_ONNX} (FP32)", "pruned": f"{ONNX} (FP32)"},
                  "sizes": []}
     for h, w in sizes:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
+from sls_deploy.core import distributed as dist
 from sls_deploy.core.checkpoints import save_weights
+from sls_deploy.core.device import Compute, model_device
 from sls_deploy.data import PatchSampler, resolve_images
 from sls_deploy.data.catalog import training_images
 from sls_deploy.data.degradations import Degradation
@@ -17,34 +19,39 @@ from sls_deploy.training.loop import TrainConfig, TrainResult, train
 
 def train_base(recipe: Recipe, out: Path, *, steps: int | None = None, data: str | None = None,
                resume: bool = True, half: bool = False, seed: int = 0, progress: bool = True,
-               degradation: Degradation | None = None) -> dict:
+               degradation: Degradation | None = None, compute: Compute | None = None) -> dict:
     """Train the recipe's model from scratch and write its weights to ``out`` (safetensors).
 
     Image models train on patches of images, their inputs made by ``degradation`` (default: the adapter's,
     e.g. bicubic downscaling or blur); video models on clips of frames (L1 over every frame, bicubic inputs).
     The result compares the trained model with the degradation's baseline on the eval list: ``baseline`` is its
     label ("bicubic", "blurred input"), ``psnr_baseline`` its PSNR (``psnr_bicubic`` is the same number, the
-    key older callers read).
+    key older callers read). ``compute``: where it trains (None: the CPU); the checkpoint resumes anywhere.
     """
     sec = recipe.train
+    compute = compute or Compute()
     cfg = TrainConfig(steps=sec.steps if steps is None else steps, lr=sec.lr, warmup=sec.warmup,
-                      checkpoint_every=sec.checkpoint_every, seed=seed)
+                      checkpoint_every=sec.checkpoint_every, seed=seed, amp=compute.amp,
+                      channels_last=compute.channels_last, section="train")
     video = recipe.modality != "image"
+    stream = seed + 1000 * dist.rank()  # under torchrun every rank draws its own batches (as search and finetune)
     if video:
         from sls_deploy.data.video import ClipSampler, resolve_clips
 
         sampler = ClipSampler(resolve_clips(data or recipe.data_train), recipe.scale, sec.lr_patch,
-                              recipe.model.options["clip_len"], sec.batch_size, seed=seed,
+                              recipe.model.options["clip_len"], sec.batch_size, seed=stream,
                               workers=recipe.data_workers)
     else:
         degradation = degradation or recipe.adapter.degradation(recipe.model)
         sampler = PatchSampler(training_images(data or recipe.data_train), recipe.scale, sec.lr_patch,
-                               sec.batch_size, seed=seed, degradation=degradation, workers=recipe.data_workers)
+                               sec.batch_size, seed=stream, degradation=degradation, workers=recipe.data_workers)
     torch.manual_seed(seed)
-    model = recipe.build_model()
+    model = recipe.build_model().to(compute.device)  # built (and initialised) on the CPU: the same on any device
     ckpt = out.with_name(out.name + ".ckpt")
     result: TrainResult = train(model, sampler, cfg, checkpoint=ckpt, resume=resume,
                                 run_key=f"train:{recipe.digest()}:{seed}", desc="train", progress=progress)
+    if not dist.is_main():  # rank 0 alone writes the weights and evaluates them
+        return {}
     save_weights(model, out, {"recipe": recipe.name, "steps": str(result.steps_done)}, half=half)
     if ckpt.exists():
         ckpt.unlink()
@@ -73,9 +80,11 @@ def _video_margin(recipe: Recipe, model: torch.nn.Module) -> dict:
     clips, T, ch = resolve_clips(recipe.data_eval), recipe.model.options["clip_len"], recipe.metric_channel
     model.eval()
 
+    device = model_device(model)
+
     def infer(lr):
         with torch.no_grad():
-            return model(lr)
+            return model(lr.to(device)).cpu()
 
     q = evaluate_clips(infer, clips, T, recipe.scale, ch, with_ssim=False)
     b = evaluate_clips(bicubic_clip_infer(recipe.scale), clips, T, recipe.scale, ch, with_ssim=False)

@@ -3,6 +3,11 @@
 L1 loss, Adam (betas 0.9/0.99 as BasicSR), cosine-decayed learning rate, a progress bar with loss and ETA,
 a checkpoint every K steps (and on Ctrl-C), and exact resume: model, optimizer and sampler state are
 restored, so a resumed run continues the same batch sequence.
+
+Device: the model's (``core.device.model_device``); each batch is moved there, and checkpoints hold CPU tensors
+only (loaded with ``map_location="cpu"``, then copied onto the model's device), so a run interrupted on a GPU
+resumes on a CPU and the other way round. ``TrainConfig.amp``: bf16/fp16 autocast (fp16 with a gradient scaler
+whose state is checkpointed too). Out of device memory: one line naming the batch and patch and what to lower.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from tqdm.auto import tqdm
 
 from sls_deploy.core import distributed as dist
 from sls_deploy.core.atomic import atomic_path
+from sls_deploy.core.device import autocast, grad_scaler, is_out_of_memory, model_device, to_cpu, to_device
 from sls_deploy.core.checkpoints import load_refusal
 from sls_deploy.data.patches import PatchSampler
-from sls_deploy.core.errors import CheckpointError
+from sls_deploy.core.errors import CheckpointError, DeviceMemoryError
 
 class Controller(Protocol):
     """What a sparsity method adds to the training loop (fixed masks, SLS search, SR-STE, ...)."""
@@ -52,6 +58,9 @@ class TrainConfig:
     warmup: int = 0
     checkpoint_every: int = 50
     seed: int = 0
+    amp: str = "off"  # off | bf16 | fp16 (core.device.check_amp has refused what the device cannot run)
+    channels_last: bool = False  # the model and 4-D batches in channels_last memory format
+    section: str = "finetune"  # the recipe section whose batch_size / lr_patch sized the batches (OOM message)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -92,13 +101,14 @@ class _DeferredInterrupt:
 
 
 def _save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sampler: PatchSampler, step: int,
-          run_key: str, controller: Controller | None) -> None:
+          run_key: str, controller: Controller | None, scaler=None) -> None:
     samplers = dist.gather(sampler.state())  # every rank draws its own batches; keep each rank's position
     if not dist.is_main():
         return
     state = {"model": model.state_dict(), "optim": opt.state_dict(), "sampler": samplers[0], "samplers": samplers,
              "step": step, "run_key": run_key, "controller": controller.state_dict() if controller else {},
-             "torch_rng": torch.get_rng_state()}
+             "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
+    state = to_cpu(state)  # device-independent: resumes on a CPU or any GPU
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -115,6 +125,17 @@ def read_checkpoint(path: Path, run_key: str) -> dict:
     return state
 
 
+def out_of_memory_message(device: torch.device, desc: str, step: int, shape: tuple, section: str,
+                          checkpoint: Path | None, saved_at: int) -> str:
+    """The one line an out-of-memory stop prints: where, the batch and patch, what to lower, what is kept."""
+    patch = "x".join(str(v) for v in shape[-2:]) or "?"
+    kept = (f"the last checkpoint (step {saved_at}, {checkpoint}) is kept: run the same command again to resume"
+            if checkpoint is not None and saved_at > 0 and checkpoint.exists() else "no checkpoint was written yet")
+    return (f"{'CUDA' if device.type == 'cuda' else device.type} out of memory at step {step} of {desc} on {device} "
+            f"(batch {shape[0] if shape else '?'} x LR patch {patch}): lower {section}.batch_size or {section}.lr_patch in the "
+            f"recipe (--recipe), or spread the batch over more GPUs with torchrun; {kept}")
+
+
 def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoint: Path | None = None,
           resume: bool = False, run_key: str = "", controller: Controller | None = None, desc: str = "train",
           progress: bool = True, on_step: Callable[[int, float], None] | None = None,
@@ -127,6 +148,9 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
     """
     torch.manual_seed(cfg.seed)
     model.train()
+    device = model_device(model)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     if controller is not None:
         controller.attach(model)  # first: it may re-parametrize the weights
     groups = [{"params": list(model.parameters())}]
@@ -135,6 +159,7 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
         groups += controller.param_groups()
         extra = [p for g in groups[1:] for p in g["params"]]
     opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.99))
+    scaler = grad_scaler(device, cfg.amp)
     start = 0
     if resume and checkpoint is not None and checkpoint.exists():
         state = read_checkpoint(checkpoint, run_key)
@@ -148,14 +173,17 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
             controller.load_state_dict(state.get("controller", {}))
         if state.get("torch_rng") is not None:
             torch.set_rng_state(state["torch_rng"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start = int(state["step"])
-    params = next(model.parameters(), None)
-    if params is not None and hasattr(sampler, "use_device"):
-        sampler.use_device(params.device)  # pinned batches when the model is on CUDA
+    saved_at = start  # the step of the checkpoint on disk (what an out-of-memory stop leaves to resume from)
+    if hasattr(sampler, "use_device"):
+        sampler.use_device(device)  # pinned batches when the model is on CUDA (copied by to_device, non-blocking)
     net = model
-    if dist.active():  # torchrun: average the weight gradients across ranks
-        net = nn.parallel.DistributedDataParallel(model)
-    t0, loss_v, done = time.perf_counter(), float("nan"), start
+    if dist.active():  # torchrun: average the weight gradients across ranks (NCCL on GPUs, gloo on CPUs)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    t0, loss_v, done, shape = time.perf_counter(), float("nan"), start, ()
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress or not dist.is_main(),
                dynamic_ncols=True, unit="step", mininterval=1.0)
     stop = _DeferredInterrupt()
@@ -163,18 +191,29 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
         for step in range(start, cfg.steps):
             before = sampler.state()
             lr_img, hr_img = sampler.batch()
+            shape = tuple(lr_img.shape)
+            lr_img, hr_img = to_device((lr_img, hr_img), device)
+            if cfg.channels_last and lr_img.dim() == 4:
+                lr_img = lr_img.contiguous(memory_format=torch.channels_last)
             if controller is not None and getattr(controller, "finished", False):
                 break
             for group in opt.param_groups:
                 group["lr"] = group.get("fixed_lr") or cfg.lr_at(step) * group.get("lr_scale", 1.0)
-            loss = (loss_fn or F.l1_loss)(net(lr_img), hr_img)
-            total = loss
-            if controller is not None and (reg := controller.regularizer()) is not None:
-                total = loss + reg
+            with autocast(device, cfg.amp):
+                loss = (loss_fn or F.l1_loss)(net(lr_img), hr_img)
+                total = loss
+                if controller is not None and (reg := controller.regularizer()) is not None:
+                    total = loss + reg
             opt.zero_grad(set_to_none=True)
-            total.backward()
-            dist.average_grads(extra)
-            opt.step()
+            if scaler is not None:  # fp16: scaled loss; the step is skipped when a gradient overflowed
+                scaler.scale(total).backward()
+                dist.average_grads(extra)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                total.backward()
+                dist.average_grads(extra)
+                opt.step()
             done = step + 1  # from here on this step's update is in the weights
             if controller is not None:
                 controller.after_step(model, done)
@@ -184,7 +223,8 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
             if on_step is not None:
                 on_step(done, loss_v)
             if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                _save(checkpoint, model, opt, sampler, done, run_key, controller)
+                _save(checkpoint, model, opt, sampler, done, run_key, controller, scaler)
+                saved_at = done
             if stop.requested:  # Ctrl-C arrived during this step: it is whole now, stop here
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -194,8 +234,13 @@ def train(model: nn.Module, sampler: PatchSampler, cfg: TrainConfig, *, checkpoi
                 sampler.set_state(before)
             elif controller is not None:
                 controller.after_step(model, done)  # idempotent: finish the cut-off step's bookkeeping
-            _save(checkpoint, model, opt, sampler, done, run_key, controller)
+            _save(checkpoint, model, opt, sampler, done, run_key, controller, scaler)
         raise
+    except RuntimeError as e:  # out of device memory: no checkpoint of a half-done step, the last one stays
+        if not is_out_of_memory(e):
+            raise
+        raise DeviceMemoryError(out_of_memory_message(device, desc, step + 1, shape, cfg.section, checkpoint,
+                                                      saved_at)) from None
     finally:
         stop.restore()
         bar.close()

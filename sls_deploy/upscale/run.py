@@ -24,12 +24,16 @@ REPLACING = {"own": "its own earlier output, unchanged", "force": "--force"}
 
 def upscale(bundle: Path, inputs: list[str], out_dir: Path, *, backend: str = "ort", precision: str = "fp32",
             tile: int = 256, overlap: int = 16, progress: bool = True, force: bool = False,
-            log: Callable[[str], None] = print) -> list[dict]:
+            log: Callable[[str], None] = print, device: str | None = None) -> list[dict]:
     """Upscale every input into ``out_dir``; returns one record per output (path, sizes, frames, seconds).
     ``force``: replace existing files in ``out_dir`` that upscale did not write (never an input, never a file in
-    a bundle, never anything but a regular file)."""
+    a bundle, never anything but a regular file). ``device``: --device (auto, cpu, cuda, cuda:N; None: the
+    recipe's compute.device), resolved before anything is written."""
+    from sls_deploy.core.device import inference_device
+
     open_for_use(bundle, inference_files(backend, precision))  # recipe and graph/weights match the manifest
     opened = open_bundle(bundle)
+    where = inference_device(opened.recipe.compute, device)
     check_tiling(tile, overlap, opened.min_size)
     jobs = collect(inputs, out_dir, opened.min_size)  # every input checked before anything runs
     if opened.modality != "image":
@@ -39,7 +43,7 @@ def upscale(bundle: Path, inputs: list[str], out_dir: Path, *, backend: str = "o
         if backend == "torch":
             raise UsageError("--backend torch runs image models only; upscale a video model with --backend ort")
     folder, verdicts = plan([j.output for j in jobs], [j.source for j in jobs], out_dir, force)
-    with open_infer(bundle, opened, backend, precision) as session:
+    with open_infer(bundle, opened, backend, precision, where) as session:
         folder.create()
         try:
             return _run_jobs(jobs, verdicts, session, opened, tile, overlap, progress, folder, log)

@@ -1,8 +1,9 @@
 """A finished bundle opened for inference: ``infer(lr) -> sr`` on ONNX Runtime, PyTorch or a TensorRT engine.
 
-``ort`` (default) runs the bundle's graph of the chosen precision through Polygraphy's ``OnnxrtRunner`` on CPU;
+``ort`` (default) runs the bundle's graph of the chosen precision through Polygraphy's ``OnnxrtRunner`` (on the
+CUDA execution provider when the device is a GPU and onnxruntime-gpu is installed, else on the CPU);
 ``trt`` runs ``engine/model.plan`` through Polygraphy's ``TrtRunner`` (TensorRT required, the engine built by
-`sls-deploy engine`); ``torch`` runs the finetuned weights in PyTorch (FP32 only, image models). Image models run
+`sls-deploy engine`); ``torch`` runs the finetuned weights in PyTorch on the device (FP32 only, image models). Image models run
 tile by tile; video models (a clip graph of T frames, or a step graph with its state) run whole frames through
 ``backends.drive.FrameStream``, frame by frame.
 """
@@ -68,7 +69,7 @@ def open_bundle(root: Path) -> Opened:
 
 
 @contextlib.contextmanager
-def open_infer(root: Path, opened: Opened, backend: str, precision: str) -> Iterator:
+def open_infer(root: Path, opened: Opened, backend: str, precision: str, device=None) -> Iterator:
     """Yield a Session: ``image((1, 3, h, w) float32) -> (1, 3, h*s, w*s)``, or ``stream()`` for video models."""
     if backend not in BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
@@ -76,7 +77,7 @@ def open_infer(root: Path, opened: Opened, backend: str, precision: str) -> Iter
         if precision != "fp32":
             raise UsageError("--backend torch runs the FP32 weights only; use --backend ort for the "
                              f"{precision} graph")
-        yield Session(opened, infer=_torch_infer(root, opened) if opened.modality == "image" else None)
+        yield Session(opened, infer=_torch_infer(root, opened, device) if opened.modality == "image" else None)
         return
     if backend == "ort":
         graph = root / GRAPH_FILES[precision]
@@ -86,13 +87,14 @@ def open_infer(root: Path, opened: Opened, backend: str, precision: str) -> Iter
         import onnxruntime as ort
         from polygraphy.backend.onnxrt import OnnxrtRunner
 
+        from sls_deploy.backends.providers import session
         from sls_deploy.backends.runners import onnx_inputs, quiet_polygraphy
 
         quiet_polygraphy()
         dtype = onnx_inputs(graph)[opened.input_name]
         opts = ort.SessionOptions()
         opts.enable_cpu_mem_arena = False  # tiles of one size: the arena would only keep the peak allocated
-        runner = OnnxrtRunner(ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"]))
+        runner = OnnxrtRunner(session(graph, device, opts))
     else:
         from sls_deploy.trt.engine import require_tensorrt
 
@@ -113,17 +115,17 @@ def open_infer(root: Path, opened: Opened, backend: str, precision: str) -> Iter
         yield Session(opened, infer=infer if opened.modality == "image" else None, runner=runner)
 
 
-def _torch_infer(root: Path, opened: Opened):
+def _torch_infer(root: Path, opened: Opened, device=None):
     import torch
 
     from sls_deploy.stages.models import bundle_module
 
     if not (root / WEIGHTS).is_file():
         raise BundleError(f"{root} has no {WEIGHTS} (finetune it first)")
-    module = bundle_module(root, opened.recipe)
+    module = bundle_module(root, opened.recipe).to(device or "cpu")
 
     @torch.no_grad()
     def infer(x: np.ndarray) -> np.ndarray:
-        return module(torch.from_numpy(x)).numpy()
+        return module(torch.from_numpy(x).to(device or "cpu")).cpu().numpy()
 
     return infer

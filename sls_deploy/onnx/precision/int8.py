@@ -100,7 +100,7 @@ def calibrate_feeds(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndar
     """{tensor: amax} from the FP32 graph's activations over ``feeds``, each {graph input name: float32 array}
     holding every input of the graph (an image graph: {"lr": 1x3xHxW}; a clip graph: {"lr": 1xTx3xHxW}; a
     step graph: {"prev_lr", "lr", "hidden"}, best the states of a real run, see ``video_calibration_feeds``)."""
-    import onnxruntime as ort
+    from sls_deploy.backends.providers import session
 
     if method not in METHODS:
         raise ExportError(f"unknown calibration method '{method}' (known: {', '.join(METHODS)})")
@@ -117,7 +117,7 @@ def calibrate_feeds(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndar
             raise ExportError(f"calibration feed {i}: " + (f"lacks graph input '{missing[0]}'" if missing else
                               f"'{unknown[0]}' is no input of the graph (inputs: {', '.join(names)})"))
     tensors = list(dict.fromkeys(tensors))
-    sess = ort.InferenceSession(_with_outputs(model, tensors), providers=["CPUExecutionProvider"])
+    sess = session(_with_outputs(model, tensors))  # CPU on purpose: the ranges must not depend on the machine
 
     def run(feed):
         return dict(zip(tensors, sess.run(tensors, {k: np.asarray(v, np.float32) for k, v in feed.items()})))
@@ -175,7 +175,7 @@ def video_calibration_feeds(model: onnx.ModelProto, clips: Sequence[np.ndarray],
     (lr_patch at most 36: carphone's LR frames are 44x36; augmented, random windows of both clips.) The INT8
     numbers measured on the shipped weights used exactly these feeds.
     """
-    import onnxruntime as ort
+    from sls_deploy.backends.providers import session
 
     clips = [np.asarray(c, np.float32) for c in clips]
     if not clips:
@@ -201,7 +201,7 @@ def video_calibration_feeds(model: onnx.ModelProto, clips: Sequence[np.ndarray],
     for name, src in recurrent.items():
         if name not in inputs or (src not in inputs and src not in outputs):
             raise ExportError(f"recurrent input '{name}' <- '{src}' does not match the graph's inputs/outputs")
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = session(model.SerializeToString())  # CPU on purpose, as the calibration it feeds
     feeds = []
     for clip in clips:
         state: dict[str, np.ndarray] = {}

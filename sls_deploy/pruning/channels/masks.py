@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from sls_deploy.core.device import model_device
 from sls_deploy.core.errors import PlanError
 from sls_deploy.pruning.channels.structured import aligned_units, check_groups, producers_of
 
@@ -61,6 +62,8 @@ class UnitMasks:
     def attach(self, model: nn.Module) -> None:
         if self._handles:
             raise PlanError("unit masks are already attached")
+        device = model_device(model)  # the masks move once, not at every forward pass
+        self.masks = {member: {g: m.to(device) for g, m in per.items()} for member, per in self.masks.items()}
         modules = dict(model.named_modules())
         for g in self.groups:
             if not producers_of(g):  # a gather group: the consumers stop reading the removed channels

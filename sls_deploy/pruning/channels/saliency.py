@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from sls_deploy.core.device import model_device, to_device
 from sls_deploy.core.errors import PlanError
 from sls_deploy.pruning.channels.structured import ChannelScales, GroupCosts
 
@@ -31,16 +32,19 @@ def fisher_saliency(model: nn.Module, groups: Sequence, batches: Iterable[tuple[
                     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
     """{group: 1/2 * mean over samples of (dL/dg_k)^2 per unit} (float32, CPU) over every sample of ``batches``.
 
-    Per-sample gradients (one backward per sample: the Fisher is the mean of squared per-sample gradients, not
+    Runs on the model's device (the batches are moved there; the sums stay there until the end). Per-sample
+    gradients (one backward per sample: the Fisher is the mean of squared per-sample gradients, not
     the square of the batch gradient). The model's parameters get no update and their ``.grad`` is cleared."""
     gates = ChannelScales(model, groups)
     gates.attach(model)
-    total = {name: torch.zeros(s.shape[-1], dtype=torch.float64) for name, s in gates.scales.items()}
+    device = model_device(model)
+    total = {name: torch.zeros(s.shape[-1], dtype=torch.float64, device=s.device) for name, s in gates.scales.items()}
     samples = 0
     was_training = model.training
     model.eval()
     try:
         for x, y in batches:
+            x, y = to_device((x, y), device)
             for i in range(x.shape[0]):
                 for s in gates.parameters():
                     s.grad = None
@@ -52,7 +56,7 @@ def fisher_saliency(model: nn.Module, groups: Sequence, batches: Iterable[tuple[
                 for (name, s), g in zip(gates.scales.items(), grads):
                     if g is None:
                         continue
-                    g = g.detach().double().cpu()
+                    g = g.detach().double()
                     total[name] += (g.sum(0) if g.dim() == 2 else g).pow(2)
                 samples += 1
     finally:
@@ -60,7 +64,7 @@ def fisher_saliency(model: nn.Module, groups: Sequence, batches: Iterable[tuple[
         model.train(was_training)
     if samples == 0:
         raise PlanError("Fisher saliency: no calibration sample")
-    return {name: (t / (2 * samples)).float() for name, t in total.items()}
+    return {name: (t / (2 * samples)).float().cpu() for name, t in total.items()}
 
 
 def unit_macs(costs: GroupCosts, names: Iterable[str]) -> dict[str, int]:

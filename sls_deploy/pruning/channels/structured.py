@@ -751,7 +751,7 @@ def slice_into(src: nn.Module, dst: nn.Module, groups: Sequence, keep: Mapping[s
             if tuple(v.shape) != tuple(sd_dst[k].shape):
                 raise PlanError(f"index '{k}': {v.numel()} kept channels, the target model has {sd_dst[k].numel()}")
             out[k] = v.to(sd_dst[k].dtype)
-        elif not torch.equal(v, torch.arange(v.numel())) or k in sd_src:
+        elif not torch.equal(v, torch.arange(v.numel(), device=v.device)) or k in sd_src:
             raise PlanError(f"index '{k}' keeps channels {v.tolist()[:4]}..., but the target model reads the whole "
                             "tensor")
     for k, v in sd_src.items():

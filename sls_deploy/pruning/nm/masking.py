@@ -38,11 +38,12 @@ class MaskSet:
             w.mul_(mask.to(w.device, w.dtype))
 
     def attach(self, model: nn.Module) -> None:
-        """Zero pruned entries now and register gradient hooks that keep their gradients zero."""
+        """Zero pruned entries now and register gradient hooks that keep their gradients zero. The masks move
+        to the weights' device once here, not at every step."""
+        self.masks = {name: mask.to(w.device) for name, w, mask in self._weights(model)}
         self.apply(model)
         for _, w, mask in self._weights(model):
-            m = mask.to(w.device)
-            self._handles.append(w.register_hook(lambda g, m=m: g * m.to(g.dtype)))
+            self._handles.append(w.register_hook(lambda g, m=mask: g * m.to(g.dtype)))
 
     def detach(self, model: nn.Module | None = None) -> None:
         for h in self._handles:

@@ -121,7 +121,7 @@ def plan_uniform(recipe: Recipe, split: LayerSplit, budget: float, m: int, metho
 
 def search_sls(recipe: Recipe, model: torch.nn.Module, split: LayerSplit, budget: float, settings: SLSSettings,
                sampler: PatchSampler, max_steps: int, lr: float, *, checkpoint: Path | None, run_key: str,
-               seed: int, progress: bool) -> tuple[Plan, dict]:
+               seed: int, progress: bool, amp: str = "off", channels_last: bool = False) -> tuple[Plan, dict]:
     """Run the SLS search on ``model`` in place (its weights are trained too); return the plan and a summary."""
     check_budget(budget)
     check_reachable(split, budget, settings.m)
@@ -129,7 +129,8 @@ def search_sls(recipe: Recipe, model: torch.nn.Module, split: LayerSplit, budget
     controller = SLSSearch([(c.name, c.macs) for c in split.candidates], sum(d.macs for d in split.dense), budget,
                            settings, patch_scale=(settings.cost_patch / recipe.scale) ** 2 / (h * w),
                            fractions={c.name: c.fractions for c in split.candidates if c.fractions is not None})
-    cfg = TrainConfig(steps=max_steps, lr=lr, min_lr_ratio=1.0, checkpoint_every=10, seed=seed)
+    cfg = TrainConfig(steps=max_steps, lr=lr, min_lr_ratio=1.0, checkpoint_every=10, seed=seed, amp=amp,
+                      channels_last=channels_last)
     result = train(model, sampler, cfg, checkpoint=checkpoint, resume=True, run_key=run_key,
                    controller=_FinalizeSearch(controller), desc="search", progress=progress)
     forced = controller.closed_by_force

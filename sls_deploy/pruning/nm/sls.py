@@ -168,6 +168,8 @@ class SLSSearch:
     # -- controller interface -------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
+        if self.layers:  # the gates live where the weights they mask live (before the optimizer sees them)
+            self.gates.to(modules[self.layers[0][0]].weight.device)
         for name, _ in self.layers:
             mod = modules[name]
             ranks = group_ranks(mod.weight, self.s.m)
@@ -221,7 +223,7 @@ class SLSSearch:
         with torch.no_grad():
             for k, g in self.gates.items():
                 g.scores.copy_(state["scores"][k])  # in place: the optimizer holds this parameter
-                g.frozen = state["frozen"][k].clone()
+                g.frozen = state["frozen"][k].clone().to(g.scores.device)
         self.coeff, self.last_factor = state["coeff"], state["last_factor"]
         self.frozen_at, self.history = state["frozen_at"], list(state["history"])
 
