@@ -1,7 +1,7 @@
 """Backends behind one interface, and the checks of a backend against the PyTorch reference at every shape.
 
-Backends follow Polygraphy's runner style: ONNX Runtime runs through Polygraphy's ``OnnxrtRunner`` and
-``SessionFromOnnx`` loaders, so the TensorRT runner (engine stage) drops in beside it.
+Backends follow Polygraphy's runner style: ONNX Runtime runs through Polygraphy's ``OnnxrtRunner`` (on a
+``ShrinkingSession``: bounded memory), so the TensorRT runner (engine stage) drops in beside it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sls_deploy.core.errors import ValidationError
+from sls_deploy.core.memory import release_freed_memory
 
 
 def quiet_polygraphy() -> None:
@@ -38,10 +39,42 @@ def onnx_inputs(path: Path) -> dict[str, type]:
             for i in graph.input if i.name not in inits}
 
 
+class ShrinkingSession:
+    """An ONNX Runtime CPU session that hands its arena's memory back after every run.
+
+    The checks run each graph at shapes up to the profile's maximum (EDSR: 270x480 LR, 1920x1080 out), one after
+    another: a session's arena would keep the largest run's buffers (~0.7 GB each for EDSR-baseline) for as long
+    as the session lives, and every graph's session is open at once. ONNX Runtime's own shrinkage
+    (``memory.enable_memory_arena_shrinkage``) frees them at the end of each run; the session options, so the
+    kernels and outputs, are those of Polygraphy's ``SessionFromOnnx``. Polygraphy's ``OnnxrtRunner`` takes it
+    as its session (it calls ``run``, ``get_inputs`` and ``get_outputs``)."""
+
+    def __init__(self, path: str | os.PathLike):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        try:  # the thread counts SessionFromOnnx sets
+            so.intra_op_num_threads = so.inter_op_num_threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # no sched_getaffinity (not Linux)
+            so.intra_op_num_threads = so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def run(self, output_names, feed, run_options=None):
+        return self.session.run(output_names, feed, run_options or self.run_options)
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+
 @contextlib.contextmanager
 def ort_infer(onnx_path: str | os.PathLike, input_name: str = "lr", output_name: str = "sr") -> Iterator:
     """An ``infer(lr_tensor) -> np.ndarray`` function backed by ONNX Runtime on CPU (via Polygraphy)."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.onnxrt import OnnxrtRunner
 
     quiet_polygraphy()
     path = Path(onnx_path)
@@ -51,7 +84,7 @@ def ort_infer(onnx_path: str | os.PathLike, input_name: str = "lr", output_name:
     if input_name not in inputs:
         raise ValidationError(f"{path.name} has no input '{input_name}' (inputs: {', '.join(inputs) or 'none'})")
     dtype = inputs[input_name]
-    with OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])) as runner:
+    with OnnxrtRunner(lambda: ShrinkingSession(path)) as runner:
 
         def infer(lr: torch.Tensor) -> np.ndarray:
             out = runner.infer({input_name: lr.detach().cpu().numpy().astype(dtype)})[output_name]
@@ -118,7 +151,7 @@ def check_shapes(reference, backends: dict[str, tuple[str, object]], files: Sequ
     precision's limit, or (FP32) the max abs difference exceeds the tolerance.
     """
     from sls_deploy.data.images import pair_at_size, quantize, to_image
-    from sls_deploy.data.metrics import psnr, ssim
+    from sls_deploy.data.metrics import psnr
 
     y = channel == "y"
     results = []
@@ -129,22 +162,33 @@ def check_shapes(reference, backends: dict[str, tuple[str, object]], files: Sequ
             hr, lr, ext = pair_at_size(f, scale, hw, degradation)
             extended += ext
             gt = quantize(to_image(hr))
+            del hr
+            release_freed_memory()  # each model runs at up to the profile's maximum: only what it needs is resident
             with torch.no_grad():
                 ref = np.clip(_as_array(reference(lr)), 0, 1).astype(np.float64)
             ref_gt.append(psnr(quantize(to_image(ref)), gt, scale, y))
             for name, (_, infer) in backends.items():
-                a = acc[name]
-                out = _diff_into(a, _as_array(infer(lr)), ref)
-                if out is None:
-                    continue
-                a["pref"].append(psnr(out[0].transpose(1, 2, 0) * 255.0, ref[0].transpose(1, 2, 0) * 255.0))
-                img = quantize(to_image(out))
-                a["gt"].append(psnr(img, gt, scale, y))
-                a["ssim"].append(ssim(img, gt, scale, y))
+                release_freed_memory()
+                _score_into(acc[name], _as_array(infer(lr)), ref, gt, scale, y)
             if progress:
                 progress()
         results += _rows(acc, backends, (1, 3, hw[0] * scale, hw[1] * scale), label, hw, ref_gt, extended, limits)
     return results
+
+
+def _score_into(a: dict, out: np.ndarray, ref: np.ndarray, gt: np.ndarray, scale: int, y: bool) -> None:
+    """One backend's output on one image: its difference from the reference, PSNR vs the reference, PSNR and
+    SSIM vs the ground truth (nothing but the shape when the shape is wrong)."""
+    from sls_deploy.data.images import quantize, to_image
+    from sls_deploy.data.metrics import psnr, ssim
+
+    out = _diff_into(a, out, ref)
+    if out is None:
+        return
+    a["pref"].append(psnr(out[0].transpose(1, 2, 0) * 255.0, ref[0].transpose(1, 2, 0) * 255.0))
+    img = quantize(to_image(out))
+    a["gt"].append(psnr(img, gt, scale, y))
+    a["ssim"].append(ssim(img, gt, scale, y))
 
 
 def _diff_into(a: dict, out: np.ndarray, ref: np.ndarray) -> np.ndarray | None:
@@ -190,14 +234,14 @@ def _rows(acc: dict, backends: dict, want: tuple, label: str, hw, ref_gt: list, 
 def onnx_runner(onnx_path: str | os.PathLike):
     """An (inactive) Polygraphy ``OnnxrtRunner`` on CPU: the FP32 reference of the TensorRT checks, and the
     stand-in for ``TrtRunner`` where there is no TensorRT. Drive it with ``backends.drive``."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.onnxrt import OnnxrtRunner
 
     quiet_polygraphy()
     path = Path(onnx_path)
     if not path.is_file():
         raise ValidationError(f"ONNX file not found: {path}")
     onnx_inputs(path)  # a corrupt file is a one-line ValidationError here, not a traceback at activate()
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]))
+    return OnnxrtRunner(lambda: ShrinkingSession(path))
 
 
 def clip_pair_at_size(source, clip_len: int, scale: int,

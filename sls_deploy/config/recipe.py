@@ -17,7 +17,7 @@ import yaml
 
 from sls_deploy.core.errors import RecipeError, UsageError
 from sls_deploy.core.numbers import as_float, as_int
-from sls_deploy.models import ModelAdapter, ModelConfig, get_adapter
+from sls_deploy.models import DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS, ModelAdapter, ModelConfig, get_adapter
 from sls_deploy.pruning.target import DEFAULT_TARGET, TARGETS
 
 if TYPE_CHECKING:
@@ -384,7 +384,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     validate = _validate(raw)
     try:
         ref = tuple(int(v) for v in raw.get("reference_output", (1280, 720)))
-        opset = int(export.get("opset", 17))
+        opset = int(export.get("opset", DEFAULT_OPSET))
         m = int(sparsity.get("m", 4))
     except (TypeError, ValueError) as e:
         raise RecipeError(f"recipe {path}: {e}") from None
@@ -392,11 +392,14 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError("reference_output must be [width, height], each at least the scale factor")
     if opset < 17:
         raise RecipeError(f"export.opset must be >= 17, not {opset}")
-    exporter = str(export.get("exporter", "torchscript"))
-    if exporter not in ("torchscript", "dynamo"):
-        raise RecipeError(f"export.exporter must be torchscript or dynamo, not '{exporter}'")
+    # the default exporter writes opset 18 or later: a recipe asking for opset 17 without naming an exporter (every
+    # recipe and bundle from before dynamo became the default) keeps the TorchScript exporter, the one that writes it
+    exporter = str(export.get("exporter", DEFAULT_EXPORTER if opset >= 18 else "torchscript"))
+    if exporter not in EXPORTERS:
+        raise RecipeError(f"export.exporter must be dynamo or torchscript, not '{exporter[:40]}'")
     if exporter == "dynamo" and opset < 18:
-        raise RecipeError("export.exporter dynamo writes opset 18 or later: set export.opset: 18")
+        raise RecipeError("export.exporter dynamo writes opset 18 or later: set export.opset: 18, "
+                          "or export.exporter: torchscript for opset 17")
     if m not in (4, 8, 16, 32):
         raise RecipeError(f"sparsity.m must be 4, 8, 16 or 32, not {m}")
     target = str(sparsity.get("target", DEFAULT_TARGET))

@@ -19,6 +19,7 @@ from sls_deploy.core import atomic
 from sls_deploy.report import document as report_mod
 from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
+from sls_deploy.core.memory import release_freed_memory
 from sls_deploy.data import load_pair, resolve_images
 from sls_deploy.data.images import check_eval_size, check_pixels, conversion_note
 from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
@@ -92,6 +93,7 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
         q_bic = evaluate(baseline_infer(deg), eval_files, scale, ch, degradation=deg)
         q_dense = evaluate(torch_infer(dense), eval_files, scale, ch, degradation=deg)
         q_pruned = evaluate(torch_infer(pruned), eval_files, scale, ch, degradation=deg)
+        release_freed_memory()  # the latency sessions' arena comes on top of what is resident now
         latency = (_latency(bundle, recipe, dense, pruned, atomic.sha256_file(base), vopts, runs, warmup, bar.update)
                    if vopts.latency
                    else {"skipped": "--no-latency"})
