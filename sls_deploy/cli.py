@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a failed check or bad file, 2 a usage error (bad option
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -12,11 +13,13 @@ from pathlib import Path
 import click
 
 from sls_deploy import __version__
-from sls_deploy.core.errors import SlsError, ValidationError
+from sls_deploy.core.errors import SlsError, ValidationError, one_line
+from sls_deploy.core.numbers import MAX_COUNT, MAX_LATENCY_RUNS, MAX_SIDE, MAX_STEPS, MAX_WORKSPACE_MB
 from sls_deploy.pruning.target import TARGET_HELP, TARGETS
 
 BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
 SEED = click.IntRange(0, 2**31 - 1)
+STEPS = click.IntRange(0, MAX_STEPS)  # the recipe's cap: a number no run finishes is a usage error, not an ETA
 NM_METHODS = ("sls", "oneshot", "srste")  # = pruning.registry's, not imported: --help stays fast
 CHANNEL_METHODS = ("ssl", "l1", "l1-global", "hybrid")
 
@@ -86,7 +89,7 @@ def _video_options(f):
                           "before any training (fisher: Hessian-aware, compares groups on the loss's scale; the "
                           "units it drops are then driven to 0 by ssl's penalty) (default: the recipe's "
                           "structured.selection, normalised).")(f)
-    f = click.option("--round-to", type=click.IntRange(min=1),
+    f = click.option("--round-to", type=click.IntRange(1, MAX_COUNT),
                      help="Channel methods: kept channels per group are a multiple of this, or the full width "
                           "(default: the recipe's structured.round_to, 8).")(f)
     return f
@@ -135,7 +138,9 @@ def cli() -> None:
 @click.option("--data", help="Training data for finetune: a folder of HR images, or for video models of clips "
               "(default: the recipe's list).")
 @click.option("--eval-data", help="Eval data: a folder of HR images or clips (default: the recipe's eval list).")
-@click.option("--steps", type=click.IntRange(min=0), help="Finetune steps (default: the recipe's).")
+@click.option("--steps", type=STEPS, help="Training steps after the base model, search and finetune "
+              "together (default: the recipe's finetune.steps); the search (ssl's scale learning, the SLS search) "
+              "takes at most three quarters of them, finetuning the rest.")
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-b<budget>; "
               "a family: runs/<model>-family).")
 @click.option("--nested", is_flag=True, help="A family (several --budget) of channel members that share one weight "
@@ -193,7 +198,8 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
 @_recipe_options
 @click.option("--out", type=click.Path(dir_okay=False), help="Weights file to write (.safetensors). "
               "Default: runs/<recipe name>.safetensors")
-@click.option("--steps", type=click.IntRange(min=1), help="Training steps (default: the recipe's train.steps).")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), help="Training steps (default: the recipe's "
+              "train.steps).")
 @click.option("--data", help="Folder of HR training images (default: the recipe's train list).")
 @click.option("--fp16", is_flag=True, help="Store the weights in FP16 (half the size; used for shipped weights).")
 @click.option("--restart", is_flag=True, help="Ignore an existing checkpoint and start from scratch.")
@@ -205,9 +211,13 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, force, seed,
     from sls_deploy.training.base import train_base
     from sls_deploy.config.recipe import resolve_recipe
 
+    from sls_deploy.core.atomic import refuse_non_regular, remove_stale_temps
+
     recipe = resolve_recipe(model_name, recipe_path)
     out_path = Path(out) if out else Path("runs") / f"{recipe.name}.safetensors"
     _check_output_file(out_path, force)
+    refuse_non_regular(out_path.with_name(out_path.name + ".ckpt"), "training checkpoint")
+    remove_stale_temps(out_path.parent, names={out_path.name, out_path.name + ".ckpt"})
     res = train_base(recipe, out_path, steps=steps, data=data, resume=not restart, half=fp16, seed=seed,
                      progress=not no_progress)
     ch = res["channel"].upper()
@@ -223,7 +233,7 @@ def train(model_name, recipe_path, out, steps, data, fp16, restart, force, seed,
 @_video_options
 @click.option("--data", help="Training images for the SLS search, or clips for the ssl search (default: the "
               "recipe's list).")
-@click.option("--steps", type=click.IntRange(min=0), help="Search + finetune steps (default: the recipe's).")
+@click.option("--steps", type=STEPS, help="Search + finetune steps (default: the recipe's).")
 @_progress_option
 def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, selection,
            keep_full, tf_weight, temporal_weight, out, data, steps, no_progress):
@@ -279,7 +289,9 @@ def import_sls(checkpoint, model_name, recipe_path, weights, m, out):
 
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--steps", type=click.IntRange(min=0), help="Finetune steps (default: the recipe's).")
+@click.option("--steps", type=STEPS, help="Training steps counted as build's --steps: the search's "
+              "steps (ssl's scale learning, the SLS search) plus finetuning, which runs the rest (default: the "
+              "bundle's). 0: no finetuning (the searched weights as they are).")
 @click.option("--data", help="Folder of HR training images (default: the recipe's train list).")
 @click.option("--resume", "resume", flag_value=True, default=None, help="Continue an interrupted finetune.")
 @click.option("--restart", "resume", flag_value=False, help="Discard an interrupted finetune's checkpoint.")
@@ -299,6 +311,10 @@ def finetune(bundle_dir, steps, data, resume, no_progress):
     if not dist.is_main():
         return
     click.echo(f"finetuned {info.get('steps')} steps -> {run.bundle.path('model.safetensors')}")
+    stale = [k for k, v in run.bundle.manifest().get("invalidated", {}).items() if v == "finetune"]
+    if stale:
+        click.echo(f"{' and '.join(stale)} no longer current (new weights): next `sls-deploy export {bundle_dir}` "
+                   f"and `sls-deploy validate {bundle_dir}`, or the build again")
 
 
 @cli.command()
@@ -334,9 +350,9 @@ def export(bundle_dir, precisions, calib, calib_method, io):
                    "ort and torch write report.json/md/html.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
               help="With --backend trt: which graph the engine was built from.")
-@click.option("--latency-runs", type=click.IntRange(min=1), help="Timed runs per model and size "
+@click.option("--latency-runs", type=click.IntRange(1, MAX_LATENCY_RUNS), help="Timed runs per model and size "
               "(default: the recipe's validate.latency_runs).")
-@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads for latency "
+@click.option("--threads", type=click.IntRange(1, 1024), help="ONNX Runtime intra-op threads for latency "
               "(default: every core).")
 @click.option("--no-latency", is_flag=True, help="Skip the dense-vs-pruned latency measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the summary.")
@@ -344,18 +360,39 @@ def export(bundle_dir, precisions, calib, calib_method, io):
 def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, no_latency, as_json, no_progress):
     """Does a bundle ship? Accuracy at the engine profile's min/opt/max and an odd size against the PyTorch
     reference and the ground truth (thresholds per precision from the recipe), dense-vs-pruned latency side by
-    side, and report.md / report.html with plots. Exits 1 naming the first failed check."""
+    side, and report.md / report.html with plots. Exits 1 naming the first failed check.
+
+    A packed bundle (.tar.gz, .tgz or .tar from `pack`, unpacked beside it, or its unpacked folder) carries no
+    PyTorch weights: with --backend ort every packed graph runs against the packed FP32 graph at the same shapes,
+    on its val/ images (no latency, no report files; the result is printed as JSON)."""
     from sls_deploy.report.document import summary_text
     from sls_deploy.stages.build import reopen
     from sls_deploy.stages.validate import ValidateOptions, check_report, run_validate
 
-    if backend == "trt":
-        from sls_deploy.trt.engine import require_tensorrt
-        from sls_deploy.stages.validate_engine import validate_engine
+    from sls_deploy.core.bundle import GRAPH_FILES
+    from sls_deploy.core.packing import is_packed
 
-        require_tensorrt()  # before anything is read or written
-        root, recipe = _device_bundle(Path(bundle_path))
-        res = validate_engine(root, recipe, precision, Path(eval_data) if eval_data else None, runs=latency_runs)
+    path = Path(bundle_path)
+    if backend == "trt" or is_packed(path):
+        from sls_deploy.core.errors import UsageError
+        from sls_deploy.stages.validate_engine import validate_engine, validate_packed
+
+        if backend == "torch":
+            raise UsageError(f"{path} is a packed bundle, which carries no PyTorch weights: validate it with "
+                             "--backend ort (its graphs) or trt, or validate the bundle folder it was packed from")
+        if backend == "trt":
+            from sls_deploy.trt.engine import require_tensorrt
+
+            require_tensorrt()  # before anything is read or written
+        opened, recipe = _device_bundle(path)
+        eval_path = Path(eval_data) if eval_data else None
+        if backend == "trt":
+            opened.verify(["model.onnx"])  # the reference; the engine was built here, after the manifest
+            res = validate_engine(opened.root, recipe, precision, eval_path, runs=latency_runs)
+        else:
+            opened.verify(["model.onnx", *(n for n in GRAPH_FILES.values()
+                                           if n != "model.onnx" and opened.path(n).is_file())])
+            res = validate_packed(opened.root, recipe, eval_path)
         click.echo(json.dumps(res, indent=2))
         if not res["passed"]:
             raise ValidationError(res["verdict"])
@@ -368,7 +405,9 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
 
 
 def _check_output_file(path: Path, force: bool) -> None:
-    """Before any work: an output file goes where a file can go, and never over an existing one without --force."""
+    """Before any work: an output file goes where a file can go, never over an existing one without --force, and
+    never over a device, fifo or socket (or a link to one) at all."""
+    from sls_deploy.core.atomic import refuse_non_regular
     from sls_deploy.core.errors import BundleError
 
     for parent in path.parents:
@@ -378,30 +417,19 @@ def _check_output_file(path: Path, force: bool) -> None:
             break
     if path.is_dir():
         raise BundleError(f"{path} is a folder; give a file name")
+    refuse_non_regular(path, "--out")
     if path.exists() and not force:
         raise BundleError(f"{path} exists; choose another --out or pass --force to replace it")
 
 
-def _device_bundle(path: Path):
-    """A bundle folder or a packed .tar.gz (unpacked beside it), hash-checked; returns (root, recipe)."""
-    from sls_deploy.core.bundle import Bundle
-    from sls_deploy.core.errors import BundleError
-    from sls_deploy.core.packing import PACK_MANIFEST, unpack, verify_packed
+def _device_bundle(path: Path, use=()):
+    """A bundle folder, an unpacked pack or a packed tar (unpacked beside it) opened for use, recipe.yaml and
+    ``use`` checked against the recorded sha256 (core.opening); returns (the opened bundle, its recipe)."""
     from sls_deploy.config.recipe import load_recipe
+    from sls_deploy.core.opening import open_for_use
 
-    if path.is_file():
-        root = unpack(path)
-    elif (path / PACK_MANIFEST).is_file():
-        root = path
-        verify_packed(root)
-    else:
-        root = path
-        bundle = Bundle(root)
-        names = [n for n in bundle.require().get("files", {}) if n.endswith((".onnx", ".json")) and n != "report.json"]
-        bundle.verify(names)
-    if not (root / "recipe.yaml").is_file():
-        raise BundleError(f"{root} is not a bundle (no recipe.yaml)")
-    return root, load_recipe(root / "recipe.yaml")
+    opened = open_for_use(path, use)
+    return opened, load_recipe(opened.path("recipe.yaml"))
 
 
 @cli.command()
@@ -412,7 +440,8 @@ def _device_bundle(path: Path):
               help="TensorRT's SPARSE_WEIGHTS flag (2:4 layers may then use sparse tactics). disable builds the "
                    "dense baseline engine/model.dense.plan that `validate --backend trt` times the sparse one "
                    "against.")
-@click.option("--workspace-mb", type=click.IntRange(min=1), help="Workspace limit (default: the recipe's).")
+@click.option("--workspace-mb", type=click.IntRange(1, MAX_WORKSPACE_MB),
+              help="Workspace limit (default: the recipe's).")
 @click.option("--dry-run", is_flag=True, help="Print the settings and the equivalent trtexec / polygraphy "
               "command lines and write engine/build.json; needs no TensorRT.")
 def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
@@ -426,6 +455,7 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
     grid gives on the recipe's engine min/opt/max LR size.
     """
     from sls_deploy.adaptive.family import is_family, load_family
+    from sls_deploy.core.bundle import GRAPH_FILES
     from sls_deploy.trt.engine import require_tensorrt
 
     if not dry_run:
@@ -435,7 +465,7 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
         family = load_family(path)
         roots = [family.path(m) for m in family.members]
         for root in roots:  # every member checked before any engine is built
-            _device_bundle(root)
+            _device_bundle(root, [GRAPH_FILES[precision], *([] if dry_run else ["plan.json"])])
         for root in roots:
             click.echo(f"# family member {root.name}")
             _engine_one(root, precision, sparsity, workspace_mb, dry_run)
@@ -475,10 +505,12 @@ def _engine_one(path: Path, precision, sparsity, workspace_mb, dry_run) -> None:
     from sls_deploy.trt.engine import build_engine, dry_run as do_dry_run, engine_settings
     from sls_deploy.core.errors import BundleError
 
-    root, recipe = _device_bundle(path)
+    opened, recipe = _device_bundle(path)
+    root = opened.root
     settings = engine_settings(recipe, precision, sparsity, workspace_mb)
     if not (root / settings.graph).is_file():
         raise BundleError(f"{root} has no {settings.graph} (run `sls-deploy export {root} --precision {precision}`)")
+    opened.verify([settings.graph, *([] if dry_run else ["plan.json"])])  # what the build reads
     if dry_run:
         info = do_dry_run(root, settings)
         click.echo(f"# {info['path']}")
@@ -500,17 +532,24 @@ def _engine_one(path: Path, precision, sparsity, workspace_mb, dry_run) -> None:
 def pack(bundle_dir, out, force):
     """Pack what a device needs (graphs, plan, recipe, manifest, calibration cache, eval images) into a tar.
 
-    Every bundle file is checked against the sha256 its manifest recorded before it is packed."""
-    from sls_deploy.core.packing import pack as do_pack
+    Every bundle file is checked against the sha256 its manifest recorded, and every graph with onnx.checker,
+    before it is packed. --out is never a file inside the bundle."""
+    from sls_deploy.core.atomic import remove_stale_temps
+    from sls_deploy.core.opening import open_for_use
+    from sls_deploy.core.packing import check_pack_out, pack as do_pack, packed_names
     from sls_deploy.modalities.registry import is_video, resolve_data
     from sls_deploy.stages.build import reopen
 
-    run = reopen(Path(bundle_dir), _log)
+    root = Path(bundle_dir)
+    dest = Path(out) if out else root.with_name(root.name + ".tar.gz")
+    check_pack_out(root, dest, force)  # before anything is read: a fifo would block the packed-bundle check
+    run = reopen(root, _log)
     bundle, recipe = run.bundle, run.recipe
-    dest = Path(out) if out else bundle.root.with_name(bundle.root.name + ".tar.gz")
+    remove_stale_temps(dest.parent, names={dest.name})
     # video eval clips are not packed (they can be large): a device validates video against its own clips
     evals = [] if is_video(run.settings.modality) else resolve_data(run.settings.modality, run.settings.eval_data)
-    bundle.verify([n for n in bundle.require().get("files", {}) if n.endswith((".onnx", ".json", ".safetensors"))])
+    # every file packed matches the manifest and every graph passes onnx.checker (the manifest itself is packed as is)
+    open_for_use(bundle.root, [n for n in packed_names(bundle.root) if n != "manifest.json"])
     do_pack(bundle.root, dest, evals, recipe.opset, recipe.digest(), force=force)
     click.echo(f"wrote {dest}")
 
@@ -540,21 +579,25 @@ def inspect(target, size, as_json):
                    "(FP32); trt: engine/model.plan through Polygraphy's TrtRunner (needs TensorRT).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="With --backend ort: which graph (model.onnx, model.fp16.onnx, model.int8.onnx).")
-@click.option("--tile", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--tile", type=click.IntRange(1, MAX_SIDE), default=256, show_default=True,
               help="LR tile side: memory stays bounded whatever the image size.")
-@click.option("--overlap", type=click.IntRange(min=0), default=16, show_default=True,
+@click.option("--overlap", type=click.IntRange(0, MAX_SIDE), default=16, show_default=True,
               help="LR pixels of context around each tile; at least the network's receptive radius makes the "
                    "tiled output equal the untiled one.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per output.")
+@click.option("--force", is_flag=True, help="Replace existing files in the -o folder that upscale did not write "
+              "(never an input, a file in a bundle, or anything but a regular file).")
 @_progress_option
-def upscale(bundle_dir, inputs, out, backend, precision, tile, overlap, as_json, no_progress):
-    """Run a bundle on your own images (PNG/JPEG/TIFF/BMP/WebP; gray and RGBA become RGB) and videos (mp4, mov,
-    mkv, avi, webm: every frame, same frame count and fps), tiled, with a progress bar. Every input is checked
-    before anything runs; each output appears only when complete."""
+def upscale(bundle_dir, inputs, out, backend, precision, tile, overlap, as_json, force, no_progress):
+    """Run a bundle on your own images (PNG/JPEG/TIFF/BMP/WebP; gray and RGBA become RGB; EXIF orientation
+    applied) and videos (mp4, mov, mkv, avi, webm: every frame, same frame count and fps), tiled, with a progress
+    bar. Every input and output path is checked before anything runs; each output appears only when complete. An
+    existing file is replaced only if an earlier upscale wrote it and it is unchanged since, or with --force;
+    never an input or a file inside a bundle."""
     from sls_deploy.upscale.run import upscale as run_upscale
 
     records = run_upscale(Path(bundle_dir), list(inputs), Path(out), backend=backend, precision=precision,
-                          tile=tile, overlap=overlap, progress=not no_progress,
+                          tile=tile, overlap=overlap, progress=not no_progress, force=force,
                           log=(lambda s: None) if as_json else _log)
     if as_json:
         click.echo(json.dumps(records, indent=2))
@@ -567,12 +610,12 @@ def upscale(bundle_dir, inputs, out, backend, precision, tile, overlap, as_json,
                    "errors; classsr = a ClassSR-style patch classifier; edge = gradient-energy thresholds.")
 @click.option("--target-cost", type=BUDGET, help="Average MACs (fraction of dense, overlap counted) the routers aim "
               "at, set on train patches only. Default: the middle member's cost.")
-@click.option("--patch", type=click.IntRange(min=8), default=48, show_default=True, help="LR patch side.")
-@click.option("--stride", type=click.IntRange(min=1), default=44, show_default=True,
+@click.option("--patch", type=click.IntRange(8, MAX_SIDE), default=48, show_default=True, help="LR patch side.")
+@click.option("--stride", type=click.IntRange(1, MAX_SIDE), default=44, show_default=True,
               help="LR patch stride (overlaps are averaged and their cost counted).")
-@click.option("--train-patches", type=click.IntRange(min=50), default=1500, show_default=True,
+@click.option("--train-patches", type=click.IntRange(50, 100_000), default=1500, show_default=True,
               help="Random train crops the routers learn (80%) and calibrate (20%) on.")
-@click.option("--steps", type=click.IntRange(min=1), default=800, show_default=True,
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=800, show_default=True,
               help="Training steps of the learned routers.")
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--eval-data", help="Eval images (default: the recipe's eval list); never used to fit or calibrate.")
@@ -616,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.UsageError as e:
-        click.echo(f"error: {e.format_message()}", err=True)
+        click.echo(f"error: {one_line(e.format_message())}", err=True)
         return 2
     except (KeyboardInterrupt, click.Abort):
         click.echo("interrupted: run the same command again to resume from the last checkpoint", err=True)
@@ -624,6 +667,12 @@ def main(argv: list[str] | None = None) -> int:
     except SlsError as e:
         click.echo(f"error: {e}", err=True)
         return e.exit_code
+    except OSError as e:  # a full disk under a writer that core/atomic.py does not wrap: still one line
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        click.echo(f"error: no space left on {e.filename or 'the device'} ({e.strerror}); free some space and run "
+                   "the same command again", err=True)
+        return 1
     finally:
         dist.shutdown(wait=ended)
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sls_deploy.cli import cli
-from tests.conftest import error_line, run_cli as run
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import CHECKOUT, error_line, run_cli as run
 
 
 @pytest.mark.parametrize("command", [[]] + [[name] for name in cli.commands])
@@ -24,7 +21,7 @@ def test_help_on_every_command(capsys, command):
 
 
 def test_source_checkout_shim_runs_the_same_cli():
-    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(CHECKOUT / "cli.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "build" in r.stdout and "finetune" in r.stdout
 
 

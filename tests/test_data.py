@@ -13,7 +13,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from sls_deploy.data.images import bicubic_down, load_pair, read_rgb, to_image, to_tensor
 from sls_deploy.data.patches import PatchSampler
 from sls_deploy.data.sources import resolve_images
-from tests.conftest import data_error
+from conftest import data_error
 
 
 def write_random(path, h, w, seed=0, channels=3):
@@ -298,3 +298,39 @@ def test_oversized_calibration_and_eval_images_are_refused_before_decoding(tmp_p
     with pytest.raises(DataError, match="eval image big.png is 1100x1000"):
         check_pixels(big, 2**20, "eval image")
     check_pixels(big, 2 * 2**20, "eval image")  # under the limit: fine
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_read_rgb_shows_the_image_as_pillow_exif_transpose_does(tmp_path, orientation):
+    from PIL import Image, ImageOps
+
+    from sls_deploy.data.images import conversion_note, image_size, read_rgb
+
+    stored = Image.fromarray((np.random.default_rng(orientation).random((5, 8, 3)) * 255).astype(np.uint8))
+    exif = stored.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / "o.png"
+    stored.save(path, exif=exif)  # lossless, so every pixel can be compared
+    with Image.open(path) as im:
+        want = np.asarray(ImageOps.exif_transpose(im))
+    got = np.round(read_rgb(path) * 255).astype(np.uint8)
+    assert np.array_equal(got, want)
+    assert image_size(path) == (want.shape[1], want.shape[0])
+    note = conversion_note(path)
+    assert (note is None) if orientation == 1 else note.startswith(f"rotated per its EXIF orientation ({orientation}: ")
+
+
+def test_read_rgb_reads_a_camera_mpo_as_its_primary_image_and_refuses_animations(tmp_path):
+    from PIL import Image
+
+    from sls_deploy.data.images import read_rgb
+
+    primary, preview = Image.new("RGB", (16, 12), (200, 0, 0)), Image.new("RGB", (8, 6), (0, 0, 200))
+    primary.save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[preview])
+    with Image.open(tmp_path / "camera.jpg") as im:
+        assert im.format == "MPO" and im.n_frames == 2
+    img = read_rgb(tmp_path / "camera.jpg")
+    assert img.shape == (12, 16, 3) and img[..., 0].min() > 0.7 and img[..., 2].max() < 0.1
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:])
+    assert "anim.webp holds 2 frames" in data_error(read_rgb, tmp_path / "anim.webp")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import same_package_env
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
@@ -18,11 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_two_process_sls_build(tmp_path, tiny_recipe, tiny_weights):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     out = tmp_path / "ddp"
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "cli.py"), "build", "--recipe",
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "sls_deploy.cli", "build", "--recipe",
            str(tiny_recipe), "--budget", "0.45", "--method", "sls", "--weights", str(tiny_weights), "--out", str(out),
            "--no-progress"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=same_package_env(OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     plan = json.loads((out / "plan.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_images):
-    from tests.conftest import write_tiny_recipe, write_tiny_weights
+    from conftest import write_tiny_recipe, write_tiny_weights
 
     tmp = tmp_path_factory.mktemp("eng")
     recipe = write_tiny_recipe(tmp, tiny_images,
@@ -243,7 +243,7 @@ def test_bad_engine_section_is_one_line(tmp_path, capsys, engine, message):
     import yaml
 
     from sls_deploy.config.recipe import builtin_recipe_dir
-    from tests.conftest import error_line
+    from conftest import error_line
 
     raw = yaml.safe_load((builtin_recipe_dir() / "edsr.yaml").read_text())
     raw["engine"] = engine

@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sparse.py"
+from conftest import CHECKOUT
+
+SCRIPT = CHECKOUT / "benchmarks" / "gpu_sparse.py"
 
 
 @pytest.fixture(scope="module")

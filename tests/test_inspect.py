@@ -12,7 +12,7 @@ from sls_deploy.cli import main
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_images):
-    from tests.conftest import build_tiny_2to4_bundle
+    from conftest import build_tiny_2to4_bundle
 
     return build_tiny_2to4_bundle(tmp_path_factory.mktemp("insp"), tiny_images)
 

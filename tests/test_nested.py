@@ -177,7 +177,7 @@ def test_nested_refusals(tmp_path, tiny_recipe, tiny_weights, capsys, args, frag
     from conftest import run_cli
 
     out = tmp_path / "fam"
-    code, _, err = run_cli(capsys, "build", "--recipe", tiny_recipe, "--weights", tiny_weights, *args, "--steps", "1",
-                           "--out", out, "--no-progress")
+    code, _, err = run_cli(capsys, "build", "--recipe", tiny_recipe, "--weights", tiny_weights, *args, "--steps", "2",
+                           "--out", out, "--no-progress")  # 2: ssl and hybrid need a step of each phase
     assert code == 2 and fragment in err
     assert not (out / SHARED).exists()

@@ -20,7 +20,7 @@ ISLANDS = {"conv_first", "upsample.2", "conv_last"}
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_images):
     """One tiny oneshot 2:4 build with all three graphs, shared by the structural tests."""
-    from tests.conftest import build_tiny_2to4_bundle
+    from conftest import build_tiny_2to4_bundle
 
     return build_tiny_2to4_bundle(tmp_path_factory.mktemp("prec"), tiny_images)
 

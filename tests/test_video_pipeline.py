@@ -25,12 +25,11 @@ from sls_deploy.stages.export import op_types
 from sls_deploy.stages.models import load_model as load_video_model
 from sls_deploy.backends.drive import clip_infer
 from sls_deploy.backends.runners import onnx_runner
-from tests.conftest import error_line, run_cli as run
+from conftest import CHECKOUT, error_line, run_cli as run
 
 torch.set_num_threads(1)  # the tests' models are tiny; more threads only contend
 
 ARCHS = ("basicvsr", "streamvsr")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # --------------------------------------------------------------------------- synthetic clips and recipes
@@ -69,8 +68,11 @@ def write_recipe(folder: Path, arch: str, clips: dict[str, Path], **sections) ->
     r = {"name": f"{arch}-tiny", "model": {"arch": arch, "scale": 4, "num_feat": 8, "num_block": 1, "clip_len": 3},
          "reference_output": [128, 128],
          "data": {"train": str(clips["train"]), "eval": str(clips["eval"]), "metric_channel": "y"},
-         "finetune": {"steps": 2, "lr": 1e-3, "batch_size": 1, "lr_patch": 8, "checkpoint_every": 1},
-         "validate": {"latency_warmup": 0, "latency_runs": 1},
+         # 3 steps: ssl's 2 scale-learning steps leave finetuning 1 (the search takes at most 3/4 of them)
+         "finetune": {"steps": 3, "lr": 1e-3, "batch_size": 1, "lr_patch": 8, "checkpoint_every": 1},
+         # random weights are below bicubic: the quality gate is reported, not enforced (test_quality_gate.py is)
+         "validate": {"latency_warmup": 0, "latency_runs": 1, "max_drop_vs_dense_db": None,
+                      "min_gain_vs_baseline_db": None},
          "structured": {"round_to": 2, "ssl_steps": 2, "delta": 1e-3, "grow_every": 1},
          # TorchScript for speed (a tiny video graph: seconds, vs minutes through dynamo); export={} is the
          # default (dynamo), which test_streamvsr_with_rsc_through_the_default_dynamo_exporter and
@@ -232,7 +234,9 @@ def test_bundle_plan_and_report(request, which):
     assert any(g["kept_units"] < g["dense_units"] for g in plan["groups"])
     rep = json.loads((out / "report.json").read_text())
     assert rep["kind"] == "video" and rep["checks"] == {"onnx_vs_torch": True, "budget": True,
-                                                     "fp16_psnr_drop": True, "int8_psnr_drop": True}
+                                                     "fp16_psnr_drop": True, "int8_psnr_drop": True,
+                                                     "quality_gate": True}  # reported, no limits (random weights)
+    assert [r["name"] for r in rep["quality_gate"]["rows"]] == ["pruned", "fp32 graph", "fp16 graph", "int8 graph"]
     assert rep["onnx_vs_torch"]["max_abs"] <= 1e-4 and rep["onnx_vs_torch"]["frames"] == 3
     # the whole eval clip (4 frames): the step graph carries its hidden state through all of them, the T=3 clip
     # graph covers the one whole window
@@ -486,7 +490,7 @@ def test_structured_recipe_section_is_checked(tmp_path, clips):
         path = write_recipe(tmp_path / fragment[:8].replace(" ", "_"), "basicvsr", clips, structured=section)
         with pytest.raises(RecipeError, match=fragment.replace("(", r"\(")):
             load_recipe(path)
-    assert load_recipe(ROOT / "recipes" / "edsr.yaml").structured.method == "ssl"  # image recipes: defaults, unused
+    assert load_recipe(CHECKOUT / "recipes" / "edsr.yaml").structured.method == "ssl"  # image recipes: defaults, unused
 
 
 def test_nm_strategy_on_a_clip_model_gives_2to4_video_graphs(tmp_path, clips):

@@ -23,8 +23,9 @@ from sls_deploy.adaptive.members import Candidate, bicubic_candidate, bundle_can
 from sls_deploy.adaptive.patchset import patch_set, random_crops
 from sls_deploy.adaptive.routers import ROUTERS, make_router
 from sls_deploy.core.atomic import write_json, write_text
-from sls_deploy.core.bundle import RECIPE
+from sls_deploy.core.bundle import PLAN, RECIPE, WEIGHTS
 from sls_deploy.core.errors import BundleError, DataError, UsageError
+from sls_deploy.core.opening import open_for_use
 from sls_deploy.models.base import ExportSpec
 from sls_deploy.onnx.export import export_onnx
 from sls_deploy.pruning.macs import layer_macs
@@ -73,10 +74,8 @@ def candidates_of(family: Family, recipe) -> tuple[list[Candidate], float]:
     from sls_deploy.config.recipe import load_recipe
 
     members = []
-    for m in family.members:
-        if not (family.path(m) / RECIPE).is_file():
-            raise BundleError(f"family member {m.folder} has no {RECIPE}: not a finished bundle")
-        r = load_recipe(family.path(m) / RECIPE)
+    for m in family.members:  # every file a member candidate reads, checked against its manifest first
+        r = load_recipe(open_for_use(family.path(m), [PLAN, WEIGHTS]).path(RECIPE))
         if r.name != family.model:
             raise BundleError(f"family member {m.folder} is a bundle of {r.name}, not {family.model}")
         members.append(bundle_candidate(family.path(m), r, m.folder))
@@ -113,7 +112,7 @@ def route(root: str | Path, routers: Sequence[str] = ROUTERS, target: float | No
     from sls_deploy.report.adaptive import plot_map, plot_points, table
 
     family = load_family(root)
-    recipe = load_recipe(family.path(family.members[0]) / RECIPE)
+    recipe = load_recipe(open_for_use(family.path(family.members[0])).path(RECIPE))
     if recipe.modality != "image":
         raise UsageError(f"adaptive routing runs image models; {recipe.name} is a {recipe.modality} model")
     for r in routers:

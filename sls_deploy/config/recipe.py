@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-import yaml
-
-from sls_deploy.core.errors import RecipeError, UsageError
-from sls_deploy.core.numbers import as_float, as_int
+from sls_deploy.core.errors import RecipeError, UsageError, short_repr
+from sls_deploy.core.numbers import (MAX_COUNT, MAX_LATENCY_RUNS, MAX_SIDE, MAX_STEPS, MAX_WORKSPACE_MB, as_float,
+                                     as_int)
+from sls_deploy.core.safe_yaml import load_yaml
 from sls_deploy.models import DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS, ModelAdapter, ModelConfig, get_adapter
 from sls_deploy.pruning.target import DEFAULT_TARGET, TARGETS
 
@@ -37,6 +37,10 @@ class StepsSection:
 PRECISIONS = ("fp32", "fp16", "int8")
 MAX_BATCH = 1024  # training batch (memory: batch x patch^2 x channels stays within a workstation's RAM)
 MAX_PATCH = 512  # LR training patch side
+MAX_OUTPUT_SIDE = 8192  # reference_output width/height: MACs are counted on an input of that size (8K UHD fits)
+MAX_ENGINE_BATCH = 64  # N of the engine profile (validate runs every level)
+MAX_SIZES = 64  # validate.sizes / latency_sizes entries (each is a full accuracy or latency check)
+MAX_ISLANDS = 1000  # precision.fp32_islands names
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -85,6 +89,11 @@ class ValidateSection:
     latency_warmup: int = 2
     latency_runs: int = 10
     latency_sizes: tuple[tuple[int, int], ...] | None = None  # None: the engine profile's opt size
+    # the quality gate (stages/validate_gate.py): the pruned model fails when its eval PSNR is more than this below
+    # the dense base model's, or less than ``min_gain_vs_baseline_db`` above the task's baseline (bicubic for SR,
+    # the blurred input for deblurring); None: that comparison is reported but not enforced
+    max_drop_vs_dense_db: float | None = 0.5
+    min_gain_vs_baseline_db: float | None = 0.0
 
     def max_drop(self, precision: str) -> float:
         return dict(self.max_psnr_drop_db)[precision]
@@ -193,35 +202,42 @@ def _sls(raw: Mapping[str, Any], m: int) -> tuple["SLSSettings", int]:
     from sls_deploy.pruning.nm.sls import SLSSettings
 
     sec = _section(raw, "sls", _SLS_KEYS)
+    max_steps = as_int(sec.pop("max_search_steps", 100), "sls.max_search_steps", 1, MAX_STEPS)
+    counts = {"check_every": MAX_COUNT, "refresh_every": MAX_COUNT, "cost_patch": MAX_OUTPUT_SIDE}
+    values = {k: as_int(v, f"sls.{k}", 1, counts[k]) if k in counts else as_float(v, f"sls.{k}", 0.0)
+              for k, v in sec.items()}
     try:
-        max_steps = int(sec.pop("max_search_steps", 100))
-        casts = {"check_every": int, "refresh_every": int, "cost_patch": int}
-        settings = SLSSettings(m=m, **{k: casts.get(k, float)(v) for k, v in sec.items()}).validate()
+        settings = SLSSettings(m=m, **values).validate()
     except (TypeError, ValueError) as e:
         raise RecipeError(f"recipe section 'sls': {e}") from None
-    if max_steps < 1:
-        raise RecipeError("sls.max_search_steps must be >= 1")
     return settings, max_steps
+
+
+def _key_text(key: Any) -> str:
+    """A recipe key as a message quotes it: the name itself, cut short (a key can be any length of text)."""
+    text = key if isinstance(key, str) else short_repr(key)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _section(raw: Mapping[str, Any], key: str, known: set[str]) -> dict[str, Any]:
     sec = raw.get(key) or {}
     if not isinstance(sec, Mapping):
         raise RecipeError(f"recipe section '{key}' must be a mapping")
-    unknown = sorted(set(sec) - known)
+    unknown = sorted(set(sec) - known, key=str)
     if unknown:
-        raise RecipeError(f"unknown recipe key '{key}.{unknown[0]}' (known: {', '.join(sorted(known))})")
+        raise RecipeError(f"unknown recipe key '{key}.{_key_text(unknown[0])}' (known: {', '.join(sorted(known))})")
     return dict(sec)
 
 
 def _steps(raw: Mapping[str, Any], key: str) -> StepsSection:
     sec = _section(raw, key, {"steps", "lr", "batch_size", "lr_patch", "checkpoint_every", "warmup"})
-    steps = as_int(sec.get("steps", 100), f"{key}.steps", 0, 10**7)
+    steps = as_int(sec.get("steps", 100), f"{key}.steps", 0, MAX_STEPS)
     return StepsSection(steps=steps, lr=as_float(sec.get("lr", 1e-4), f"{key}.lr", 0.0, 1.0, lo_open=True),
                         batch_size=as_int(sec.get("batch_size", 16), f"{key}.batch_size", 1, MAX_BATCH),
                         lr_patch=as_int(sec.get("lr_patch", 24), f"{key}.lr_patch", 1, MAX_PATCH),
-                        checkpoint_every=as_int(sec.get("checkpoint_every", 50), f"{key}.checkpoint_every", 0, 10**7),
-                        warmup=as_int(sec.get("warmup", 0), f"{key}.warmup", 0, 10**7))
+                        checkpoint_every=as_int(sec.get("checkpoint_every", 50), f"{key}.checkpoint_every", 0,
+                                                MAX_COUNT),
+                        warmup=as_int(sec.get("warmup", 0), f"{key}.warmup", 0, MAX_STEPS))
 
 
 _ENGINE_LEVELS = ("min", "opt", "max")
@@ -233,9 +249,13 @@ def _engine_nhw(sec: Mapping[str, Any], key: str, default: tuple[int, int, int])
     v = sec[key]
     if (not isinstance(v, (list, tuple)) or len(v) != 3
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
-        raise RecipeError(f"engine.{key} must be [N, H, W] (three integers: batch, LR height, LR width), not {v!r}")
+        raise RecipeError(f"engine.{key} must be [N, H, W] (three integers: batch, LR height, LR width), "
+                          f"not {short_repr(v)}")
     if min(v) < 1:
-        raise RecipeError(f"engine.{key} must be [N, H, W] with every value >= 1, not {list(v)}")
+        raise RecipeError(f"engine.{key} must be [N, H, W] with every value >= 1, not {short_repr(list(v))}")
+    if v[0] > MAX_ENGINE_BATCH or max(v[1:]) > MAX_SIDE:
+        raise RecipeError(f"engine.{key} must be [N, H, W] with N at most {MAX_ENGINE_BATCH} and H, W at most "
+                          f"{MAX_SIDE}, not {short_repr(list(v))}")
     return (v[0], v[1], v[2])
 
 
@@ -246,12 +266,13 @@ def _engine(raw: Mapping[str, Any]) -> EngineSection:
     legacy = sec.get("max_psnr_drop_db")
     if legacy is not None and not isinstance(legacy, Mapping):
         raise RecipeError(f"engine.max_psnr_drop_db (legacy; now validate.max_psnr_drop_db) must be a mapping "
-                          f"{{precision: dB}}, not {legacy!r}")
+                          f"{{precision: dB}}, not {short_repr(legacy)}")
     d = EngineSection()
     nhw = [_engine_nhw(sec, k, default) for k, default in zip(_ENGINE_LEVELS, (d.min_nhw, d.opt_nhw, d.max_nhw))]
     workspace = sec.get("workspace_mb", d.workspace_mb)
-    if not isinstance(workspace, int) or isinstance(workspace, bool) or workspace < 1:
-        raise RecipeError(f"engine.workspace_mb must be an integer >= 1, not {workspace!r}")
+    if not isinstance(workspace, int) or isinstance(workspace, bool) or not 1 <= workspace <= MAX_WORKSPACE_MB:
+        raise RecipeError(f"engine.workspace_mb must be an integer >= 1 and at most {MAX_WORKSPACE_MB} (1 TiB), "
+                          f"not {short_repr(workspace)}")
     if not all(a <= b <= c for a, b, c in zip(*nhw)):
         raise RecipeError("engine: need min <= opt <= max in every dimension of [N, H, W] "
                           f"(min {list(nhw[0])}, opt {list(nhw[1])}, max {list(nhw[2])})")
@@ -259,32 +280,50 @@ def _engine(raw: Mapping[str, Any]) -> EngineSection:
 
 
 def _hw_list(value: Any) -> tuple[tuple[int, int], ...]:
-    """[[H, W], ...] with integral H, W in 1..8192."""
+    """[[H, W], ...] (at most MAX_SIZES pairs) with integral H, W in 1..MAX_SIDE."""
     if not isinstance(value, (list, tuple)) or not all(isinstance(s, (list, tuple)) and len(s) == 2 for s in value):
-        raise ValueError(f"not a list of [H, W] pairs: {value!r}")
-    return tuple((as_int(h, "a size's H", 1, 8192, error=ValueError), as_int(w, "a size's W", 1, 8192, error=ValueError))
-                 for h, w in value)
+        raise ValueError(f"not a list of [H, W] pairs: {short_repr(value)}")
+    if len(value) > MAX_SIZES:
+        raise ValueError(f"{len(value)} sizes; at most {MAX_SIZES}")
+    return tuple((as_int(h, "a size's H", 1, MAX_SIDE, error=ValueError),
+                  as_int(w, "a size's W", 1, MAX_SIDE, error=ValueError)) for h, w in value)
 
 
 def _validate(raw: Mapping[str, Any]) -> ValidateSection:
     sec = _section(raw, "validate", {"sizes", "odd_size", "fp32_atol", "max_psnr_drop_db", "latency_warmup",
-                                     "latency_runs", "latency_sizes"})
+                                     "latency_runs", "latency_sizes", "max_drop_vs_dense_db",
+                                     "min_gain_vs_baseline_db"})
     d = ValidateSection()
     engine = raw.get("engine") or {}
     legacy = _drops(engine.get("max_psnr_drop_db") if isinstance(engine, Mapping) else None, "engine.max_psnr_drop_db")
     drops = {**dict(d.max_psnr_drop_db), **legacy,
              **_drops(sec.get("max_psnr_drop_db"), "validate.max_psnr_drop_db")}
+    gate = {k: _gate_limit(sec, k, getattr(d, k), lo) for k, lo in (("max_drop_vs_dense_db", 0.0),
+                                                                      ("min_gain_vs_baseline_db", -GATE_DB))}
     try:
         out = ValidateSection(
             sizes=_hw_list(sec.get("sizes", d.sizes)), odd_size=_hw_list([sec.get("odd_size", d.odd_size)])[0],
             fp32_atol=as_float(sec.get("fp32_atol", d.fp32_atol), "validate.fp32_atol", 0.0, lo_open=True),
             max_psnr_drop_db=tuple(sorted(drops.items())),
             latency_warmup=as_int(sec.get("latency_warmup", d.latency_warmup), "validate.latency_warmup", 0, 1000),
-            latency_runs=as_int(sec.get("latency_runs", d.latency_runs), "validate.latency_runs", 1, 10000),
-            latency_sizes=_hw_list(sec["latency_sizes"]) if sec.get("latency_sizes") else None)
+            latency_runs=as_int(sec.get("latency_runs", d.latency_runs), "validate.latency_runs", 1,
+                                MAX_LATENCY_RUNS),
+            latency_sizes=_hw_list(sec["latency_sizes"]) if sec.get("latency_sizes") else None, **gate)
     except (TypeError, ValueError) as e:
         raise RecipeError(f"recipe section 'validate': sizes are [H, W] pairs ({e})") from None
     return out
+
+
+GATE_DB = 100.0  # the quality gate's limits are dB differences within +-this
+
+
+def _gate_limit(sec: Mapping[str, Any], key: str, default: float | None, lo: float) -> float | None:
+    """A quality-gate limit in dB (``null``: reported, not enforced); absent: the default."""
+    if key not in sec:
+        return default
+    if sec[key] is None:
+        return None
+    return as_float(sec[key], f"validate.{key}", lo, GATE_DB)
 
 
 def _drops(value: Any, what: str) -> dict[str, float]:
@@ -292,11 +331,11 @@ def _drops(value: Any, what: str) -> dict[str, float]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise RecipeError(f"{what} must be a mapping of precision to dB, e.g. {{fp16: 0.1}}, not {value!r}")
+        raise RecipeError(f"{what} must be a mapping of precision to dB, e.g. {{fp16: 0.1}}, not {short_repr(value)}")
     out = {}
     for k, v in value.items():
         if k not in PRECISIONS:
-            raise RecipeError(f"{what}: unknown precision {k!r} (known: {', '.join(PRECISIONS)})")
+            raise RecipeError(f"{what}: unknown precision {short_repr(k)} (known: {', '.join(PRECISIONS)})")
         out[k] = as_float(v, f"{what}.{k}", 0.0)
     return out
 
@@ -309,23 +348,25 @@ def _structured(raw: Mapping[str, Any]) -> StructuredSection:
         if k in ("method", "selection"):
             values[k] = str(v)
         elif k in ("round_to", "ssl_steps", "grow_every"):
-            values[k] = as_int(v, f"structured.{k}", 1, 10**7)
+            values[k] = as_int(v, f"structured.{k}", 1, MAX_STEPS if k == "ssl_steps" else MAX_COUNT)
         elif k == "keep_full":
             if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
-                raise RecipeError(f"structured.keep_full must be a list of channel group names, not {v!r}")
+                raise RecipeError(f"structured.keep_full must be a list of channel group names, not {short_repr(v)}")
             values[k] = tuple(v)
         elif k != "hybrid_2to4":
             values[k] = as_float(v, f"structured.{k}", 0.0)
     hybrid = sec.get("hybrid_2to4", False)
     if not isinstance(hybrid, bool):
-        raise RecipeError(f"structured.hybrid_2to4 must be true or false, not {hybrid!r}")
+        raise RecipeError(f"structured.hybrid_2to4 must be true or false, not {short_repr(hybrid)}")
     if hybrid:
         raise RecipeError("structured.hybrid_2to4 (2:4 on top of channel pruning) is not implemented yet")
     out = StructuredSection(**values)
     if out.method not in STRUCTURED_METHODS:
-        raise RecipeError(f"structured.method must be one of {', '.join(STRUCTURED_METHODS)}, not '{out.method}'")
+        raise RecipeError(f"structured.method must be one of {', '.join(STRUCTURED_METHODS)}, "
+                          f"not {short_repr(out.method)}")
     if out.selection not in SELECTIONS:
-        raise RecipeError(f"structured.selection must be one of {', '.join(SELECTIONS)}, not '{out.selection}'")
+        raise RecipeError(f"structured.selection must be one of {', '.join(SELECTIONS)}, "
+                          f"not {short_repr(out.selection)}")
     if out.round_to < 1 or out.ssl_steps < 1 or out.grow_every < 1:
         raise RecipeError("structured: round_to, ssl_steps and grow_every must be >= 1")
     if min(out.reg, out.delta, out.cap, out.temporal_weight, out.align) < 0 or out.reg > out.cap or out.scale_lr <= 0:
@@ -335,45 +376,46 @@ def _structured(raw: Mapping[str, Any]) -> StructuredSection:
 
 def _precision(raw: Mapping[str, Any]) -> PrecisionSection:
     sec = _section(raw, "precision", {"graphs", "fp32_islands", "calib", "calib_method", "percentile", "io"})
-    try:
-        graphs = tuple(str(g) for g in sec.get("graphs", PRECISIONS))
-        islands = sec.get("fp32_islands")
-        out = PrecisionSection(graphs=graphs, fp32_islands=None if islands is None else tuple(map(str, islands)),
-                               calib=str(sec.get("calib", "builtin")),
-                               calib_method=str(sec.get("calib_method", "percentile")),
-                               percentile=float(sec.get("percentile", 99.99)), io=str(sec.get("io", "fp32")))
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"recipe section 'precision': {e}") from None
+    graphs, islands = sec.get("graphs", PRECISIONS), sec.get("fp32_islands")
+    for what, names, most in (("graphs", graphs, 16), ("fp32_islands", islands, MAX_ISLANDS)):
+        if (names is not None or what == "graphs") and (not isinstance(names, (list, tuple)) or len(names) > most
+                                                        or not all(isinstance(g, str) for g in names)):
+            raise RecipeError(f"precision.{what} must be a list of at most {most} names, not {short_repr(names)}")
+    out = PrecisionSection(graphs=tuple(graphs), fp32_islands=None if islands is None else tuple(islands),
+                           calib=str(sec.get("calib", "builtin")),
+                           calib_method=str(sec.get("calib_method", "percentile")),
+                           percentile=as_float(sec.get("percentile", 99.99), "precision.percentile", 0.0, 100.0,
+                                               lo_open=True),
+                           io=str(sec.get("io", "fp32")))
     bad = [g for g in out.graphs if g not in PRECISIONS]
     if bad:
         raise RecipeError(f"precision.graphs: unknown precision '{bad[0]}' (known: {', '.join(PRECISIONS)})")
     if out.calib_method not in ("max", "percentile", "entropy"):
-        raise RecipeError(f"precision.calib_method must be max, percentile or entropy, not '{out.calib_method}'")
-    if not 0 < out.percentile <= 100 or out.io not in ("fp32", "fp16"):
-        raise RecipeError("precision.percentile must be in (0, 100] and precision.io fp32 or fp16")
+        raise RecipeError("precision.calib_method must be max, percentile or entropy, "
+                          f"not {short_repr(out.calib_method)}")
+    if out.io not in ("fp32", "fp16"):
+        raise RecipeError(f"precision.io must be fp32 or fp16, not {short_repr(out.io)}")
     return out
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(f"recipe not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise RecipeError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = load_yaml(path, "recipe", RecipeError)
     if not isinstance(raw, Mapping):
         raise RecipeError(f"recipe {path} must be a YAML mapping")
-    unknown = sorted(set(raw) - _TOP_KEYS)
+    unknown = sorted(set(raw) - _TOP_KEYS, key=str)
     if unknown:
-        raise RecipeError(f"unknown recipe key '{unknown[0]}' in {path}")
+        raise RecipeError(f"unknown recipe key '{_key_text(unknown[0])}' in {path}")
     if not isinstance(raw.get("model"), Mapping) or "arch" not in raw["model"]:
         raise RecipeError(f"recipe {path} needs a 'model' section with 'arch'")
     if "scale" in raw["model"]:
         as_int(raw["model"]["scale"], "model.scale", 1, 16)
     name = raw.get("name", path.stem)  # a file's stem holds no path separator; a name given in the file might
     if "name" in raw and (not isinstance(name, str) or not name or not set(name) <= NAME_CHARS or name.startswith(".")):
-        raise RecipeError(f"recipe name {name!r} must be letters, digits, '.', '_' or '-' (it names files under runs/)")
+        raise RecipeError(f"recipe name {short_repr(name)} must be letters, digits, '.', '_' or '-' "
+                          "(it names files under runs/)")
     adapter = get_adapter(str(raw["model"]["arch"]))
     model_cfg = adapter.parse_config(raw["model"])
     data = _section(raw, "data", {"train", "eval", "metric_channel"})
@@ -382,21 +424,18 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     export = _section(raw, "export", {"opset", "exporter"})
     engine = _engine(raw)  # first: _validate reads the engine section's legacy max_psnr_drop_db
     validate = _validate(raw)
-    try:
-        ref = tuple(int(v) for v in raw.get("reference_output", (1280, 720)))
-        opset = int(export.get("opset", DEFAULT_OPSET))
-        m = int(sparsity.get("m", 4))
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"recipe {path}: {e}") from None
-    if len(ref) != 2 or min(ref) < model_cfg.scale:
-        raise RecipeError("reference_output must be [width, height], each at least the scale factor")
-    if opset < 17:
-        raise RecipeError(f"export.opset must be >= 17, not {opset}")
+    ref = raw.get("reference_output", (1280, 720))
+    if not isinstance(ref, (list, tuple)) or len(ref) != 2:
+        raise RecipeError(f"reference_output must be [width, height], not {short_repr(ref)}")
+    ref = tuple(as_int(v, f"reference_output {what}", model_cfg.scale, MAX_OUTPUT_SIDE)
+                for v, what in zip(ref, ("width", "height")))
+    opset = as_int(export.get("opset", DEFAULT_OPSET), "export.opset", 17)
+    m = as_int(sparsity.get("m", 4), "sparsity.m")
     # the default exporter writes opset 18 or later: a recipe asking for opset 17 without naming an exporter (every
     # recipe and bundle from before dynamo became the default) keeps the TorchScript exporter, the one that writes it
     exporter = str(export.get("exporter", DEFAULT_EXPORTER if opset >= 18 else "torchscript"))
     if exporter not in EXPORTERS:
-        raise RecipeError(f"export.exporter must be dynamo or torchscript, not '{exporter[:40]}'")
+        raise RecipeError(f"export.exporter must be dynamo or torchscript, not {short_repr(exporter)}")
     if exporter == "dynamo" and opset < 18:
         raise RecipeError("export.exporter dynamo writes opset 18 or later: set export.opset: 18, "
                           "or export.exporter: torchscript for opset 17")
@@ -404,19 +443,16 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError(f"sparsity.m must be 4, 8, 16 or 32, not {m}")
     target = str(sparsity.get("target", DEFAULT_TARGET))
     if target not in TARGETS:
-        raise RecipeError(f"sparsity.target must be one of {', '.join(TARGETS)}, not '{target}'")
+        raise RecipeError(f"sparsity.target must be one of {', '.join(TARGETS)}, not {short_repr(target)}")
     precision = _precision(raw)
     sls_settings, max_search = _sls(raw, m)
-    try:
-        decay = float(srste.get("decay", 2e-4))
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"recipe section 'srste': {e}") from None
+    decay = as_float(srste.get("decay", 2e-4), "srste.decay", 0.0)
     modality = _modality(raw, adapter)
     if raw.get("base_weights") is not None and not isinstance(raw["base_weights"], str):
-        raise RecipeError(f"base_weights must be a file name or path, not {raw['base_weights']!r}")
+        raise RecipeError(f"base_weights must be a file name or path, not {short_repr(raw['base_weights'])}")
     channel = str(data.get("metric_channel", "y")).lower()
     if channel not in ("y", "rgb"):
-        raise RecipeError(f"data.metric_channel must be 'y' or 'rgb', not '{channel}'")
+        raise RecipeError(f"data.metric_channel must be 'y' or 'rgb', not {short_repr(channel)}")
     return Recipe(
         name=str(raw.get("name", path.stem)), path=str(path), raw=raw, model=model_cfg,
         base_weights=raw.get("base_weights"), reference_output=(ref[0], ref[1]),
@@ -436,7 +472,7 @@ def _modality(raw: Mapping[str, Any], adapter: ModelAdapter) -> str:
     supported = adapter.modalities()
     value = raw.get("modality", supported[0])
     if value not in MODALITIES:
-        raise RecipeError(f"unknown modality {value!r} (known: {', '.join(MODALITIES)})")
+        raise RecipeError(f"unknown modality {short_repr(value)} (known: {', '.join(MODALITIES)})")
     if value not in supported:
         raise RecipeError(f"modality '{value}' is not supported by model '{adapter.arch}' "
                           f"(it supports: {', '.join(supported)})")

@@ -135,8 +135,9 @@ class Settings:
             raise UsageError(f"--steps must be an integer >= 0, not {self.steps}")
         if self.units is not None and (self.strategy != "channels" or self.method == "hybrid"):
             raise UsageError("given kept units (a nested family member) apply to channel methods other than hybrid")
-        if self.method in ("ssl", "hybrid") and self.steps < 1 and self.units is None:
-            raise UsageError(f"--method {self.method} learns its channel scales by training: give --steps >= 1")
+        if self.method in ("ssl", "hybrid") and self.steps < 2 and self.units is None:
+            raise UsageError(f"--method {self.method} learns its channel scales by training, then finetunes the "
+                             f"narrower model: give --steps >= 2, not {self.steps}")
         if self.target not in TARGETS:
             raise UsageError(f"--target must be one of {', '.join(TARGETS)}, not '{self.target}'")
         if not isinstance(self.round_to, int) or self.round_to < 1:
@@ -186,10 +187,25 @@ class Settings:
             changes["alpha"] = self.alpha
         return dataclasses.replace(recipe.sls, **changes).validate()
 
+    def search_phase(self, recipe: Recipe) -> tuple[int, int]:
+        """(steps the search phase may train, what the recipe asks for it) out of ``steps`` (search and finetune
+        together): ssl/hybrid learn their channel scales for ``structured.ssl_steps``, SLS searches for at most
+        ``sls.max_search_steps``; other methods (and given units) have no search phase. The search never takes the
+        last quarter of ``steps``: finetuning the pruned model is what recovers its quality, and a search that took
+        every step left a sliced, never-finetuned model (issue 23). The shipped recipes' defaults and the README's
+        runs are within that share, so only a shorter ``--steps`` shrinks the search (``run_search`` says so)."""
+        if self.method == "sls":
+            need = recipe.sls_max_search_steps
+        elif self.method in ("ssl", "hybrid") and self.units is None:
+            need = self.ssl_steps
+        else:
+            return 0, 0
+        return min(need, self.steps - math.ceil(self.steps / 4)), need
+
     def structured(self, recipe: Recipe):
         """The recipe's structured section with these method, round_to, ssl steps and temporal weight."""
         return dataclasses.replace(recipe.structured, method=self.method, round_to=self.round_to,
-                                   ssl_steps=min(self.ssl_steps, self.steps), temporal_weight=self.temporal_weight)
+                                   ssl_steps=self.search_phase(recipe)[0], temporal_weight=self.temporal_weight)
 
     # -- the manifest ---------------------------------------------------------------------------------------
     def build_key(self, recipe: Recipe) -> dict[str, Any]:

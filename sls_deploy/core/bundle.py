@@ -31,6 +31,7 @@ REPORT_MD = "report.md"
 GRAPH_FILES = {"fp32": ONNX, "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}  # one graph per precision
 MASKS = "masks.safetensors"  # masks that do not follow from weights + plan (imported ones), kept as they are
 WORK = "work"  # resumable training checkpoints live here, outside the final artifact names
+STAGES = ("search", "finetune", "export", "validate")  # each stage reads what the ones before it wrote
 LOCK = ".sls-deploy.lock"  # held (flock) by the one process writing the folder
 _HELD: dict[str, int] = {}  # folder -> lock file descriptor, for the rest of this process
 
@@ -74,9 +75,15 @@ class Bundle:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise BundleError(f"folder busy: another sls-deploy process (pid {pid}) is writing {self.root}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise (atomic.disk_full_error(e, self.root / LOCK, check_free=False)
+                   or BundleError(f"cannot write the bundle folder {self.root}: {e.strerror}")) from None
         _HELD[key] = fd
+        atomic.remove_stale_temps(self.root, recursive=True)  # a killed writer's; no other writer holds the lock
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -101,9 +108,12 @@ class Bundle:
     def _write_manifest(self, m: Mapping[str, Any]) -> None:
         m = dict(m)
         m["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        recipe_sha = m.get("files", {}).get(RECIPE)  # as `claim` wrote it, never re-read: a later edit shows
         m["files"] = {name: atomic.sha256_file(self.path(name))
                       for name in sorted({f for s in m.get("stages", {}).values() for f in s["outputs"]})
                       if self.path(name).is_file()}
+        if recipe_sha:
+            m["files"][RECIPE] = recipe_sha
         atomic.write_json(self.path(MANIFEST), m)
 
     def check_claimable(self, build_key: Mapping[str, Any]) -> dict[str, Any]:
@@ -133,6 +143,7 @@ class Bundle:
         if options is not None:
             m["options"] = dict(options)
         atomic.write_text(self.path(RECIPE), recipe_text)
+        m["files"] = {**m.get("files", {}), RECIPE: atomic.sha256_file(self.path(RECIPE))}
         m.setdefault("stages", {})
         self._write_manifest(m)
 
@@ -154,11 +165,30 @@ class Bundle:
 
     def record_stage(self, stage: str, inputs_digest: str, outputs: list[str], seconds: float,
                      info: Mapping[str, Any] | None = None) -> None:
+        """Record a stage that just ran. The stages after it (``STAGES``) read what it wrote, so their records go:
+        they are no longer current (``invalidated`` says by which stage) until they run again."""
         m = self.require()
-        m.setdefault("stages", {})[stage] = {
+        stages = m.setdefault("stages", {})
+        stages[stage] = {
             "inputs": inputs_digest, "seconds": round(seconds, 2),
             "outputs": {f: atomic.sha256_file(self.path(f)) for f in outputs}, **(dict(info) if info else {})}
+        invalidated = {k: v for k, v in m.get("invalidated", {}).items() if k != stage}
+        later = STAGES[STAGES.index(stage) + 1:] if stage in STAGES else ()
+        for name in later:
+            if stages.pop(name, None) is not None:
+                invalidated[name] = stage
+        m["invalidated"] = invalidated
+        if not invalidated:
+            del m["invalidated"]
         self._write_manifest(m)
+
+    def stage_missing(self, stage: str) -> str | None:
+        """Why ``stage`` has no current record (None: it has one): "never ran" or "<stage> ran after it"."""
+        m = self.require()
+        if stage in m.get("stages", {}):
+            return None
+        by = m.get("invalidated", {}).get(stage)
+        return f"{by} ran after it" if by else "never ran"
 
     def recorded_file(self, stage: str, key: str, fallback: str | None = None) -> Path:
         """A weights file a stage recorded under ``key`` (else ``fallback``): one that stage wrote is found in this
@@ -184,7 +214,25 @@ class Bundle:
             if not p.is_file():
                 raise BundleError(f"bundle {self.root} lacks {name}")
             want = files.get(name)
+            if want is None and name == RECIPE:
+                raise BundleError(f"bundle {self.root} was written by an older sls-deploy that did not record the "
+                                  f"sha256 of {RECIPE}; run the build command that made it again to record it "
+                                  "(finished stages are skipped)")
             if want is None:
                 raise BundleError(f"bundle {self.root}: {name} is not recorded in the manifest")
             if atomic.sha256_file(p) != want:
                 raise BundleError(f"bundle {self.root}: {name} was changed after it was written (sha256 mismatch)")
+
+
+def enclosing_bundle(path: str | Path) -> Path | None:
+    """The bundle folder that ``path`` is or lies in (links followed), or None. A bundle folder holds a manifest.json
+    and the recipe.yaml or the write lock every bundle gets when it is claimed (so a web folder's manifest.json is
+    not taken for one)."""
+    p = Path(path).resolve()
+    for d in (p, *p.parents):
+        try:
+            if (d / MANIFEST).is_file() and ((d / RECIPE).is_file() or os.path.lexists(d / LOCK)):
+                return d
+        except OSError:  # a folder we may not look into is no bundle we could write either
+            continue
+    return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -21,6 +22,24 @@ from sls_deploy.core.errors import CheckpointError
 
 # Keys under which training frameworks nest the weights, in order of preference.
 _WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "model_state_dict")
+
+
+SAFE_FORMATS = ".safetensors, or a .pt/.pth holding only tensors (and dicts/lists of them)"
+
+
+def load_refusal(path: str | os.PathLike, e: BaseException) -> str:
+    """One line of our own for a ``torch.load(weights_only=True)`` failure. PyTorch's paragraph suggests
+    ``weights_only=False``, which would run whatever code the pickle holds: never repeated to a user."""
+    text = str(e)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return (f"{path} is a pickle that needs code ({m.group(1)}) to load, and that code is never run; "
+                f"give {SAFE_FORMATS}")
+    if "Weights only load failed" in text or "WeightsUnpickler" in text:
+        return (f"cannot read {path}: not a checkpoint of tensors (corrupt, or other pickled objects); "
+                f"give {SAFE_FORMATS}")
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"cannot read {path} as a weights-only checkpoint: {first}"
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -39,8 +58,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 warnings.simplefilter("ignore")
                 sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors come in many types; all mean the same to a user
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"cannot read {path} as a weights-only checkpoint: {first}") from None
+            raise CheckpointError(load_refusal(path, e)) from None
     for _ in range(2):  # e.g. {"state_dict": {"params": ...}} is not seen in practice, but one nesting is
         if isinstance(sd, Mapping):
             for key in _WRAPPER_KEYS:

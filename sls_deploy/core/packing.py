@@ -7,19 +7,24 @@ checks every hash, so a bundle altered after packing is refused.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
 import shutil
 import tarfile
 import tempfile
-from pathlib import Path
+import zlib
+from pathlib import Path, PurePosixPath
 
 from sls_deploy import __version__
 from sls_deploy.core import atomic
-from sls_deploy.core.errors import BundleError
+from sls_deploy.core.errors import BundleError, UsageError
 
 PACK_MANIFEST = "pack.json"
+PACK_SUFFIXES = (".tar.gz", ".tgz", ".tar")  # what `engine` / `validate` unpack, and `pack` writes (.tar.gz)
+MAX_UNPACKED = 4 * 2**30  # bytes a pack may unpack to (its members' declared sizes), checked before extraction
+MAX_PACK_MANIFEST = 2**20
 VAL_DIR = "val"
 _PACKED = ("manifest.json", "recipe.yaml", "plan.json", "model.onnx", "model.fp16.onnx", "model.int8.onnx",
            "calib_cache.json", "report.json")
@@ -34,13 +39,35 @@ def is_pack(path: Path) -> bool:
         return False
 
 
-def pack(bundle_root: Path, out: Path, eval_files: list[Path], opset: int, recipe_digest: str,
-         force: bool = False) -> Path:
+def packed_names(bundle_root: Path) -> list[str]:
+    """The bundle files `pack` puts in the tar (those of _PACKED the bundle has)."""
+    return [name for name in _PACKED if (bundle_root / name).is_file()]
+
+
+def check_pack_out(bundle_root: Path, out: Path, force: bool = False) -> None:
+    """Where ``pack`` may write: never inside the bundle, never over a folder, a device or another non-regular
+    file, over another existing file only if it is an earlier pack (or with ``force``)."""
+    if out.resolve().is_relative_to(bundle_root.resolve()):
+        raise UsageError(f"--out {out} is inside the bundle {bundle_root}; write the tar outside it "
+                         f"(default {bundle_root.name}.tar.gz beside it)")
     if out.is_dir():
         raise BundleError(f"{out} is a folder; give --out a file name (e.g. {bundle_root.name}.tar.gz)")
+    if (out.exists() or out.is_symlink()) and not (out.is_file() and not out.is_symlink()):
+        raise BundleError(f"{out} exists and is not a regular file; choose another --out")
     if out.exists() and not force and not is_pack(out):
         raise BundleError(f"{out} exists and is not a packed bundle; choose another --out or pass --force")
-    files = {name: bundle_root / name for name in _PACKED if (bundle_root / name).is_file()}
+
+
+def is_packed(path: Path) -> bool:
+    """A packed bundle: a file (a tar from `pack`, checked as it is unpacked) or a folder holding pack.json."""
+    return path.is_file() or (path / PACK_MANIFEST).is_file()
+
+
+def pack(bundle_root: Path, out: Path, eval_files: list[Path], opset: int, recipe_digest: str,
+         force: bool = False) -> Path:
+    """The tar of ``bundle_root``'s packed files (checked by the caller) and ``eval_files`` under val/."""
+    check_pack_out(bundle_root, out, force)
+    files = {name: bundle_root / name for name in packed_names(bundle_root)}
     if "model.onnx" not in files or "plan.json" not in files:
         raise BundleError(f"{bundle_root} has no exported graph yet (run `sls-deploy export` first)")
     for f in eval_files:
@@ -60,49 +87,110 @@ def pack(bundle_root: Path, out: Path, eval_files: list[Path], opset: int, recip
     return out
 
 
+def unpacked_name(tar_path: Path) -> str:
+    """The folder a packed tar unpacks to: its name less .tar.gz, .tgz or .tar (one-line BundleError otherwise)."""
+    name = tar_path.name
+    suffix = next((s for s in PACK_SUFFIXES if name.lower().endswith(s)), None)
+    if suffix is None:
+        raise BundleError(f"{tar_path} is not a packed bundle: give a bundle folder or a {', '.join(PACK_SUFFIXES)} "
+                          "file made by `sls-deploy pack`")
+    stem = name[: -len(suffix)]
+    if stem in ("", ".", ".."):
+        raise BundleError(f"{tar_path}: a packed bundle unpacks to a folder named after it (edsr.tar.gz -> edsr/), "
+                          f"and '{name}' names none; rename it")
+    return stem
+
+
 def unpack(tar_path: Path, dest: Path | None = None) -> Path:
     """Extract next to the tar (``<name>/``) and check every file against pack.json; return the folder.
 
-    Nothing already there is deleted or overwritten: the tar is extracted into a new folder beside ``dest`` and
-    checked (every hash, no member that pack.json does not list) before it takes ``dest``'s name. A ``dest``
-    that already holds this very pack (same pack.json, every file intact) is reused, so an engine built into it
-    stays; any other existing ``dest`` is refused."""
+    The member list is checked first, from the tar's headers, before anything is extracted: pack.json must list
+    every regular file (no links, devices, absolute or '..' paths, no name twice) and the declared sizes must add
+    up to at most MAX_UNPACKED. Nothing already there is deleted or overwritten: the tar is extracted into a new
+    folder beside ``dest`` and every hash checked before it takes ``dest``'s name. A ``dest`` that already holds
+    this very pack (same pack.json, every file intact) is reused, so an engine built into it stays; any other
+    existing ``dest`` is refused."""
     if not tar_path.is_file():
         raise BundleError(f"bundle not found: {tar_path}")
-    dest = dest or tar_path.with_name(tar_path.name.split(".tar")[0])
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.unpack-", dir=dest.parent))
+    dest = dest or tar_path.with_name(unpacked_name(tar_path))
     try:
-        try:
-            with tarfile.open(tar_path, "r:*") as tar:
-                members = tar.getmembers()
-                for m in members:  # no absolute paths, no '..', no links
-                    if m.name.startswith("/") or ".." in Path(m.name).parts or not (m.isfile() or m.isdir()):
-                        raise BundleError(f"{tar_path}: refusing suspicious member '{m.name}'")
-                tar.extractall(staging, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise BundleError(f"cannot read {tar_path} as a packed bundle: {e}") from None
-        meta = verify_packed(staging)
-        listed = set(meta["files"]) | {PACK_MANIFEST}
-        extra = sorted(str(f.relative_to(staging)) for f in staging.rglob("*")
-                       if f.is_file() and str(f.relative_to(staging)) not in listed)
-        if extra:
-            raise BundleError(f"{tar_path}: member '{extra[0]}' is not listed in {PACK_MANIFEST} (refused)")
-        if dest.exists():
-            if _same_pack(dest, staging / PACK_MANIFEST):
-                return dest
-            raise BundleError(f"{dest} exists and is not this tar's unpacked bundle; move it away (nothing was "
-                              "changed) or unpack elsewhere")
-        os.replace(staging, dest)
-        return dest
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        with tarfile.open(tar_path, "r:*") as tar:
+            members, meta_bytes = _checked_members(tar_path, tar)
+            if dest.exists():
+                if _same_pack(dest, meta_bytes):
+                    return dest
+                raise BundleError(f"{dest} exists and is not this tar's unpacked bundle; move it away (nothing was "
+                                  "changed) or unpack elsewhere")
+            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.unpack-", dir=dest.parent))
+            try:
+                tar.extractall(staging, members=members, filter="data")
+                verify_packed(staging)
+                os.replace(staging, dest)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise BundleError(f"cannot read {tar_path} as a packed bundle: {e}") from None
+    except OSError as e:
+        raise BundleError(f"cannot unpack {tar_path}: {e.strerror or e}") from None
+    return dest
 
 
-def _same_pack(folder: Path, meta_path: Path) -> bool:
-    """``folder`` is an intact unpacked copy of the pack whose pack.json is ``meta_path``."""
+def _checked_members(tar_path: Path, tar: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], bytes]:
+    """The tar's members, each checked from its header as it is read (pack.json, which `pack` writes first, is
+    read from the tar before any other member is looked at), and pack.json's bytes; nothing is written."""
+    members: list[tarfile.TarInfo] = []
+    seen: set[str] = set()
+    listed: dict | None = None
+    meta_bytes = b""
+    total = 0
+
+    def check(m: tarfile.TarInfo) -> None:
+        if m.isdir():
+            if not any(f.startswith(m.name.rstrip("/") + "/") for f in listed):
+                raise BundleError(f"{tar_path}: folder '{_short(m.name)}' holds no file that {PACK_MANIFEST} lists "
+                                  "(refused)")
+        elif m.name not in listed and m.name != PACK_MANIFEST:
+            raise BundleError(f"{tar_path}: member '{_short(m.name)}' is not listed in {PACK_MANIFEST} (refused, "
+                              "nothing was extracted)")
+
+    for m in tar:  # one header at a time: a bad member is refused before the next header is even read
+        if m.name.startswith("/") or ".." in Path(m.name).parts or not (m.isfile() or m.isdir()):
+            raise BundleError(f"{tar_path}: refusing suspicious member '{_short(m.name)}' (a link, device, absolute "
+                              "or '..' path)")
+        if m.name in seen:
+            raise BundleError(f"{tar_path}: member '{_short(m.name)}' appears twice (refused)")
+        total += m.size if m.isfile() else 0
+        if total > MAX_UNPACKED:
+            raise BundleError(f"{tar_path}: its members would unpack to more than {MAX_UNPACKED / 2**30:g} GiB "
+                              f"(at '{_short(m.name)}'); refused, nothing was extracted")
+        if m.name == PACK_MANIFEST:
+            if m.size > MAX_PACK_MANIFEST:
+                raise BundleError(f"{tar_path}: its {PACK_MANIFEST} is {m.size} bytes (at most {MAX_PACK_MANIFEST})")
+            meta_bytes = tar.extractfile(m).read()
+            listed = parse_pack_manifest(meta_bytes, f"{tar_path}: {PACK_MANIFEST}")["files"]
+            for earlier in members:
+                check(earlier)
+        elif listed is not None:
+            check(m)
+        members.append(m)
+        seen.add(m.name)
+    if listed is None:
+        raise BundleError(f"{tar_path} holds no {PACK_MANIFEST}: not a bundle packed by `sls-deploy pack`")
+    missing = sorted(set(listed) - {m.name for m in members if m.isfile()})  # also catches a listed folder
+    if missing:
+        raise BundleError(f"{tar_path} lacks '{_short(missing[0])}', which its {PACK_MANIFEST} lists")
+    return members, meta_bytes
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _same_pack(folder: Path, meta: bytes) -> bool:
+    """``folder`` is an intact unpacked copy of the pack whose pack.json is ``meta``."""
     try:
-        if not (folder / PACK_MANIFEST).is_file() or (folder / PACK_MANIFEST).read_bytes() != meta_path.read_bytes():
+        if not (folder / PACK_MANIFEST).is_file() or (folder / PACK_MANIFEST).read_bytes() != meta:
             return False
         verify_packed(folder)
         return True
@@ -110,21 +198,53 @@ def _same_pack(folder: Path, meta_path: Path) -> bool:
         return False
 
 
-def verify_packed(root: Path) -> dict:
-    meta_path = root / PACK_MANIFEST
-    if not meta_path.is_file():
-        raise BundleError(f"{root} has no {PACK_MANIFEST}")
+def parse_pack_manifest(data: bytes, where: str) -> dict:
+    """pack.json's content, its ``files`` a mapping of relative member paths (no absolute path, no '..', no empty
+    or odd name) to sha256 strings; one-line BundleError otherwise. Nothing is read from disk here."""
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(data)
         files = meta["files"]
         if not isinstance(files, dict):
             raise TypeError("'files' is not a mapping")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise BundleError(f"{meta_path} is not a valid {PACK_MANIFEST} ({type(e).__name__}: {e})") from None
+        raise BundleError(f"{where} is not a valid {PACK_MANIFEST} ({type(e).__name__}: {_short(str(e))})") from None
     for name, sha in files.items():
+        parts = PurePosixPath(name).parts
+        if (not parts or name.startswith("/") or "\\" in name or "\0" in name or ".." in parts
+                or not isinstance(sha, str)):
+            raise BundleError(f"{where} lists '{_short(name)}', not a relative path inside the bundle (refused, "
+                              "nothing was read)")
+    return meta
+
+
+def read_pack_manifest(root: Path) -> dict:
+    """An unpacked pack's pack.json, every member checked to be a path inside ``root`` (a symlink out of it is
+    refused too) before any member is read."""
+    meta_path = root / PACK_MANIFEST
+    if not meta_path.is_file():
+        raise BundleError(f"{root} has no {PACK_MANIFEST}")
+    if meta_path.stat().st_size > MAX_PACK_MANIFEST:
+        raise BundleError(f"{meta_path} is larger than {MAX_PACK_MANIFEST} bytes: not a {PACK_MANIFEST}")
+    meta = parse_pack_manifest(meta_path.read_bytes(), str(meta_path))
+    inside = root.resolve()
+    for name in meta["files"]:
+        if not (root / name).resolve().is_relative_to(inside):
+            raise BundleError(f"{meta_path} lists '{_short(name)}', which leads out of the bundle (a symbolic link; "
+                              "refused, nothing was read)")
+    return meta
+
+
+def verify_packed(root: Path, names: list[str] | None = None) -> dict:
+    """Each of ``names`` (default: every file pack.json lists) is listed, present and matches its sha256."""
+    meta = read_pack_manifest(root)
+    files = meta["files"]
+    for name in files if names is None else names:
         p = root / name
+        if name not in files:
+            raise BundleError(f"packed bundle {root} lacks {name} (its {PACK_MANIFEST} does not list it)")
         if not p.is_file():
-            raise BundleError(f"packed bundle lacks {name}")
-        if atomic.sha256_file(p) != sha:
-            raise BundleError(f"packed bundle: {name} does not match its recorded sha256 (altered after packing)")
+            raise BundleError(f"packed bundle {root} lacks {name}")
+        if atomic.sha256_file(p) != files[name]:
+            raise BundleError(f"packed bundle {root}: {name} does not match its recorded sha256 (altered after "
+                              "packing)")
     return meta

@@ -14,7 +14,7 @@ from sls_deploy.pruning.target import TARGET_NAMES
 from sls_deploy.report import video as report_video
 from sls_deploy.report.plots import CROP_PLOT, LAYER_PLOT, TRADEOFF_PLOT, WIDTHS_PLOT
 from sls_deploy.report.sections import (Section, channel_group_section, channel_layer_section, fmt as _f,
-                                         fmt_e as _e)
+                                         fmt_e as _e, quality_gate_section, quality_gate_summary)
 
 __all__ = ["LAYER_PLOT", "render_html", "render_markdown", "sections", "summary_rows", "summary_text"]
 
@@ -27,8 +27,12 @@ def _verdict(rep: dict) -> str:
         return f"FAIL: {len(failed)} of {len(rep['shapes'])} shape checks failed"
     if not rep["onnx_vs_torch"]["passed"]:
         return "FAIL: FP32 graph differs from PyTorch"
+    gate = rep.get("quality_gate")
+    if gate and not gate["passed"]:
+        return "FAIL: quality gate"
     n = len(rep.get("shapes", []))
-    return f"pass ({n} shape checks)" if n else "pass"
+    parts = ([f"{n} shape checks"] if n else []) + (["quality gate"] if gate else [])
+    return f"pass ({', '.join(parts)})" if parts else "pass"
 
 
 def _latency_rows(rep: dict) -> list[tuple[str, str]]:
@@ -61,6 +65,7 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
     ch = p["channel"].upper()
     rows = [
         ("verdict", _verdict(rep)),
+        ("quality gate", quality_gate_summary(rep.get("quality_gate"))),
         ("model", f"{rep['model']} ({rep['method']}, " + (f"M={rep['m']})" if rep.get("m") else "channel pruning)")),
         ("budget", f"{rep['budget']:g} of dense MACs"),
         ("MACs dense / pruned", f"{_f(mac['dense'])} / {_f(mac['pruned'])} G at {mac['reference_output'][0]}x"
@@ -99,6 +104,9 @@ def sections(rep: dict) -> list[Section]:
         f"crop border {p['crop_border']}, eval images: {', '.join(p['eval_images'])}."],
         ["metric", "value"], [list(r) for r in summary_rows(rep)] + [
             [f"SSIM {rep.get('baseline', 'bicubic')} / dense / pruned", f"{_f(s['bicubic'], 4)} / {_f(s['dense'], 4)} / {_f(s['pruned'], 4)}"]])]
+    gate = quality_gate_section(rep.get("quality_gate"))
+    if gate:
+        out.append(gate)
     if rep.get("notes"):
         out.append(Section("Input notes", ["Images that are not plain RGB were converted:"],
                            ["note"], [[n] for n in rep["notes"]]))

@@ -44,3 +44,37 @@ def channel_layer_section(rep: dict, note: str) -> Section:
              for d in rep["dense_layers"]]
     return Section("Layers", [note], ["layer", "output group", "input group", "GMACs dense", "GMACs pruned", "ratio"],
                    rows)
+
+
+def quality_gate_summary(gate: dict | None) -> str:
+    """The quality gate (stages/validate_gate.py) in one summary cell."""
+    if not gate:
+        return "not measured (a report made before the gate existed)"
+    if not gate["passed"]:
+        return "FAIL: " + gate["failure"].removeprefix("quality gate: ")
+    lim = {k: "no limit" if gate[k] is None else f"{gate[k]:g} dB" for k in ("max_drop_vs_dense_db",
+                                                                            "min_gain_vs_baseline_db")}
+    return (f"pass (at most {lim['max_drop_vs_dense_db']} below dense, at least {lim['min_gain_vs_baseline_db']} "
+            f"above {gate['baseline']})")
+
+
+def quality_gate_section(gate: dict | None) -> Section | None:
+    """The gate's table: every model it checked against the dense model and the baseline, with the limits."""
+    if not gate:
+        return None
+    ch, base = gate["channel"].upper(), gate["baseline"]
+
+    def lim(v, sign=""):
+        return "none" if v is None else f"{v:{sign}.2f}"
+
+    rows = [[r["name"], f"{r['psnr_db']:.2f}", f"{r['drop_vs_dense_db']:.2f}", lim(r["max_drop_vs_dense_db"]),
+             f"{r['gain_vs_baseline_db']:+.2f}", lim(r["min_gain_vs_baseline_db"], "+"),
+             "pass" if r["passed"] else "FAIL: " + " and ".join(
+                 "too far below dense" if f == "dense" else f"short of the {base} limit" for f in r["failed"])]
+            for r in gate["rows"]]
+    return Section("Quality gate", [
+        f"Does the pruned model still beat what it replaces? PSNR-{ch} on the eval data: dense "
+        f"{gate['dense_db']:.2f} dB, {base} {gate['baseline_db']:.2f} dB. A model fails when it is more than "
+        "validate.max_drop_vs_dense_db below dense (for a graph, plus its precision's max_psnr_drop_db) or less "
+        f"than validate.min_gain_vs_baseline_db above {base}. Verdict: **{'pass' if gate['passed'] else 'FAIL'}**."],
+        ["model", f"PSNR-{ch} dB", "below dense dB", "limit dB", f"vs {base} dB", "limit dB", "result"], rows)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sls_deploy.report.sections import Section, channel_group_section, fmt as _f
+from sls_deploy.report.sections import (Section, channel_group_section, fmt as _f, quality_gate_section,
+                                         quality_gate_summary)
 from sls_deploy.report.plots import DRIFT_PLOT, FRAMES_PLOT, WIDTHS_PLOT
 
 
@@ -16,6 +17,7 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
     ch = p["channel"].upper()
     rows = [
         ("verdict", verdict(rep)),
+        ("quality gate", quality_gate_summary(rep.get("quality_gate"))),
         ("model", f"{rep['model']} ({rep['arch']}, {rep['graph']} graph; {rep['method']}, "
                   + (f"N:M with M={rep['m']})" if rep.get("m") else f"channels rounded to {rep['round_to']})")),
         ("budget", f"{rep['budget']:g} of dense MACs (whole model)"),
@@ -53,6 +55,9 @@ def sections(rep: dict) -> list[Section]:
         f"(the {rep['graph']} graph runs {mac['frames_per_graph_run']} frame(s)). PSNR/SSIM on {ch} with crop border "
         f"{p['crop_border']}, the first {p['frames_per_clip']} frames of each eval clip: "
         f"{', '.join(p['eval_clips'])}."], ["metric", "value"], [list(r) for r in summary_rows(rep)])]
+    gate = quality_gate_section(rep.get("quality_gate"))
+    if gate:
+        out.append(gate)
     pf = p["per_frame_mean"]
     out.append(Section(f"Per frame (PSNR-{ch} dB, mean over clips)", [
         "Frame t of the eval window, averaged over the clips: how quality moves along the recurrence."],

@@ -71,6 +71,7 @@ def reopen(root: Path, log: Log = print, progress: bool = True, **overrides) -> 
     m = bundle.require()
     if dist.is_main():
         bundle.lock()  # a stage command writes into the folder
+    bundle.verify([RECIPE])  # as `build` wrote it: an edited recipe.yaml is refused, not silently used
     recipe = load_recipe(bundle.path(RECIPE))
     record = m.get("options")
     if not isinstance(record, dict) or "strategy" not in record:

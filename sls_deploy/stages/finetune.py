@@ -15,7 +15,7 @@ import torch
 from sls_deploy.core import atomic, distributed as dist
 from sls_deploy.core.bundle import MASKS, PLAN, WEIGHTS
 from sls_deploy.core.checkpoints import read_state_dict, save_weights
-from sls_deploy.core.errors import PlanError
+from sls_deploy.core.errors import PlanError, UsageError
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.nm import MaskSet, Plan, nm_mask
 from sls_deploy.pruning.nm.srste import SRSTE
@@ -64,6 +64,10 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
     plan = load_plan(bundle.path(PLAN))
     init = bundle.recorded_file("search", "init_weights", fallback="base_weights")
     steps = max(0, s.steps - search_steps(plan))
+    if steps == 0 and s.steps > 0:  # never silently: --steps counts the search's steps too
+        raise UsageError(f"--steps {s.steps} counts the search's steps too, and this bundle's search took "
+                         f"{search_steps(plan)}: finetuning would run 0 steps; give --steps {search_steps(plan) + 1} "
+                         "or more (finetuning runs the rest), or --steps 0 for none")
     inputs = {"plan": atomic.sha256_file(bundle.path(PLAN)), "init": atomic.sha256_file(init), "steps": steps,
               "sec": recipe.finetune.__dict__, "data": s.data, "seed": s.seed, "modality": s.modality,
               "temporal_weight": s.temporal_weight, **({"tf_weight": s.tf_weight} if s.tf_weight else {})}

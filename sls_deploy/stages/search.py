@@ -43,11 +43,17 @@ def run_search(run: Run) -> Plan | StructuredPlan:
     inputs: dict[str, Any] = {"key": s.build_key(recipe), "base": atomic.sha256_file(base) if base.is_file() else None,
                               "ref": recipe.reference_output, "model": recipe.model.options, "seed": s.seed,
                               "modality": s.modality}
+    allowed, need = s.search_phase(recipe)
+    if allowed < need and s.steps > 0:
+        what = (f"the SLS search may take at most {allowed} steps instead of {need} (sls.max_search_steps)"
+                if s.method == "sls" else
+                f"{s.method}'s search phase takes {allowed} steps instead of {need} (structured.ssl_steps)")
+        run.log(f"  --steps {s.steps} is short: {what}, so that finetuning gets at least {s.steps - allowed} "
+                "(a quarter of --steps)")
     if s.strategy == "nm":
         inputs.update(n=s.n, target=s.target)
         if s.method == "sls":
-            inputs.update(sls=s.sls(recipe).__dict__, max=min(recipe.sls_max_search_steps, s.steps), data=s.data,
-                          ft=recipe.finetune.__dict__)
+            inputs.update(sls=s.sls(recipe).__dict__, max=allowed, data=s.data, ft=recipe.finetune.__dict__)
         body = _nm_body
     else:
         if dist.world_size() > 1:
@@ -89,7 +95,7 @@ def _nm_body(run: Run, base: Path, key: str) -> StageOutput:
         data = modalities.sampler(recipe, s.modality, s.data, s.seed + 1000 * dist.rank())
         ckpt = bundle.work / "search.ckpt"
         plan, _ = search_sls(recipe, model, split, s.budget, s.sls(recipe), data,
-                             max_steps=min(recipe.sls_max_search_steps, s.steps), lr=recipe.finetune.lr,
+                             max_steps=s.search_phase(recipe)[0], lr=recipe.finetune.lr,
                              checkpoint=ckpt, run_key=key, seed=s.seed, progress=run.progress)
         plans = dist.gather([(l.name, l.n) for l in plan.layers])
         if any(p != plans[0] for p in plans):

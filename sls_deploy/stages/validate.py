@@ -8,6 +8,7 @@ from sls_deploy.core.errors import ValidationError
 from sls_deploy.modalities.registry import is_video
 from sls_deploy.stages.skeleton import Run
 from sls_deploy.stages.validate_common import ValidateOptions
+from sls_deploy.stages.validate_gate import gate_failure
 from sls_deploy.stages.validate_image import validate_images
 from sls_deploy.stages.validate_video import check_video_report, validate_clips
 
@@ -19,9 +20,18 @@ def run_validate(run: Run, vopts: ValidateOptions | None = None) -> dict:
 
 
 def check_report(rep: dict) -> None:
-    """Raise ValidationError naming the first failed check (and how many others failed)."""
+    """Raise ValidationError naming the first failed check (and how many others failed); the quality gate
+    (``validate_gate``) after the checks against the PyTorch reference."""
     if rep.get("kind") == "video":
-        return check_video_report(rep)
+        check_video_report(rep)
+    else:
+        _check_image_report(rep)
+    failure = gate_failure(rep.get("quality_gate"))
+    if failure:
+        raise ValidationError(failure)
+
+
+def _check_image_report(rep: dict) -> None:
     failed = [s for s in rep.get("shapes", []) if not s["passed"]]
     if failed:
         s = failed[0]

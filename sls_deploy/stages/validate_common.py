@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sls_deploy.core.bundle import ONNX
-from sls_deploy.core.errors import UsageError
+from sls_deploy.core.bundle import ONNX, Bundle
+from sls_deploy.core.errors import BundleError, UsageError
 from sls_deploy.pruning.nm import Plan
 
 BACKENDS = ("torch", "ort")  # "trt" runs on the device: validate_engine.py
@@ -59,3 +59,18 @@ def plan_rows(plan) -> list[dict]:
 def graph_files_of(manifest: dict) -> dict[str, str]:
     export_info = manifest.get("stages", {}).get("export", {}).get("result", {})
     return {p: g["file"] for p, g in export_info.get("graphs", {"fp32": {"file": ONNX}}).items()}
+
+
+def current_graph_files(bundle: Bundle, manifest: dict, need_graphs: bool = True) -> dict[str, str]:
+    """{precision: graph file} of a bundle whose finetune and export are current. A stage that never ran, or that
+    a later stage made stale by writing new weights (``finetune`` after export), is refused in one line naming the
+    commands to run; ``need_graphs`` False (``--backend torch``: the PyTorch model alone) needs no graphs."""
+    for stage in ("finetune", "export") if need_graphs else ("finetune",):
+        why = bundle.stage_missing(stage)
+        if why is None:
+            continue
+        todo = " and ".join(f"`sls-deploy {s} {bundle.root}`" for s in ("finetune", "export")
+                            if s == "export" and need_graphs or s == stage)
+        state = "has not run yet" if why == "never ran" else f"is no longer current ({why} and wrote new files)"
+        raise BundleError(f"bundle {bundle.root}: {stage} {state}; run {todo} (or the build again) before validate")
+    return graph_files_of(manifest) if bundle.stage_missing("export") is None else {}

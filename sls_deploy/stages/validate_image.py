@@ -20,6 +20,7 @@ from sls_deploy.report import document as report_mod
 from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
 from sls_deploy.core.memory import release_freed_memory
+from sls_deploy.core.opening import open_for_use
 from sls_deploy.data import load_pair, resolve_images
 from sls_deploy.data.images import check_eval_size, check_pixels, conversion_note
 from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
@@ -31,8 +32,9 @@ from sls_deploy.backends.runners import Limits, check_shapes, ort_infer
 from sls_deploy.stages.export import DENSE_ONNX, dense_graph
 from sls_deploy.stages.models import graph_spec, load_model, plan_widths
 from sls_deploy.stages.skeleton import Run
-from sls_deploy.stages.validate_common import (LAYERS_JSON, REPORT_HTML, ValidateOptions, graph_files_of,
+from sls_deploy.stages.validate_common import (LAYERS_JSON, REPORT_HTML, ValidateOptions, current_graph_files,
                                                plan_rows, progress_bar)
+from sls_deploy.stages.validate_gate import quality_gate
 
 MAX_EVAL_PIXELS = 4 * 2**20  # HR pixels of one eval image (4 MP, e.g. 2048x2048): bounded memory
 
@@ -52,8 +54,8 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
     """Every check and the report files; returns report.json's dict (``check_report`` says if it ships)."""
     bundle, recipe = run.bundle, run.recipe
     m = bundle.require()
-    graph_files = graph_files_of(m)
-    bundle.verify([PLAN, WEIGHTS, *graph_files.values()])
+    graph_files = current_graph_files(bundle, m, need_graphs=vopts.backend != "torch")
+    open_for_use(bundle.root, [PLAN, WEIGHTS, *graph_files.values()])  # hashes, and onnx.checker on each graph
     plan = load_plan(bundle.path(PLAN))
     base = bundle.recorded_file("search", "base_weights")
     eval_spec = run.settings.eval_data
@@ -140,6 +142,8 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
     channels = isinstance(plan, StructuredPlan)
     rep["groups"] = [{k: v for k, v in g.to_json().items() if k != "kept"} for g in plan.groups] if channels else []
     rep["widths"] = plan.widths if channels else {}
+    rep["quality_gate"] = quality_gate(val, deg.name, q_bic.psnr, q_dense.psnr, q_pruned.psnr,
+                                       {p: v[f"psnr_{ch}"] for p, v in precisions.items()}, ch)
     rep["tradeoff"] = report_plots.tradeoff_points(rep, bundle.root)
     images = {
         **({report_plots.WIDTHS_PLOT: lambda p: report_plots.plot_group_widths(rep, p)} if channels else

@@ -26,6 +26,7 @@ from sls_deploy.core import atomic
 from sls_deploy.report import document as report_mod
 from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
+from sls_deploy.core.opening import open_for_use
 from sls_deploy.data.video import read_frames, resolve_clips
 from sls_deploy.core.errors import DataError, UsageError, ValidationError
 from sls_deploy.config.recipe import Recipe
@@ -36,7 +37,9 @@ from sls_deploy.backends.runners import onnx_runner
 from sls_deploy.stages.export import DENSE_ONNX, dense_graph
 from sls_deploy.stages.models import graph_spec, load_model, plan_widths
 from sls_deploy.stages.skeleton import Run
-from sls_deploy.stages.validate_common import REPORT_HTML, ValidateOptions, graph_files_of, plan_rows, progress_bar
+from sls_deploy.stages.validate_common import (REPORT_HTML, ValidateOptions, current_graph_files, plan_rows,
+                                               progress_bar)
+from sls_deploy.stages.validate_gate import quality_gate
 from sls_deploy.modalities.clip import VideoQuality, bicubic_clip_infer, evaluate_clips
 from sls_deploy.modalities.drift import drift
 
@@ -59,8 +62,8 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
     if vopts.backend != "ort":
         raise UsageError(f"--backend {vopts.backend} is not available for video bundles (use ort)")
     m = bundle.require()
-    graph_files = graph_files_of(m)
-    bundle.verify([PLAN, WEIGHTS, *graph_files.values()])
+    graph_files = current_graph_files(bundle, m)
+    open_for_use(bundle.root, [PLAN, WEIGHTS, *graph_files.values()])  # hashes, and onnx.checker on each graph
     plan = load_plan(bundle.path(PLAN))
     base = bundle.recorded_file("search", "base_weights")
     eval_spec = run.settings.eval_data
@@ -202,8 +205,12 @@ def _report(bundle, recipe, plan, manifest, q: dict[str, VideoQuality], clips, T
         "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
         "precisions": precisions,
     }
+    ch = recipe.metric_channel
+    graphs = {"fp32": q["onnx"].psnr, **{p: v[f"psnr_{ch}"] for p, v in precisions.items()}}
+    rep["quality_gate"] = quality_gate(val, "bicubic", q["bicubic"].psnr, q["dense"].psnr, q["pruned"].psnr, graphs, ch)
     rep["checks"] = {"onnx_vs_torch": rep["onnx_vs_torch"]["passed"], "budget": plan.ratio <= plan.budget + 1e-9,
-                     **{f"{p}_psnr_drop": v["passed"] for p, v in precisions.items()}}
+                     **{f"{p}_psnr_drop": v["passed"] for p, v in precisions.items()},
+                     "quality_gate": rep["quality_gate"]["passed"]}
     return rep
 
 

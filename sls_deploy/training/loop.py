@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from sls_deploy.core import distributed as dist
 from sls_deploy.core.atomic import atomic_path
+from sls_deploy.core.checkpoints import load_refusal
 from sls_deploy.data.patches import PatchSampler
 from sls_deploy.core.errors import CheckpointError
 
@@ -106,7 +107,7 @@ def read_checkpoint(path: Path, run_key: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read training checkpoint {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+        raise CheckpointError(f"training checkpoint: {load_refusal(path, e)}") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a sls-deploy training checkpoint")
     if state.get("run_key") != run_key:

@@ -1,14 +1,16 @@
 """The user's inputs (image files, video files, folders of either) and the outputs written for them.
 
-Everything is checked before anything runs: a missing or unreadable file, an unsupported extension, two inputs
-that would write the same output name, or an output path that is a file is a one-line error, and no output is
-written. Outputs take their final name only when complete (atomic rename), so an interrupted run leaves no
-half-written file.
+Every input is checked before anything runs, from its header: a missing or unreadable file, an unsupported
+extension, an animated or multi-page image, an image above the pixel limit, one smaller than the model's minimum,
+a video with no frames or an out-of-range frame rate, or two inputs that would write the same output name is a
+one-line error, and no output is written (where outputs may go: ``outputs``). Outputs take their final name only
+when complete (atomic rename), so an interrupted run leaves no half-written file.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -17,10 +19,11 @@ import numpy as np
 
 from sls_deploy.core import atomic
 from sls_deploy.core.errors import DataError, UsageError
-from sls_deploy.data.images import image_size, read_rgb
+from sls_deploy.data.images import check_image, dims, read_rgb
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm")
+MAX_FPS = 240  # the fastest real-time rate of common cameras; faster clips are slow-motion captures to re-time
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class Job:
     source: Path
     kind: str  # "image" | "video"
     output: Path
+    note: str | None = None  # what reading it does that the user should know (EXIF rotation)
 
 
 def _kind(path: Path) -> str | None:
@@ -37,10 +41,14 @@ def _kind(path: Path) -> str | None:
     return "image" if ext in IMAGE_EXTS else "video" if ext in VIDEO_EXTS else None
 
 
-def collect(inputs: list[str], out_dir: Path) -> list[Job]:
+def _check_min(path: Path, what: str, width: int, height: int, min_size: int) -> None:
+    if min(width, height) < min_size:
+        raise DataError(f"{path}: {what} {dims(width, height)}, smaller than the model's minimum input of "
+                        f"{min_size} px per side")
+
+
+def collect(inputs: list[str], out_dir: Path, min_size: int = 1) -> list[Job]:
     """Jobs for the given files and folders (a folder: its image and video files, sorted), all checked."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"output folder {out_dir} is a file")
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -54,6 +62,8 @@ def collect(inputs: list[str], out_dir: Path) -> list[Job]:
                 raise UsageError(f"{p}: unsupported extension '{p.suffix}' (images: {', '.join(IMAGE_EXTS)}; "
                                  f"videos: {', '.join(VIDEO_EXTS)})")
             files.append(p)
+        elif p.exists():
+            raise DataError(f"input {p} is not a regular file")
         else:
             raise DataError(f"input not found: {p}")
     jobs, names = [], {}
@@ -63,11 +73,15 @@ def collect(inputs: list[str], out_dir: Path) -> list[Job]:
         if out.name in names:
             raise UsageError(f"{names[out.name]} and {f} would both write {out}; upscale them into different folders")
         names[out.name] = f
-        if kind == "image" and image_size(f) is None:
-            raise DataError(f"cannot read image {f}: not an image file, or corrupt")
-        if kind == "video":
-            video_info(f)  # raises on an unreadable file
-        jobs.append(Job(f, kind, out))
+        note = None
+        if kind == "image":
+            info = check_image(f)
+            _check_min(f, "the image is", info.width, info.height, min_size)
+            note = info.orientation_note
+        else:
+            video = video_info(f)
+            _check_min(f, "a video whose frames are", *video.size, min_size)
+        jobs.append(Job(f, kind, out, note))
     return jobs
 
 
@@ -75,18 +89,41 @@ def read_image(path: Path) -> np.ndarray:
     return read_rgb(path)
 
 
-def write_png(path: Path, img: np.ndarray) -> None:
+def write_png(path: Path, img: np.ndarray) -> str:
+    """Write ``img`` as a PNG under ``path`` (atomically); returns its sha256."""
     import imageio.v3 as iio
 
     with atomic.atomic_path(path) as tmp:
         iio.imwrite(tmp, img, extension=".png")
+        digest = atomic.sha256_file(tmp)
+    return digest
 
 
 @dataclass(frozen=True)
 class VideoInfo:
     fps: float
-    frames: int | None  # None when the container does not say
+    frames: int
     size: tuple[int, int]  # (W, H)
+
+
+def _ffmpeg_fps(path: Path) -> float:
+    """The frame rate ffmpeg states for the video stream, read from its own header print-out. imageio-ffmpeg
+    cannot parse the "1k fps" ffmpeg prints for multiples of 1000 (it reports 0)."""
+    import subprocess
+
+    from imageio_ffmpeg import get_ffmpeg_exe
+
+    try:
+        text = subprocess.run([get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)], capture_output=True,
+                              timeout=60, text=True, errors="replace").stderr
+    except (OSError, subprocess.SubprocessError):
+        return 0.0
+    video = next((line for line in text.splitlines() if "Video:" in line), "")
+    for unit in ("fps", "tbr"):  # the stated rate, else ffmpeg's guess from the time base
+        m = re.search(rf"[ ,]([0-9]+(?:\.[0-9]+)?)(k?) {unit}\b", video)
+        if m:
+            return float(m.group(1)) * (1000 if m.group(2) else 1)
+    return 0.0
 
 
 def video_info(path: Path) -> VideoInfo:
@@ -100,9 +137,17 @@ def video_info(path: Path) -> VideoInfo:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"cannot read video {path}: {first}") from None
     fps = float(meta.get("fps") or 0)
+    if fps == 0:
+        fps = _ffmpeg_fps(path)
     if not fps or not np.isfinite(fps):
         raise DataError(f"video {path} states no frame rate")
-    return VideoInfo(fps, int(n) if n else None, tuple(meta.get("size", (0, 0))))
+    if not 0 < fps <= MAX_FPS:
+        raise DataError(f"video {path} states a frame rate of {fps:g} fps, outside the supported range (up to "
+                        f"{MAX_FPS} fps); re-time it first (e.g. ffmpeg -i IN -r 30 OUT)")
+    if not n:
+        raise DataError(f"video {path} has no frames")
+    size = tuple(meta.get("size", (0, 0)))
+    return VideoInfo(fps, int(n), size)
 
 
 def video_frames(path: Path) -> Iterator[np.ndarray]:
@@ -122,7 +167,7 @@ class VideoWriter:
         import imageio.v2 as iio2
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.frames = path, 0
+        self.path, self.frames, self.sha256 = path, 0, None
         self._tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp.mp4"  # ffmpeg picks the container by extension
         self._w = iio2.get_writer(str(self._tmp), "ffmpeg", fps=fps, codec="libx264", quality=8,
                                   macro_block_size=1, ffmpeg_log_level="error")
@@ -136,6 +181,7 @@ class VideoWriter:
             self._w.close()
             if ok:
                 os.chmod(self._tmp, 0o666 & ~atomic.current_umask())
+                self.sha256 = atomic.sha256_file(self._tmp)
                 os.replace(self._tmp, self.path)
         finally:
             if self._tmp.exists():

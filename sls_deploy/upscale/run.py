@@ -1,4 +1,7 @@
-"""`sls-deploy upscale`: every input through the bundle, tile by tile, with a progress bar; one output per input."""
+"""`sls-deploy upscale`: every input through the bundle, tile by tile, with a progress bar; one output per input.
+
+Every input and every output path is checked before the first output is written (``media.collect``,
+``outputs.plan``); each output path is checked again just before it is written."""
 
 from __future__ import annotations
 
@@ -7,52 +10,101 @@ from typing import Callable
 
 import numpy as np
 
-from sls_deploy.core.errors import UsageError
+from sls_deploy.core.errors import DataError, UsageError
+from sls_deploy.core.opening import inference_files, open_for_use
+from sls_deploy.data.images import dims
 from sls_deploy.upscale.media import Job, VideoWriter, collect, read_image, video_frames, video_info, write_png
+from sls_deploy.upscale.outputs import Outputs, plan
 from sls_deploy.upscale.runner import open_bundle, open_infer
 from sls_deploy.upscale.tiling import check_tiling, tile_count, upscale_tiled
 
+REPLACING = {"own": "its own earlier output, unchanged", "force": "--force"}
+
 
 def upscale(bundle: Path, inputs: list[str], out_dir: Path, *, backend: str = "ort", precision: str = "fp32",
-            tile: int = 256, overlap: int = 16, progress: bool = True,
+            tile: int = 256, overlap: int = 16, progress: bool = True, force: bool = False,
             log: Callable[[str], None] = print) -> list[dict]:
-    """Upscale every input into ``out_dir``; returns one record per output (path, sizes, frames, seconds)."""
+    """Upscale every input into ``out_dir``; returns one record per output (path, sizes, frames, seconds).
+    ``force``: replace existing files in ``out_dir`` that upscale did not write (never an input, never a file in
+    a bundle, never anything but a regular file)."""
     import time
 
+    open_for_use(bundle, inference_files(backend, precision))  # recipe and graph/weights match the manifest
     opened = open_bundle(bundle)
     check_tiling(tile, overlap, opened.min_size)
-    jobs = collect(inputs, out_dir)  # every input checked before anything runs
+    jobs = collect(inputs, out_dir, opened.min_size)  # every input checked before anything runs
     if opened.modality != "image":
         images = [j.source for j in jobs if j.kind == "image"]
         if images:
             raise UsageError(f"{images[0]}: {opened.recipe.describe_model()} is a video model; give it videos")
         if backend == "torch":
             raise UsageError("--backend torch runs image models only; upscale a video model with --backend ort")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder, verdicts = plan([j.output for j in jobs], [j.source for j in jobs], out_dir, force)
     records = []
     with open_infer(bundle, opened, backend, precision) as session:
+        folder.create()
         for job in jobs:
             t0 = time.perf_counter()
+            if job.note:
+                log(f"{job.source}: {job.note}")
             if job.kind == "image":
-                rec = _image(job, session.image, opened, tile, overlap, progress)
+                rec = _image(job, session.image, opened, tile, overlap, progress, folder)
             elif opened.modality == "image":
-                rec = _video(job, session.image, opened, tile, overlap, progress)
+                rec = _video(job, session.image, opened, tile, overlap, progress, folder)
             else:
-                rec = _video_model(job, session.stream(), opened, progress)
+                rec = _video_model(job, session.stream(), opened, progress, folder)
             rec["seconds"] = round(time.perf_counter() - t0, 2)
+            if job.note:
+                rec["note"] = job.note
+            verdict = verdicts[job.output]
             log(f"{job.source} -> {job.output} ({rec['output_size'][0]}x{rec['output_size'][1]}"
                 + (f", {rec['frames']} frames at {rec['fps']:g} fps" if job.kind == "video" else "")
+                + (f", replaced: {REPLACING[verdict]}" if verdict in REPLACING else "")
                 + f", {rec['seconds']:.1f} s)")
             records.append(rec)
     return records
 
 
-def _video_model(job: Job, stream, opened, progress: bool) -> dict:
+def _written(job: Job, folder: Outputs, write: Callable[[], str]) -> None:
+    """Check ``job.output`` again (nothing took its place since the plan), write it, and record it as ours."""
+    folder.check(job.output)
+    try:
+        digest = write()
+    except OSError as e:
+        raise DataError(f"cannot write {job.output}: {e.strerror or e}") from None
+    folder.record(job.output, digest)
+
+
+def _open_writer(job: Job, fps: float, folder: Outputs) -> VideoWriter:
+    folder.check(job.output)
+    try:
+        return VideoWriter(job.output, fps)
+    except OSError as e:
+        raise DataError(f"cannot write {job.output}: {e.strerror or e}") from None
+
+
+def _close_writer(job: Job, writer: VideoWriter, ok: bool, folder: Outputs) -> None:
+    """Give the finished video its name (checked again first) and record it; an unfinished one is removed."""
+    if ok:
+        try:
+            folder.check(job.output)
+        except Exception:
+            writer.close(False)
+            raise
+    try:
+        writer.close(ok)
+    except OSError as e:
+        raise DataError(f"cannot write {job.output}: {e.strerror or e}") from None
+    if ok:
+        folder.record(job.output, writer.sha256)
+
+
+def _video_model(job: Job, stream, opened, progress: bool, folder: Outputs) -> dict:
     """A video model: whole frames through the graph (state carried, or T-frame windows), frame by frame."""
     info = video_info(job.source)
     s = opened.scale
     w, h = info.size
-    writer = VideoWriter(job.output, info.fps)
+    writer = _open_writer(job, info.fps, folder)
     ok = False
 
     def write(frames) -> None:
@@ -65,14 +117,14 @@ def _video_model(job: Job, stream, opened, progress: bool) -> dict:
         with tqdm(total=info.frames, desc=job.source.name, unit="frame", disable=not progress, leave=False) as bar:
             for frame in video_frames(job.source):
                 if min(frame.shape[:2]) < opened.min_size:
-                    raise UsageError(f"{job.source}: frames of {frame.shape[1]}x{frame.shape[0]} are smaller than "
-                                     f"the model's minimum input of {opened.min_size} pixels")
+                    raise DataError(f"{job.source}: a frame {dims(frame.shape[1], frame.shape[0])} is smaller than "
+                                    f"the model's minimum input of {opened.min_size} px per side")
                 write(stream.push(np.ascontiguousarray(frame.transpose(2, 0, 1)[None])))
                 bar.update(1)
             write(stream.finish())
         ok = True
     finally:
-        writer.close(ok)
+        _close_writer(job, writer, ok, folder)
     return {"input": str(job.source), "output": str(job.output), "input_size": [w, h],
             "output_size": [w * s, h * s], "frames": writer.frames, "fps": info.fps}
 
@@ -83,22 +135,22 @@ def _bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="tile", disable=not enabled, leave=False)
 
 
-def _image(job: Job, infer, opened, tile: int, overlap: int, progress: bool) -> dict:
+def _image(job: Job, infer, opened, tile: int, overlap: int, progress: bool, folder: Outputs) -> dict:
     img = read_image(job.source)
     h, w = img.shape[:2]
     s = opened.scale
     out = np.empty((h * s, w * s, 3), dtype=np.uint8)
     with _bar(progress, tile_count(h, w, tile), job.source.name) as bar:
         upscale_tiled(img, infer, s, tile, overlap, out, opened.min_size, on_tile=bar.update)
-    write_png(job.output, out)
+    _written(job, folder, lambda: write_png(job.output, out))
     return {"input": str(job.source), "output": str(job.output), "input_size": [w, h], "output_size": [w * s, h * s]}
 
 
-def _video(job: Job, infer, opened, tile: int, overlap: int, progress: bool) -> dict:
+def _video(job: Job, infer, opened, tile: int, overlap: int, progress: bool, folder: Outputs) -> dict:
     info = video_info(job.source)
     s = opened.scale
     w, h = info.size
-    writer = VideoWriter(job.output, info.fps)
+    writer = _open_writer(job, info.fps, folder)
     ok = False
     try:
         per = tile_count(h, w, tile)
@@ -110,6 +162,6 @@ def _video(job: Job, infer, opened, tile: int, overlap: int, progress: bool) -> 
                 writer.append(out)
         ok = True
     finally:
-        writer.close(ok)
+        _close_writer(job, writer, ok, folder)
     return {"input": str(job.source), "output": str(job.output), "input_size": [w, h],
             "output_size": [w * s, h * s], "frames": writer.frames, "fps": info.fps}

@@ -69,7 +69,8 @@ def upscale_tiled(img: np.ndarray, infer: Infer, scale: int, tile: int, overlap:
     float32 in [0, 1] or uint8 0..255, allocated by the caller). Returns ``out``."""
     h, w = img.shape[:2]
     if min(h, w) < min_size:
-        raise UsageError(f"image of {h}x{w} pixels is smaller than the model's minimum input of {min_size} pixels")
+        raise UsageError(f"an input {w} px wide x {h} px tall is smaller than the model's minimum input of "
+                         f"{min_size} px per side")
     if out.shape != (h * scale, w * scale, 3):
         raise ValueError(f"output array has shape {out.shape}, expected {(h * scale, w * scale, 3)}")
     for win in tiles(h, w, tile, overlap, min_size):
