@@ -159,21 +159,36 @@ def check_shapes(reference, backends: dict[str, tuple[str, object]], files: Sequ
         acc = {name: {"max": 0.0, "mean": [], "pref": [], "gt": [], "ssim": [], "shape": None} for name in backends}
         ref_gt, extended = [], 0
         for f in files:
-            hr, lr, ext = pair_at_size(f, scale, hw, degradation)
+            # one image at a time, its arrays gone before the next one's models run (at the profile's maximum the
+            # reference and ground truth are 50 MB each, and every model run needs ~0.6 GB on top)
+            ref_psnr, ext = _check_image(reference, backends, acc, f, scale, hw, y, degradation)
+            ref_gt.append(ref_psnr)
             extended += ext
-            gt = quantize(to_image(hr))
-            del hr
-            release_freed_memory()  # each model runs at up to the profile's maximum: only what it needs is resident
-            with torch.no_grad():
-                ref = np.clip(_as_array(reference(lr)), 0, 1).astype(np.float64)
-            ref_gt.append(psnr(quantize(to_image(ref)), gt, scale, y))
-            for name, (_, infer) in backends.items():
-                release_freed_memory()
-                _score_into(acc[name], _as_array(infer(lr)), ref, gt, scale, y)
             if progress:
                 progress()
         results += _rows(acc, backends, (1, 3, hw[0] * scale, hw[1] * scale), label, hw, ref_gt, extended, limits)
     return results
+
+
+def _check_image(reference, backends: dict, acc: dict, file: Path, scale: int, hw: tuple[int, int], y: bool,
+                 degradation) -> tuple[float, bool]:
+    """The reference and every backend on one image at one LR size, scored into ``acc``; the reference's PSNR vs
+    the ground truth, and whether the image was mirror-extended. Freed memory goes back to the OS before each
+    model runs, so a run at the profile's maximum finds only what it needs resident."""
+    from sls_deploy.data.images import pair_at_size, quantize, to_image
+    from sls_deploy.data.metrics import psnr
+
+    hr, lr, extended = pair_at_size(file, scale, hw, degradation)
+    gt = quantize(to_image(hr))
+    del hr
+    release_freed_memory()
+    with torch.no_grad():
+        ref = np.clip(_as_array(reference(lr)), 0, 1).astype(np.float64)
+    ref_psnr = psnr(quantize(to_image(ref)), gt, scale, y)
+    for name, (_, infer) in backends.items():
+        release_freed_memory()
+        _score_into(acc[name], _as_array(infer(lr)), ref, gt, scale, y)
+    return ref_psnr, extended
 
 
 def _score_into(a: dict, out: np.ndarray, ref: np.ndarray, gt: np.ndarray, scale: int, y: bool) -> None:

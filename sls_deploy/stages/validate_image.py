@@ -180,7 +180,7 @@ def _shape_checks(bundle: Bundle, recipe: Recipe, pruned, graph_files: dict[str,
 def _latency(bundle: Bundle, recipe: Recipe, dense, pruned, dense_sha: str, vopts: ValidateOptions, runs: int,
              warmup: int, progress) -> dict:
     """Dense vs pruned on the same backend and input, interleaved, at each latency size."""
-    from sls_deploy.backends.latency import ort_call, ort_session, time_side_by_side
+    from sls_deploy.backends.latency import ort_call, ort_session, release_shared_arena, time_side_by_side
 
     sizes = list(recipe.validate.latency_sizes or [recipe.engine.profile_sizes()["opt"]])
     out: dict = {"backend": vopts.backend, "warmup": warmup, "runs": runs, "sizes": []}
@@ -211,6 +211,9 @@ def _latency(bundle: Bundle, recipe: Recipe, dense, pruned, dense_sha: str, vopt
         t = time_side_by_side(calls, warmup, runs, progress=per_size_progress)
         out["sizes"].append({"lr_hw": [h, w], "dense": t["dense"].to_json(), "pruned": t["pruned"].to_json(),
                              "ratio_pruned_over_dense": t["pruned"].median_ms / t["dense"].median_ms})
+    if vopts.backend == "ort":
+        small = recipe.adapter.example_input(recipe.model, 16, 16)
+        release_shared_arena(sessions.values(), {graph_spec(recipe).input_names[0]: small.numpy()})
     return out
 
 
