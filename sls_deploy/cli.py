@@ -462,34 +462,32 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
         require_tensorrt()  # one line, nothing written
     path = Path(bundle_path)
     if path.is_dir() and is_family(path):
+        from sls_deploy.adaptive.run import RESULT_JSON, router_profiles
+
         family = load_family(path)
         roots = [family.path(m) for m in family.members]
-        for root in roots:  # every member checked before any engine is built
-            _device_bundle(root, [GRAPH_FILES[precision], *([] if dry_run else ["plan.json"])])
+        recipes = [_device_bundle(root, [GRAPH_FILES[precision], *([] if dry_run else ["plan.json"])])[1]
+                   for root in roots]  # every member checked before any engine is built
+        routed = (path / RESULT_JSON).is_file()  # and every router graph (the routers' profiles follow the recipe's)
+        routers = router_profiles(family, recipes[0].engine) if routed else {}
         for root in roots:
             click.echo(f"# family member {root.name}")
             _engine_one(root, precision, sparsity, workspace_mb, dry_run)
-        _router_engines(path, workspace_mb, dry_run)
+        if not routed:
+            click.echo(f"# no router engines: {path} has not been routed yet (`sls-deploy route {path}`)")
+        _router_engines(path, routers, workspace_mb or recipes[0].engine.workspace_mb, dry_run)
         return
     _engine_one(path, precision, sparsity, workspace_mb, dry_run)
 
 
-def _router_engines(family_root: Path, workspace_mb, dry_run) -> None:
-    """One engine per router graph of a routed family (none before `route`: said, not an error)."""
-    from sls_deploy.adaptive.family import load_family
-    from sls_deploy.adaptive.run import RESULT_JSON, router_file, router_profiles
-    from sls_deploy.config.recipe import load_recipe
-    from sls_deploy.core.bundle import RECIPE
+def _router_engines(family_root: Path, routers: dict, workspace_mb: int, dry_run) -> None:
+    """One FP32 engine per router graph of a routed family (``routers``: their checked profiles)."""
+    from sls_deploy.adaptive.run import router_file
     from sls_deploy.trt.engine import build_engine, dry_run as do_dry_run, graph_settings
 
-    if not (family_root / RESULT_JSON).is_file():
-        click.echo(f"# no router engines: {family_root} has not been routed yet (`sls-deploy route {family_root}`)")
-        return
-    family = load_family(family_root)
-    recipe = load_recipe(family.path(family.members[0]) / RECIPE)
-    for name, profile in router_profiles(family_root, recipe.engine).items():
+    for name, profile in routers.items():
         root = family_root / "routers" / name
-        settings = graph_settings(f"../../{router_file(name)}", profile, workspace_mb or recipe.engine.workspace_mb)
+        settings = graph_settings(f"../../{router_file(name)}", profile, workspace_mb)
         click.echo(f"# router {name}")
         if dry_run:
             root.mkdir(parents=True, exist_ok=True)
@@ -518,8 +516,10 @@ def _engine_one(path: Path, precision, sparsity, workspace_mb, dry_run) -> None:
         click.echo(info["polygraphy"])
         click.echo(f"# settings written to {root / 'engine' / settings.out_name('build.json')}")
         return
-    plan = json.loads((root / "plan.json").read_text())
-    info = build_engine(root, settings, plan["layers"])
+    from sls_deploy.pruning.registry import load_plan
+
+    plan = load_plan(root / "plan.json")
+    info = build_engine(root, settings, plan.to_json()["layers"])
     click.echo(f"engine {root / settings.engine_file} built in {info['seconds']}s ({info['path']}); "
                f"per-layer sparsity in {root / 'engine' / 'layers.json'}")
 

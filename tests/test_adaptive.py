@@ -3,6 +3,7 @@ train data only, router ONNX graphs, the family folder, the CLI, and one tiny fa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -390,6 +391,10 @@ def test_family_build_and_route_end_to_end(tmp_path, tiny_recipe, tiny_weights, 
         assert (fam / f"router-{name}.onnx").is_file()
     for f in ("adaptive.md", "adaptive.png", "adaptive_map.png"):
         assert (fam / f).is_file()
+    written = [f"router-{name}.onnx" for name in ROUTERS] + ["adaptive.json", "adaptive.md", "adaptive.png",
+                                                             "adaptive_map.png"]
+    assert json.loads((fam / FAMILY).read_text())["files"] == {  # what `engine FAMILY` checks them against
+        f: hashlib.sha256((fam / f).read_bytes()).hexdigest() for f in written}
 
     names = [c["name"] for c in rep["candidates"]]
     assert names == ["bicubic", "b0.40", "b0.70", "dense"]

@@ -171,7 +171,7 @@ def test_too_small_eval_image_and_bad_base_weights_are_one_line(tmp_path, capsys
     small.mkdir()
     Image.new("RGB", (7, 5)).save(small / "tiny.png")
     code, _, err = run_cli(capsys, "validate", str(built), "--eval-data", str(small), "--no-latency")
-    assert code == 1 and "eval image tiny.png is 7x5; evaluation needs at least" in err.strip().splitlines()[-1]
+    assert code == 1 and "eval image tiny.png is 7 px wide x 5 px tall; evaluation needs at least" in err.strip().splitlines()[-1]
     raw = dict(yaml.safe_load(recipe_for_model("edsr").read_text()), base_weights=[1])
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(SlsError, match="base_weights must be a file name or path, not \\[1\\]"):
@@ -898,7 +898,7 @@ def _media_cases(tmp, bundle):
         ([str(tmp / "apng.png"), "-o", str(tmp / "o7")], "apng.png holds 3 frames", 1),
         ([str(tmp / "pages.tif"), "-o", str(tmp / "o8")], "pages.tif holds 3 frames", 1),
         ([p, "-o", str(tmp / "F"), "--force"], "exists and is a fifo: upscale never replaces one", 1),
-        ([p, "-o", str(tmp / "L"), "--force"], "(a link) exists and is a device", 1),
+        ([p, "-o", str(tmp / "L"), "--force"], "(a link) exists and is a character device", 1),
         ([p, "-o", str(tmp / "M"), "--force"], ".sls-upscale.json is not a regular file", 1),
         ([p, "-o", str(tmp / "fifo_out")], "fifo_out is a fifo; give a folder", 2),
         ([str(tmp / "input_fifo.png"), "-o", str(tmp / "o9")], "input_fifo.png is not a regular file", 1),
@@ -1052,3 +1052,324 @@ def test_quality_gate_cases_are_one_line_and_lose_nothing(tmp_path, capsys, gate
         assert {k: _tree(gated[k]) for k in bundles if k != rewritten} == \
             {k: v for k, v in bundles.items() if k != rewritten}, args
     assert cases[7][0] == "finetune" and len(cases) == 12
+
+
+# --- issue 23: round-up ---
+# What the merged helpers left: JSON read within bounds (size before reading, nesting before parsing), an unpack's
+# full disk and killed runs, upscale's video temp and empty folder, a graph whose scale is not the recipe's, a
+# family's own files hashed and its members plain folder names, pack --out by the one bundle rule. Each refusal:
+# exit 1 or 2, one line, no traceback, nothing created, changed or removed (lock files hold the pid of the last
+# command: not artifacts).
+
+
+def _files(folder) -> dict:
+    return {k: v for k, v in _snapshot(folder).items() if not k.endswith(".sls-deploy.lock")}
+
+
+def _one_line_refusal(capsys, tmp_path, args, codes=(1, 2)) -> str:
+    before = _files(tmp_path)
+    code, _, err = run_cli(capsys, *args)
+    line = _one_error_line(args, code, err)
+    assert code in codes, (args, code, line)
+    assert _files(tmp_path) == before, (args, "created, changed or removed something")
+    return line
+
+
+def _deep(levels: int = 100_000) -> str:
+    return "[" * levels + "]" * levels
+
+
+def test_deep_or_huge_json_files_are_one_line(tmp_path, capsys, built, tiny_images):
+    """A 100k-deep plan.json, manifest.json, family.json, pack.json or upscale record raised RecursionError; a
+    50 MB manifest.json was read whole. Now: refused from its size before reading, from its bracket depth before
+    parsing, in one line naming the file."""
+    photo = _photo(tmp_path, tiny_images)
+    plan = _copy(built, tmp_path, "plan")
+    (plan / "plan.json").write_text(_deep())
+    _rehash(plan, "plan.json")  # it gets past the hash check to the parser
+    deep = _copy(built, tmp_path, "deep")
+    (deep / "manifest.json").write_text(_deep())
+    huge = _copy(built, tmp_path, "huge")
+    with open(huge / "manifest.json", "r+b") as f:  # 50 MB (sparse: no disk is used)
+        f.truncate(50 * 2**20)
+    fam = tmp_path / "fam"
+    fam.mkdir()
+    (fam / "family.json").write_text(_deep())
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "pack.json").write_text(_deep())
+    (packed / "recipe.yaml").write_text("x: 1\n")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "photo.png").write_text("mine")
+    (out / ".sls-upscale.json").write_text(_deep())  # unreadable: counts as no record, photo.png is the user's
+    cases = [
+        (["upscale", plan, photo, "-o", tmp_path / "o2", "--backend", "torch", "--no-progress"],
+         f"{plan / 'plan.json'} is not a valid plan (nested 100000 levels deep; at most 64)"),
+        (["validate", plan, "--no-latency"], "plan.json is not a valid plan (nested 100000 levels deep"),
+        (["export", plan], "plan.json is not a valid plan (nested 100000 levels deep"),
+        *[([cmd, deep, *rest], f"{deep / 'manifest.json'} is not a valid manifest (nested 100000 levels deep")
+          for cmd, *rest in (["validate", "--no-latency"], ["upscale", photo, "-o", tmp_path / "o2"], ["pack"],
+                             ["engine", "--dry-run"], ["export"], ["finetune"])],
+        *[([cmd, huge, *rest], f"manifest {huge / 'manifest.json'} is larger than 16 MiB")
+          for cmd, *rest in (["validate", "--no-latency"], ["upscale", photo, "-o", tmp_path / "o2"], ["pack"],
+                             ["engine", "--dry-run"])],
+        (["route", fam], f"{fam / 'family.json'} is not a valid family file (nested 100000 levels deep"),
+        (["engine", fam, "--dry-run"], "is not a valid family file (nested 100000 levels deep"),
+        (["engine", packed, "--dry-run"], f"{packed / 'pack.json'} is not a valid pack.json (nested 100000 levels"),
+        (["validate", packed], "is not a valid pack.json (nested 100000 levels deep"),
+        (["upscale", built, photo, "-o", out, "--no-progress"], "is not an unchanged output of an earlier upscale"),
+    ]
+    for args, fragment in cases:
+        line = _one_line_refusal(capsys, tmp_path, args)
+        assert fragment in line and len(line) < 400, (args, line)
+    assert (out / "photo.png").read_text() == "mine"
+    from sls_deploy.stages.validate_engine import recorded_gate  # `validate PACK --backend trt` (needs TensorRT)
+
+    (packed / "report.json").write_text(_deep())
+    assert recorded_gate(packed) == "not measured (no readable report.json: validate the bundle before packing it)"
+
+
+def test_safe_json_reads_what_json_reads_within_its_bounds(tmp_path):
+    from sls_deploy.core.errors import PlanError
+    from sls_deploy.core.safe_json import MAX_DEPTH, load_json, nesting_depth
+
+    value = {"a": ["[{", {"b": "\\\"]]", "c": [[1, 2.5, None, True]]}], "d": "\\\\", "e": "é ]"}
+    (tmp_path / "ok.json").write_text(json.dumps(value))
+    assert load_json(tmp_path / "ok.json", "plan") == value
+    assert nesting_depth(json.dumps(value).encode()) == 5  # brackets inside strings, escaped quotes not counted
+    limit = "[" * MAX_DEPTH + "]" * MAX_DEPTH
+    (tmp_path / "limit.json").write_text(limit)
+    assert load_json(tmp_path / "limit.json", "plan") == json.loads(limit)
+    os.mkfifo(tmp_path / "fifo.json")  # never blocks
+    refused = {
+        "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1): f"(nested {MAX_DEPTH + 1} levels deep; at most {MAX_DEPTH})",
+        "{not json": "is not a valid kept units file (Expecting property name enclosed in double quotes at line 1",
+        "[1" + "0" * 5000 + "]": "is not a valid kept units file (ValueError)",
+        b"\xff\xfe": "is not a valid kept units file (not UTF-8 text: byte 0)",
+        "fifo": "kept units file",
+    }
+    for text, fragment in refused.items():
+        path = tmp_path / "fifo.json" if text == "fifo" else tmp_path / "bad.json"
+        if text != "fifo":
+            path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(PlanError) as e:
+            load_json(path, "kept units file", PlanError)
+        assert fragment in str(e.value) and str(path) in str(e.value), str(e.value)[:300]
+    assert "is not a regular file" in str(e.value)
+
+
+def _routed_family(tmp_path, built) -> Path:
+    """A family of two copies of ``built`` with one router (the FP32 graph stands in for it: `engine --dry-run`
+    never runs it) and adaptive.json, recorded in family.json as `route` records them."""
+    from sls_deploy.adaptive.family import Family, FamilyMember
+    from sls_deploy.core.atomic import sha256_file
+
+    fam = tmp_path / "fam"
+    fam.mkdir()
+    _copy(built, fam, "b0.40")
+    _copy(built, fam, "b0.60")
+    shutil.copy(built / "model.onnx", fam / "router-edge.onnx")
+    (fam / "adaptive.json").write_text(json.dumps({"patch": {"size": 8, "stride": 6}, "routers": {"edge": {}}}))
+    Family(fam, "edsr-tiny-x4", "oneshot", str(built.parent / "w.safetensors"),
+           (FamilyMember(0.4, "b0.40"), FamilyMember(0.6, "b0.60")),
+           files={f: sha256_file(fam / f) for f in ("router-edge.onnx", "adaptive.json")}).save()
+    return fam
+
+
+def test_a_familys_own_files_are_checked_and_members_are_plain_folder_names(tmp_path, capsys, built):
+    """`engine FAMILY` built router engines from graphs nothing had hashed, and a member folder could be any path.
+    Now family.json records what route wrote; engine checks it before writing anything, and members are plain
+    folder names inside the family folder (not '..', not absolute, not a link)."""
+    fam = _routed_family(tmp_path, built)
+    code, out, err = run_cli(capsys, "engine", fam, "--dry-run", "--precision", "fp32")
+    assert code == 0 and out.count("# family member") == 2 and "# router edge" in out, err
+    assert json.loads((fam / "routers" / "edge" / "engine" / "build.json").read_text())["settings"]["graph"] == \
+        "../../router-edge.onnx"
+    family = json.loads((fam / "family.json").read_text())
+    elsewhere = _copy(built, tmp_path, "elsewhere")
+
+    def with_family(**changes):
+        (fam / "family.json").write_text(json.dumps({**family, **changes}))
+
+    def members(*folders):
+        return [{"budget": 0.4 + 0.2 * i, "folder": f} for i, f in enumerate(folders)]
+
+    cases = [
+        (lambda: shutil.copy(built / "model.fp16.onnx", fam / "router-edge.onnx"),
+         f"family {fam}: router-edge.onnx was changed after it was written (sha256 mismatch)"),
+        (lambda: (fam / "adaptive.json").write_text(json.dumps({"patch": {"size": 9, "stride": 6},
+                                                                  "routers": {"edge": {}}})),
+         f"family {fam}: adaptive.json was changed after it was written (sha256 mismatch)"),
+        (lambda: with_family(files={}),
+         "adaptive.json is not recorded in family.json (written by an older sls-deploy or not by route; run "
+         f"`sls-deploy route {fam}` again)"),
+        (lambda: with_family(members=members("b0.40", "../elsewhere")),
+         "member folder '../elsewhere' is not a plain folder name inside the family folder"),
+        (lambda: with_family(members=members("b0.40", str(elsewhere))),
+         f"member folder '{str(elsewhere)[:10]}"),
+        (lambda: with_family(members=members("b0.40", "b0.60/../../elsewhere")), "is not a plain folder name"),
+        (lambda: (fam / "b0.80").symlink_to(elsewhere) or with_family(members=members("b0.40", "b0.80")),
+         f"family member b0.80 in {fam} is a link"),
+    ]
+    for make, fragment in cases:
+        saved = {p: p.read_bytes() for p in (fam / "family.json", fam / "router-edge.onnx", fam / "adaptive.json")}
+        make()
+        for args in (["engine", fam, "--dry-run", "--precision", "fp32"], ["route", fam, "--steps", "1"]):
+            if "family member" not in fragment and "member folder" not in fragment and "plain" not in fragment \
+                    and args[0] == "route":
+                continue  # route writes the routers: it does not read them
+            line = _one_line_refusal(capsys, tmp_path, args)
+            assert fragment in line, (fragment, line)
+        for p, data in saved.items():
+            p.write_bytes(data)
+        if (fam / "b0.80").is_symlink():
+            (fam / "b0.80").unlink()
+    # adaptive.json naming a router outside the folder: refused even when family.json was re-recorded for it
+    from sls_deploy.core.atomic import sha256_file
+
+    (fam / "adaptive.json").write_text(json.dumps({"patch": {"size": 8, "stride": 6}, "routers": {"../../x": {}}}))
+    with_family(files={**family["files"], "adaptive.json": sha256_file(fam / "adaptive.json")})
+    line = _one_line_refusal(capsys, tmp_path, ["engine", fam, "--dry-run", "--precision", "fp32"])
+    assert "lists router '../../x', not a plain name (refused)" in line
+
+
+def test_upscale_with_a_graph_of_another_scale_is_one_line(tmp_path, capsys, built, tiny_images):
+    """recipe.yaml says x2 (re-hashed, so it passes the manifest check), the graph makes x4: tiling raised a plain
+    ValueError traceback."""
+    c = _copy(built, tmp_path)
+    (c / "recipe.yaml").write_text((c / "recipe.yaml").read_text().replace("  scale: 4", "  scale: 2"))
+    m = json.loads((c / "manifest.json").read_text())
+    m["files"]["recipe.yaml"] = hashlib.sha256((c / "recipe.yaml").read_bytes()).hexdigest()
+    (c / "manifest.json").write_text(json.dumps(m))
+    line = _one_line_refusal(capsys, tmp_path, ["upscale", c, _photo(tmp_path, tiny_images), "-o", tmp_path / "o",
+                                                "--no-progress"])
+    assert "the model returned 1x3x" in line and "of scale x2: the graph does not match the bundle's recipe" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_pack_out_follows_the_one_bundle_rule(tmp_path, capsys, built):
+    c, other = _copy(built, tmp_path), _copy(built, tmp_path, "other")
+    (tmp_path / "link.tar.gz").symlink_to(c / "manifest.json")
+    os.mkfifo(tmp_path / "fifo.tar.gz")
+    for out, fragment, code in ((other / "c.tar.gz", f"is inside the bundle {other}", 2),
+                                (other / "work" / "c.tar.gz", f"is inside the bundle {other}", 2),
+                                (tmp_path / "link.tar.gz", f"is inside the bundle {c}", 2),
+                                (tmp_path / "fifo.tar.gz", "is a fifo, not a regular file: it is never replaced", 1)):
+        line = _one_line_refusal(capsys, tmp_path, ["pack", c, "--out", out, "--force"], codes=(code,))
+        assert fragment in line, (out, line)
+
+
+_KILLED = r"""
+import os, signal, sys
+from pathlib import Path
+
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if sys.argv[1] == "unpack":  # killed once every member is extracted, before the folder takes its name
+    from sls_deploy.core import packing
+    packing.verify_packed = die
+    packing.unpack(Path(sys.argv[2]))
+else:  # killed once upscale's first video frame went to ffmpeg
+    from sls_deploy.upscale import media, run
+    first = media.VideoWriter.append
+    media.VideoWriter.append = lambda self, frame: (first(self, frame), die())
+    run.upscale(Path(sys.argv[2]), [sys.argv[3]], Path(sys.argv[4]), progress=False)
+"""
+
+
+def test_killed_unpack_and_video_upscale_leave_temps_the_next_run_removes(tmp_path, capsys, built, packed):
+    """SIGKILL during an unpack left `.dev.unpack-*` folders, during a video upscale `.clip.<pid>.tmp.mp4`: nothing
+    removed them. Now both are named as core/atomic.py names temporaries and the next unpack / upscale removes
+    those whose process is gone (and the old names once an hour old); a live writer's stay."""
+    import time
+
+    from sls_deploy.core import atomic
+
+    shutil.copy(packed[0], tmp_path / "dev.tar.gz")
+    proc = subprocess.run([sys.executable, "-c", _KILLED, "unpack", str(tmp_path / "dev.tar.gz")], env=_child_env(),
+                          timeout=CHILD_CAP_S)
+    assert proc.returncode == -9
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".dev.")]
+    assert len(left) == 1 and left[0].is_dir() and (left[0] / "model.onnx").is_file() and left[0].name.endswith(".tmp")
+    live = tmp_path / atomic.temp_name(tmp_path / "dev").replace(f"-{os.getpid()}.", "-1.")  # pid 1 runs
+    (live := live.with_name(live.name + "abcd1234.tmp")).mkdir()
+    old, young = tmp_path / ".dev.unpack-wxyz9876", tmp_path / ".dev.unpack-abcd1234"  # the earlier naming
+    for d in (old, young):
+        d.mkdir()
+        (d / "model.onnx").write_text("x")
+    os.utime(old, (time.time() - 7200,) * 2)
+    code, out, err = run_cli(capsys, "engine", tmp_path / "dev.tar.gz", "--dry-run")
+    assert code == 0 and "trtexec" in out, err
+    assert not left[0].exists() and not old.exists() and live.is_dir() and young.is_dir()
+    assert (tmp_path / "dev" / "pack.json").is_file()
+
+    _video(tmp_path / "clip.mp4", 12, (16, 16))
+    o = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-c", _KILLED, "upscale", str(built), str(tmp_path / "clip.mp4"), str(o)],
+                          env=_child_env(), timeout=CHILD_CAP_S)
+    assert proc.returncode == -9
+    temps = [p.name for p in o.iterdir()]
+    assert len(temps) == 1 and temps[0].startswith(".clip.mp4.") and temps[0].endswith(".tmp"), temps
+    legacy = o / ".clip.12345.tmp.mp4"  # what an earlier version left
+    legacy.write_text("x")
+    os.utime(legacy, (time.time() - 7200,) * 2)
+    code, _, err = run_cli(capsys, "upscale", built, tmp_path / "clip.mp4", "-o", o, "--no-progress")
+    assert code == 0, err
+    assert sorted(p.name for p in o.iterdir()) == [".sls-upscale.json", "clip.mp4"]
+
+
+def test_full_disk_during_unpack_and_video_upscale_is_one_line_and_leaves_no_folder(tmp_path, built, packed,
+                                                                                    tiny_images):
+    """Extraction onto a full disk read "cannot read ... as a packed bundle: [Errno 28] ..."; a video upscale's
+    temporary file bypassed the full-disk conversion; upscale left the empty -o folder it had created."""
+    why = _namespace_mounts()
+    if why:
+        pytest.skip(why)
+    script = _DISK_FULL.replace('"temps":', '"dirs": sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*") '
+                                           'if p.is_dir()), "temps":')
+    assert script != _DISK_FULL
+    src, tars, clips = tmp_path / "src", tmp_path / "tars", tmp_path / "clips"
+    shutil.copytree(built, src)
+    tars.mkdir()
+    shutil.copy(packed[0], tars / "dev.tar.gz")
+    clips.mkdir()
+    import imageio.v2 as iio2
+    import numpy as np
+
+    with iio2.get_writer(str(clips / "clip.mp4"), "ffmpeg", fps=12, codec="libx264", macro_block_size=1,
+                         ffmpeg_log_level="error") as w:  # noise: its 4x version is far larger than the disk's slack
+        for frame in np.random.default_rng(0).integers(0, 256, (30, 48, 48, 3), dtype=np.uint8):
+            w.append_data(frame)
+    photo = next(Path(tiny_images["eval"]).glob("*.png"))
+    mnt = tmp_path / "m"
+    cases = [
+        {"name": "unpack", "copy": str(tars), "slack": 65536, "argv": ["engine", str(mnt / "unpack" / "b" / "dev.tar.gz"),
+                                                                      "--dry-run"], "file": "dev", "dirs": ["b"]},
+        {"name": "video", "slack": 8192, "argv": ["upscale", str(src), str(clips / "clip.mp4"), "-o",
+                                                  str(mnt / "video" / "o" / "deeper"), "--no-progress"],
+         "file": "clip.mp4", "dirs": []},
+        {"name": "image", "slack": 8192, "argv": ["upscale", str(src), str(photo), "-o", str(mnt / "image" / "o"),
+                                                  "--no-progress"], "file": photo.name, "dirs": []},
+    ]
+    for c in cases:
+        c["mount"] = str(mnt / c["name"])
+    proc = subprocess.run(["unshare", "-rm", sys.executable, "-c", script, json.dumps(cases)], cwd=tmp_path,
+                          env=_child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for c, r in zip(cases, json.loads(proc.stdout.splitlines()[-1])):
+        line = _one_error_line(c["name"], r["code"], r["err"])
+        assert line.startswith("error: no space left on ") and f"{c['file']} was not written" in line, line
+        assert r["temps"] == [] and r["after"] == r["before"] and r["dirs"] == c["dirs"], (c["name"], r)
+
+
+@pytest.mark.parametrize("model", ["edsr", "basicvsr", "deblur"])
+def test_an_infinite_model_width_is_one_recipe_line(tmp_path, model):
+    """Hypothesis found `model.num_feat: .inf` (int() of infinity: OverflowError, a traceback)."""
+    raw = yaml.safe_load(recipe_for_model(model).read_text())
+    for key in ("num_feat", "num_block"):
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(dict(raw, model={**raw["model"], key: float("inf")})))
+        with pytest.raises(SlsError) as e:
+            load_recipe(tmp_path / "r.yaml")
+        assert str(e.value) == "model section: cannot convert float infinity to integer"

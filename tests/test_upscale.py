@@ -131,7 +131,7 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(bundle, tiny_images, 
         ((good, tmp_path / "missing.png"), tmp_path / "o1", [], "input not found", 1),
         ((good, corrupt), tmp_path / "o2", [], "cannot read image", 1),
         ((good, odd), tmp_path / "o3", [], "unsupported extension '.txt'", 2),
-        ((good,), as_file, [], "is a file", 2),
+        ((good,), as_file, [], "is a regular file; give a folder", 2),
         ((good,), tmp_path / "o5", ["--tile", "4"], "smaller than the model's minimum input", 2),
         ((good,), tmp_path / "o6", ["--backend", "torch", "--precision", "int8"], "FP32 weights only", 2),
     ]

@@ -534,7 +534,7 @@ def test_eval_clips_with_tiny_frames_are_one_line(capsys, tmp_path, bv_l1):
     data = tmp_path / "tiny_eval"
     write_clip(data / "c", frames(4, 12, 12, 0))
     code, _, err = run(capsys, "validate", bv_l1["out"], "--eval-data", data, "--no-latency")
-    assert code == 1 and "has 12x12 frames; evaluation needs at least" in error_line(err)
+    assert code == 1 and "has frames 12 px wide x 12 px tall; evaluation needs at least" in error_line(err)
 
 
 def test_drift_slope_is_the_least_squares_slope():

@@ -27,7 +27,8 @@ from torch import nn
 
 from sls_deploy.core import atomic
 from sls_deploy.core.checkpoints import save_weights
-from sls_deploy.core.errors import PlanError, UsageError
+from sls_deploy.core.errors import PlanError, SlsError, UsageError
+from sls_deploy.core.safe_json import load_json
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.channels.masks import UnitMasks, is_nested
 from sls_deploy.pruning.channels.structured import GroupCosts, select_global, select_uniform, top_units, widths_of
@@ -157,6 +158,6 @@ def _digest(obj) -> str:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return load_json(path, "nested family record")
+    except SlsError:
         return None

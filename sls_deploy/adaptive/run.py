@@ -9,7 +9,7 @@ average cost); the eval images are used only for the final figures. Writes, in t
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,15 +17,17 @@ from typing import Callable, Sequence
 import torch
 
 from sls_deploy.adaptive.evaluate import Evaluation, evaluate
-from sls_deploy.adaptive.family import Family, load_family
+from sls_deploy.adaptive.family import Family, load_family, plain_folder_name
 from sls_deploy.adaptive.patches import coverage, grid
 from sls_deploy.adaptive.members import Candidate, bicubic_candidate, bundle_candidate, module_candidate
 from sls_deploy.adaptive.patchset import patch_set, random_crops
 from sls_deploy.adaptive.routers import ROUTERS, make_router
-from sls_deploy.core.atomic import write_json, write_text
+from sls_deploy.core.atomic import sha256_file, write_json, write_text
 from sls_deploy.core.bundle import PLAN, RECIPE, WEIGHTS
-from sls_deploy.core.errors import BundleError, DataError, UsageError
-from sls_deploy.core.opening import open_for_use
+from sls_deploy.core.errors import BundleError, DataError, UsageError, short_repr
+from sls_deploy.core.numbers import MAX_SIDE
+from sls_deploy.core.opening import check_graph_file, open_for_use
+from sls_deploy.core.safe_json import load_json
 from sls_deploy.models.base import ExportSpec
 from sls_deploy.onnx.export import export_onnx
 from sls_deploy.pruning.macs import layer_macs
@@ -43,24 +45,33 @@ def router_file(name: str) -> str:
     return f"router-{name}.onnx"
 
 
-def router_profiles(root: Path, engine_section) -> dict[str, dict[str, tuple]]:
-    """{router name: {"lr_patches": (min, opt, max) shape}} of the routers ``route`` wrote in the family at
-    ``root``: patches of the routed size, as many as the grid gives on the engine profile's min/opt/max LR
-    image (batch included). BundleError when the family has no routers yet."""
-    f = Path(root) / RESULT_JSON
+def router_profiles(family: Family, engine_section) -> dict[str, dict[str, tuple]]:
+    """{router name: {"lr_patches": (min, opt, max) shape}} of the routers ``route`` wrote in ``family``: patches
+    of the routed size, as many as the grid gives on the engine profile's min/opt/max LR image (batch included).
+    adaptive.json and every router graph are checked against the sha256 family.json records (graphs also with
+    onnx.checker) before they are used. One-line BundleError otherwise, or when the family has no routers yet."""
+    root = family.root
+    if not (root / RESULT_JSON).is_file():
+        raise BundleError(f"{root} has no routers (run `sls-deploy route {root}` first)")
+    family.verify([RESULT_JSON])
+    rep = load_json(root / RESULT_JSON, "adaptive report")
     try:
-        rep = json.loads(f.read_text())
         size, stride = int(rep["patch"]["size"]), int(rep["patch"]["stride"])
         names = [str(n) for n in rep["routers"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise BundleError(f"{root} has no routers (run `sls-deploy route {root}` first)") from None
+        if not 1 <= size <= MAX_SIDE or not 1 <= stride <= size:
+            raise ValueError(f"patch {size}, stride {stride}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"{root / RESULT_JSON} is not a valid adaptive report ({short_repr(str(e))})") from None
+    bad = next((n for n in names if not plain_folder_name(router_file(n))), None)
+    if bad is not None:
+        raise BundleError(f"{root / RESULT_JSON} lists router {short_repr(bad)}, not a plain name (refused)")
+    family.verify([router_file(n) for n in names])
+    for n in names:
+        check_graph_file(root / router_file(n))
     shapes = []
     for n, h, w in (engine_section.levels()[lv] for lv in ("min", "opt", "max")):
         count = len(grid(max(h, size), max(w, size), size, stride)) * n
         shapes.append((count, 3, size, size))
-    missing = [n for n in names if not (Path(root) / router_file(n)).is_file()]
-    if missing:
-        raise BundleError(f"{root} lists router '{missing[0]}' but has no {router_file(missing[0])}")
     return {n: {"lr_patches": tuple(shapes)} for n in names}
 
 
@@ -159,6 +170,8 @@ def route(root: str | Path, routers: Sequence[str] = ROUTERS, target: float | No
     write_text(family.root / RESULT_MD, table(rep))
     plot_points(rep, family.root / PLOT)
     plot_map(rep, ev.maps, eval_files, recipe.scale, family.root / MAP_PLOT)
+    written = [router_file(r.name) for r in fitted] + [RESULT_JSON, RESULT_MD, PLOT, MAP_PLOT]
+    dataclasses.replace(family, files={f: sha256_file(family.root / f) for f in written}).save()
     return rep
 
 

@@ -6,10 +6,12 @@ A crash or Ctrl-C therefore never leaves a half-written file under a final name.
   replaced, ``--force`` or not (``train --out /dev/null --force`` once replaced the device node with a file).
 - A full disk (or spent quota) is one line, ``DiskFullError: no space left on <folder>``, whatever library was
   writing (an ``OSError`` from Python, a ``RuntimeError`` from ``torch.save``), and the temporary file is removed.
-- Temporary names carry the writer's host and pid: ``.<name>.<host>-<pid>.<random>.tmp``. A process killed
-  mid-write (SIGKILL, power loss) leaves one behind; ``remove_stale_temps`` (run when a bundle folder is locked,
-  and on the folders of other outputs) removes those whose process no longer runs on this machine, and those of
-  another machine or of the older, pid-less naming once they are an hour old. Nothing else is touched.
+- Temporary names carry the writer's host and pid: ``.<name>.<host>-<pid>.<random>.tmp``, for files
+  (``atomic_path``) and for folders that take their final name whole (``temp_dir``: an unpacked tar). A process
+  killed mid-write (SIGKILL, power loss) leaves one behind; ``remove_stale_temps`` (run when a bundle folder is
+  locked, before an unpack, an upscale, and on the folders of other outputs) removes those whose process no longer
+  runs on this machine, and those of another machine or of the names earlier versions used once they are an hour
+  old. Nothing else is touched.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -31,7 +34,11 @@ from sls_deploy.core.errors import BundleError, DiskFullError, SlsError
 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # names hold no dots or odd characters
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.tmp$")
-_LEGACY_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # mkstemp names before the host and pid were added
+# names earlier versions gave their temporaries, without the host: (pattern, what follows the final name, a folder),
+# stale once STALE_AGE_S old. mkstemp files, an unpack's staging folder, upscale's video (".clip.<pid>.tmp.mp4")
+_LEGACY = ((re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$"), "", False),
+           (re.compile(r"^\.(?P<name>.+)\.unpack-[A-Za-z0-9_]{8}$"), "", True),
+           (re.compile(r"^\.(?P<name>.+)\.\d+\.tmp\.mp4$"), ".mp4", False))
 STALE_AGE_S = 3600  # a temp file of another machine, or of the old naming, is stale after this long
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
@@ -44,8 +51,13 @@ def current_umask() -> int:
     return mask
 
 
-_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a fifo"),
-          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+_KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a link"))
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, for messages: "a regular file", "a fifo", "a character device", "a folder", ..."""
+    return next((k for test, k in _KINDS if test(mode)), "not a regular file")
 
 
 def refuse_non_regular(path: str | os.PathLike, what: str = "output") -> None:
@@ -62,9 +74,9 @@ def refuse_non_regular(path: str | os.PathLike, what: str = "output") -> None:
         raise BundleError(f"cannot write {what} {path}: {e.strerror or e}") from None
     if stat.S_ISREG(st.st_mode):
         return
-    kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a regular file")
     via = " (through a link)" if path.is_symlink() else ""
-    raise BundleError(f"{what} {path} is {kind}{via}, not a regular file: it is never replaced (choose a file name)")
+    raise BundleError(f"{what} {path} is {file_kind(st.st_mode)}{via}, not a regular file: it is never replaced "
+                      "(choose a file name)")
 
 
 def disk_full_error(e: BaseException, final: str | os.PathLike, check_free: bool = True) -> DiskFullError | None:
@@ -93,6 +105,13 @@ def disk_full_error(e: BaseException, final: str | os.PathLike, check_free: bool
 def temp_name(final: str | os.PathLike) -> str:
     """The prefix of this process's temporary files for ``final`` (``remove_stale_temps`` knows it)."""
     return f".{Path(final).name}.{_HOST}-{os.getpid()}."
+
+
+def temp_dir(final: str | os.PathLike) -> Path:
+    """A new, empty temporary folder beside ``final``, named as ``atomic_path``'s files are, for a folder that
+    takes ``final``'s name whole (``os.replace``) once complete; the caller removes it otherwise."""
+    final = Path(final)
+    return Path(tempfile.mkdtemp(prefix=temp_name(final), suffix=".tmp", dir=final.parent))
 
 
 @contextlib.contextmanager
@@ -136,35 +155,42 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
+def _stale(name: str, st: os.stat_result, names: set[str] | None) -> bool:
+    """Whether the entry ``name`` (its lstat ``st``) is a temporary of a writer that is gone (see the module doc)."""
+    m = _TEMP.match(name)
+    if m:
+        if names is not None and m["name"] not in names:
+            return False
+        return not _pid_running(int(m["pid"])) if m["host"] == _HOST else time.time() - st.st_mtime > STALE_AGE_S
+    for pattern, suffix, folder in _LEGACY:
+        old = pattern.match(name)
+        if old and folder == stat.S_ISDIR(st.st_mode):
+            return (names is None or old["name"] + suffix in names) and time.time() - st.st_mtime > STALE_AGE_S
+    return False
+
+
 def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False,
                        names: set[str] | None = None) -> list[Path]:
-    """Remove the temporary files ``atomic_path`` left in ``folder`` (and below, if ``recursive``) when its
-    process was killed mid-write; ``names``: only those of these final file names. Only this module's naming
-    is touched, and only files whose writer is gone: its pid no longer runs here, or (another machine's, or the
-    pid-less names of earlier versions) the file is over STALE_AGE_S old. Returns what was removed."""
+    """Remove the temporary files and folders (``atomic_path``, ``temp_dir``, and the names of earlier versions)
+    left in ``folder`` (and below, if ``recursive``) when their process was killed mid-write; ``names``: only those
+    of these final names. Only this module's naming is touched, and only entries whose writer is gone: its pid no
+    longer runs here, or (another machine's, or the pid-less names of earlier versions) the entry is over
+    STALE_AGE_S old. Links are never followed or removed. Returns what was removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
-    for p in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
-        m = _TEMP.match(p.name)
+    for p in list(folder.rglob(".*") if recursive else folder.glob(".*")):
         try:
             st = os.lstat(p)
-            if not stat.S_ISREG(st.st_mode):
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) or not _stale(p.name, st, names):
                 continue
-            if m:
-                if names is not None and m["name"] not in names:
-                    continue
-                stale = (not _pid_running(int(m["pid"])) if m["host"] == _HOST
-                         else time.time() - st.st_mtime > STALE_AGE_S)
-            elif _LEGACY_TEMP.match(p.name) and (names is None or any(p.name.startswith(f".{n}.") for n in names)):
-                stale = time.time() - st.st_mtime > STALE_AGE_S
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(p)
             else:
-                continue
-            if stale:
                 p.unlink()
-                removed.append(p)
-        except FileNotFoundError:  # removed meanwhile
+            removed.append(p)
+        except FileNotFoundError:  # removed meanwhile (or inside a folder removed just before)
             continue
     return removed
 

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from sls_deploy import __version__
 from sls_deploy.core import atomic
 from sls_deploy.core.errors import BundleError
+from sls_deploy.core.safe_json import load_json
 
 MANIFEST = "manifest.json"
 RECIPE = "recipe.yaml"
@@ -97,10 +98,7 @@ class Bundle:
         p = self.path(MANIFEST)
         if not p.is_file():
             return {}
-        try:
-            m = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{p} is corrupt ({getattr(e, 'msg', e)}); remove the folder or choose another --out") from None
+        m = load_json(p, "manifest")
         if not isinstance(m, dict) or not isinstance(m.get("stages", {}), dict):
             raise BundleError(f"{p} is not an sls-deploy manifest (a JSON object with stages); choose another --out")
         return m
@@ -209,19 +207,27 @@ class Bundle:
     def verify(self, names: list[str]) -> None:
         """Every named file exists and matches the sha256 the manifest recorded for it."""
         files = self.require().get("files", {})
-        for name in names:
-            p = self.path(name)
-            if not p.is_file():
-                raise BundleError(f"bundle {self.root} lacks {name}")
-            want = files.get(name)
-            if want is None and name == RECIPE:
-                raise BundleError(f"bundle {self.root} was written by an older sls-deploy that did not record the "
-                                  f"sha256 of {RECIPE}; run the build command that made it again to record it "
-                                  "(finished stages are skipped)")
-            if want is None:
-                raise BundleError(f"bundle {self.root}: {name} is not recorded in the manifest")
-            if atomic.sha256_file(p) != want:
-                raise BundleError(f"bundle {self.root}: {name} was changed after it was written (sha256 mismatch)")
+        if RECIPE in names and RECIPE not in files and self.path(RECIPE).is_file():
+            raise BundleError(f"bundle {self.root} was written by an older sls-deploy that did not record the "
+                              f"sha256 of {RECIPE}; run the build command that made it again to record it "
+                              "(finished stages are skipped)")
+        verify_recorded(self.root, files, names, f"bundle {self.root}", "the manifest")
+
+
+def verify_recorded(root: Path, recorded: Mapping[str, str], names, where: str, record: str,
+                    unrecorded: str = "") -> None:
+    """Each named file under ``root`` exists and matches its sha256 in ``recorded`` (``record`` names the file
+    that lists them, ``where`` the folder, in messages; ``unrecorded`` adds the remedy for a file not listed).
+    One-line BundleError otherwise. Bundles (manifest.json) and families (family.json) are checked this way."""
+    for name in names:
+        p = root / name
+        if not p.is_file():
+            raise BundleError(f"{where} lacks {name}")
+        want = recorded.get(name)
+        if want is None:
+            raise BundleError(f"{where}: {name} is not recorded in {record}" + (f" ({unrecorded})" if unrecorded else ""))
+        if atomic.sha256_file(p) != want:
+            raise BundleError(f"{where}: {name} was changed after it was written (sha256 mismatch)")
 
 
 def enclosing_bundle(path: str | Path) -> Path | None:

@@ -13,13 +13,15 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
 from sls_deploy import __version__
 from sls_deploy.core import atomic
+from sls_deploy.core.bounded import read_capped
+from sls_deploy.core.bundle import enclosing_bundle
 from sls_deploy.core.errors import BundleError, UsageError
+from sls_deploy.core.safe_json import parse_json
 
 PACK_MANIFEST = "pack.json"
 PACK_SUFFIXES = (".tar.gz", ".tgz", ".tar")  # what `engine` / `validate` unpack, and `pack` writes (.tar.gz)
@@ -45,15 +47,14 @@ def packed_names(bundle_root: Path) -> list[str]:
 
 
 def check_pack_out(bundle_root: Path, out: Path, force: bool = False) -> None:
-    """Where ``pack`` may write: never inside the bundle, never over a folder, a device or another non-regular
-    file, over another existing file only if it is an earlier pack (or with ``force``)."""
-    if out.resolve().is_relative_to(bundle_root.resolve()):
-        raise UsageError(f"--out {out} is inside the bundle {bundle_root}; write the tar outside it "
+    """Where ``pack`` may write: never inside a bundle (this one or another: ``enclosing_bundle``, links
+    followed), never over a folder, a device or another non-regular file (``atomic.refuse_non_regular``), over
+    another existing file only if it is an earlier pack (or with ``force``)."""
+    inside = enclosing_bundle(out)
+    if inside is not None:
+        raise UsageError(f"--out {out} is inside the bundle {inside}; write the tar outside it "
                          f"(default {bundle_root.name}.tar.gz beside it)")
-    if out.is_dir():
-        raise BundleError(f"{out} is a folder; give --out a file name (e.g. {bundle_root.name}.tar.gz)")
-    if (out.exists() or out.is_symlink()) and not (out.is_file() and not out.is_symlink()):
-        raise BundleError(f"{out} exists and is not a regular file; choose another --out")
+    atomic.refuse_non_regular(out, "--out")
     if out.exists() and not force and not is_pack(out):
         raise BundleError(f"{out} exists and is not a packed bundle; choose another --out or pass --force")
 
@@ -107,12 +108,14 @@ def unpack(tar_path: Path, dest: Path | None = None) -> Path:
     The member list is checked first, from the tar's headers, before anything is extracted: pack.json must list
     every regular file (no links, devices, absolute or '..' paths, no name twice) and the declared sizes must add
     up to at most MAX_UNPACKED. Nothing already there is deleted or overwritten: the tar is extracted into a new
-    folder beside ``dest`` and every hash checked before it takes ``dest``'s name. A ``dest`` that already holds
-    this very pack (same pack.json, every file intact) is reused, so an engine built into it stays; any other
-    existing ``dest`` is refused."""
+    folder beside ``dest`` (``atomic.temp_dir``: a run killed meanwhile leaves one that the next unpack removes)
+    and every hash checked before it takes ``dest``'s name. A ``dest`` that already holds this very pack (same
+    pack.json, every file intact) is reused, so an engine built into it stays; any other existing ``dest`` is
+    refused. A full disk is one line, "no space left on ...", and leaves nothing behind."""
     if not tar_path.is_file():
         raise BundleError(f"bundle not found: {tar_path}")
     dest = dest or tar_path.with_name(unpacked_name(tar_path))
+    staging = None
     try:
         with tarfile.open(tar_path, "r:*") as tar:
             members, meta_bytes = _checked_members(tar_path, tar)
@@ -121,18 +124,21 @@ def unpack(tar_path: Path, dest: Path | None = None) -> Path:
                     return dest
                 raise BundleError(f"{dest} exists and is not this tar's unpacked bundle; move it away (nothing was "
                                   "changed) or unpack elsewhere")
-            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.unpack-", dir=dest.parent))
-            try:
-                tar.extractall(staging, members=members, filter="data")
-                verify_packed(staging)
-                os.replace(staging, dest)
-            finally:
-                if staging.exists():
-                    shutil.rmtree(staging)
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+            atomic.remove_stale_temps(dest.parent, names={dest.name})
+            staging = atomic.temp_dir(dest)
+            tar.extractall(staging, members=members, filter="data")
+            verify_packed(staging)
+            os.replace(staging, dest)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        full = atomic.disk_full_error(e, dest, check_free=staging is not None)
+        if full is not None:
+            raise full from None
+        if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile):
+            raise BundleError(f"cannot unpack {tar_path}: {e.strerror or e}") from None
         raise BundleError(f"cannot read {tar_path} as a packed bundle: {e}") from None
-    except OSError as e:
-        raise BundleError(f"cannot unpack {tar_path}: {e.strerror or e}") from None
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging)
     return dest
 
 
@@ -190,7 +196,7 @@ def _short(text: str, n: int = 60) -> str:
 def _same_pack(folder: Path, meta: bytes) -> bool:
     """``folder`` is an intact unpacked copy of the pack whose pack.json is ``meta``."""
     try:
-        if not (folder / PACK_MANIFEST).is_file() or (folder / PACK_MANIFEST).read_bytes() != meta:
+        if read_capped(folder / PACK_MANIFEST, PACK_MANIFEST, BundleError, MAX_PACK_MANIFEST) != meta:
             return False
         verify_packed(folder)
         return True
@@ -201,12 +207,12 @@ def _same_pack(folder: Path, meta: bytes) -> bool:
 def parse_pack_manifest(data: bytes, where: str) -> dict:
     """pack.json's content, its ``files`` a mapping of relative member paths (no absolute path, no '..', no empty
     or odd name) to sha256 strings; one-line BundleError otherwise. Nothing is read from disk here."""
+    meta = parse_json(data, where, PACK_MANIFEST)
     try:
-        meta = json.loads(data)
         files = meta["files"]
         if not isinstance(files, dict):
             raise TypeError("'files' is not a mapping")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise BundleError(f"{where} is not a valid {PACK_MANIFEST} ({type(e).__name__}: {_short(str(e))})") from None
     for name, sha in files.items():
         parts = PurePosixPath(name).parts
@@ -223,9 +229,7 @@ def read_pack_manifest(root: Path) -> dict:
     meta_path = root / PACK_MANIFEST
     if not meta_path.is_file():
         raise BundleError(f"{root} has no {PACK_MANIFEST}")
-    if meta_path.stat().st_size > MAX_PACK_MANIFEST:
-        raise BundleError(f"{meta_path} is larger than {MAX_PACK_MANIFEST} bytes: not a {PACK_MANIFEST}")
-    meta = parse_pack_manifest(meta_path.read_bytes(), str(meta_path))
+    meta = parse_pack_manifest(read_capped(meta_path, PACK_MANIFEST, BundleError, MAX_PACK_MANIFEST), str(meta_path))
     inside = root.resolve()
     for name in meta["files"]:
         if not (root / name).resolve().is_relative_to(inside):

@@ -11,14 +11,13 @@ are counted on the parser's events (before anything is composed or built), and k
 from __future__ import annotations
 
 import os
-import stat
-from pathlib import Path
 from typing import Any
 
 import yaml
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 
+from sls_deploy.core.bounded import read_capped
 from sls_deploy.core.errors import SlsError, short_repr
 
 MAX_BYTES = 1 << 20  # 1 MiB: a recipe is a few KB
@@ -113,21 +112,7 @@ def load_yaml(path: str | os.PathLike, what: str, error: type[SlsError]) -> Any:
     Refused: anything but a regular file (a fifo would block), a file over MAX_BYTES, nesting deeper than
     MAX_DEPTH, more than MAX_NODES nodes (each costs time to build), aliases standing for more than
     MAX_ALIAS_NODES nodes, a repeated key in one mapping, and anything that is not UTF-8 YAML."""
-    path = Path(path)
-    too_large = f"{what} {path} is larger than {MAX_BYTES >> 20} MiB (a recipe is a few KB)"
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise error(f"{what} {path} is not a regular file")
-            if st.st_size > MAX_BYTES:
-                raise error(too_large)
-            data = f.read(MAX_BYTES + 1)  # a file that grows after the check is still bounded
-    except OSError as e:
-        raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
-    if len(data) > MAX_BYTES:
-        raise error(too_large)
+    data = read_capped(path, what, error, MAX_BYTES, "a recipe is a few KB")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -144,8 +144,8 @@ def check_eval_size(path: str | os.PathLike, scale: int, min_lr: int) -> None:
     size = image_size(path)
     need = max(scale * min_lr, 11 + 2 * scale)
     if size and min(size) < need:
-        raise DataError(f"eval image {Path(path).name} is {size[0]}x{size[1]}; evaluation needs at least {need}x{need} "
-                        f"(LR >= {min_lr} px at x{scale}, SSIM's 11x11 window after a {scale}-px border)")
+        raise DataError(f"eval image {Path(path).name} is {dims(*size)}; evaluation needs at least {need} px on each "
+                        f"side (LR >= {min_lr} px at x{scale}, SSIM's 11x11 window after a {scale}-px border)")
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:

@@ -314,7 +314,7 @@ class _VSRAdapter(ModelAdapter):
                 "num_block": int(section.get("num_block", self.defaults["num_block"])),
                 "clip_len": int(section.get("clip_len", self.defaults["clip_len"])),
             }
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(.inf)
             raise RecipeError(f"model section: {e}") from None
         spynet = section.get("spynet", True)
         if not isinstance(spynet, bool):

@@ -101,7 +101,7 @@ class DeblurAdapter(ModelAdapter):
         try:
             scale = int(section.get("scale", 1))
             opts: dict[str, Any] = {k: int(section.get(k, v)) for k, v in self.defaults.items()}
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(.inf)
             raise RecipeError(f"model section: {e}") from None
         if scale != 1:
             raise RecipeError(f"model.scale must be 1 for deblur (same size in and out), not {scale}")

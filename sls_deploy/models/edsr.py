@@ -139,7 +139,7 @@ class EDSRAdapter(ModelAdapter):
                 "img_range": float(section.get("img_range", 255.0)),
                 "rgb_mean": tuple(float(v) for v in section.get("rgb_mean", DEFAULT_RGB_MEAN)),
             }
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(.inf)
             raise RecipeError(f"model section: {e}") from None
         if scale not in (2, 3, 4, 8):
             raise RecipeError(f"model.scale must be 2, 3, 4 or 8 for EDSR, not {scale}")

@@ -8,13 +8,11 @@ with an N:M part.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 from sls_deploy.core.errors import BundleError
 from sls_deploy.pruning.channels.plan import STRUCTURED_KIND, StructuredPlan
-from sls_deploy.pruning.nm.plan import Plan
+from sls_deploy.pruning.nm.plan import Plan, read_plan_json
 
 NM_METHODS = ("sls", "oneshot", "srste")
 CHANNEL_METHODS = ("ssl", "l1", "l1-global", "hybrid")  # hybrid: ssl channels, then 2:4 where the target gains
@@ -32,9 +30,6 @@ def strategy_of(method: str) -> str:
 
 def load_plan(path: str | os.PathLike) -> Plan | StructuredPlan:
     """plan.json of either strategy (its ``kind`` says which)."""
-    p = Path(path)
-    try:
-        kind = json.loads(p.read_text()).get("kind")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        kind = None  # Plan.load gives the one-line error
-    return StructuredPlan.load(p) if kind == STRUCTURED_KIND else Plan.load(p)
+    raw = read_plan_json(path)
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    return (StructuredPlan if kind == STRUCTURED_KIND else Plan).parse(raw, path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -10,6 +9,8 @@ import numpy as np
 import torch
 
 from sls_deploy.core.atomic import atomic_path
+from sls_deploy.core.errors import SlsError
+from sls_deploy.core.safe_json import load_json
 
 LAYER_PLOT = "report_layers.png"
 TRADEOFF_PLOT = "report_tradeoff.png"
@@ -71,13 +72,13 @@ def tradeoff_points(rep: dict, bundle_root: Path) -> list[dict]:
         if other.parent == own:
             continue
         try:
-            o = json.loads(other.read_text())
+            o = load_json(other, "report")
             same = (o["model"] == rep["model"] and o["psnr"]["eval_images"] == rep["psnr"]["eval_images"]
                     and o["psnr"]["channel"] == rep["psnr"]["channel"])
             if same:
                 points.append({"bundle": other.parent.name, "method": o["method"], "budget": o["budget"],
                                "ratio": o["macs"]["ratio"], "psnr": o["psnr"]["pruned"], "this": False})
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        except (SlsError, KeyError, TypeError):
             continue  # not one of ours, or an older report: skipped
     return points
 

@@ -10,7 +10,6 @@ from calibration feeds) is generic. Nothing takes a final name unless every chec
 from __future__ import annotations
 
 import collections
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ import numpy as np
 
 from sls_deploy.core import atomic
 from sls_deploy.core.bundle import GRAPH_FILES, ONNX, PLAN, WEIGHTS, Bundle, digest
-from sls_deploy.core.errors import ExportError, ValidationError
+from sls_deploy.core.errors import ExportError, SlsError, ValidationError
+from sls_deploy.core.safe_json import load_json
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.onnx.export import export_onnx, graph_weights, load_onnx, verify_plan_in_graph
 from sls_deploy.pruning.nm import Plan
@@ -216,10 +216,10 @@ def _calibration(bundle: Bundle, fp32_model, spec, inputs: dict[str, str], feeds
     cache = bundle.path(CALIB_CACHE)
     if cache.is_file():
         try:
-            old = json.loads(cache.read_text())
+            old = load_json(cache, "calibration cache")
             if old.get("key") == key and set(inputs.values()) <= set(old.get("amax", {})):
                 return old["amax"], True
-        except json.JSONDecodeError:
+        except (SlsError, AttributeError, TypeError):  # not a cache we wrote: calibrated again, and replaced
             pass
     feeds = step_feeds(fp32_model, spec, feeds)
     amax = calibrate_feeds(fp32_model, feeds, list(inputs.values()), s.calib_method, percentile)

@@ -19,6 +19,7 @@ from sls_deploy.core import atomic, distributed as dist
 from sls_deploy.core.bundle import PLAN
 from sls_deploy.core.checkpoints import save_weights
 from sls_deploy.core.errors import PlanError, UsageError
+from sls_deploy.core.safe_json import load_json
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.channels.plan import GroupPlan, LayerCost, StructuredPlan
 from sls_deploy.pruning.channels.saliency import fisher_saliency, per_mac
@@ -201,15 +202,13 @@ def units_record(shared: Path, units: dict[str, list[int]]) -> dict[str, Any]:
 def read_units_file(path: Path) -> tuple[Path, dict]:
     """(shared weights, {group: [indices]}) from a kept-units file (``units_record``); one-line PlanError on an
     unreadable file or shared weights that are missing or changed since."""
-    import json
-
+    raw = load_json(path, "kept units file", PlanError)
     try:
-        raw = json.loads(path.read_text())
         if not isinstance(raw, dict) or not isinstance(raw.get("units"), dict):
             raise ValueError("not a kept-units record (no \"units\" object)")
         shared = Path(str(raw["shared_weights"]))
         sha = str(raw["shared_sha256"])
-    except (OSError, ValueError, KeyError) as e:
+    except (ValueError, KeyError) as e:
         raise PlanError(f"kept units file {path}: {e}") from None
     if not shared.is_file():
         raise PlanError(f"kept units file {path}: its shared weights {shared} are missing")

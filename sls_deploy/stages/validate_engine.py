@@ -54,11 +54,12 @@ def _active(stack: contextlib.ExitStack, runner):
 def recorded_gate(root: Path) -> dict | str:
     """The quality gate `validate` recorded in the bundle's report.json (the pruned model against the dense model
     and the baseline, measured where the PyTorch weights were: a pack has none), or why there is none."""
-    import json
+    from sls_deploy.core.errors import SlsError
+    from sls_deploy.core.safe_json import load_json
 
     try:
-        gate = json.loads((root / "report.json").read_text()).get("quality_gate")
-    except (OSError, ValueError, AttributeError):
+        gate = load_json(root / "report.json", "report").get("quality_gate")
+    except (SlsError, AttributeError):
         return "not measured (no readable report.json: validate the bundle before packing it)"
     if not isinstance(gate, dict):
         return "not measured (report.json predates the gate)"

@@ -8,7 +8,6 @@ makes ``check_report`` raise with the check's name.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
@@ -19,8 +18,10 @@ from sls_deploy.core import atomic
 from sls_deploy.report import document as report_mod
 from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
+from sls_deploy.core.errors import SlsError
 from sls_deploy.core.memory import release_freed_memory
 from sls_deploy.core.opening import open_for_use
+from sls_deploy.core.safe_json import load_json
 from sls_deploy.data import load_pair, resolve_images
 from sls_deploy.data.images import check_eval_size, check_pixels, conversion_note
 from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
@@ -69,7 +70,7 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
                                                                                  vopts.threads]})
     if bundle.stage_is_current("validate", inputs):
         run.log("  up to date")
-        return json.loads(bundle.path(REPORT_JSON).read_text())
+        return load_json(bundle.path(REPORT_JSON), "report")
     t0 = time.perf_counter()
     eval_files = resolve_images(eval_spec)
     for f in eval_files:  # bounded memory: every eval image runs whole at every deployment shape
@@ -223,9 +224,9 @@ def _merge_engine_layers(bundle: Bundle, layers: list[dict]) -> None:
     if not path.is_file():
         return
     try:
-        data = json.loads(path.read_text())
+        data = load_json(path, "engine layer report")
         rows = {r["name"]: r for r in (data if isinstance(data, list) else data.get("layers", []))}
-    except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+    except (SlsError, AttributeError, KeyError, TypeError):
         return  # not a layers.json we wrote: the columns stay out
     for l in layers:
         r = rows.get(l["name"])

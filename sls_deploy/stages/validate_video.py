@@ -27,8 +27,10 @@ from sls_deploy.report import document as report_mod
 from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
 from sls_deploy.core.opening import open_for_use
+from sls_deploy.data.images import dims
 from sls_deploy.data.video import read_frames, resolve_clips
 from sls_deploy.core.errors import DataError, UsageError, ValidationError
+from sls_deploy.core.safe_json import load_json
 from sls_deploy.config.recipe import Recipe
 from sls_deploy.pruning.channels.plan import StructuredPlan
 from sls_deploy.pruning.registry import load_plan
@@ -75,14 +77,15 @@ def validate_clips(run: Run, vopts: ValidateOptions) -> dict:
         "channel": recipe.metric_channel, "latency": [vopts.latency, runs, warmup, vopts.threads]})
     if bundle.stage_is_current("validate", inputs):
         run.log("  up to date")
-        return json.loads(bundle.path(REPORT_JSON).read_text())
+        return load_json(bundle.path(REPORT_JSON), "report")
     t0 = time.perf_counter()
     clips = resolve_clips(eval_spec)
     need = 11 + 2 * recipe.scale
     for c in clips:  # SSIM's 11x11 window after the border crop
         h, w = read_frames(c, 0, 1).shape[1:3]
         if min(h, w) < need:
-            raise DataError(f"eval clip {c.name} has {w}x{h} frames; evaluation needs at least {need}x{need}")
+            raise DataError(f"eval clip {c.name} has frames {dims(w, h)}; evaluation needs at least {need} px on "
+                            "each side")
     dense = load_model(recipe, base)
     pruned = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan))
     spec = graph_spec(recipe)

@@ -9,7 +9,6 @@ when complete (atomic rename), so an interrupted run leaves no half-written file
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,29 +159,42 @@ def video_frames(path: Path) -> Iterator[np.ndarray]:
 
 
 class VideoWriter:
-    """An mp4 (H.264 through imageio-ffmpeg) at ``fps``, written beside ``path`` under a temporary name and renamed
-    to ``path`` by ``close()`` only (``close(ok=False)`` removes it)."""
+    """An mp4 (H.264 through imageio-ffmpeg) at ``fps`` into ``path``, whatever its name (the container is stated,
+    not guessed from the extension), so that it can be ``atomic_path``'s temporary file; closed and checked on
+    leaving the ``with`` block.
+
+    imageio-ffmpeg does not look at ffmpeg's exit status: an encoder that failed (on a full disk) left a cut,
+    unplayable file and no error. So ffmpeg is quiet (its errors would be lines of its own on the user's
+    terminal) and the finished file is read back (stream copy, nothing decoded) for its frame count: a file short
+    of frames is an OSError (``atomic_path`` names a full disk for what it is)."""
 
     def __init__(self, path: Path, fps: float):
         import imageio.v2 as iio2
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.frames, self.sha256 = path, 0, None
-        self._tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp.mp4"  # ffmpeg picks the container by extension
-        self._w = iio2.get_writer(str(self._tmp), "ffmpeg", fps=fps, codec="libx264", quality=8,
-                                  macro_block_size=1, ffmpeg_log_level="error")
+        self.path, self.frames = path, 0
+        self._w = iio2.get_writer(str(path), ".mp4", fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                  ffmpeg_log_level="quiet", output_params=["-f", "mp4"])
 
     def append(self, frame: np.ndarray) -> None:
         self._w.append_data(frame)
         self.frames += 1
 
-    def close(self, ok: bool = True) -> None:
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
         try:
             self._w.close()
-            if ok:
-                os.chmod(self._tmp, 0o666 & ~atomic.current_umask())
-                self.sha256 = atomic.sha256_file(self._tmp)
-                os.replace(self._tmp, self.path)
-        finally:
-            if self._tmp.exists():
-                self._tmp.unlink()
+        except Exception:
+            if kind is None:  # else the first error is the one to report
+                raise
+            return
+        if kind is None:
+            from imageio_ffmpeg import count_frames_and_secs
+
+            try:
+                written = count_frames_and_secs(str(self.path))[0]
+            except (RuntimeError, OSError, ValueError):  # not a readable video: ffmpeg stopped early
+                written = 0
+            if written != self.frames:
+                raise OSError(f"ffmpeg wrote {written} of {self.frames} frames (the encoder failed)")

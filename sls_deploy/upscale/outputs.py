@@ -11,7 +11,6 @@ without --force while it is unchanged since; a file edited since, or any other f
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -19,15 +18,11 @@ from pathlib import Path
 
 from sls_deploy.core import atomic
 from sls_deploy.core.bundle import enclosing_bundle
-from sls_deploy.core.errors import DataError, UsageError
+from sls_deploy.core.errors import DataError, SlsError, UsageError
+from sls_deploy.core.safe_json import load_json
 
 OWNED = ".sls-upscale.json"  # {"outputs": {name: sha256}} of the files upscale wrote into its folder
 OWNED_MAX_BYTES = 4 * 2**20
-
-
-def _kind(mode: int) -> str:
-    return ("a folder" if stat.S_ISDIR(mode) else "a fifo" if stat.S_ISFIFO(mode) else "a socket"
-            if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
 
 
 def _stat(path: Path, follow: bool) -> os.stat_result | None:
@@ -43,8 +38,8 @@ def _stat(path: Path, follow: bool) -> os.stat_result | None:
 def _check_out_dir(out_dir: Path) -> None:
     st = _stat(out_dir, follow=True)
     if st is not None and not stat.S_ISDIR(st.st_mode):
-        what = "a file" if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
-        raise UsageError(f"output folder {out_dir} is {what}; give a folder (created if missing)")
+        raise UsageError(f"output folder {out_dir} is {atomic.file_kind(st.st_mode)}; give a folder (created if "
+                         "missing)")
     inside = enclosing_bundle(out_dir)
     if inside is not None:
         where = "is a bundle" if inside == out_dir.resolve() else f"is inside the bundle {inside}"
@@ -69,8 +64,8 @@ def _read_owned(path: Path) -> dict[str, str]:
     if st.st_size > OWNED_MAX_BYTES:
         return {}
     try:
-        outputs = json.loads(path.read_text()).get("outputs", {})
-    except (OSError, ValueError, AttributeError):
+        outputs = load_json(path, "upscale record", DataError, OWNED_MAX_BYTES).get("outputs", {})
+    except (SlsError, AttributeError):
         return {}
     if not isinstance(outputs, dict):
         return {}
@@ -85,6 +80,7 @@ class Outputs:
     force: bool
     inputs: dict[tuple[int, int], Path]  # (device, inode) of every input -> its path
     owned: dict[str, str] = field(default_factory=dict)
+    created: list[Path] = field(default_factory=list)  # folders ``create`` made, deepest first
 
     @property
     def record_path(self) -> Path:
@@ -102,7 +98,7 @@ class Outputs:
             raise UsageError(f"the output {output}{link} would overwrite the input {self.inputs[st.st_dev, st.st_ino]}: "
                              "upscale never writes onto its inputs; choose another -o folder")
         if st is not None and not stat.S_ISREG(st.st_mode):
-            raise DataError(f"{output}{link} exists and is {_kind(st.st_mode)}: upscale never replaces one, "
+            raise DataError(f"{output}{link} exists and is {atomic.file_kind(st.st_mode)}: upscale never replaces one, "
                             "--force or not; choose another -o folder")
         inside = enclosing_bundle(output) if link else None
         if inside is not None:
@@ -116,12 +112,29 @@ class Outputs:
                         "replace it, or choose another -o folder")
 
     def create(self) -> None:
-        """Make the output folder (once every check passed)."""
+        """Make the output folder (once every check passed) and remove what a killed upscale left in it (its
+        temporary files, ``atomic.remove_stale_temps``)."""
+        missing = []
+        for d in (self.out_dir, *self.out_dir.absolute().parents):
+            if _stat(d, follow=True) is not None:
+                break
+            missing.append(d)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DataError(f"cannot create output folder {self.out_dir}: {e.strerror or e}") from None
+        self.created = missing
         _read_owned(self.record_path)  # still a regular file (or none)
+        atomic.remove_stale_temps(self.out_dir)
+
+    def remove_if_unused(self) -> None:
+        """Remove the folders ``create`` made that are still empty (a run that failed before its first output,
+        on a full disk say, leaves nothing behind)."""
+        for d in self.created:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (an output was written), or gone: kept as it is
+                return
 
     def record(self, output: Path, sha256: str) -> None:
         """Note ``output`` (just written, with this sha256) as upscale's, so a re-run may replace it."""

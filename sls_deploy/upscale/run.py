@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from sls_deploy.core import atomic
 from sls_deploy.core.errors import DataError, UsageError
 from sls_deploy.core.opening import inference_files, open_for_use
 from sls_deploy.data.images import dims
@@ -27,8 +28,6 @@ def upscale(bundle: Path, inputs: list[str], out_dir: Path, *, backend: str = "o
     """Upscale every input into ``out_dir``; returns one record per output (path, sizes, frames, seconds).
     ``force``: replace existing files in ``out_dir`` that upscale did not write (never an input, never a file in
     a bundle, never anything but a regular file)."""
-    import time
-
     open_for_use(bundle, inference_files(backend, precision))  # recipe and graph/weights match the manifest
     opened = open_bundle(bundle)
     check_tiling(tile, overlap, opened.min_size)
@@ -40,28 +39,39 @@ def upscale(bundle: Path, inputs: list[str], out_dir: Path, *, backend: str = "o
         if backend == "torch":
             raise UsageError("--backend torch runs image models only; upscale a video model with --backend ort")
     folder, verdicts = plan([j.output for j in jobs], [j.source for j in jobs], out_dir, force)
-    records = []
     with open_infer(bundle, opened, backend, precision) as session:
         folder.create()
-        for job in jobs:
-            t0 = time.perf_counter()
-            if job.note:
-                log(f"{job.source}: {job.note}")
-            if job.kind == "image":
-                rec = _image(job, session.image, opened, tile, overlap, progress, folder)
-            elif opened.modality == "image":
-                rec = _video(job, session.image, opened, tile, overlap, progress, folder)
-            else:
-                rec = _video_model(job, session.stream(), opened, progress, folder)
-            rec["seconds"] = round(time.perf_counter() - t0, 2)
-            if job.note:
-                rec["note"] = job.note
-            verdict = verdicts[job.output]
-            log(f"{job.source} -> {job.output} ({rec['output_size'][0]}x{rec['output_size'][1]}"
-                + (f", {rec['frames']} frames at {rec['fps']:g} fps" if job.kind == "video" else "")
-                + (f", replaced: {REPLACING[verdict]}" if verdict in REPLACING else "")
-                + f", {rec['seconds']:.1f} s)")
-            records.append(rec)
+        try:
+            return _run_jobs(jobs, verdicts, session, opened, tile, overlap, progress, folder, log)
+        except BaseException:
+            folder.remove_if_unused()  # a run that wrote nothing leaves no empty folder behind
+            raise
+
+
+def _run_jobs(jobs: list[Job], verdicts: dict[Path, str], session, opened, tile: int, overlap: int,
+              progress: bool, folder: Outputs, log: Callable[[str], None]) -> list[dict]:
+    import time
+
+    records = []
+    for job in jobs:
+        t0 = time.perf_counter()
+        if job.note:
+            log(f"{job.source}: {job.note}")
+        if job.kind == "image":
+            rec = _image(job, session.image, opened, tile, overlap, progress, folder)
+        elif opened.modality == "image":
+            rec = _video(job, session.image, opened, tile, overlap, progress, folder)
+        else:
+            rec = _video_model(job, session.stream(), opened, progress, folder)
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        if job.note:
+            rec["note"] = job.note
+        verdict = verdicts[job.output]
+        log(f"{job.source} -> {job.output} ({rec['output_size'][0]}x{rec['output_size'][1]}"
+            + (f", {rec['frames']} frames at {rec['fps']:g} fps" if job.kind == "video" else "")
+            + (f", replaced: {REPLACING[verdict]}" if verdict in REPLACING else "")
+            + f", {rec['seconds']:.1f} s)")
+        records.append(rec)
     return records
 
 
@@ -75,28 +85,21 @@ def _written(job: Job, folder: Outputs, write: Callable[[], str]) -> None:
     folder.record(job.output, digest)
 
 
-def _open_writer(job: Job, fps: float, folder: Outputs) -> VideoWriter:
+def _write_video(job: Job, fps: float, folder: Outputs, fill: Callable[[VideoWriter], None]) -> int:
+    """Write ``job.output`` (``fill`` appends every frame) under ``atomic_path``'s temporary name, check it again
+    just before it takes its name, and record it as ours; returns the frame count. An unfinished video, or one
+    cut short by a full disk, leaves no file ("no space left on ...")."""
     folder.check(job.output)
     try:
-        return VideoWriter(job.output, fps)
+        with atomic.atomic_path(job.output) as tmp:
+            with VideoWriter(tmp, fps) as writer:
+                fill(writer)
+            folder.check(job.output)  # nothing took its place meanwhile
+            digest = atomic.sha256_file(tmp)
     except OSError as e:
         raise DataError(f"cannot write {job.output}: {e.strerror or e}") from None
-
-
-def _close_writer(job: Job, writer: VideoWriter, ok: bool, folder: Outputs) -> None:
-    """Give the finished video its name (checked again first) and record it; an unfinished one is removed."""
-    if ok:
-        try:
-            folder.check(job.output)
-        except Exception:
-            writer.close(False)
-            raise
-    try:
-        writer.close(ok)
-    except OSError as e:
-        raise DataError(f"cannot write {job.output}: {e.strerror or e}") from None
-    if ok:
-        folder.record(job.output, writer.sha256)
+    folder.record(job.output, digest)
+    return writer.frames
 
 
 def _video_model(job: Job, stream, opened, progress: bool, folder: Outputs) -> dict:
@@ -104,15 +107,13 @@ def _video_model(job: Job, stream, opened, progress: bool, folder: Outputs) -> d
     info = video_info(job.source)
     s = opened.scale
     w, h = info.size
-    writer = _open_writer(job, info.fps, folder)
-    ok = False
 
-    def write(frames) -> None:
-        for f in frames:
-            writer.append(np.round(np.clip(f[0].transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8))
-
-    try:
+    def fill(writer: VideoWriter) -> None:
         from tqdm import tqdm
+
+        def write(frames) -> None:
+            for f in frames:
+                writer.append(np.round(np.clip(f[0].transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8))
 
         with tqdm(total=info.frames, desc=job.source.name, unit="frame", disable=not progress, leave=False) as bar:
             for frame in video_frames(job.source):
@@ -122,11 +123,10 @@ def _video_model(job: Job, stream, opened, progress: bool, folder: Outputs) -> d
                 write(stream.push(np.ascontiguousarray(frame.transpose(2, 0, 1)[None])))
                 bar.update(1)
             write(stream.finish())
-        ok = True
-    finally:
-        _close_writer(job, writer, ok, folder)
+
+    frames = _write_video(job, info.fps, folder, fill)
     return {"input": str(job.source), "output": str(job.output), "input_size": [w, h],
-            "output_size": [w * s, h * s], "frames": writer.frames, "fps": info.fps}
+            "output_size": [w * s, h * s], "frames": frames, "fps": info.fps}
 
 
 def _bar(enabled: bool, total: int, desc: str):
@@ -150,18 +150,15 @@ def _video(job: Job, infer, opened, tile: int, overlap: int, progress: bool, fol
     info = video_info(job.source)
     s = opened.scale
     w, h = info.size
-    writer = _open_writer(job, info.fps, folder)
-    ok = False
-    try:
-        per = tile_count(h, w, tile)
-        with _bar(progress, per * (info.frames or 0) or None, job.source.name) as bar:
+
+    def fill(writer: VideoWriter) -> None:
+        with _bar(progress, tile_count(h, w, tile) * (info.frames or 0) or None, job.source.name) as bar:
             for frame in video_frames(job.source):
                 fh, fw = frame.shape[:2]
                 out = np.empty((fh * s, fw * s, 3), dtype=np.uint8)
                 upscale_tiled(frame, infer, s, tile, overlap, out, opened.min_size, on_tile=bar.update)
                 writer.append(out)
-        ok = True
-    finally:
-        _close_writer(job, writer, ok, folder)
+
+    frames = _write_video(job, info.fps, folder, fill)
     return {"input": str(job.source), "output": str(job.output), "input_size": [w, h],
-            "output_size": [w * s, h * s], "frames": writer.frames, "fps": info.fps}
+            "output_size": [w * s, h * s], "frames": frames, "fps": info.fps}

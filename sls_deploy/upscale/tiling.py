@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from sls_deploy.core.errors import UsageError
+from sls_deploy.core.errors import BundleError, UsageError
 
 Infer = Callable[[np.ndarray], np.ndarray]  # (1, 3, h, w) float32 in [0, 1] -> (1, 3, h*s, w*s)
 
@@ -78,7 +78,9 @@ def upscale_tiled(img: np.ndarray, infer: Infer, scale: int, tile: int, overlap:
         y = np.asarray(infer(x), dtype=np.float32)
         expect = (1, 3, (win.cy1 - win.cy0) * scale, (win.cx1 - win.cx0) * scale)
         if y.shape != expect:
-            raise ValueError(f"the model returned {y.shape} for a tile of {x.shape}, expected {expect}")
+            raise BundleError(f"the model returned {'x'.join(map(str, y.shape))} for an input of "
+                              f"{'x'.join(map(str, x.shape))}, not the {'x'.join(map(str, expect))} of scale x{scale}: "
+                              "the graph does not match the bundle's recipe (rebuild the bundle)")
         oy, ox = (win.y0 - win.cy0) * scale, (win.x0 - win.cx0) * scale
         core = y[0, :, oy:oy + (win.y1 - win.y0) * scale, ox:ox + (win.x1 - win.x0) * scale].transpose(1, 2, 0)
         core = np.clip(core, 0.0, 1.0)

@@ -7,7 +7,6 @@ the budget test can be recomputed from the file alone.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from sls_deploy.core import atomic
 from sls_deploy.core.errors import BundleError
 from sls_deploy.core.numbers import as_int
+from sls_deploy.core.safe_json import load_json
 from sls_deploy.pruning.nm.patterns import VALID_M, guarantees_2to4
 from sls_deploy.pruning.target import CostedLayer, trt_accelerates
 
@@ -87,13 +87,24 @@ class PlanFile:
 
     @classmethod
     def load(cls, path: str | os.PathLike):
-        path = Path(path)
-        if not path.is_file():
-            raise BundleError(f"plan not found: {path}")
+        return cls.parse(read_plan_json(path), path)
+
+    @classmethod
+    def parse(cls, raw: Any, path: str | os.PathLike):
+        """The plan in ``raw`` (a plan file's JSON value, from ``read_plan_json``); one-line BundleError."""
         try:
-            return cls.from_json(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            return cls.from_json(raw)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{path} is not a valid {cls.what} ({type(e).__name__}: {e})") from None
+
+
+def read_plan_json(path: str | os.PathLike) -> Any:
+    """A plan file's JSON value, read within bounds (``safe_json``); one-line BundleError when missing or not
+    JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"plan not found: {path}")
+    return load_json(path, "plan")
 
 
 @dataclass
