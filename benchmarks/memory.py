@@ -8,8 +8,10 @@ reads /proc/<pid>/status every 0.2 s so the peak can be attributed to the stage 
 would not run), `--validate-repeat` times.
 
     python benchmarks/memory.py [--model edsr] [--budget 0.4] [--seed 0] [--bundle DIR (skip the build)]
-                                [--validate-repeat 1] [--tag NAME]
-    (results: benchmarks/results/memory{_TAG}.json and .md)
+                                [--validate-repeat 1] [--tag NAME] [--work DIR]
+    (results: benchmarks/results/memory{_TAG}.json and .md; each command's full output: WORK/<command>.log)
+
+`validate` is measured twice per repeat: with `--no-latency` and with the latency timing (the build's own).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _rss_kb(pid: int) -> int | None:
     return None
 
 
-def measure(cmd: list[str], cwd: Path) -> dict:
+def measure(cmd: list[str], cwd: Path, log_path: Path | None = None) -> dict:
     """Run ``cmd``; its wall time, peak RSS (MB) and the peak RSS of each stage it announced."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -68,6 +70,8 @@ def measure(cmd: list[str], cwd: Path) -> dict:
     done.set()
     sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if log_path is not None:
+        log_path.write_text("\n".join(log) + "\n")
     stages: dict[str, float] = {}
     for i, (start, name) in enumerate(marks):
         end = marks[i + 1][0] if i + 1 < len(marks) else float("inf")
@@ -85,16 +89,19 @@ def main() -> int:
     ap.add_argument("--bundle", type=Path, help="An already built bundle: measure validate only.")
     ap.add_argument("--validate-repeat", type=int, default=1)
     ap.add_argument("--tag", default="", help="Suffix of the result files (memory_TAG.json).")
+    ap.add_argument("--work", type=Path, help="Folder for the bundle, its copies and the logs (default: a new "
+                                              "temporary folder).")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="sls-mem-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="sls-mem-"))
+    work.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, str(ROOT / "cli.py")]
     result: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "load_avg_at_start": os.getloadavg()}}
     if args.bundle is None:
         bundle = work / "bundle"
         b = measure([*py, "build", "--model", args.model, "--budget", str(args.budget), "--seed", str(args.seed),
-                     "--out", str(bundle), "--no-progress"], ROOT)
+                     "--out", str(bundle), "--no-progress"], ROOT, work / "build.log")
         print(f"build: exit {b['exit']}, {b['wall_s']} s, peak RSS {b['peak_rss_mb']} MB, "
               f"by stage {b['stage_peak_rss_mb']}", flush=True)
         result["build"] = b
@@ -105,13 +112,15 @@ def main() -> int:
         bundle = args.bundle
     result["validate"] = []
     for i in range(args.validate_repeat):
-        copy = work / f"validate-{i}"
-        shutil.copytree(bundle, copy)
-        v = measure([*py, "validate", str(copy), "--no-latency", "--no-progress"], ROOT)
-        shutil.rmtree(copy)
-        print(f"validate --no-latency: exit {v['exit']}, {v['wall_s']} s, peak RSS {v['peak_rss_mb']} MB",
-              flush=True)
-        result["validate"].append(v)
+        for flags in (["--no-latency"], []):
+            copy = work / f"validate-{i}"
+            shutil.copytree(bundle, copy)
+            tag = "no-latency" if flags else "latency"
+            v = measure([*py, "validate", str(copy), *flags, "--no-progress"], ROOT, work / f"validate-{tag}-{i}.log")
+            shutil.rmtree(copy)
+            print(f"validate {' '.join(flags)}: exit {v['exit']}, {v['wall_s']} s, peak RSS {v['peak_rss_mb']} MB",
+                  flush=True)
+            result["validate"].append(v)
     rep = json.loads((bundle / "report.json").read_text())
     result["figures"] = {"macs_ratio": rep["macs"]["ratio"], "psnr": {k: rep["psnr"][k] for k in
                          ("bicubic", "dense", "pruned", "pruned_onnx")},
