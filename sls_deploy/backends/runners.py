@@ -150,9 +150,6 @@ def check_shapes(reference, backends: dict[str, tuple[str, object]], files: Sequ
     real content. A row fails when the output shape is wrong, the PSNR drop vs the reference exceeds the
     precision's limit, or (FP32) the max abs difference exceeds the tolerance.
     """
-    from sls_deploy.data.images import pair_at_size, quantize, to_image
-    from sls_deploy.data.metrics import psnr
-
     y = channel == "y"
     results = []
     for label, hw in sizes:
