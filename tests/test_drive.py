@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import torchscript
 
 from sls_deploy.backends import drive
 from sls_deploy.backends.runners import onnx_runner
@@ -41,7 +42,7 @@ def _tiny(arch: str):
 
 def _export(arch: str, path: Path):
     adapter, cfg, model = _tiny(arch)
-    spec = adapter.export_spec(cfg)
+    spec = torchscript(adapter.export_spec(cfg))
     export_onnx(adapter.export_module(model), spec, adapter.example_input(cfg, 16, 16), path)
     return spec, model
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sls_deploy.core import atomic
-from sls_deploy.core.errors import BundleError, CheckpointError, PlanError, UsageError
+from sls_deploy.core.errors import BundleError, CheckpointError, PlanError, RecipeError, UsageError
 from sls_deploy.onnx.export import graph_weights, reduction_last
 from sls_deploy.stages.build import build_bundle
 from sls_deploy.stages.models import load_model
@@ -216,14 +216,15 @@ def test_tampered_file_is_detected(built):
         run_validate(run)
 
 
-def test_the_dynamo_exporter_gives_graphs_that_pass_every_export_check(tmp_path, tiny_images, capsys):
-    """export.exporter: dynamo (torch.export-based, opset 18): the same FP32/FP16/INT8 graphs and checks (2:4
-    patterns survive, ONNX Runtime == PyTorch at several sizes)."""
+def test_the_default_dynamo_exporter_gives_graphs_that_pass_every_export_check(tmp_path, tiny_images, capsys):
+    """The default exporter (no export section: dynamo, torch.export-based, opset 18): the FP32/FP16/INT8 graphs
+    pass every check (2:4 patterns survive, ONNX Runtime == PyTorch at several sizes), and the graph is dynamo's
+    (its nodes carry torch.export's metadata, which the TorchScript exporter does not write)."""
     from conftest import write_tiny_recipe, write_tiny_weights
 
     from sls_deploy.cli import main
 
-    recipe = write_tiny_recipe(tmp_path, tiny_images, export={"opset": 18, "exporter": "dynamo"})
+    recipe = write_tiny_recipe(tmp_path, tiny_images, export={})
     weights = write_tiny_weights(recipe, tmp_path / "w.safetensors")
     out = tmp_path / "b"
     code = main(["build", "--recipe", str(recipe), "--weights", str(weights), "--budget", "0.9", "--method",
@@ -233,9 +234,30 @@ def test_the_dynamo_exporter_gives_graphs_that_pass_every_export_check(tmp_path,
     rep = json.loads(captured.out)
     assert rep["onnx_vs_torch"]["passed"] and {s["lr_hw"][0] for s in rep["onnx_vs_torch"]["sizes"]} > {8}
     export = json.loads((out / "manifest.json").read_text())["stages"]["export"]["result"]
-    assert export["opset"] == 18 and export["layers_2to4"] == export["layers_nm"] > 0
+    assert export["opset"] == 18 and export["exporter"] == "dynamo"
+    assert export["layers_2to4"] == export["layers_nm"] > 0
     assert set(export["graphs"]) == {"fp32", "fp16", "int8"}
+    graph = onnx.load(str(out / "model.onnx"))
+    assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [18]
+    assert any(p.key.startswith("pkg.torch.onnx") for n in graph.graph.node for p in n.metadata_props)
     (tmp_path / "bad").mkdir()
     bad = write_tiny_recipe(tmp_path / "bad", tiny_images, export={"opset": 17, "exporter": "dynamo"})
     assert main(["search", "--recipe", str(bad), "--budget", "0.9", "--out", str(tmp_path / "c")]) == 1
     assert "set export.opset: 18" in capsys.readouterr().err
+
+
+def test_the_exporter_a_recipe_gets(tmp_path, tiny_images):
+    """No export section: dynamo at opset 18. Opset 17 without an exporter (recipes and bundles from before dynamo
+    became the default): TorchScript, the exporter that writes it. TorchScript stays a choice at any opset."""
+    from conftest import write_tiny_recipe
+
+    def got(export):
+        r = load_recipe(write_tiny_recipe(tmp_path, tiny_images, export=export))
+        return r.exporter, r.opset
+
+    assert got({}) == ("dynamo", 18)
+    assert got({"opset": 19}) == ("dynamo", 19)
+    assert got({"opset": 17}) == ("torchscript", 17)
+    assert got({"opset": 18, "exporter": "torchscript"}) == ("torchscript", 18)
+    with pytest.raises(RecipeError, match="must be dynamo or torchscript, not 'jit'"):
+        got({"exporter": "jit"})

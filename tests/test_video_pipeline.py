@@ -73,7 +73,11 @@ def write_recipe(folder: Path, arch: str, clips: dict[str, Path], **sections) ->
          # random weights are below bicubic: the quality gate is reported, not enforced (test_quality_gate.py is)
          "validate": {"latency_warmup": 0, "latency_runs": 1, "max_drop_vs_dense_db": None,
                       "min_gain_vs_baseline_db": None},
-         "structured": {"round_to": 2, "ssl_steps": 2, "delta": 1e-3, "grow_every": 1}, **sections}
+         "structured": {"round_to": 2, "ssl_steps": 2, "delta": 1e-3, "grow_every": 1},
+         # TorchScript for speed (a tiny video graph: seconds, vs minutes through dynamo); export={} is the
+         # default (dynamo), which test_streamvsr_with_rsc_through_the_default_dynamo_exporter and
+         # test_basicvsr.py's clip graph test cover
+         "export": {"opset": 17, "exporter": "torchscript"}, **sections}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{arch}.yaml"
     path.write_text(yaml.safe_dump(r))
@@ -315,14 +319,15 @@ def test_pruned_graph_has_narrower_plain_convs_and_the_dense_ops(request, which)
     ops, dense_ops = op_types(pruned), op_types(dense)
     if not rsc:
         assert ops == dense_ops  # no Gather/Scatter/Slice added by pruning
-    else:  # Residual Sparsity Connections: Gather (read) and ScatterElements (index add) per narrowed group
-        from sls_deploy.stages.export import RSC_OPS
+    else:  # Residual Sparsity Connections: Gather (read) and a scatter (index add: ScatterElements from the
+        # TorchScript exporter, ScatterND from dynamo's) per narrowed group
+        from sls_deploy.stages.export import RSC_OPS, SCATTER_OPS
 
         extra = {k for k in set(ops) | set(dense_ops) if ops.get(k, 0) != dense_ops.get(k, 0)}
         assert extra <= RSC_OPS | {"Add"}
         reads = sum(1 for g in rsc if not g["producers"])
         assert ops.get("Gather", 0) - dense_ops.get("Gather", 0) >= reads
-        assert ops.get("ScatterElements", 0) - dense_ops.get("ScatterElements", 0) >= len(rsc) - reads
+        assert sum(ops.get(k, 0) - dense_ops.get(k, 0) for k in SCATTER_OPS) >= len(rsc) - reads
     pw = {w.tensor: w.shape for w in graph_weights(pruned) if w.op == "Conv"}
     dw = {w.tensor: w.shape for w in graph_weights(dense) if w.op == "Conv"}
     assert pw["upconv2.weight"][0] < dw["upconv2.weight"][0] or pw["upconv1.weight"][0] < dw["upconv1.weight"][0]
@@ -741,14 +746,14 @@ def test_upscale_a_video_with_a_video_model(request, which, tmp_path, capsys):
     assert code == 2 and "is a video model; give it videos" in capsys.readouterr().err
 
 
-def test_streamvsr_with_rsc_through_the_dynamo_exporter(tmp_path, clips):
-    """export.exporter: dynamo lowers RSC's index add to Transpose + ScatterND (reduction add): the export
-    checks accept it as the RSC scatter, the FP16 graph keeps ScatterND in FP32 (ONNX Runtime's CPU provider has
-    no FP16 ScatterND-add), and the step graph matches PyTorch over the clips with its state fed back."""
+def test_streamvsr_with_rsc_through_the_default_dynamo_exporter(tmp_path, clips):
+    """The default exporter (no export section: dynamo, opset 18) on the step graph. It lowers RSC's index add to
+    Transpose + ScatterND (reduction add): the export checks accept it as the RSC scatter, the FP16 graph keeps
+    ScatterND in FP32 (ONNX Runtime's CPU provider has no FP16 ScatterND-add), and the step graph matches PyTorch
+    over the clips with its state fed back."""
     import onnx
 
-    recipe = write_recipe(tmp_path, "streamvsr", clips, export={"opset": 18, "exporter": "dynamo"},
-                          precision={"graphs": ["fp32", "fp16"]})
+    recipe = write_recipe(tmp_path, "streamvsr", clips, export={}, precision={"graphs": ["fp32", "fp16"]})
     weights = write_weights(recipe, tmp_path / "w.safetensors")
     out = tmp_path / "bundle"
     # uniform L1 narrows every group, the RSC read/write groups included (at 0.35 the rounding's leftover, spent
@@ -756,6 +761,8 @@ def test_streamvsr_with_rsc_through_the_dynamo_exporter(tmp_path, clips):
     rep = build_bundle(load_recipe(recipe), out, budget=0.35, method="l1", weights=str(weights), progress=False,
                        log=lambda s: None)
     assert rep["checks"]["onnx_vs_torch"] is True
+    info = json.loads((out / "manifest.json").read_text())["stages"]["export"]["result"]
+    assert info["exporter"] == "dynamo" and info["opset"] == 18 and info["graph"] == "step"
     plan = json.loads((out / "plan.json").read_text())
     narrowed_writes = [g for g in plan["groups"] if g.get("index") and g["producers"]
                        and g["kept_units"] < g["dense_units"]]

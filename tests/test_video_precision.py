@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import torchscript
 
 from sls_deploy.core.errors import ExportError
 from sls_deploy.models import get_adapter
@@ -70,7 +71,8 @@ def graphs(tmp_path_factory):
     for arch in ARCHS:
         adapter, cfg, model = built(arch)
         path = tmp_path_factory.mktemp(arch) / "model.onnx"
-        export_onnx(adapter.export_module(model), adapter.export_spec(cfg), adapter.example_input(cfg, 16, 16), path)
+        export_onnx(adapter.export_module(model), torchscript(adapter.export_spec(cfg)),
+                    adapter.example_input(cfg, 16, 16), path)
         out[arch] = (adapter, cfg, model, onnx.load(str(path)))
     return out
 

@@ -1,7 +1,7 @@
 """Backends behind one interface, and the checks of a backend against the PyTorch reference at every shape.
 
-Backends follow Polygraphy's runner style: ONNX Runtime runs through Polygraphy's ``OnnxrtRunner`` and
-``SessionFromOnnx`` loaders, so the TensorRT runner (engine stage) drops in beside it.
+Backends follow Polygraphy's runner style: ONNX Runtime runs through Polygraphy's ``OnnxrtRunner`` (on a
+``ShrinkingSession``: bounded memory), so the TensorRT runner (engine stage) drops in beside it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sls_deploy.core.errors import ValidationError
+from sls_deploy.core.memory import release_freed_memory
 
 
 def quiet_polygraphy() -> None:
@@ -38,14 +39,46 @@ def onnx_inputs(path: Path) -> dict[str, type]:
             for i in graph.input if i.name not in inits}
 
 
+class ShrinkingSession:
+    """An ONNX Runtime session (``providers_for(device)``) that hands its CPU arena's memory back after every run.
+
+    The checks run each graph at shapes up to the profile's maximum (EDSR: 270x480 LR, 1920x1080 out), one after
+    another: a session's arena would keep the largest run's buffers (~0.7 GB each for EDSR-baseline) for as long
+    as the session lives, and every graph's session is open at once. ONNX Runtime's own shrinkage
+    (``memory.enable_memory_arena_shrinkage``) frees them at the end of each run; the session options, so the
+    kernels and outputs, are those of Polygraphy's ``SessionFromOnnx``. Polygraphy's ``OnnxrtRunner`` takes it
+    as its session (it calls ``run``, ``get_inputs`` and ``get_outputs``)."""
+
+    def __init__(self, path: str | os.PathLike, device=None):
+        import onnxruntime as ort
+
+        from sls_deploy.backends.providers import session
+
+        so = ort.SessionOptions()
+        try:  # the thread counts SessionFromOnnx sets
+            so.intra_op_num_threads = so.inter_op_num_threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # no sched_getaffinity (not Linux)
+            so.intra_op_num_threads = so.inter_op_num_threads = 1
+        self.session = session(path, device, so)  # providers_for(device); the shrinkage below is the CPU arena's
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def run(self, output_names, feed, run_options=None):
+        return self.session.run(output_names, feed, run_options or self.run_options)
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+
 @contextlib.contextmanager
 def ort_infer(onnx_path: str | os.PathLike, input_name: str = "lr", output_name: str = "sr",
               device=None) -> Iterator:
     """An ``infer(lr_tensor) -> np.ndarray`` function backed by ONNX Runtime (via Polygraphy), on
     ``providers_for(device)``: the CPU unless the device is a GPU and onnxruntime-gpu is installed."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-
-    from sls_deploy.backends.providers import providers_for
+    from polygraphy.backend.onnxrt import OnnxrtRunner
 
     quiet_polygraphy()
     path = Path(onnx_path)
@@ -55,7 +88,7 @@ def ort_infer(onnx_path: str | os.PathLike, input_name: str = "lr", output_name:
     if input_name not in inputs:
         raise ValidationError(f"{path.name} has no input '{input_name}' (inputs: {', '.join(inputs) or 'none'})")
     dtype = inputs[input_name]
-    with OnnxrtRunner(SessionFromOnnx(str(path), providers=providers_for(device))) as runner:
+    with OnnxrtRunner(lambda: ShrinkingSession(path, device)) as runner:
 
         def infer(lr: torch.Tensor) -> np.ndarray:
             out = runner.infer({input_name: lr.detach().cpu().numpy().astype(dtype)})[output_name]
@@ -121,34 +154,57 @@ def check_shapes(reference, backends: dict[str, tuple[str, object]], files: Sequ
     real content. A row fails when the output shape is wrong, the PSNR drop vs the reference exceeds the
     precision's limit, or (FP32) the max abs difference exceeds the tolerance.
     """
-    from sls_deploy.data.images import pair_at_size, quantize, to_image
-    from sls_deploy.data.metrics import psnr, ssim
-
     y = channel == "y"
     results = []
     for label, hw in sizes:
         acc = {name: {"max": 0.0, "mean": [], "pref": [], "gt": [], "ssim": [], "shape": None} for name in backends}
         ref_gt, extended = [], 0
         for f in files:
-            hr, lr, ext = pair_at_size(f, scale, hw, degradation)
+            # one image at a time, its arrays gone before the next one's models run (at the profile's maximum the
+            # reference and ground truth are 50 MB each, and every model run needs ~0.6 GB on top)
+            ref_psnr, ext = _check_image(reference, backends, acc, f, scale, hw, y, degradation)
+            ref_gt.append(ref_psnr)
             extended += ext
-            gt = quantize(to_image(hr))
-            with torch.no_grad():
-                ref = np.clip(_as_array(reference(lr)), 0, 1).astype(np.float64)
-            ref_gt.append(psnr(quantize(to_image(ref)), gt, scale, y))
-            for name, (_, infer) in backends.items():
-                a = acc[name]
-                out = _diff_into(a, _as_array(infer(lr)), ref)
-                if out is None:
-                    continue
-                a["pref"].append(psnr(out[0].transpose(1, 2, 0) * 255.0, ref[0].transpose(1, 2, 0) * 255.0))
-                img = quantize(to_image(out))
-                a["gt"].append(psnr(img, gt, scale, y))
-                a["ssim"].append(ssim(img, gt, scale, y))
             if progress:
                 progress()
         results += _rows(acc, backends, (1, 3, hw[0] * scale, hw[1] * scale), label, hw, ref_gt, extended, limits)
     return results
+
+
+def _check_image(reference, backends: dict, acc: dict, file: Path, scale: int, hw: tuple[int, int], y: bool,
+                 degradation) -> tuple[float, bool]:
+    """The reference and every backend on one image at one LR size, scored into ``acc``; the reference's PSNR vs
+    the ground truth, and whether the image was mirror-extended. Freed memory goes back to the OS before each
+    model runs, so a run at the profile's maximum finds only what it needs resident."""
+    from sls_deploy.data.images import pair_at_size, quantize, to_image
+    from sls_deploy.data.metrics import psnr
+
+    hr, lr, extended = pair_at_size(file, scale, hw, degradation)
+    gt = quantize(to_image(hr))
+    del hr
+    release_freed_memory()
+    with torch.no_grad():
+        ref = np.clip(_as_array(reference(lr)), 0, 1).astype(np.float64)
+    ref_psnr = psnr(quantize(to_image(ref)), gt, scale, y)
+    for name, (_, infer) in backends.items():
+        release_freed_memory()
+        _score_into(acc[name], _as_array(infer(lr)), ref, gt, scale, y)
+    return ref_psnr, extended
+
+
+def _score_into(a: dict, out: np.ndarray, ref: np.ndarray, gt: np.ndarray, scale: int, y: bool) -> None:
+    """One backend's output on one image: its difference from the reference, PSNR vs the reference, PSNR and
+    SSIM vs the ground truth (nothing but the shape when the shape is wrong)."""
+    from sls_deploy.data.images import quantize, to_image
+    from sls_deploy.data.metrics import psnr, ssim
+
+    out = _diff_into(a, out, ref)
+    if out is None:
+        return
+    a["pref"].append(psnr(out[0].transpose(1, 2, 0) * 255.0, ref[0].transpose(1, 2, 0) * 255.0))
+    img = quantize(to_image(out))
+    a["gt"].append(psnr(img, gt, scale, y))
+    a["ssim"].append(ssim(img, gt, scale, y))
 
 
 def _diff_into(a: dict, out: np.ndarray, ref: np.ndarray) -> np.ndarray | None:
@@ -195,16 +251,14 @@ def onnx_runner(onnx_path: str | os.PathLike, device=None):
     """An (inactive) Polygraphy ``OnnxrtRunner`` (``providers_for(device)``; the CPU by default): the FP32
     reference of the TensorRT checks, and the stand-in for ``TrtRunner`` where there is no TensorRT. Drive it
     with ``backends.drive``."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-
-    from sls_deploy.backends.providers import providers_for
+    from polygraphy.backend.onnxrt import OnnxrtRunner
 
     quiet_polygraphy()
     path = Path(onnx_path)
     if not path.is_file():
         raise ValidationError(f"ONNX file not found: {path}")
     onnx_inputs(path)  # a corrupt file is a one-line ValidationError here, not a traceback at activate()
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers_for(device)))
+    return OnnxrtRunner(lambda: ShrinkingSession(path, device))
 
 
 def clip_pair_at_size(source, clip_len: int, scale: int,

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 from sls_deploy.core.device import ComputeSection
 from sls_deploy.core.errors import RecipeError, UsageError, short_repr
 from sls_deploy.core.numbers import (MAX_COUNT, MAX_LATENCY_RUNS, MAX_SIDE, MAX_STEPS, MAX_WORKSPACE_MB, as_float,
-                                      as_int)
+                                     as_int)
 from sls_deploy.core.safe_yaml import load_yaml
-from sls_deploy.models import ModelAdapter, ModelConfig, get_adapter
+from sls_deploy.models import DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS, ModelAdapter, ModelConfig, get_adapter
 from sls_deploy.pruning.target import DEFAULT_TARGET, TARGETS
 
 if TYPE_CHECKING:
@@ -439,13 +439,16 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError(f"reference_output must be [width, height], not {short_repr(ref)}")
     ref = tuple(as_int(v, f"reference_output {what}", model_cfg.scale, MAX_OUTPUT_SIDE)
                 for v, what in zip(ref, ("width", "height")))
-    opset = as_int(export.get("opset", 17), "export.opset", 17)
+    opset = as_int(export.get("opset", DEFAULT_OPSET), "export.opset", 17)
     m = as_int(sparsity.get("m", 4), "sparsity.m")
-    exporter = str(export.get("exporter", "torchscript"))
-    if exporter not in ("torchscript", "dynamo"):
-        raise RecipeError(f"export.exporter must be torchscript or dynamo, not {short_repr(exporter)}")
+    # the default exporter writes opset 18 or later: a recipe asking for opset 17 without naming an exporter (every
+    # recipe and bundle from before dynamo became the default) keeps the TorchScript exporter, the one that writes it
+    exporter = str(export.get("exporter", DEFAULT_EXPORTER if opset >= 18 else "torchscript"))
+    if exporter not in EXPORTERS:
+        raise RecipeError(f"export.exporter must be dynamo or torchscript, not {short_repr(exporter)}")
     if exporter == "dynamo" and opset < 18:
-        raise RecipeError("export.exporter dynamo writes opset 18 or later: set export.opset: 18")
+        raise RecipeError("export.exporter dynamo writes opset 18 or later: set export.opset: 18, "
+                          "or export.exporter: torchscript for opset 17")
     if m not in (4, 8, 16, 32):
         raise RecipeError(f"sparsity.m must be 4, 8, 16 or 32, not {m}")
     target = str(sparsity.get("target", DEFAULT_TARGET))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from sls_deploy.core.errors import RecipeError
-from sls_deploy.models.base import ChannelGroup, ExportSpec, LayerDecl, ModelAdapter, ModelConfig
+from sls_deploy.models.base import (DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS, ChannelGroup, ExportSpec, LayerDecl,
+                                    ModelAdapter, ModelConfig)
 from sls_deploy.models.basicvsr import BasicVSRAdapter, StreamVSRAdapter
 from sls_deploy.models.deblur import DeblurAdapter
 from sls_deploy.models.edsr import EDSRAdapter
@@ -23,4 +24,5 @@ def known_archs() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-__all__ = ["ChannelGroup", "ExportSpec", "LayerDecl", "ModelAdapter", "ModelConfig", "get_adapter", "known_archs"]
+__all__ = ["DEFAULT_EXPORTER", "DEFAULT_OPSET", "EXPORTERS", "ChannelGroup", "ExportSpec", "LayerDecl", "ModelAdapter",
+           "ModelConfig", "get_adapter", "known_archs"]

@@ -19,6 +19,13 @@ from sls_deploy.core.errors import RecipeError
 from sls_deploy.data.degradations import BicubicDown, Degradation
 
 
+# torch.onnx's exporters: "dynamo" (torch.export-based, dynamo=True; opset >= 18) is the default, "torchscript"
+# (dynamo=False) stays an option: PyTorch deprecated it in 2.9.
+EXPORTERS = ("dynamo", "torchscript")
+DEFAULT_EXPORTER = "dynamo"
+DEFAULT_OPSET = 18
+
+
 @dataclass(frozen=True)
 class ExportSpec:
     """Declarative description of a model's ONNX interface (in the spirit of Optimum's OnnxConfig)."""
@@ -26,8 +33,8 @@ class ExportSpec:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     dynamic_axes: Mapping[str, Mapping[int, str]]
-    opset: int = 17
-    exporter: str = "torchscript"  # torch.onnx's exporter: "torchscript" (dynamo=False) or "dynamo" (torch.export)
+    opset: int = DEFAULT_OPSET
+    exporter: str = DEFAULT_EXPORTER  # one of EXPORTERS
     # Step graphs of streaming models: {input name: the name whose value it takes at the next step}, e.g.
     # {"hidden": "hidden_out", "prev_lr": "lr"} (an output, or an input of the previous step). Empty for
     # graphs that are run once per input.

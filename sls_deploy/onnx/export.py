@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -44,8 +45,23 @@ def _require_onnxscript() -> None:
     try:
         import onnxscript  # noqa: F401  (imported only to say it is missing)
     except ImportError:
-        raise ExportError("export.exporter: dynamo needs onnxscript: pip install 'sls-deploy[dynamo]' "
-                          "(or pip install onnxscript)") from None
+        raise ExportError("export.exporter dynamo (the default) needs onnxscript, a dependency of sls-deploy: "
+                          "pip install onnxscript (or set export.exporter: torchscript)") from None
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter prints its progress on stdout and logs a warning per torchvision op it skips; the
+    TorchScript exporter warns that it is deprecated. Keep stdout parseable (``--json``) and stderr for errors."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def export_onnx(model: torch.nn.Module, spec: ExportSpec, example: torch.Tensor | tuple[torch.Tensor, ...],
@@ -63,19 +79,16 @@ def export_onnx(model: torch.nn.Module, spec: ExportSpec, example: torch.Tensor 
     if spec.exporter == "dynamo":
         _require_onnxscript()
     with atomic_path(path) as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        with _quiet_exporter():
             try:
                 if spec.exporter == "dynamo":  # the torch.export-based exporter (needs onnxscript)
                     # a dynamic axis traced at size 1 would be specialised to 1: trace the batch at 2
                     args = tuple(a.repeat(2, *([1] * (a.dim() - 1)))
                                  if 0 in spec.dynamic_axes.get(n, {}) and a.shape[0] == 1 else a
                                  for n, a in zip(spec.input_names, args))
-                    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress on stdout
-                        torch.onnx.export(model, args, str(tmp), dynamo=True, opset_version=spec.opset,
-                                          input_names=list(spec.input_names), output_names=list(spec.output_names),
-                                          dynamic_shapes=_dynamic_shapes(spec, args), external_data=False,
-                                          verbose=False)
+                    torch.onnx.export(model, args, str(tmp), dynamo=True, opset_version=spec.opset,
+                                      input_names=list(spec.input_names), output_names=list(spec.output_names),
+                                      dynamic_shapes=_dynamic_shapes(spec, args), external_data=False, verbose=False)
                 else:
                     torch.onnx.export(
                         model, args, str(tmp), dynamo=False, opset_version=spec.opset,

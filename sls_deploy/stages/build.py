@@ -19,6 +19,7 @@ from sls_deploy.core import distributed as dist
 from sls_deploy.core.bundle import RECIPE, Bundle
 from sls_deploy.core.device import Compute, resolve_compute
 from sls_deploy.core.errors import BundleError
+from sls_deploy.core.memory import release_between_stages
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.nm import Plan
 from sls_deploy.stages.export import run_export
@@ -119,6 +120,7 @@ def build(run: Run) -> dict:
         if name == "validate":
             rep = result
         run.log(f"  {name} done in {time.perf_counter() - t0:.1f}s")
+        release_between_stages()
     run.log(f"build finished in {time.perf_counter() - t_all:.1f}s -> {run.bundle.root}")
     return rep
 

@@ -43,7 +43,8 @@ def dense_graph(bundle: Bundle, recipe, dense, dense_sha: str) -> Path:
     """The dense base model as FP32 ONNX in work/ (exported once per base weights)."""
     path = bundle.work / DENSE_ONNX
     stamp = bundle.work / (DENSE_ONNX + ".sha256")
-    key = digest({"weights": dense_sha, "opset": recipe.opset, "model": recipe.model.options})
+    key = digest({"weights": dense_sha, "opset": recipe.opset, "exporter": recipe.exporter,
+                  "model": recipe.model.options})
     if path.is_file() and stamp.is_file() and stamp.read_text() == key:
         return path
     bundle.work.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ def run_export(run: Run) -> dict[str, Any]:
     if "int8" in s.precisions:  # read (and reject) calibration data before anything is written
         feeds, hashes = calibration_feeds(recipe, s)
     inputs = {"weights": atomic.sha256_file(bundle.path(WEIGHTS)), "plan": atomic.sha256_file(bundle.path(PLAN)),
-              "opset": recipe.opset, "model": recipe.model.options,
+              "opset": recipe.opset, "exporter": recipe.exporter, "model": recipe.model.options,
               "precision": {"graphs": s.precisions, "calib": hashes, "method": s.calib_method,
                             "percentile": recipe.precision.percentile, "io": s.io}}
     if base is not None:
@@ -89,7 +90,7 @@ def _export(run: Run, plan, base: Path | None, feeds, hashes) -> StageOutput:
     island_ops = tuple(adapter.fp32_island_ops())
     staged = bundle.work / "fp32.onnx"  # the FP32 graph takes its final name only once every check passed
     export_onnx(adapter.export_module(model), spec, adapter.example_input(recipe.model, 32, 32), staged)
-    info: dict[str, Any] = {"opset": recipe.opset, "graphs": {}, "fp32_islands": islands,
+    info: dict[str, Any] = {"opset": recipe.opset, "exporter": recipe.exporter, "graphs": {}, "fp32_islands": islands,
                             "fp32_island_ops": list(island_ops), "inputs": list(spec.input_names),
                             "outputs": list(spec.output_names), "recurrent": dict(spec.recurrent),
                             "frames_per_run": modalities.frames_per_run(adapter.example_input(recipe.model, 16, 16)),

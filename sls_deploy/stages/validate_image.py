@@ -19,6 +19,7 @@ from sls_deploy.report import document as report_mod
 from sls_deploy.report import plots as report_plots
 from sls_deploy.core.bundle import ONNX, PLAN, REPORT_JSON, REPORT_MD, WEIGHTS, Bundle, digest
 from sls_deploy.core.errors import SlsError
+from sls_deploy.core.memory import release_freed_memory
 from sls_deploy.core.opening import open_for_use
 from sls_deploy.core.safe_json import load_json
 from sls_deploy.data import load_pair, resolve_images
@@ -97,6 +98,7 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
         q_bic = evaluate(baseline_infer(deg), eval_files, scale, ch, degradation=deg)
         q_dense = evaluate(torch_infer(dense), eval_files, scale, ch, degradation=deg)
         q_pruned = evaluate(torch_infer(pruned), eval_files, scale, ch, degradation=deg)
+        release_freed_memory()  # the latency sessions' arena comes on top of what is resident now
         latency = (_latency(bundle, recipe, dense, pruned, atomic.sha256_file(base), vopts, runs, warmup, bar.update,
                             device)
                    if vopts.latency
@@ -184,7 +186,7 @@ def _latency(bundle: Bundle, recipe: Recipe, dense, pruned, dense_sha: str, vopt
              warmup: int, progress, device=None) -> dict:
     """Dense vs pruned on the same backend and input, interleaved, at each latency size; labelled with the
     provider (ONNX Runtime) or PyTorch and the device they ran on."""
-    from sls_deploy.backends.latency import ort_call, ort_session, time_side_by_side
+    from sls_deploy.backends.latency import ort_call, ort_session, release_shared_arena, time_side_by_side
     from sls_deploy.backends.providers import describe
     from sls_deploy.core.device import device_name, synchronize
 
@@ -223,6 +225,9 @@ def _latency(bundle: Bundle, recipe: Recipe, dense, pruned, dense_sha: str, vopt
         t = time_side_by_side(calls, warmup, runs, progress=per_size_progress)
         out["sizes"].append({"lr_hw": [h, w], "dense": t["dense"].to_json(), "pruned": t["pruned"].to_json(),
                              "ratio_pruned_over_dense": t["pruned"].median_ms / t["dense"].median_ms})
+    if vopts.backend == "ort":
+        small = recipe.adapter.example_input(recipe.model, 16, 16)
+        release_shared_arena(sessions.values(), {graph_spec(recipe).input_names[0]: small.numpy()})
     return out
 
 

@@ -227,7 +227,7 @@ def _latency(bundle: Bundle, recipe: Recipe, dense, dense_sha: str, spec, frames
              runs: int, warmup: int, progress, device=None) -> dict:
     """Dense vs pruned FP32 graphs in ONNX Runtime, interleaved, per frame at each latency size (labelled with
     the provider and the device they ran on)."""
-    from sls_deploy.backends.latency import ort_call, ort_session, time_side_by_side
+    from sls_deploy.backends.latency import ort_call, ort_session, release_shared_arena, time_side_by_side
     from sls_deploy.backends.providers import describe
     from sls_deploy.core.device import device_name
 
@@ -254,6 +254,9 @@ def _latency(bundle: Bundle, recipe: Recipe, dense, dense_sha: str, spec, frames
                       "runs": len(t[k].runs_ms)}
         row["ratio_pruned_over_dense"] = t["pruned"].median_ms / t["dense"].median_ms
         out["sizes"].append(row)
+    small = recipe.adapter.example_input(recipe.model, 16, 16)
+    release_shared_arena(sessions.values(), {n: a.numpy() for n, a in
+                                             zip(spec.input_names, small if isinstance(small, tuple) else (small,))})
     return out
 
 
