@@ -15,6 +15,9 @@ and the line holds what the fix promised where the case names it (the misleading
 issue were fixed by making the command work (the installed package, `validate x.tar.gz`, a `.tgz`, EXIF
 orientation, the stale temp file): those must exit 0 with no error line and change only what they name.
 
+A build on a full disk may keep the stages it finished (plan, weights) to resume from; every other full-disk case
+must leave the tmpfs as it found it, with no temporary file.
+
 Not run here: issue 23 item 2's 20-step quick-start EDSR build (minutes and ~1.5 GB; measured separately), nor
 items 8 (exporter) and 9 (memory), which are not hostile inputs. A full disk is made with a 4 MiB tmpfs in a
 private mount namespace (`unshare -rm`, as tests/test_fuzz.py does): /dev/full cannot stand in, since every
@@ -700,7 +703,7 @@ def _(inp, c):
     b = inp.copy(c / "b")
     r = run_exe(["finetune", str(b), "--steps", "0", "--no-progress"], inp.w, SETUP_TIMEOUT_S)
     return Spec(["validate", b, "--no-latency", "--no-progress"], want="export is no longer current",
-                shown=f"validate {rel(inp, b)} --no-latency (after `finetune --steps 0`: exit {r.code})")
+                shown=f"validate {rel(inp, b)} --no-latency (after 'finetune --steps 0': exit {r.code})")
 
 
 @case("s_steps_huge_train", "6", "silent", f"`--steps {BIG}` accepted (ETA 9e15 h); the recipe caps it at 1e7")
@@ -893,7 +896,9 @@ def run_case(k: Case, inp: Inputs, timeout: float) -> dict:
         r, inner = run_disk_full(spec, inp.w, limit)
     else:
         r, inner = run_exe(argv, inp.w, limit), []
-    changed = inner + changes(before, snapshot(inp.w), spec.allowed)
+    after = snapshot(inp.w)
+    changed = inner + changes(before, after, spec.allowed)
+    wrote = len(changes(before, after)) - len(changed) + len(inner)
     errs = error_lines(r.err)
     extra = [l for l in r.err.splitlines() if l.strip() and not l.startswith(("error:", "[", "  "))
              and not PROGRESS_BAR.search(l)]
@@ -931,11 +936,17 @@ def run_case(k: Case, inp: Inputs, timeout: float) -> dict:
         if extra_why:
             why.append(extra_why)
     return {**row, "exit": r.code, "error_lines": len(errs), "traceback": "Traceback" in r.err,
-            "error_line": line[:160] + ("..." if len(line) > 160 else ""), "error_line_chars": len(line),
+            "error_line": short_line(line, inp.w), "error_line_chars": len(line),
             "error_line_full": line[:MAX_LINE],
-            "seconds": round(r.seconds, 2), "changed": changed[:10],
+            "seconds": round(r.seconds, 2), "changed": changed[:10], "wrote_own_output": wrote,
             "verdict": "FAIL: " + "; ".join(why) if why else "OK",
             "stderr_tail": r.err[-1500:] if why else ""}
+
+
+def short_line(line: str, w: Path) -> str:
+    """The error line as shown: work-folder paths relative, cut at 160 characters (saying how long it was)."""
+    line = line.replace(f"{w}/", "")
+    return line if len(line) <= 160 else f"{line[:160]}... ({len(line)} chars)"
 
 
 def cell(s) -> str:
@@ -952,10 +963,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
            f"{meta['timeout']:.0f} s per refusal ({SETUP_TIMEOUT_S} s for a case that must run). Verdict OK: "
            "exit 1 or 2, exactly one `error:` line (under 400 chars, holding what the fix promised), no traceback, "
            "nothing under the work folder created/changed/removed, within the limit; a case marked *runs* must "
-           "exit 0 with no error line and change only its own output.", "",
+           "exit 0 with no error line and change only its own output. Work-folder paths are shown relative; "
+           "\"(same ...)\" rows are variants of the row above.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows, 1):
         ch = "; ".join(r["changed"]) if r["changed"] else "-"
+        if r.get("wrote_own_output"):
+            n = r["wrote_own_output"]
+            ch += f" (its own output: {n} {'entry' if n == 1 else 'entries'})"
         tb = "" if r["traceback"] is None else ("yes" if r["traceback"] else "no")
         cmd = f"`{cell(r['command'])}`" + (" *runs*" if r["expect"].startswith("runs") else "")
         out.append("| " + " | ".join(cell(x) for x in [
