@@ -9,6 +9,7 @@ when complete (atomic rename), so an interrupted run leaves no half-written file
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,13 +90,16 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def write_png(path: Path, img: np.ndarray) -> str:
-    """Write ``img`` as a PNG under ``path`` (atomically); returns its sha256."""
+    """Write ``img`` as a PNG under ``path`` (atomically); returns its sha256.
+
+    Encoded in memory, then written by us: when imageio's plugin holds the file, a full disk fails its close and
+    its ``__del__`` closes again at exit, printing an "Exception ignored ... No space left" traceback after the
+    one-line error."""
     import imageio.v3 as iio
 
-    with atomic.atomic_path(path) as tmp:
-        iio.imwrite(tmp, img, extension=".png")
-        digest = atomic.sha256_file(tmp)
-    return digest
+    data = iio.imwrite("<bytes>", img, extension=".png")
+    atomic.write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
