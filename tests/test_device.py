@@ -120,7 +120,7 @@ def test_sls_search_step_on_the_model_device(tmp_path, tiny_images):
 
 
 def test_ssl_scales_step_on_the_model_device(tmp_path, tiny_images):
-    from sls_deploy.pruning.channels.structured import ChannelScales
+    from sls_deploy.pruning.channels.scales import ChannelScales
 
     recipe_path = write_tiny_recipe(tmp_path, tiny_images)
     recipe = load_recipe(recipe_path)

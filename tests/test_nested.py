@@ -18,7 +18,10 @@ from sls_deploy.core.errors import PlanError
 from sls_deploy.data.patches import PatchSampler
 from sls_deploy.models import get_adapter
 from sls_deploy.pruning.channels.masks import UnitMasks, is_nested
-from sls_deploy.pruning.channels.structured import GroupCosts, l1_importance, slice_into, widths_of
+from sls_deploy.pruning.channels.costs import GroupCosts
+from sls_deploy.pruning.channels.groups import widths_of
+from sls_deploy.pruning.channels.importance import l1_importance
+from sls_deploy.pruning.channels.slicing import slice_into
 from sls_deploy.training.loop import TrainConfig
 
 ADAPTER = get_adapter("edsr")
