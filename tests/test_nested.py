@@ -150,7 +150,7 @@ def test_nested_family_build(tmp_path, tiny_recipe, tiny_weights, capsys):
         assert all(torch.equal(weights[k].float(), expected[k].float()) for k in weights)
         assert plan.search["selection"].startswith("given")
     # a member's kept-units file whose shared weights changed is refused in one line
-    from sls_deploy.stages.search import read_units_file
+    from sls_deploy.pruning.channels.search import read_units_file
     record = json.loads((fam / NESTED_DIR / "b0.45.json").read_text())
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(record | {"shared_sha256": "0" * 64}))
