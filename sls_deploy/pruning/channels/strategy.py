@@ -118,9 +118,6 @@ class Ssl(ChannelStrategy):
     name = "ssl"
     learns_scales = True
 
-    def short_steps_note(self, s, allowed: int, need: int) -> str:
-        return f"{s.method}'s search phase takes {allowed} steps instead of {need} (structured.ssl_steps)"
-
     def search_inputs(self, s, recipe, allowed: int) -> dict[str, Any]:
         return {**super().search_inputs(s, recipe, allowed), "ssl": s.structured(recipe).__dict__, "data": s.data,
                 "ft": recipe.finetune.__dict__, "target": s.target, "precisions": list(s.precisions)}
