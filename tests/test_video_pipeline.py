@@ -401,7 +401,10 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tmp_path, clips, monke
 
 
 def test_methods_agree():
-    assert CHANNEL_METHODS == registry.CHANNEL_METHODS and NM_METHODS == registry.NM_METHODS
+    strategies = registry.STRATEGIES
+    assert {n for n, s in strategies.items() if s.user_method} == set(NM_METHODS + CHANNEL_METHODS)
+    assert all(strategies[n].family == "nm" for n in NM_METHODS)
+    assert all(strategies[n].family == "channels" for n in CHANNEL_METHODS)
 
 
 @pytest.mark.parametrize("budget", ["0", "1.5"])
