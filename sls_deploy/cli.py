@@ -15,13 +15,12 @@ import click
 from sls_deploy import __version__
 from sls_deploy.core.errors import SlsError, ValidationError, one_line
 from sls_deploy.core.numbers import MAX_COUNT, MAX_LATENCY_RUNS, MAX_SIDE, MAX_STEPS, MAX_WORKSPACE_MB
-from sls_deploy.pruning.target import TARGET_HELP, TARGETS
+from sls_deploy.core.vocabulary import CHANNEL_METHODS, NM_METHODS, SELECTIONS, TARGETS
+from sls_deploy.pruning.target import TARGET_HELP
 
 BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
 SEED = click.IntRange(0, 2**31 - 1)
 STEPS = click.IntRange(0, MAX_STEPS)  # the recipe's cap: a number no run finishes is a usage error, not an ETA
-NM_METHODS = ("sls", "oneshot", "srste")  # = pruning.registry's, not imported: --help stays fast
-CHANNEL_METHODS = ("ssl", "l1", "l1-global", "hybrid")
 
 
 def _recipe_options(f):
@@ -82,7 +81,7 @@ def _video_options(f):
                           "inner channels and the upsampler; --keep-full '*.read' --keep-full '*.write' turns off "
                           "the video models' Residual Sparsity Connections; --keep-full none prunes every group "
                           "(default: the recipe's structured.keep_full; EDSR's: stream).")(f)
-    f = click.option("--selection", type=click.Choice(["normalised", "raw", "fisher"]), default=None,
+    f = click.option("--selection", type=click.Choice(list(SELECTIONS)), default=None,
                      help="ssl/hybrid: how the kept widths are chosen under the budget: one threshold on per-group "
                           "normalised |learned scale| (normalised), on the raw |scale| of every unit (raw, as SSL's "
                           "public code), or on each unit's Fisher saliency per MAC saved, measured on the base model "
@@ -277,7 +276,7 @@ def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, we
     new or matching bundle."""
     from sls_deploy.config.recipe import resolve_recipe
     from sls_deploy.core import distributed as dist
-    from sls_deploy.pruning.nm import Plan
+    from sls_deploy.pruning.registry import strategy_of
     from sls_deploy.stages.build import default_out, search_or_release, start
 
     recipe = resolve_recipe(model_name, recipe_path)
@@ -289,15 +288,7 @@ def search(model_name, recipe_path, budget, method, lam, alpha, n, target, m, we
     plan = search_or_release(start(recipe, settings, out_dir, _log, not no_progress, compute))
     if not dist.is_main():
         return
-    if isinstance(plan, Plan):
-        ns = sorted({l.n for l in plan.layers})
-        click.echo(f"{out_dir / 'plan.json'}: {plan.method}, {len(plan.layers)} layers at N in {ns} of M={plan.m}, "
-                   f"MACs ratio {plan.ratio:.3f}, cost on --target {plan.target} {plan.target_ratio:.3f}")
-    else:
-        click.echo(f"{out_dir / 'plan.json'}: {plan.method}, widths "
-                   f"{', '.join(f'{g.name}={g.kept_units}/{g.dense_units}' for g in plan.groups)}, "
-                   f"MACs ratio {plan.ratio:.3f}, cost on --target {plan.target} {plan.target_ratio:.3f}"
-                   + (f", {len(plan.nm_layers)} layers at 2:4" if plan.nm_layers else ""))
+    click.echo(f"{out_dir / 'plan.json'}: {strategy_of(plan).search_line(plan)}")
 
 
 @cli.command("import-sls")

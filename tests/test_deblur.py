@@ -23,7 +23,8 @@ from sls_deploy.models import get_adapter
 from sls_deploy.models.deblur import DeblurNet
 from sls_deploy.modalities.image import baseline_infer, bicubic_infer, evaluate
 from sls_deploy.onnx.export import export_onnx
-from sls_deploy.pruning.channels.structured import check_groups, slice_into, unit_count, zero_units
+from sls_deploy.pruning.channels.groups import check_groups, unit_count
+from sls_deploy.pruning.channels.slicing import slice_into, zero_units
 
 ADAPTER = get_adapter("deblur")
 

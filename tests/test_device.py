@@ -108,6 +108,7 @@ def test_finetune_step_on_the_model_device_writes_cpu_checkpoints(tmp_path, tiny
 
 def test_sls_search_step_on_the_model_device(tmp_path, tiny_images):
     from sls_deploy.pruning.nm.search import search_sls, split_layers
+    from sls_deploy.training.loop import TrainConfig, train
 
     recipe_path = write_tiny_recipe(tmp_path, tiny_images)
     recipe = load_recipe(recipe_path)
@@ -115,12 +116,14 @@ def test_sls_search_step_on_the_model_device(tmp_path, tiny_images):
     with FakeDevice():
         split = split_layers(recipe, model, 4, "none")
         plan, info = search_sls(recipe, model, split, 0.6, recipe.sls, sampler(recipe_path), max_steps=2, lr=1e-3,
-                                checkpoint=tmp_path / "s.ckpt", run_key="k", seed=0, progress=False)
+                                seed=0, train=lambda m, d, controller, desc, **cfg: train(
+                                    m, d, TrainConfig(**cfg), checkpoint=tmp_path / "s.ckpt", resume=True,
+                                    run_key="k", controller=controller, desc=desc, progress=False))
     assert info["steps"] >= 1 and plan.layers and all_fake(model) and plan.ratio <= 0.6 + 1e-9
 
 
 def test_ssl_scales_step_on_the_model_device(tmp_path, tiny_images):
-    from sls_deploy.pruning.channels.structured import ChannelScales
+    from sls_deploy.pruning.channels.scales import ChannelScales
 
     recipe_path = write_tiny_recipe(tmp_path, tiny_images)
     recipe = load_recipe(recipe_path)

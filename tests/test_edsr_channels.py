@@ -17,17 +17,12 @@ from sls_deploy.core.errors import PlanError, RecipeError
 from sls_deploy.models import ChannelGroup, get_adapter
 from sls_deploy.models.base import ModelConfig
 from sls_deploy.pruning.channels.plan import GroupPlan, LayerCost, StructuredPlan
-from sls_deploy.pruning.channels.structured import (
-    ChannelScales,
-    GroupCosts,
-    check_groups,
-    l1_importance,
-    select_global,
-    select_uniform,
-    slice_into,
-    widths_of,
-    zero_units,
-)
+from sls_deploy.pruning.channels.costs import GroupCosts
+from sls_deploy.pruning.channels.groups import check_groups, widths_of
+from sls_deploy.pruning.channels.importance import l1_importance
+from sls_deploy.pruning.channels.scales import ChannelScales
+from sls_deploy.pruning.channels.selection import select_global, select_uniform
+from sls_deploy.pruning.channels.slicing import slice_into, zero_units
 from sls_deploy.pruning.macs import layer_macs
 
 ADAPTER = get_adapter("edsr")

@@ -18,7 +18,10 @@ from sls_deploy.core.errors import PlanError
 from sls_deploy.data.patches import PatchSampler
 from sls_deploy.models import get_adapter
 from sls_deploy.pruning.channels.masks import UnitMasks, is_nested
-from sls_deploy.pruning.channels.structured import GroupCosts, l1_importance, slice_into, widths_of
+from sls_deploy.pruning.channels.costs import GroupCosts
+from sls_deploy.pruning.channels.groups import widths_of
+from sls_deploy.pruning.channels.importance import l1_importance
+from sls_deploy.pruning.channels.slicing import slice_into
 from sls_deploy.training.loop import TrainConfig
 
 ADAPTER = get_adapter("edsr")
@@ -147,7 +150,7 @@ def test_nested_family_build(tmp_path, tiny_recipe, tiny_weights, capsys):
         assert all(torch.equal(weights[k].float(), expected[k].float()) for k in weights)
         assert plan.search["selection"].startswith("given")
     # a member's kept-units file whose shared weights changed is refused in one line
-    from sls_deploy.stages.search import read_units_file
+    from sls_deploy.pruning.channels.search import read_units_file
     record = json.loads((fam / NESTED_DIR / "b0.45.json").read_text())
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(record | {"shared_sha256": "0" * 64}))

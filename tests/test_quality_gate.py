@@ -248,7 +248,7 @@ def test_short_steps_shrink_the_search_and_say_so(tmp_path, tiny_images, capsys)
 
 
 def test_sls_search_is_capped_at_three_quarters(tmp_path, tiny_images, capsys, monkeypatch):
-    from sls_deploy.stages import search as search_stage
+    from sls_deploy.pruning.nm import strategy as search_stage
 
     caps = []
     real = search_stage.search_sls

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from sls_deploy.core.errors import PlanError
 from sls_deploy.models import get_adapter
 from sls_deploy.pruning.channels.saliency import fisher_saliency, per_mac, unit_macs
-from sls_deploy.pruning.channels.structured import GroupCosts, producers_of, select_global, widths_of
+from sls_deploy.pruning.channels.costs import GroupCosts
+from sls_deploy.pruning.channels.groups import producers_of, widths_of
+from sls_deploy.pruning.channels.selection import select_global
 
 ADAPTER = get_adapter("edsr")
 

@@ -83,3 +83,79 @@ def test_no_private_names_imported_across_modules():
 def test_the_cli_has_no_model_kind_switch():
     src = (PKG / "cli.py").read_text()
     assert "kind()" not in src and "is_streaming" not in src and "video_pipeline" not in src
+
+
+# -- pruning strategies: the stages call the contract (issue 25) ------------------------------------------------
+PLAN_TYPES = {"Plan", "StructuredPlan"}
+
+
+def _method_names() -> set[str]:
+    from sls_deploy.core import vocabulary
+
+    return set(vocabulary.FAMILY_OF)
+
+
+def _plan_switches(tree: ast.AST) -> list[int]:
+    """Lines of ``isinstance(x, Plan)`` / ``isinstance(x, (.., StructuredPlan))`` calls."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+            kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            if any((getattr(k, "id", None) or getattr(k, "attr", None)) in PLAN_TYPES for k in kinds):
+                out.append(node.lineno)
+    return out
+
+
+def _method_comparisons(tree: ast.AST, names: set[str]) -> list[int]:
+    """Lines comparing anything with a method-name string (``x == "sls"``, ``x in ("ssl", "hybrid")``)."""
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        for side in [node.left, *node.comparators]:
+            items = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+            if any(isinstance(i, ast.Constant) and i.value in names for i in items):
+                out.append(node.lineno)
+                break
+    return out
+
+
+def _outside_pruning():
+    return [p for p in PKG.rglob("*.py") if "pruning" not in p.relative_to(PKG).parts]
+
+
+def test_the_structure_checks_find_switches():
+    tree = ast.parse('isinstance(p, Plan)\nisinstance(p, (int, x.StructuredPlan))\nif m == "sls": pass\n'
+                     'ok = m in ("ssl", "hybrid")\nfine = m in GROUP\nisinstance(p, dict)\n')
+    assert _plan_switches(tree) == [1, 2]
+    assert _method_comparisons(tree, _method_names()) == [3, 4]
+
+
+def test_no_plan_type_switch_outside_pruning():
+    bad = [f"{p.relative_to(PKG)}:{line}" for p in _outside_pruning() for line in _plan_switches(ast.parse(p.read_text()))]
+    assert bad == []
+
+
+def test_no_method_name_comparison_outside_pruning():
+    names = _method_names()
+    bad = [f"{p.relative_to(PKG)}:{line}" for p in _outside_pruning()
+           for line in _method_comparisons(ast.parse(p.read_text()), names)]
+    assert bad == []
+
+
+def test_config_imports_nothing_from_pruning():
+    graph = _graph()
+    bad = sorted(f"{m} -> {d}" for m, deps in graph.items() if m.startswith("sls_deploy.config")
+                 for d in deps if d.startswith("sls_deploy.pruning"))
+    assert bad == []
+
+
+def test_pruning_imports_no_higher_layer():
+    """pruning/ sits below training, modalities and the stages: their services reach a strategy through its
+    SearchContext."""
+    graph = _graph()
+    higher = ("sls_deploy.training", "sls_deploy.stages", "sls_deploy.modalities", "sls_deploy.adaptive",
+              "sls_deploy.data", "sls_deploy.cli")
+    bad = sorted(f"{m} -> {d}" for m, deps in graph.items() if m.startswith("sls_deploy.pruning")
+                 for d in deps if d.startswith(higher))
+    assert bad == []

@@ -17,19 +17,12 @@ from torch import nn
 from sls_deploy.core.errors import BudgetError, PlanError
 from sls_deploy.models.base import ChannelGroup as Group
 from sls_deploy.pruning.macs import layer_macs
-from sls_deploy.pruning.channels.structured import (
-    ChannelScales,
-    GroupCosts,
-    check_groups,
-    l1_importance,
-    nm_eligible,
-    select_global,
-    select_uniform,
-    slice_into,
-    unit_count,
-    widths_of,
-    zero_units,
-)
+from sls_deploy.pruning.channels.costs import GroupCosts
+from sls_deploy.pruning.channels.groups import check_groups, unit_count, widths_of
+from sls_deploy.pruning.channels.importance import l1_importance
+from sls_deploy.pruning.channels.scales import ChannelScales
+from sls_deploy.pruning.channels.selection import select_global, select_uniform
+from sls_deploy.pruning.channels.slicing import nm_eligible, slice_into, zero_units
 from sls_deploy.training.loop import TrainConfig, train
 
 PROPS = settings(max_examples=15, deadline=None)

@@ -19,7 +19,7 @@ from sls_deploy.core.errors import RecipeError, UsageError
 from sls_deploy.models import get_adapter
 from sls_deploy.config.recipe import load_recipe
 from sls_deploy.pruning import registry
-from sls_deploy.pruning.channels.structured import slice_into, zero_units
+from sls_deploy.pruning.channels.slicing import slice_into, zero_units
 from sls_deploy.stages.build import build_bundle
 from sls_deploy.stages.export import op_types
 from sls_deploy.stages.models import load_model as load_video_model
@@ -401,7 +401,10 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tmp_path, clips, monke
 
 
 def test_methods_agree():
-    assert CHANNEL_METHODS == registry.CHANNEL_METHODS and NM_METHODS == registry.NM_METHODS
+    strategies = registry.STRATEGIES
+    assert {n for n, s in strategies.items() if s.user_method} == set(NM_METHODS + CHANNEL_METHODS)
+    assert all(strategies[n].family == "nm" for n in NM_METHODS)
+    assert all(strategies[n].family == "channels" for n in CHANNEL_METHODS)
 
 
 @pytest.mark.parametrize("budget", ["0", "1.5"])
@@ -624,7 +627,8 @@ def test_rsc_slice_equals_the_zeroed_dense_model(arch):
     import copy
 
     from sls_deploy.models import basicvsr
-    from sls_deploy.pruning.channels.structured import slice_into, widths_of, zero_units
+    from sls_deploy.pruning.channels.groups import widths_of
+    from sls_deploy.pruning.channels.slicing import slice_into, zero_units
 
     cls = getattr(basicvsr, arch)
     dense, groups = _rsc_setup(cls)
@@ -658,7 +662,8 @@ def test_rsc_slice_equals_the_zeroed_dense_model(arch):
 
 def test_rsc_input_scales_fold_exactly_and_learn():
     from sls_deploy.models.basicvsr import StreamVSR
-    from sls_deploy.pruning.channels.structured import ChannelScales, l1_importance
+    from sls_deploy.pruning.channels.importance import l1_importance
+    from sls_deploy.pruning.channels.scales import ChannelScales
 
     model, groups = _rsc_setup(StreamVSR)
     read = [g for g in groups if g.name.endswith(".read")]

@@ -1,7 +1,7 @@
 """Nested channel families: members whose kept units are nested and whose weights are one shared set.
 
 ``sls-deploy build --budget A --budget B ... --nested`` (channel methods): one ranking of every group's units on
-the base model (filter L1 norm, or Fisher saliency per MAC with ``--selection fisher``; ``stages.search
+the base model (filter L1 norm, or Fisher saliency per MAC with ``--selection fisher``; ``pruning.channels.search
 .unit_ranking``) gives each member its widths under its budget (``l1``: the uniform selection, else the global
 one), the widths capped so that a smaller member is never wider than a larger one in any group, and its kept units
 the top of that one ranking: each member's units are a subset of the next larger member's. The full-width network
@@ -31,9 +31,12 @@ from sls_deploy.core.errors import PlanError, SlsError, UsageError
 from sls_deploy.core.safe_json import load_json
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.channels.masks import UnitMasks, is_nested
-from sls_deploy.pruning.channels.structured import GroupCosts, select_global, select_uniform, top_units, widths_of
+from sls_deploy.pruning.channels.costs import GroupCosts
+from sls_deploy.pruning.channels.groups import widths_of
+from sls_deploy.pruning.channels.selection import select_global, select_uniform, top_units
 from sls_deploy.stages.models import load_model, resolve_base_weights
-from sls_deploy.stages.search import unit_ranking, units_record
+from sls_deploy.pruning.channels.search import unit_ranking, units_record
+from sls_deploy.pruning.registry import strategy_for
 from sls_deploy.training.loop import TrainConfig, train
 
 SHARED = "shared.safetensors"  # the one weight set (full width) every member is sliced from
@@ -108,7 +111,8 @@ def prepare_nested(recipe, settings: dict, out: Path, member_dir, log, progress:
     compute = compute or Compute()
     budgets = sorted(settings)
     s0 = settings[budgets[0]]
-    if s0.strategy != "channels" or s0.method == "hybrid":
+    strategy = strategy_for(s0.method)
+    if strategy.family != "channels" or strategy.has_nm_part:
         raise UsageError(f"--nested builds channel members (--method ssl, l1 or l1-global), not --method {s0.method}")
     if s0.steps < 1:
         raise UsageError("--nested trains the shared weights: give --steps >= 1")
@@ -119,8 +123,11 @@ def prepare_nested(recipe, settings: dict, out: Path, member_dir, log, progress:
     h, w = recipe.reference_input_hw()
     costs = GroupCosts.measure(adapter.export_module(model), groups, adapter.example_input(recipe.model, h, w))
     full = set(s0.kept_full([g.name for g in groups]))
-    rank, normalize = unit_ranking(recipe, s0, model, groups, costs, full)
-    keeps = nested_keeps(rank, costs, budgets, s0.round_to, uniform=s0.method == "l1", normalize=normalize)
+    rank, criterion = unit_ranking(s0, model, groups, costs, full,
+                                   lambda seed: modalities.sampler(recipe, s0.modality, s0.data, seed),
+                                   modalities.loss_fn(s0.modality, s0.temporal_weight))
+    normalize = criterion.normalize
+    keeps = nested_keeps(rank, costs, budgets, s0.round_to, uniform=strategy.uniform_widths, normalize=normalize)
     members = {member_dir(b): keeps[b] for b in budgets}
     units = {name: {g: [int(i) for i in k.tolist()] for g, k in keep.items()} for name, keep in members.items()}
     folder = out / NESTED_DIR
@@ -130,7 +137,7 @@ def prepare_nested(recipe, settings: dict, out: Path, member_dir, log, progress:
     shared = out / SHARED
     record = {"shared_weights": SHARED, "steps": s0.steps, "members": list(members),
               "ranking": "Fisher saliency per MAC" if not normalize else "filter L1 norm",
-              "selection": "uniform" if s0.method == "l1" else "global threshold"}
+              "selection": "uniform" if strategy.uniform_widths else "global threshold"}
     previous = _read_json(done)
     if not (previous and previous.get("key") == key and shared.is_file()
             and previous.get("sha256") == atomic.sha256_file(shared)):

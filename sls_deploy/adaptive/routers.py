@@ -291,10 +291,7 @@ def _params(net: nn.Module) -> int:
 
 
 def make_router(name: str) -> Router:
-    if name == "sls":
-        return SlsRouter()
-    if name == "classsr":
-        return ClassSrRouter()
-    if name == "edge":
-        return EdgeRouter()
+    cls = {"sls": SlsRouter, "classsr": ClassSrRouter, "edge": EdgeRouter}.get(name)
+    if cls is not None:
+        return cls()
     raise UsageError(f"unknown router '{name}' (choose from {', '.join(ROUTERS)})")

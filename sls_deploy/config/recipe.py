@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from sls_deploy.core.device import ComputeSection
 from sls_deploy.core.errors import RecipeError, UsageError, short_repr
@@ -19,10 +19,8 @@ from sls_deploy.core.numbers import (MAX_COUNT, MAX_LATENCY_RUNS, MAX_SIDE, MAX_
                                      as_int)
 from sls_deploy.core.safe_yaml import load_yaml
 from sls_deploy.models import DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS, ModelAdapter, ModelConfig, get_adapter
-from sls_deploy.pruning.target import DEFAULT_TARGET, TARGETS
-
-if TYPE_CHECKING:
-    from sls_deploy.pruning.nm.sls import SLSSettings
+from sls_deploy.config.sls import SLSSettings
+from sls_deploy.core.vocabulary import CHANNEL_METHODS, DEFAULT_TARGET, SELECTIONS, TARGETS
 
 
 @dataclass(frozen=True)
@@ -100,10 +98,6 @@ class ValidateSection:
         return dict(self.max_psnr_drop_db)[precision]
 
 
-STRUCTURED_METHODS = ("ssl", "l1", "l1-global", "hybrid")
-SELECTIONS = ("normalised", "raw", "fisher")  # how ssl/hybrid choose the kept widths (``--selection``)
-
-
 @dataclass(frozen=True)
 class StructuredSection:
     """Structured (channel) pruning of the channel groups an adapter declares (video models).
@@ -150,7 +144,7 @@ class Recipe:
     validate: ValidateSection
     precision: "PrecisionSection"
     engine: "EngineSection"
-    sls: "SLSSettings"
+    sls: SLSSettings
     sls_max_search_steps: int
     srste_decay: float
     adapter: ModelAdapter = field(compare=False, repr=False)
@@ -208,9 +202,7 @@ _SLS_KEYS = {"lam", "alpha", "threshold", "check_every", "refresh_every", "score
              "cost_patch", "max_search_steps"}
 
 
-def _sls(raw: Mapping[str, Any], m: int) -> tuple["SLSSettings", int]:
-    from sls_deploy.pruning.nm.sls import SLSSettings
-
+def _sls(raw: Mapping[str, Any], m: int) -> tuple[SLSSettings, int]:
     sec = _section(raw, "sls", _SLS_KEYS)
     max_steps = as_int(sec.pop("max_search_steps", 100), "sls.max_search_steps", 1, MAX_STEPS)
     counts = {"check_every": MAX_COUNT, "refresh_every": MAX_COUNT, "cost_patch": MAX_OUTPUT_SIDE}
@@ -371,8 +363,8 @@ def _structured(raw: Mapping[str, Any]) -> StructuredSection:
     if hybrid:
         raise RecipeError("structured.hybrid_2to4 (2:4 on top of channel pruning) is not implemented yet")
     out = StructuredSection(**values)
-    if out.method not in STRUCTURED_METHODS:
-        raise RecipeError(f"structured.method must be one of {', '.join(STRUCTURED_METHODS)}, "
+    if out.method not in CHANNEL_METHODS:
+        raise RecipeError(f"structured.method must be one of {', '.join(CHANNEL_METHODS)}, "
                           f"not {short_repr(out.method)}")
     if out.selection not in SELECTIONS:
         raise RecipeError(f"structured.selection must be one of {', '.join(SELECTIONS)}, "
@@ -512,6 +504,3 @@ def resolve_recipe(model: str | None, recipe: str | os.PathLike | None) -> Recip
         raise UsageError("give --model NAME or --recipe PATH")
     return load_recipe(recipe_for_model(model) if model else recipe)
 
-
-def recipe_summary(r: Recipe) -> dict[str, Any]:
-    return {"name": r.name, "path": r.path, "digest": r.digest(), "model": asdict(r.model)}

@@ -18,17 +18,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sls_deploy.config.recipe import PRECISIONS, SELECTIONS, Recipe
+from sls_deploy.config.recipe import PRECISIONS, Recipe
 from sls_deploy.core.errors import UsageError
+from sls_deploy.core.vocabulary import (DEFAULT_SELECTION, FAMILY_OF, FAMILY_OPTIONS, LEARNED_SCALES, METHODS,
+                                        NM_METHODS, SELECTIONS, SLS_SEARCH, TARGETS, WITH_NM_PART)
 from sls_deploy.modalities.registry import modality_of
-from sls_deploy.pruning.registry import METHODS, STRATEGIES, strategy_of
-from sls_deploy.pruning.target import TARGETS
 
 VALID_M = (4, 8, 16, 32)
 CALIB_METHODS = ("max", "percentile", "entropy")
-# options that only mean something for one strategy: given for the other, they are usage errors naming them
-NM_ONLY = ("m", "n", "lam", "alpha")
-CHANNELS_ONLY = ("round_to", "keep_full", "selection", "units")
 
 
 @dataclass(frozen=True)
@@ -67,17 +64,17 @@ class Settings:
     def resolve(cls, recipe: Recipe, *, budget: float, method: str | None = None, **cli: Any) -> "Settings":
         """The recipe's defaults with the command line's values (``None`` = not given) on top, checked."""
         method = method or recipe_default_method(recipe)
-        if method not in STRATEGIES:
+        if method not in FAMILY_OF:
             raise UsageError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
-        strategy = strategy_of(method)
-        wrong = CHANNELS_ONLY if strategy == "nm" else NM_ONLY
-        given = [k for k in wrong if cli.get(k) is not None]
+        strategy = FAMILY_OF[method]
+        other = next(f for f in FAMILY_OPTIONS if f != strategy)
+        given = [k for k in FAMILY_OPTIONS[other] if cli.get(k) is not None]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} does not apply to --method {method} "
-                             f"({'an N:M' if strategy == 'channels' else 'a channel-pruning'} option)")
-        if strategy == "channels" and not recipe.adapter.channel_groups(recipe.build_model()):
+                             f"({'an N:M' if other == 'nm' else 'a channel-pruning'} option)")
+        if other == "nm" and not recipe.adapter.channel_groups(recipe.build_model()):
             raise UsageError(f"--method {method} prunes channel groups, and {recipe.describe_model()} declares none "
-                             f"(its methods: {', '.join(m for m in METHODS if STRATEGIES[m] == 'nm')})")
+                             f"(its methods: {', '.join(NM_METHODS)})")
         modality = modality_of(recipe)
         for opt in ("temporal_weight", "tf_weight"):
             if cli.get(opt) is not None and modality == "image":
@@ -92,7 +89,7 @@ class Settings:
             "data": recipe.data_train, "eval_data": recipe.data_eval,
             "m": recipe.sparsity_m, "target": recipe.sparsity_target,
             "round_to": st.round_to, "keep_full": tuple(st.keep_full), "ssl_steps": st.ssl_steps,
-            **({"selection": st.selection} if method in ("ssl", "hybrid") else {}),
+            **({"selection": st.selection} if method in LEARNED_SCALES else {}),
             "temporal_weight": st.temporal_weight if modality != "image" else 0.0,
             "tf_weight": st.tf_weight if modality != "image" else 0.0,
             "precisions": tuple(dict.fromkeys(("fp32",) + tuple(prec.graphs))),
@@ -123,19 +120,19 @@ class Settings:
         if self.m not in VALID_M:
             raise UsageError(f"M must be one of {', '.join(map(str, VALID_M))}, not {self.m}")
         given = [k for k in ("lam", "alpha") if getattr(self, k) is not None]
-        if given and self.method != "sls":
+        if given and self.method not in SLS_SEARCH:
             raise UsageError(f"--{given[0]} is an SLS search setting; it does nothing with --method {self.method}")
         if self.n is not None:
-            if self.method == "sls":
+            if self.method in SLS_SEARCH:
                 raise UsageError("--n fixes a uniform N: use it with --method oneshot or srste "
                                  "(SLS chooses N per layer)")
             if not 1 <= self.n <= self.m:
                 raise UsageError(f"--n must be in 1..{self.m} for M={self.m}, not {self.n}")
         if not isinstance(self.steps, int) or self.steps < 0:
             raise UsageError(f"--steps must be an integer >= 0, not {self.steps}")
-        if self.units is not None and (self.strategy != "channels" or self.method == "hybrid"):
+        if self.units is not None and (self.strategy != "channels" or self.method in WITH_NM_PART):
             raise UsageError("given kept units (a nested family member) apply to channel methods other than hybrid")
-        if self.method in ("ssl", "hybrid") and self.steps < 2 and self.units is None:
+        if self.method in LEARNED_SCALES and self.steps < 2 and self.units is None:
             raise UsageError(f"--method {self.method} learns its channel scales by training, then finetunes the "
                              f"narrower model: give --steps >= 2, not {self.steps}")
         if self.target not in TARGETS:
@@ -152,7 +149,7 @@ class Settings:
                 raise UsageError("--keep-full names every channel group: nothing would be pruned")
         if self.selection not in SELECTIONS:
             raise UsageError(f"--selection must be one of {', '.join(SELECTIONS)}, not '{self.selection}'")
-        if self.selection != "normalised" and self.method not in ("ssl", "hybrid"):
+        if self.selection != DEFAULT_SELECTION and self.method not in LEARNED_SCALES:
             raise UsageError(f"--selection applies to the learned scales of --method ssl/hybrid, not {self.method}")
         if not isinstance(self.ssl_steps, int) or self.ssl_steps < 1:
             raise UsageError(f"ssl steps must be an integer >= 1, not {self.ssl_steps}")
@@ -194,9 +191,9 @@ class Settings:
         last quarter of ``steps``: finetuning the pruned model is what recovers its quality, and a search that took
         every step left a sliced, never-finetuned model (issue 23). The shipped recipes' defaults and the README's
         runs are within that share, so only a shorter ``--steps`` shrinks the search (``run_search`` says so)."""
-        if self.method == "sls":
+        if self.method in SLS_SEARCH:
             need = recipe.sls_max_search_steps
-        elif self.method in ("ssl", "hybrid") and self.units is None:
+        elif self.method in LEARNED_SCALES and self.units is None:
             need = self.ssl_steps
         else:
             return 0, 0
@@ -214,7 +211,7 @@ class Settings:
                "method": self.method, "strategy": self.strategy, "modality": self.modality}
         if self.keep_full:
             key["keep_full"] = sorted(self.keep_full)
-        if self.selection != "normalised":
+        if self.selection != DEFAULT_SELECTION:
             key["selection"] = self.selection
         if self.strategy == "nm":  # the target changes an N:M plan (which layers may be N:M, what N costs)
             key["m"] = self.m
@@ -234,7 +231,7 @@ class Settings:
             raise UsageError(f"the bundle's settings hold an unknown field '{unknown[0]}' (made by another version?)")
         values = {k: tuple(v) if k in ("precisions", "keep_full") else v for k, v in record.items()}
         values.setdefault("tf_weight", 0.0)  # bundles made before temporal finetuning existed
-        values.setdefault("selection", "normalised")
+        values.setdefault("selection", DEFAULT_SELECTION)
         values.setdefault("units", None)
         try:
             return cls(**values).check(recipe)

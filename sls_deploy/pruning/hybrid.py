@@ -11,8 +11,12 @@ nothing. Architecture knowledge comes in through the callables (the adapter's la
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import torch
+
+from sls_deploy.pruning.channels.groups import widths_of
+from sls_deploy.pruning.channels.selection import select_global
 from sls_deploy.pruning.nm.patterns import eligible
 from sls_deploy.pruning.nm.plan import LayerPlan
 from sls_deploy.pruning.target import layer_cost, trt_accelerates
@@ -55,3 +59,45 @@ def channel_budget(budget: float, cost_at: Callable[[float], float], iters: int 
         else:
             hi = mid
     return lo
+
+
+class HybridPart:
+    """The 2:4 part of a hybrid plan during its channel search: which layers of the narrower model the target
+    accelerates, and the channel budget that leaves the whole plan within the budget."""
+
+    def __init__(self, ctx, model, costs, normalize: bool = True):
+        self.ctx, self.costs, self.normalize, self.select = ctx, costs, normalize, select_global
+        islands = ctx.fp32_islands(model)
+        self.precision_of = {d.name: ctx.layer_precision(d.name, islands) for d in ctx.recipe.adapter.layers(model)}
+
+    def shapes(self, widths) -> dict[str, tuple[int, ...]]:
+        """{prunable layer: weight shape} of the model at ``widths`` (built on the meta device: no memory)."""
+        with torch.device("meta"):
+            m = self.ctx.build_model(widths)
+        mods = dict(m.named_modules())
+        return {d.name: tuple(mods[d.name].weight.shape) for d in self.ctx.recipe.adapter.layers(m) if d.prunable}
+
+    def nm_layers(self, widths):
+        return nm_layers_for(self.ctx.settings.target, self.shapes(widths), self.costs.per_layer(widths),
+                             self.precision_of)
+
+    def cost(self, widths) -> float:
+        return (self.costs.total(widths) - nm_saving(self.ctx.settings.target, self.nm_layers(widths))) \
+            / self.costs.dense
+
+    def channel_budget(self, importance) -> float:
+        s = self.ctx.settings
+        self.select(importance, self.costs, s.budget, s.round_to, self.normalize)  # unreachable: fails here
+
+        def cost_at(b: float) -> float:
+            return self.cost(widths_of(self.select(importance, self.costs, b, s.round_to, self.normalize)))
+
+        return channel_budget(s.budget, cost_at)
+
+    def describe(self, plan, budget: float) -> dict[str, Any]:
+        s = self.ctx.settings
+        n = len(plan.nm_layers)
+        return {"channel_budget": round(budget, 6), "layers_2to4": n, "target": s.target,
+                "note": (f"{n} layers of the narrower model at 2:4 (the target accelerates them)" if n else
+                         f"no 2:4: the target ({s.target}) is predicted to accelerate no layer of the narrower "
+                         "model, so the hybrid plan is channels only")}

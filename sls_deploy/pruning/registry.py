@@ -1,9 +1,9 @@
-"""The pruning strategies by method name, and the plan file of either strategy.
+"""The pruning strategies by method name, and the plan file of either family.
 
-A *strategy* is how a plan is made and applied: ``nm`` (masks on weights: sls, oneshot, srste) or ``channels``
-(units removed and the layers sliced: ssl, l1, l1-global). The stages ask this module which one a method
-belongs to; ``hybrid`` (ssl channels, then 2:4 on the narrower layers the target accelerates) is a channel plan
-with an N:M part.
+One ``Strategy`` per method (``pruning.strategy``): ``nm`` methods put masks on weights (sls, oneshot, srste,
+imported), ``channels`` methods remove units and slice the layers (ssl, l1, l1-global, hybrid, imported-channels;
+hybrid is a channel plan with a 2:4 part). The stages ask this module for a method's or a plan's strategy and
+call it; they never switch on a method name or a plan type.
 """
 
 from __future__ import annotations
@@ -11,21 +11,30 @@ from __future__ import annotations
 import os
 
 from sls_deploy.core.errors import BundleError
+from sls_deploy.core.vocabulary import METHODS
 from sls_deploy.pruning.channels.plan import STRUCTURED_KIND, StructuredPlan
+from sls_deploy.pruning.channels.strategy import L1, ChannelStrategy, Hybrid, ImportedChannels, L1Global, Ssl
 from sls_deploy.pruning.nm.plan import Plan, read_plan_json
+from sls_deploy.pruning.nm.strategy import Imported, NMStrategy, OneShot, Sls, SrSte
+from sls_deploy.pruning.strategy import Strategy
 
-NM_METHODS = ("sls", "oneshot", "srste")
-CHANNEL_METHODS = ("ssl", "l1", "l1-global", "hybrid")  # hybrid: ssl channels, then 2:4 where the target gains
-METHODS = NM_METHODS + CHANNEL_METHODS
-# "imported": masks searched elsewhere (`import-sls`), finetuned like any N:M plan
-STRATEGIES = {**{m: "nm" for m in NM_METHODS + ("imported",)}, **{m: "channels" for m in CHANNEL_METHODS}}
+STRATEGIES: dict[str, Strategy] = {cls.name: cls() for cls in (Sls, OneShot, SrSte, Imported, Ssl, L1, L1Global,
+                                                                 Hybrid, ImportedChannels)}
+_BY_PLAN = {Plan: NMStrategy(), StructuredPlan: ChannelStrategy()}  # plans whose method names no strategy
 
 
-def strategy_of(method: str) -> str:
+def strategy_for(method: str) -> Strategy:
     try:
         return STRATEGIES[method]
     except KeyError:
         raise BundleError(f"unknown method '{method}' (known: {', '.join(METHODS)})") from None
+
+
+def strategy_of(plan) -> Strategy:
+    """The strategy of a loaded plan: its method's, or its family's when an importer named the method."""
+    found = STRATEGIES.get(getattr(plan, "method", ""))
+    family = _BY_PLAN[type(plan)]
+    return found if found is not None and found.family == family.family else family
 
 
 def load_plan(path: str | os.PathLike) -> Plan | StructuredPlan:

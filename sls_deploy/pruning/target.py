@@ -33,8 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-TARGETS = ("trt", "ort", "none")
-DEFAULT_TARGET = "trt"
+from sls_deploy.core.vocabulary import TARGETS
+
 TARGET_HELP = ("The budget is the pruned model's cost as a fraction of the dense model's, counted on the target: "
                "trt (default) counts removed channels, and a 2:4 layer at half where TensorRT is expected to pick "
                "a sparse kernel (FP16/INT8, >= 256 channels in and out, 3x3); ort (any dense backend) counts only "

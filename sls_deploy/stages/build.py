@@ -21,7 +21,7 @@ from sls_deploy.core.device import Compute, resolve_compute
 from sls_deploy.core.errors import BundleError
 from sls_deploy.core.memory import release_between_stages
 from sls_deploy.modalities import registry as modalities
-from sls_deploy.pruning.nm import Plan
+from sls_deploy.pruning.registry import strategy_of
 from sls_deploy.stages.export import run_export
 from sls_deploy.stages.finetune import run_finetune
 from sls_deploy.stages.models import load_model, resolve_base_weights
@@ -92,15 +92,7 @@ def reopen(root: Path, log: Log = print, progress: bool = True, compute: dict | 
 
 
 def plan_line(plan, modality: str = "image") -> str:
-    if isinstance(plan, Plan):
-        ns = sorted({l.n for l in plan.layers})
-        return (f"  plan: {plan.method}, N in {ns} of M={plan.m} over {len(plan.layers)} layers, "
-                f"MACs {plan.macs_pruned / 1e9:.2f} / {plan.macs_dense / 1e9:.2f} G per graph run (ratio {plan.ratio:.3f})")
-    narrowed = [g for g in plan.groups if g.kept_units < g.dense_units]
-    per = "per frame" if modalities.is_video(modality) else "per image"
-    return (f"  plan: {plan.method}, {len(narrowed)} of {len(plan.groups)} channel groups narrowed, MACs "
-            f"{plan.macs_pruned / plan.frames / 1e9:.2f} / {plan.macs_dense / plan.frames / 1e9:.2f} G {per} "
-            f"(ratio {plan.ratio:.3f})")
+    return strategy_of(plan).plan_line(plan, "per frame" if modalities.is_video(modality) else "per image")
 
 
 def build(run: Run) -> dict:

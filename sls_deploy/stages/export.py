@@ -22,8 +22,7 @@ from sls_deploy.core.errors import ExportError, SlsError, ValidationError
 from sls_deploy.core.safe_json import load_json
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.onnx.export import export_onnx, graph_weights, load_onnx, verify_plan_in_graph
-from sls_deploy.pruning.nm import Plan
-from sls_deploy.pruning.registry import load_plan
+from sls_deploy.pruning.registry import load_plan, strategy_of
 from sls_deploy.stages.calibration import calibration_feeds, step_feeds
 from sls_deploy.stages.models import check_plan_indices, fp32_islands, graph_spec, load_model, plan_widths
 from sls_deploy.stages.skeleton import Run, StageOutput, run_stage
@@ -64,7 +63,8 @@ def run_export(run: Run) -> dict[str, Any]:
     s, recipe, bundle = run.settings, run.recipe, run.bundle
     bundle.verify([PLAN, WEIGHTS])
     plan = load_plan(bundle.path(PLAN))
-    base = None if isinstance(plan, Plan) else bundle.recorded_file("search", "base_weights")  # channel checks only
+    dense_ref = strategy_of(plan).dense_reference  # channel plans: the graph is checked against the dense one
+    base = bundle.recorded_file("search", "base_weights") if dense_ref else None
     feeds, hashes = [], {}
     if "int8" in s.precisions:  # read (and reject) calibration data before anything is written
         feeds, hashes = calibration_feeds(recipe, s)
@@ -86,7 +86,9 @@ def _export(run: Run, plan, base: Path | None, feeds, hashes) -> StageOutput:
     model = load_model(recipe, bundle.path(WEIGHTS), plan_widths(plan))
     check_plan_indices(model, plan)
     spec = graph_spec(recipe)
-    islands = plan.fp32_islands if isinstance(plan, Plan) else fp32_islands(recipe, model)
+    strategy = strategy_of(plan)
+    islands = strategy.fp32_islands(plan)
+    islands = fp32_islands(recipe, model) if islands is None else islands
     island_ops = tuple(adapter.fp32_island_ops())
     staged = bundle.work / "fp32.onnx"  # the FP32 graph takes its final name only once every check passed
     export_onnx(adapter.export_module(model), spec, adapter.example_input(recipe.model, 32, 32), staged)
@@ -97,11 +99,11 @@ def _export(run: Run, plan, base: Path | None, feeds, hashes) -> StageOutput:
                             "modality": s.modality, "graph": s.modality}
     try:
         fp32 = load_onnx(staged)
-        nm = plan if isinstance(plan, Plan) else plan.nm_plan  # a hybrid channel plan has an N:M part
-        if isinstance(plan, Plan):
-            info["layers_nm"] = len(plan.layers)
-        else:
+        nm = strategy.nm_part(plan)  # an N:M plan, a hybrid channel plan's 2:4 part, or None
+        if strategy.dense_reference:
             info.update(_channel_checks(run, fp32, model, base, staged, plan))
+        else:
+            info["layers_nm"] = len(plan.layers)
         graphs = {"fp32": fp32}
         if "fp16" in s.precisions:
             graphs["fp16"] = to_fp16(fp32, islands, io_fp16=s.io == "fp16", island_ops=island_ops)
@@ -133,7 +135,7 @@ def _export(run: Run, plan, base: Path | None, feeds, hashes) -> StageOutput:
     return StageOutput(files, result=info)
 
 
-def _nm_checks(graph, plan: Plan, name: str) -> dict[str, int]:
+def _nm_checks(graph, plan, name: str) -> dict[str, int]:
     """Every planned N:M pattern, and every planned 2:4 layer, survives in the graph."""
     checks = verify_plan_in_graph(graph, [(l.name, l.n, l.m) for l in plan.layers])
     bad = [k for k, c in checks.items() if not c["nm"]]

@@ -1,7 +1,7 @@
 """The finetune stage: the pruned model trained from the search's weights -> model.safetensors.
 
-The strategy decides what stays pruned (``nm``: masks hold pruned weights at exactly zero, or SR-STE moves them;
-``channels``: the model is narrower, nothing to hold); the modality supplies the batches and the loss. The
+The plan's strategy decides what stays pruned (``Strategy.training``: N:M masks hold pruned weights at exactly
+zero, or SR-STE moves them; a narrower channel model has nothing to hold); the modality supplies the batches and the loss. The
 steps are what the settings leave after the search (``--steps`` counts search and finetune together).
 """
 
@@ -10,16 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sls_deploy.core import atomic, distributed as dist
 from sls_deploy.core.bundle import MASKS, PLAN, WEIGHTS
 from sls_deploy.core.checkpoints import read_state_dict, save_weights
-from sls_deploy.core.errors import PlanError, UsageError
+from sls_deploy.core.errors import UsageError
 from sls_deploy.modalities import registry as modalities
-from sls_deploy.pruning.nm import MaskSet, Plan, nm_mask
-from sls_deploy.pruning.nm.srste import SRSTE
-from sls_deploy.pruning.registry import load_plan
+from sls_deploy.pruning.nm import MaskSet
+from sls_deploy.pruning.registry import load_plan, strategy_of
 from sls_deploy.stages.models import check_plan_indices, load_model, plan_widths
 from sls_deploy.stages.resume import check_resume
 from sls_deploy.stages.skeleton import Run, StageOutput, run_stage
@@ -29,15 +26,6 @@ from sls_deploy.training.loop import TrainConfig, train
 
 def finetune_checkpoint(run: Run) -> Path:
     return run.bundle.work / "finetune.ckpt"
-
-
-def masks_for(model: torch.nn.Module, plan: Plan) -> MaskSet:
-    """Masks follow from the weights and the plan: top-N |w| in each group of M input channels."""
-    modules = dict(model.named_modules())
-    unknown = [l.name for l in plan.layers if l.name not in modules]
-    if unknown:
-        raise PlanError(f"plan.json names layer '{unknown[0]}', which the model does not have")
-    return MaskSet({l.name: nm_mask(modules[l.name].weight, l.n, l.m) for l in plan.layers if l.n < l.m})
 
 
 def stored_masks(run: Run) -> MaskSet | None:
@@ -77,11 +65,8 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
         check_resume(ckpt, key, steps, resume, run.log, discard=discard)
         model = load_model(recipe, init, plan_widths(plan), run.compute.device)
         check_plan_indices(model, plan)
-        nm = plan if isinstance(plan, Plan) else plan.nm_plan  # a hybrid channel plan has an N:M part
-        masks = stored_masks(run) or (masks_for(model, nm) if nm is not None else None)
-        controller = masks
-        if isinstance(plan, Plan) and plan.method == "srste":
-            controller = SRSTE([(l.name, l.n) for l in plan.layers if l.n < l.m], plan.m, recipe.srste_decay)
+        hooks = strategy_of(plan).training(model, plan, stored_masks(run), recipe)  # masks held, SR-STE, nothing
+        masks, controller = hooks.masks, hooks.controller
         distill = None
         if s.tf_weight > 0:  # temporal finetuning: the dense model's hidden states as targets at every step
             base = bundle.recorded_file("search", "base_weights")
@@ -103,10 +88,7 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
             if distill is not None:
                 info["tf"] = {"weight": s.tf_weight, "final_term": distill.last,
                               "states": list(recipe.adapter.state_modules(model))}
-        if masks is not None:
-            if plan.method == "srste":  # SR-STE's masks moved with the weights: take the final ones
-                masks = masks_for(model, plan)
-            masks.apply(model)  # steps == 0: the one-shot pruned model itself
+        hooks.finish(model)  # the masks applied (SR-STE's final ones: they moved with the weights)
         if s.modality != "image":
             info["temporal_weight"] = s.temporal_weight
         if dist.is_main():

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from sls_deploy.core.bundle import ONNX, Bundle
 from sls_deploy.core.errors import BundleError, UsageError
-from sls_deploy.pruning.nm import Plan
+from sls_deploy.pruning.registry import strategy_of
 
 BACKENDS = ("torch", "ort")  # "trt" runs on the device: validate_engine.py
 REPORT_HTML = "report.html"
@@ -48,12 +48,7 @@ def progress_bar(enabled: bool, total: int):
 
 def plan_rows(plan) -> list[dict]:
     """The report's per-layer rows of either plan: N:M (N, M, 2:4, precision) or channels (groups)."""
-    if isinstance(plan, Plan):
-        return [{"name": l.name, "weight_shape": l.weight_shape, "n": l.n, "m": l.m, "sparse_2to4": l.sparse_2to4,
-                 "precision": l.precision, "macs_dense": l.macs_dense, "macs_pruned": l.macs_pruned}
-                for l in plan.layers]
-    return [{"name": l.name, "macs_dense": l.macs_dense, "macs_pruned": l.macs_pruned,
-             "out_group": l.out_group, "in_group": l.in_group} for l in plan.layers]
+    return strategy_of(plan).plan_rows(plan)
 
 
 def graph_files_of(manifest: dict) -> dict[str, str]:

@@ -27,8 +27,7 @@ from sls_deploy.data.images import check_eval_size, check_pixels, conversion_not
 from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
 from sls_deploy.trt.outlook import predicted_benefit
 from sls_deploy.config.recipe import Recipe
-from sls_deploy.pruning.channels.plan import StructuredPlan
-from sls_deploy.pruning.registry import load_plan
+from sls_deploy.pruning.registry import load_plan, strategy_of
 from sls_deploy.backends.runners import Limits, check_shapes, ort_infer
 from sls_deploy.stages.export import DENSE_ONNX, dense_graph
 from sls_deploy.stages.models import graph_spec, load_model, plan_widths
@@ -143,9 +142,8 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
         "tensorrt": ("per-layer TensorRT columns from engine/layers.json" if bundle.path(LAYERS_JSON).is_file()
                      else "no engine in this bundle (the engine stage needs TensorRT; see README)"),
     }
-    channels = isinstance(plan, StructuredPlan)
-    rep["groups"] = [{k: v for k, v in g.to_json().items() if k != "kept"} for g in plan.groups] if channels else []
-    rep["widths"] = plan.widths if channels else {}
+    rep["groups"], rep["widths"] = strategy_of(plan).report_widths(plan)
+    channels = bool(rep["widths"])
     rep["quality_gate"] = quality_gate(val, deg.name, q_bic.psnr, q_dense.psnr, q_pruned.psnr,
                                        {p: v[f"psnr_{ch}"] for p, v in precisions.items()}, ch)
     rep["tradeoff"] = report_plots.tradeoff_points(rep, bundle.root)

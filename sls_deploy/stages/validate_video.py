@@ -33,8 +33,7 @@ from sls_deploy.data.video import read_frames, resolve_clips
 from sls_deploy.core.errors import DataError, UsageError, ValidationError
 from sls_deploy.core.safe_json import load_json
 from sls_deploy.config.recipe import Recipe
-from sls_deploy.pruning.channels.plan import StructuredPlan
-from sls_deploy.pruning.registry import load_plan
+from sls_deploy.pruning.registry import load_plan, strategy_of
 from sls_deploy.backends.drive import clip_infer
 from sls_deploy.backends.runners import onnx_runner
 from sls_deploy.stages.export import DENSE_ONNX, dense_graph
@@ -181,7 +180,7 @@ def _report(bundle, recipe, plan, manifest, q: dict[str, VideoQuality], clips, T
     val = recipe.validate
     max_abs = max(max(diffs), whole["max_abs"])
     stages = manifest.get("stages", {})
-    channels = isinstance(plan, StructuredPlan)
+    groups, widths = strategy_of(plan).report_widths(plan)
     rep = {
         "kind": "video", "model": recipe.name, "arch": recipe.model.arch, "graph": "step" if spec.recurrent else "clip",
         "budget": plan.budget, "method": plan.method, "round_to": getattr(plan, "round_to", None),
@@ -205,8 +204,8 @@ def _report(bundle, recipe, plan, manifest, q: dict[str, VideoQuality], clips, T
                           "driven": ("frame by frame, recurrent outputs fed back " + json.dumps(dict(spec.recurrent))
                                      if spec.recurrent else "whole window at once")},
         "latency": latency,
-        "groups": [{k: v for k, v in g.to_json().items() if k != "kept"} for g in plan.groups] if channels else [],
-        "widths": plan.widths if channels else {},
+        "groups": groups,
+        "widths": widths,
         "layers": plan_rows(plan),
         "dense_layers": [{"name": d.name, "macs": d.macs, "reason": d.reason} for d in plan.dense_layers],
         "export": {k: v for k, v in stages.get("export", {}).get("result", {}).items() if k != "convs"},

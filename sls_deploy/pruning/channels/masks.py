@@ -16,7 +16,7 @@ from torch import nn
 
 from sls_deploy.core.device import model_device
 from sls_deploy.core.errors import PlanError
-from sls_deploy.pruning.channels.structured import aligned_units, check_groups, producers_of
+from sls_deploy.pruning.channels.groups import aligned_units, check_groups, producers_of
 
 __all__ = ["UnitMasks", "is_nested"]
 

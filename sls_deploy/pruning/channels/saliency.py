@@ -23,7 +23,8 @@ from torch import nn
 
 from sls_deploy.core.device import model_device, to_device
 from sls_deploy.core.errors import PlanError
-from sls_deploy.pruning.channels.structured import ChannelScales, GroupCosts
+from sls_deploy.pruning.channels.costs import GroupCosts
+from sls_deploy.pruning.channels.scales import ChannelScales
 
 __all__ = ["fisher_saliency", "per_mac", "unit_macs"]
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from sls_deploy.data import PatchSampler
 from sls_deploy.core.errors import BudgetError, PlanError
 from sls_deploy.config.recipe import Recipe
 from sls_deploy.pruning.nm import eligible
@@ -22,9 +21,6 @@ from sls_deploy.pruning.nm.oneshot import Candidate, check_budget, plan_oneshot
 from sls_deploy.pruning.nm.plan import DenseLayer, LayerPlan, Plan
 from sls_deploy.pruning.nm.sls import SLSSearch, SLSSettings
 from sls_deploy.pruning.target import can_save, layer_outlook, n_cost_fractions
-from sls_deploy.training.loop import TrainConfig, train
-
-METHODS = ("sls", "oneshot", "srste")
 
 
 @dataclass
@@ -120,19 +116,18 @@ def plan_uniform(recipe: Recipe, split: LayerSplit, budget: float, m: int, metho
 
 
 def search_sls(recipe: Recipe, model: torch.nn.Module, split: LayerSplit, budget: float, settings: SLSSettings,
-               sampler: PatchSampler, max_steps: int, lr: float, *, checkpoint: Path | None, run_key: str,
-               seed: int, progress: bool, amp: str = "off", channels_last: bool = False) -> tuple[Plan, dict]:
-    """Run the SLS search on ``model`` in place (its weights are trained too); return the plan and a summary."""
+               sampler, max_steps: int, lr: float, *, train: Callable[..., Any], seed: int) -> tuple[Plan, dict]:
+    """Run the SLS search on ``model`` in place (its weights are trained too); return the plan and a summary.
+    ``train(model, sampler, *, controller, desc, **config)`` is the caller's training loop (the search stage's:
+    checkpoint, resume key, device settings)."""
     check_budget(budget)
     check_reachable(split, budget, settings.m)
     h, w = recipe.reference_input_hw()
     controller = SLSSearch([(c.name, c.macs) for c in split.candidates], sum(d.macs for d in split.dense), budget,
                            settings, patch_scale=(settings.cost_patch / recipe.scale) ** 2 / (h * w),
                            fractions={c.name: c.fractions for c in split.candidates if c.fractions is not None})
-    cfg = TrainConfig(steps=max_steps, lr=lr, min_lr_ratio=1.0, checkpoint_every=10, seed=seed, amp=amp,
-                      channels_last=channels_last)
-    result = train(model, sampler, cfg, checkpoint=checkpoint, resume=True, run_key=run_key,
-                   controller=_FinalizeSearch(controller), desc="search", progress=progress)
+    result = train(model, sampler, steps=max_steps, lr=lr, min_lr_ratio=1.0, checkpoint_every=10,
+                   controller=_FinalizeSearch(controller), desc="search")
     forced = controller.closed_by_force
     raised = controller.settled
     n = controller.n_per_layer()
