@@ -17,8 +17,10 @@ from sls_deploy.pruning.nm.plan import Plan, read_plan_json
 NM_METHODS = ("sls", "oneshot", "srste")
 CHANNEL_METHODS = ("ssl", "l1", "l1-global", "hybrid")  # hybrid: ssl channels, then 2:4 where the target gains
 METHODS = NM_METHODS + CHANNEL_METHODS
-# "imported": masks searched elsewhere (`import-sls`), finetuned like any N:M plan
-STRATEGIES = {**{m: "nm" for m in NM_METHODS + ("imported",)}, **{m: "channels" for m in CHANNEL_METHODS}}
+# "imported": masks searched elsewhere (`import-sls`), finetuned like any N:M plan; "imported-channels": the kept
+# channels of a model pruned by another tool (`import-pruned`), a channel plan of given units
+STRATEGIES = {**{m: "nm" for m in NM_METHODS + ("imported",)},
+              **{m: "channels" for m in CHANNEL_METHODS + ("imported-channels",)}}
 
 
 def strategy_of(method: str) -> str:

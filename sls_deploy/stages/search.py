@@ -147,6 +147,8 @@ def _channels_body(run: Run, base: Path, key: str) -> StageOutput:
         info.update(shared_weights=str(given[0]), importance="none (the units are given)",
                     selection=f"given: the kept units of a nested family member ({Path(s.units).name}), one ranking "
                               "shared by every member")
+        if s.method == "imported-channels":  # `import-pruned`: the kept channels of a model pruned by another tool
+            info["selection"] = f"imported: the kept channels of a model pruned by another tool ({Path(s.units).name})"
     elif s.method == "l1":
         keep = select_uniform(l1, costs, s.budget, s.round_to, fill=True)
         info["selection"] = ("uniform kept fraction in every group; what rounding left of the budget is spent "
