@@ -54,8 +54,9 @@ def _imported_output(recipe_path: Path, bundle: Path) -> torch.Tensor:
         return model(REF["input"])
 
 
-@pytest.mark.parametrize("tool", list(TOOLS))
-def test_peer_model_imports_then_finetunes_exports_validates(capsys, tmp_path, tiny_recipe, tool):
+@pytest.mark.parametrize("tool, graphs", [("torch-pruning", ()), ("modelopt", ("--precision", "fp32"))])
+def test_peer_model_imports_then_finetunes_exports_validates(capsys, tmp_path, tiny_recipe, tool, graphs):
+    """Torch-Pruning's through all three graphs (the recipe's), ModelOpt's through FP32 (the suite's time)."""
     name, ref_key, label = TOOLS[tool]
     out = tmp_path / "b"
     code, stdout, err = _import(capsys, tiny_recipe, PEERS / name, out)
@@ -68,8 +69,8 @@ def test_peer_model_imports_then_finetunes_exports_validates(capsys, tmp_path, t
     assert kept["upsample.0"] == kept["upsample.2"] == list(range(16))  # both tools left the upsampler whole
     assert plan["budget"] >= plan["macs"]["ratio"] > plan["budget"] - 1e-4
     torch.testing.assert_close(_imported_output(tiny_recipe, out), REF[ref_key], atol=ATOL, rtol=0)
-    for args in (("finetune", out, "--steps", "1", "--no-progress"), ("export", out),
-                 ("validate", out, "--no-latency"), ("engine", out, "--dry-run")):
+    for args in (("finetune", out, "--steps", "1", "--no-progress"), ("export", out, *graphs),
+                 ("validate", out, "--no-latency"), ("engine", out, "--dry-run", *graphs)):
         code, _, err = run_cli(capsys, *args)
         assert code == 0, f"{args[0]}: {err}"
     assert (out / "model.onnx").is_file() and (out / "engine" / "build.json").is_file()
