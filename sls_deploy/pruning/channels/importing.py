@@ -78,7 +78,10 @@ def _match(dense: Mapping[str, torch.Tensor], pruned: Mapping[str, torch.Tensor]
     scale = p_rows.double().norm(dim=1).clamp_min(1e-12)
     rel = dist.gather(1, best.view(-1, 1)).view(-1) / scale
     worst = float(rel.max()) if rel.numel() else 0.0
-    if worst > MATCH_RTOL or len(set(best.tolist())) != best.numel():
+    if worst <= MATCH_RTOL and len(set(best.tolist())) != best.numel():
+        raise CheckpointError(f"layer '{layer}': two of the pruned model's channels equal the same dense channel "
+                              "(repeated filters in the dense weights?): the kept channels cannot be told apart")
+    if worst > MATCH_RTOL:
         raise CheckpointError(f"layer '{layer}': the pruned model's channels are not channels of the dense weights "
                               f"(relative distance {worst:.2g}); give --weights the dense checkpoint it was pruned "
                               "from, and import it before any finetuning by the other tool")
