@@ -175,3 +175,41 @@ def test_usage_errors_exit_2(capsys, tmp_path):
     assert code == 2 and not (tmp_path / "b").exists()
     code, _, _ = run_cli(capsys, "import-pruned", "--recipe")
     assert code == 2
+
+
+def test_pixelshuffle_units_and_reordered_channels_map_back():
+    """A narrower model keeping upsampler units (4 channels each, PixelShuffle(2)) in a shuffled order maps back to
+    the kept units, ascending, computing the same output; a unit split apart is refused in one line."""
+    from sls_deploy.core.errors import CheckpointError
+    from sls_deploy.models.edsr import EDSRAdapter
+    from sls_deploy.pruning.channels.importing import map_kept_channels
+    from sls_deploy.pruning.channels.structured import slice_into
+
+    adapter = EDSRAdapter()
+    cfg = {"arch": "edsr", "scale": 4, "num_feat": 16, "num_block": 2}
+    dense = adapter.build(adapter.parse_config(cfg))
+    dense.load_state_dict(load_file(str(DENSE)))
+    groups = adapter.channel_groups(dense)
+    keep = {"stream": [1, 4, 6, 7, 12, 15], "upsample.0": [0, 3, 5, 9, 10, 14], "body.1.conv1": [2, 8, 11]}
+    widths = {g: len(k) for g, k in keep.items()}
+    narrow = adapter.build(adapter.parse_config({**cfg, "widths": widths}))
+    slice_into(dense, narrow, groups, {g: torch.tensor(k) for g, k in keep.items()})
+    sd = narrow.state_dict()
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])  # upsample.0's units in another order: its rows and the next conv's inputs
+    rows = (perm.view(-1, 1) * 4 + torch.arange(4)).reshape(-1)
+    sd["upsample.0.weight"], sd["upsample.0.bias"] = sd["upsample.0.weight"][rows], sd["upsample.0.bias"][rows]
+    sd["upsample.2.weight"] = sd["upsample.2.weight"][:, perm]
+    mapped = map_kept_channels(dense, groups, sd)
+    assert {g: mapped.keep[g] for g in keep} == keep and mapped.reordered == ["upsample.0"]
+    assert mapped.keep["body.0.conv1"] == list(range(16))
+    x = REF["input"]
+    reloaded = adapter.build(adapter.parse_config({**cfg, "widths": mapped.widths}))
+    reloaded.load_state_dict(mapped.state)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), narrow(x), atol=ATOL, rtol=0)
+    split = dict(sd)
+    swap = torch.arange(24)
+    swap[[1, 4]] = swap[[4, 1]]  # a channel of the first kept unit swapped with one of the second
+    split["upsample.0.weight"], split["upsample.0.bias"] = sd["upsample.0.weight"][swap], sd["upsample.0.bias"][swap]
+    with pytest.raises(CheckpointError, match="not whole units of 4 consecutive channels"):
+        map_kept_channels(dense, groups, split)
