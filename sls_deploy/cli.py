@@ -315,6 +315,32 @@ def import_sls(checkpoint, model_name, recipe_path, weights, m, out):
                f"MACs ratio {plan.ratio:.3f}; next: sls-deploy finetune {out_dir}")
 
 
+@cli.command("import-pruned")
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@_recipe_options
+@click.option("--weights", type=click.Path(dir_okay=False),
+              help="The dense checkpoint the model was pruned from (default: the recipe's shipped weights).")
+@click.option("--out", type=click.Path(file_okay=False), help="Bundle folder (default runs/<model>-pruned-import).")
+@_progress_option
+def import_pruned(model_file, model_name, recipe_path, weights, out, no_progress):
+    """Import a channel-pruned model made by another tool: Torch-Pruning (torch.save(tp.state_dict(model))),
+    NVIDIA ModelOpt FastNAS (mto.save(model, path)) or a narrower model's state dict. Its kept channels are found
+    in the dense weights it was pruned from (--weights; import it before the tool's own finetuning) and mapped
+    onto the model's channel groups; the residual stream's producers must keep the same channels. A whole
+    pickled model (torch.save(model)) is refused unread. Writes plan.json (method imported-channels) and the
+    sliced weights; continue with `sls-deploy finetune BUNDLE`, `export`, `validate`."""
+    from sls_deploy.config.recipe import resolve_recipe
+    from sls_deploy.stages.import_pruned import run_import_pruned
+
+    recipe = resolve_recipe(model_name, recipe_path)
+    out_dir = Path(out) if out else Path("runs") / f"{model_name or Path(recipe_path).stem}-pruned-import"
+    result = run_import_pruned(recipe, Path(model_file), out_dir, weights, _log, not no_progress)
+    plan = result.plan
+    click.echo(f"{out_dir}: imported a {result.source.tool} model, widths "
+               f"{', '.join(f'{g.name}={g.kept_units}/{g.dense_units}' for g in plan.groups)}, MACs ratio "
+               f"{plan.ratio:.3f}; next: sls-deploy finetune {out_dir}")
+
+
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @click.option("--steps", type=STEPS, help="Training steps counted as build's --steps: the search's "

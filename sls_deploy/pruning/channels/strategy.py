@@ -42,14 +42,17 @@ class ChannelStrategy(Strategy):
         if m.given:
             keep = cs.given_units(m.given[1], Path(s.units), m.groups, m.costs.units, m.full)
             m.info.update(shared_weights=str(m.given[0]), importance="none (the units are given)",
-                          selection=f"given: the kept units of a nested family member ({Path(s.units).name}), one "
-                                    "ranking shared by every member")
+                          selection=self.given_selection(Path(s.units).name))
         else:
             keep = self.select(ctx, m)
         plan, sliced = cs.finish(ctx, m, keep)
         self.complete(ctx, m, plan)
         cs.save(ctx, plan, sliced)
         return plan
+
+    def given_selection(self, units_file: str) -> str:
+        """The report's selection line when the kept units are given (a nested family member's)."""
+        return f"given: the kept units of a nested family member ({units_file}), one ranking shared by every member"
 
     def select(self, ctx: SearchContext, m: cs.Measured) -> dict:
         raise NotImplementedError(f"{self.name} plans are given, not searched")
@@ -172,3 +175,6 @@ class ImportedChannels(ChannelStrategy):
 
     name = "imported-channels"
     user_method = False
+
+    def given_selection(self, units_file: str) -> str:
+        return f"imported: the kept channels of a model pruned by another tool ({units_file})"
