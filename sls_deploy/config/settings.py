@@ -20,7 +20,6 @@ from typing import Any, Mapping
 
 from sls_deploy.config.recipe import PRECISIONS, SELECTIONS, Recipe
 from sls_deploy.core.errors import UsageError
-from sls_deploy.modalities.registry import modality_of
 from sls_deploy.pruning.registry import METHODS, STRATEGIES, strategy_of
 from sls_deploy.pruning.target import TARGETS
 
@@ -78,7 +77,7 @@ class Settings:
         if strategy == "channels" and not recipe.adapter.channel_groups(recipe.build_model()):
             raise UsageError(f"--method {method} prunes channel groups, and {recipe.describe_model()} declares none "
                              f"(its methods: {', '.join(m for m in METHODS if STRATEGIES[m] == 'nm')})")
-        modality = modality_of(recipe)
+        modality = recipe.modality
         for opt in ("temporal_weight", "tf_weight"):
             if cli.get(opt) is not None and modality == "image":
                 flag = "--frame-diff-weight" if opt == "temporal_weight" else "--tf-weight"

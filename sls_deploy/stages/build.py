@@ -97,7 +97,7 @@ def plan_line(plan, modality: str = "image") -> str:
         return (f"  plan: {plan.method}, N in {ns} of M={plan.m} over {len(plan.layers)} layers, "
                 f"MACs {plan.macs_pruned / 1e9:.2f} / {plan.macs_dense / 1e9:.2f} G per graph run (ratio {plan.ratio:.3f})")
     narrowed = [g for g in plan.groups if g.kept_units < g.dense_units]
-    per = "per frame" if modalities.is_video(modality) else "per image"
+    per = f"per {modalities.lookup(modality).unit}"
     return (f"  plan: {plan.method}, {len(narrowed)} of {len(plan.groups)} channel groups narrowed, MACs "
             f"{plan.macs_pruned / plan.frames / 1e9:.2f} / {plan.macs_dense / plan.frames / 1e9:.2f} G {per} "
             f"(ratio {plan.ratio:.3f})")
