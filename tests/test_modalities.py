@@ -3,7 +3,6 @@ each modality's sampler, loss, evaluation, calibration feeds and frames per grap
 
 from __future__ import annotations
 
-
 import imageio.v3 as iio
 import numpy as np
 import pytest
