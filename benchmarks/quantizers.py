@@ -47,8 +47,7 @@ from sls_deploy.core.bundle import RECIPE  # noqa: E402
 from sls_deploy.data.sources import resolve_images  # noqa: E402
 from sls_deploy.modalities.image import evaluate  # noqa: E402
 from sls_deploy.onnx.inspect import inspect_model  # noqa: E402
-from sls_deploy.onnx.precision.int8 import read_calibration_images  # noqa: E402
-from sls_deploy.stages.calibration import BUILTIN_CALIB  # noqa: E402
+from sls_deploy.data.calibration import BUILTIN_CALIB, read_calibration_images  # noqa: E402
 
 ISLANDS = ("conv_first", "upsample.2", "conv_last")
 

@@ -599,7 +599,7 @@ def pack(bundle_dir, out, force):
     from sls_deploy.core.atomic import remove_stale_temps
     from sls_deploy.core.opening import open_for_use
     from sls_deploy.core.packing import check_pack_out, pack as do_pack, packed_names
-    from sls_deploy.modalities.registry import is_video, resolve_data
+    from sls_deploy.modalities.registry import lookup
     from sls_deploy.stages.build import reopen
 
     root = Path(bundle_dir)
@@ -609,7 +609,7 @@ def pack(bundle_dir, out, force):
     bundle, recipe = run.bundle, run.recipe
     remove_stale_temps(dest.parent, names={dest.name})
     # video eval clips are not packed (they can be large): a device validates video against its own clips
-    evals = [] if is_video(run.settings.modality) else resolve_data(run.settings.modality, run.settings.eval_data)
+    evals = lookup(run.settings.modality).packed_eval_data(run.settings.eval_data)
     # every file packed matches the manifest and every graph passes onnx.checker (the manifest itself is packed as is)
     open_for_use(bundle.root, [n for n in packed_names(bundle.root) if n != "manifest.json"])
     do_pack(bundle.root, dest, evals, recipe.opset, recipe.digest(), force=force)

@@ -288,7 +288,7 @@ def test_oversized_calibration_and_eval_images_are_refused_before_decoding(tmp_p
 
     from sls_deploy.core.errors import DataError
     from sls_deploy.data.images import check_pixels
-    from sls_deploy.onnx.precision.int8 import read_calibration_images
+    from sls_deploy.data.calibration import read_calibration_images
 
     big = tmp_path / "calib" / "big.png"
     big.parent.mkdir()

@@ -627,16 +627,17 @@ def test_process_group_backends(monkeypatch):
 
 def test_train_under_torchrun_draws_a_stream_per_rank_and_only_rank_0_writes(tmp_path, tiny_images, monkeypatch):
     from sls_deploy.core import distributed
+    from sls_deploy.modalities import image as image_modality
     from sls_deploy.training import base
 
     seeds = []
-    real = base.PatchSampler
+    real = image_modality.PatchSampler
 
     def recording(*a, **kw):
         seeds.append(kw["seed"])
         return real(*a, **kw)
 
-    monkeypatch.setattr(base, "PatchSampler", recording)
+    monkeypatch.setattr(image_modality, "PatchSampler", recording)  # the image modality's sampler
     recipe = load_recipe(write_tiny_recipe(tmp_path, tiny_images))
     out = tmp_path / "w.safetensors"
     monkeypatch.setattr(distributed, "rank", lambda: 1)

@@ -159,3 +159,52 @@ def test_pruning_imports_no_higher_layer():
     bad = sorted(f"{m} -> {d}" for m, deps in graph.items() if m.startswith("sls_deploy.pruning")
                  for d in deps if d.startswith(higher))
     assert bad == []
+
+
+# --------------------------------------------------------------------------- modalities (issue 25)
+
+
+def _references(path: Path, name: str) -> bool:
+    """Does ``path`` define, import, call or otherwise name ``name`` (an identifier, an attribute, an import)?"""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name) and node.id == name or isinstance(node, ast.Attribute) and node.attr == name:
+            return True
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and any(a.name.split(".")[-1] == name for a in node.names):
+            return True
+    return False
+
+
+def _sub_package(mod: str) -> str:
+    return mod.split(".")[1] if mod.count(".") else ""
+
+
+def _package_imports(package: str) -> set[str]:
+    """The sub-packages the modules of ``sls_deploy.<package>`` import (functions' lazy imports included)."""
+    graph = _graph()
+    return {_sub_package(t) for m, targets in graph.items() if _sub_package(m) == package for t in targets}
+
+
+def test_the_reference_finder_sees_every_use(tmp_path):
+    for src in ("from x import is_video\n", "import m\nm.is_video('clip')\n", "def is_video(m):\n    return m\n",
+                "f = is_video\n"):
+        (tmp_path / "m.py").write_text(src)
+        assert _references(tmp_path / "m.py", "is_video"), src
+    (tmp_path / "m.py").write_text("video = 'is_video'\nis_video_x = 1\n")
+    assert not _references(tmp_path / "m.py", "is_video")
+
+
+def test_is_video_is_named_only_inside_the_modality_package():
+    outside = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
+               if "modalities" not in p.relative_to(PKG).parts and _references(p, "is_video")]
+    assert outside == []
+
+
+def test_config_imports_nothing_from_the_modalities():
+    assert "modalities" not in _package_imports("config")
+
+
+def test_the_modalities_import_neither_training_nor_the_stages():
+    """The modalities sit below training and the stages (which use their samplers, losses and evaluation)."""
+    assert not _package_imports("modalities") & {"training", "stages", "pruning", "onnx", "cli"}

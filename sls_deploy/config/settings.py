@@ -22,7 +22,6 @@ from sls_deploy.config.recipe import PRECISIONS, Recipe
 from sls_deploy.core.errors import UsageError
 from sls_deploy.core.vocabulary import (DEFAULT_SELECTION, FAMILY_OF, FAMILY_OPTIONS, LEARNED_SCALES, METHODS,
                                         NM_METHODS, SELECTIONS, SLS_SEARCH, TARGETS, WITH_NM_PART)
-from sls_deploy.modalities.registry import modality_of
 
 VALID_M = (4, 8, 16, 32)
 CALIB_METHODS = ("max", "percentile", "entropy")
@@ -75,7 +74,7 @@ class Settings:
         if other == "nm" and not recipe.adapter.channel_groups(recipe.build_model()):
             raise UsageError(f"--method {method} prunes channel groups, and {recipe.describe_model()} declares none "
                              f"(its methods: {', '.join(NM_METHODS)})")
-        modality = modality_of(recipe)
+        modality = recipe.modality
         for opt in ("temporal_weight", "tf_weight"):
             if cli.get(opt) is not None and modality == "image":
                 flag = "--frame-diff-weight" if opt == "temporal_weight" else "--tf-weight"

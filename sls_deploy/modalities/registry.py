@@ -5,6 +5,10 @@
   term in the loss.
 - ``step``: one step of a recurrent model (StreamVSR): trained and evaluated on clips like ``clip``; its graph is
   one step whose state inputs are fed back from its outputs (ExportSpec.recurrent).
+
+``lookup(name)`` gives the modality object (``base.Modality``); the functions below are the stages' entry
+points, each one lookup and one call. The names themselves (``MODALITIES``) are defined in ``config.recipe``,
+which checks a recipe's value and does not import this package.
 """
 
 from __future__ import annotations
@@ -14,42 +18,44 @@ from typing import Callable
 import torch
 
 from sls_deploy.config.recipe import MODALITIES, Recipe
-from sls_deploy.data import PatchSampler, resolve_images
-from sls_deploy.data.catalog import training_images
-from sls_deploy.data.video import ClipSampler, resolve_clips
-from sls_deploy.training.losses import temporal_l1
+from sls_deploy.core.errors import RecipeError, short_repr
+from sls_deploy.modalities.base import Modality
+from sls_deploy.modalities.clip import ClipModality
+from sls_deploy.modalities.image import ImageModality
+from sls_deploy.modalities.step import StepModality
 
-__all__ = ["MODALITIES", "modality_of", "is_video", "resolve_data", "sampler", "loss_fn", "frames_per_run"]
+__all__ = ["MODALITIES", "REGISTRY", "lookup", "modality_of", "resolve_data", "sampler", "loss_fn",
+           "frames_per_run"]
+
+REGISTRY: dict[str, Modality] = {m.name: m for m in (ImageModality(), ClipModality(), StepModality())}
+
+
+def lookup(name: str) -> Modality:
+    """The modality object of ``name``; an unknown name is a one-line RecipeError."""
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise RecipeError(f"unknown modality {short_repr(name)} (known: {', '.join(REGISTRY)})") from None
 
 
 def modality_of(recipe: Recipe) -> str:
     return recipe.modality
 
 
-def is_video(modality: str) -> bool:
-    """Clips of frames (clip and step modalities) rather than single images."""
-    return modality in ("clip", "step")
-
-
 def resolve_data(modality: str, spec: str) -> list:
     """The files (images) or clip sources (video) a data spec names; a missing folder is a one-line error."""
-    return resolve_clips(spec) if is_video(modality) else resolve_images(spec)
+    return lookup(modality).resolve_data(spec)
 
 
 def sampler(recipe: Recipe, modality: str, spec: str, seed: int):
     """Training batches of the recipe's finetune section: LR/HR patches or clips, read lazily by
     ``recipe.data_workers`` loader processes (``spec`` may also be a prepare-data memmap cache of images)."""
-    sec = recipe.finetune
-    if is_video(modality):
-        return ClipSampler(resolve_clips(spec), recipe.scale, sec.lr_patch, recipe.model.options["clip_len"],
-                           sec.batch_size, seed=seed, workers=recipe.data_workers)
-    return PatchSampler(training_images(spec), recipe.scale, sec.lr_patch, sec.batch_size, seed=seed,
-                        degradation=recipe.adapter.degradation(recipe.model), workers=recipe.data_workers)
+    return lookup(modality).sampler(recipe, spec, seed)
 
 
 def loss_fn(modality: str, temporal_weight: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """None (plain L1) for images; for clips L1 plus ``temporal_weight`` x L1 of frame-to-frame differences."""
-    return temporal_l1(temporal_weight) if is_video(modality) else None
+    return lookup(modality).loss(temporal_weight)
 
 
 def frames_per_run(example) -> int:

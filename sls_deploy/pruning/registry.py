@@ -33,7 +33,7 @@ def strategy_for(method: str) -> Strategy:
 def strategy_of(plan) -> Strategy:
     """The strategy of a loaded plan: its method's, or its family's when an importer named the method."""
     found = STRATEGIES.get(getattr(plan, "method", ""))
-    family = _BY_PLAN[type(plan)]
+    family = next(strategy for kind, strategy in _BY_PLAN.items() if isinstance(plan, kind))
     return found if found is not None and found.family == family.family else family
 
 

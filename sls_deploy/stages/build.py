@@ -92,7 +92,7 @@ def reopen(root: Path, log: Log = print, progress: bool = True, compute: dict | 
 
 
 def plan_line(plan, modality: str = "image") -> str:
-    return strategy_of(plan).plan_line(plan, "per frame" if modalities.is_video(modality) else "per image")
+    return strategy_of(plan).plan_line(plan, f"per {modalities.lookup(modality).unit}")
 
 
 def build(run: Run) -> dict:

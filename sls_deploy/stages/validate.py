@@ -1,22 +1,27 @@
 """The validate stage: does this bundle ship? One entry for every strategy; the modality decides what is checked
 (image: every deployment shape and precision against the PyTorch reference; clip / step: every eval window and a
-whole clip, the step graph driven with its state fed back). ``check_report`` raises naming the first failure."""
+whole clip, the step graph driven with its state fed back). ``check_report`` raises naming the first failure.
+
+The drivers live here in stages/ (they use the bundle, the models and the export stage); the modality object
+names its driver by key (``Modality.validation``) and ``VALIDATORS`` maps that key to it."""
 
 from __future__ import annotations
 
 from sls_deploy.core.errors import ValidationError
-from sls_deploy.modalities.registry import is_video
+from sls_deploy.modalities import registry as modalities
 from sls_deploy.stages.skeleton import Run
 from sls_deploy.stages.validate_common import ValidateOptions
 from sls_deploy.stages.validate_gate import gate_failure
 from sls_deploy.stages.validate_image import validate_images
 from sls_deploy.stages.validate_video import check_video_report, validate_clips
 
+VALIDATORS = {"image": validate_images, "video": validate_clips}  # Modality.validation -> its driver
+
 
 def run_validate(run: Run, vopts: ValidateOptions | None = None) -> dict:
     vopts = vopts or ValidateOptions()
     vopts.check()
-    return (validate_clips if is_video(run.settings.modality) else validate_images)(run, vopts)
+    return VALIDATORS[modalities.lookup(run.settings.modality).validation](run, vopts)
 
 
 def check_report(rep: dict) -> None:

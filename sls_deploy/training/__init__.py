@@ -1,1 +1,1 @@
-"""The training loop shared by base training, searches and finetuning, and its losses."""
+"""The training loop shared by base training, searches and finetuning (the losses belong to the modalities)."""

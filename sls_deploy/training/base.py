@@ -8,11 +8,10 @@ import torch
 
 from sls_deploy.core import distributed as dist
 from sls_deploy.core.checkpoints import save_weights
-from sls_deploy.core.device import Compute, model_device
-from sls_deploy.data import PatchSampler, resolve_images
-from sls_deploy.data.catalog import training_images
+from sls_deploy.core.device import Compute
 from sls_deploy.data.degradations import Degradation
-from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
+from sls_deploy.modalities import registry as modalities
+from sls_deploy.modalities.image import torch_infer
 from sls_deploy.config.recipe import Recipe
 from sls_deploy.training.loop import TrainConfig, TrainResult, train
 
@@ -33,18 +32,10 @@ def train_base(recipe: Recipe, out: Path, *, steps: int | None = None, data: str
     cfg = TrainConfig(steps=sec.steps if steps is None else steps, lr=sec.lr, warmup=sec.warmup,
                       checkpoint_every=sec.checkpoint_every, seed=seed, amp=compute.amp,
                       channels_last=compute.channels_last, section="train")
-    video = recipe.modality != "image"
+    modality = modalities.lookup(recipe.modality)
+    degradation = degradation or recipe.adapter.degradation(recipe.model)  # image inputs (clips are bicubic)
     stream = seed + 1000 * dist.rank()  # under torchrun every rank draws its own batches (as search and finetune)
-    if video:
-        from sls_deploy.data.video import ClipSampler, resolve_clips
-
-        sampler = ClipSampler(resolve_clips(data or recipe.data_train), recipe.scale, sec.lr_patch,
-                              recipe.model.options["clip_len"], sec.batch_size, seed=stream,
-                              workers=recipe.data_workers)
-    else:
-        degradation = degradation or recipe.adapter.degradation(recipe.model)
-        sampler = PatchSampler(training_images(data or recipe.data_train), recipe.scale, sec.lr_patch,
-                               sec.batch_size, seed=stream, degradation=degradation, workers=recipe.data_workers)
+    sampler = modality.sampler(recipe, data or recipe.data_train, stream, section=sec, degradation=degradation)
     torch.manual_seed(seed)
     model = recipe.build_model().to(compute.device)  # built (and initialised) on the CPU: the same on any device
     ckpt = out.with_name(out.name + ".ckpt")
@@ -55,41 +46,14 @@ def train_base(recipe: Recipe, out: Path, *, steps: int | None = None, data: str
     save_weights(model, out, {"recipe": recipe.name, "steps": str(result.steps_done)}, half=half)
     if ckpt.exists():
         ckpt.unlink()
-    if video:
-        return {"weights": str(out), "steps": result.steps_done, "seconds": round(result.seconds, 1),
-                "final_loss": result.final_loss, **_video_margin(recipe, model)}
-    eval_files = resolve_images(recipe.data_eval)
-    model_q = evaluate(torch_infer(model), eval_files, recipe.scale, recipe.metric_channel, with_ssim=False,
-                       degradation=degradation)
-    base_q = evaluate(baseline_infer(degradation), eval_files, recipe.scale, recipe.metric_channel,
-                      with_ssim=False, degradation=degradation)
+    evals = modality.resolve_data(recipe.data_eval)
+    label, baseline = modality.baseline(recipe, degradation)
+    model_q = modality.evaluate(torch_infer(model), evals, recipe, with_ssim=False, degradation=degradation)
+    base_q = modality.evaluate(baseline, evals, recipe, with_ssim=False, degradation=degradation)
+    per_model, per_base = model_q.per_item_psnr(), base_q.per_item_psnr()
     return {"weights": str(out), "steps": result.steps_done, "seconds": round(result.seconds, 1),
-            "final_loss": result.final_loss, "channel": recipe.metric_channel, "baseline": degradation.name,
+            "final_loss": result.final_loss, "channel": recipe.metric_channel, "baseline": label,
             "psnr_model": model_q.psnr, "psnr_baseline": base_q.psnr, "psnr_bicubic": base_q.psnr,
             "margin_db": model_q.psnr - base_q.psnr,
-            "per_image": {k: {"model": v["psnr"], "baseline": base_q.per_image[k]["psnr"],
-                              "bicubic": base_q.per_image[k]["psnr"]}
-                          for k, v in model_q.per_image.items()}}
-
-
-def _video_margin(recipe: Recipe, model: torch.nn.Module) -> dict:
-    """Per-frame PSNR of the trained model vs bicubic on the recipe's eval clips."""
-    from sls_deploy.data.video import resolve_clips
-    from sls_deploy.modalities.clip import bicubic_clip_infer, evaluate_clips
-
-    clips, T, ch = resolve_clips(recipe.data_eval), recipe.model.options["clip_len"], recipe.metric_channel
-    model.eval()
-
-    device = model_device(model)
-
-    def infer(lr):
-        with torch.no_grad():
-            return model(lr.to(device)).cpu()
-
-    q = evaluate_clips(infer, clips, T, recipe.scale, ch, with_ssim=False)
-    b = evaluate_clips(bicubic_clip_infer(recipe.scale), clips, T, recipe.scale, ch, with_ssim=False)
-    per = {k: (float(sum(v["psnr"]) / len(v["psnr"])), float(sum(b.per_clip[k]["psnr"]) / len(b.per_clip[k]["psnr"])))
-           for k, v in q.per_clip.items()}
-    return {"channel": ch, "baseline": "bicubic", "psnr_model": q.psnr, "psnr_baseline": b.psnr,
-            "psnr_bicubic": b.psnr, "margin_db": q.psnr - b.psnr,
-            "per_image": {k: {"model": m, "baseline": bb, "bicubic": bb} for k, (m, bb) in per.items()}}
+            "per_image": {k: {"model": v, "baseline": per_base[k], "bicubic": per_base[k]}
+                          for k, v in per_model.items()}}

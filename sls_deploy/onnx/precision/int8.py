@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -281,31 +279,3 @@ def quantize_int8(model: onnx.ModelProto, amax: Mapping[str, float], islands: It
         for node in nodes:  # one DequantizeLinear per weight, shared by the layer's Conv nodes
             node.inputs[1] = wdq
     return finish(graph)
-
-
-MAX_CALIB_PIXELS = 2**20  # one LR calibration image (1 MP): activations of every conv are kept per image
-
-
-def read_calibration_images(folder: str | os.PathLike, min_size: int) -> tuple[list[np.ndarray], dict[str, str]]:
-    """LR calibration inputs (1x3xHxW float32) from a folder, with each file's sha256 (for the cache key)."""
-    from sls_deploy.core.atomic import sha256_file
-    from sls_deploy.data.images import check_pixels, read_rgb
-    from sls_deploy.data.sources import IMAGE_SUFFIXES
-    from sls_deploy.core.errors import DataError
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"calibration folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"calibration folder {folder} holds no images")
-    images, hashes = [], {}
-    for f in files:
-        check_pixels(f, MAX_CALIB_PIXELS, "calibration image")
-        img = read_rgb(f)
-        if min(img.shape[:2]) < min_size:
-            raise DataError(f"calibration image {f.name} ({img.shape[1]}x{img.shape[0]}) is smaller than the "
-                            f"model's minimum input {min_size}x{min_size}")
-        images.append(np.ascontiguousarray(img.transpose(2, 0, 1)[None]).astype(np.float32))
-        hashes[f.name] = sha256_file(f)
-    return images, hashes
