@@ -250,7 +250,7 @@ def test_search_finetune_and_torch_validate_of_a_bundle_on_the_model_device(tmp_
     assert not list((tmp_path / "b").rglob("*.ckpt"))
 
     from sls_deploy.core import device as device_mod
-    from sls_deploy.stages import models
+    from sls_deploy.backends import loading as models
 
     resolve, build_module, used = device_mod.inference_device, models.bundle_module, []
     monkeypatch.setattr(device_mod, "inference_device",

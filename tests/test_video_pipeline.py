@@ -24,7 +24,7 @@ from sls_deploy.stages.build import build_bundle
 from sls_deploy.stages.export import op_types
 from sls_deploy.stages.models import load_model as load_video_model
 from sls_deploy.backends.drive import clip_infer
-from sls_deploy.backends.runners import onnx_runner
+from sls_deploy.backends.runtime import onnx_runner
 from conftest import CHECKOUT, error_line, run_cli as run
 
 torch.set_num_threads(1)  # the tests' models are tiny; more threads only contend
@@ -708,7 +708,7 @@ def test_frame_stream_equals_the_whole_clip_run(request, which):
     """Frame by frame in bounded memory gives what the whole-clip drive gives: the step graph's state carried,
     the clip graph's T-frame windows and its tail."""
     from sls_deploy.backends.drive import FrameStream, clip_infer
-    from sls_deploy.backends.runners import onnx_runner
+    from sls_deploy.backends.runtime import onnx_runner
     from sls_deploy.config.recipe import load_recipe
     from sls_deploy.stages.models import graph_spec
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sls_deploy.backends.loading import load_model, resolve_base_weights
 from sls_deploy.core import atomic
 from sls_deploy.core.checkpoints import save_weights
 from sls_deploy.core.errors import PlanError, SlsError, UsageError
@@ -32,7 +33,6 @@ from sls_deploy.core.safe_json import load_json
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.channels.masks import UnitMasks, is_nested
 from sls_deploy.pruning.channels.structured import GroupCosts, select_global, select_uniform, top_units, widths_of
-from sls_deploy.stages.models import load_model, resolve_base_weights
 from sls_deploy.stages.search import unit_ranking, units_record
 from sls_deploy.training.loop import TrainConfig, train
 

@@ -18,14 +18,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sls_deploy.config.recipe import PRECISIONS, SELECTIONS, Recipe
+from sls_deploy.config.recipe import SELECTIONS, Recipe
 from sls_deploy.core.errors import UsageError
+from sls_deploy.core.vocabulary import CALIB_METHODS, IO_DTYPES, PRECISIONS
 from sls_deploy.modalities.registry import modality_of
 from sls_deploy.pruning.registry import METHODS, STRATEGIES, strategy_of
 from sls_deploy.pruning.target import TARGETS
 
 VALID_M = (4, 8, 16, 32)
-CALIB_METHODS = ("max", "percentile", "entropy")
 # options that only mean something for one strategy: given for the other, they are usage errors naming them
 NM_ONLY = ("m", "n", "lam", "alpha")
 CHANNELS_ONLY = ("round_to", "keep_full", "selection", "units")
@@ -165,7 +165,7 @@ class Settings:
                 raise UsageError(f"unknown precision '{p}' (known: {', '.join(PRECISIONS)})")
         if self.calib_method not in CALIB_METHODS:
             raise UsageError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, not '{self.calib_method}'")
-        if self.io not in ("fp32", "fp16"):
+        if self.io not in IO_DTYPES:
             raise UsageError(f"--io must be fp32 or fp16, not '{self.io}'")
         if self.strategy == "nm":
             try:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sls_deploy.backends.loading import graph_spec
 from sls_deploy.core.bundle import digest
 from sls_deploy.modalities import registry as modalities
-from sls_deploy.stages.models import graph_spec
 
 BUILTIN_CALIB = Path(__file__).resolve().parent.parent / "calib"
 VIDEO_WINDOWS = 4  # calibration windows from the training clips
@@ -65,9 +65,9 @@ def step_feeds(fp32_model, spec, feeds: list[dict[str, np.ndarray]]) -> list[dic
     produced at the step before (ExportSpec.recurrent), as feeds. Other graphs' feeds pass through."""
     if not feeds or "__clip__" not in feeds[0]:
         return feeds
-    from sls_deploy.backends.providers import session
+    from sls_deploy.backends.sessions import cpu_session
 
-    sess = session(fp32_model.SerializeToString())  # on the CPU on purpose: calibration must not depend on the GPU
+    sess = cpu_session(fp32_model.SerializeToString())  # on the CPU on purpose: calibration must not depend on the GPU
     shapes = {i.name: i.shape for i in sess.get_inputs()}
     frame_input = next(n for n in spec.input_names if n not in spec.recurrent)  # the frame fed at every step
     out = []
