@@ -2,6 +2,7 @@
 
 Times are wall-clock per call of an ``infer`` function on one fixed input. The report gives medians and p90s
 and, above all, the ratio pruned / dense measured in the same run, since absolute times depend on the machine.
+The timed ONNX Runtime sessions (one shared CPU arena) open in backends/sessions.py (``timed_session``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from sls_deploy.config.recipe import SELECTIONS, Recipe
 from sls_deploy.core.errors import UsageError
-from sls_deploy.core.vocabulary import CALIB_METHODS, IO_DTYPES, PRECISIONS
+from sls_deploy.core.vocabulary import CALIB_METHODS, DEFAULT_CALIB_METHOD, IO_DTYPES, PRECISIONS
 from sls_deploy.modalities.registry import modality_of
 from sls_deploy.pruning.registry import METHODS, STRATEGIES, strategy_of
 from sls_deploy.pruning.target import TARGETS
@@ -59,7 +59,7 @@ class Settings:
     # export
     precisions: tuple[str, ...] = ("fp32",)
     calib: str = "builtin"
-    calib_method: str = "percentile"
+    calib_method: str = DEFAULT_CALIB_METHOD
     io: str = "fp32"
 
     # -- resolution ---------------------------------------------------------------------------------------
