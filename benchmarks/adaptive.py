@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from sls_deploy.adaptive.family import is_family, load_family  # noqa: E402
 from sls_deploy.adaptive.patches import extract, grid, stitch  # noqa: E402
 from sls_deploy.adaptive.run import MAP_PLOT, PLOT, route, router_file  # noqa: E402
-from sls_deploy.backends.latency import ort_session, time_side_by_side  # noqa: E402
+from sls_deploy.backends.latency import time_side_by_side  # noqa: E402
+from sls_deploy.backends.sessions import timed_session  # noqa: E402
 from sls_deploy.cli import main as cli_main  # noqa: E402
 from sls_deploy.config.recipe import load_recipe  # noqa: E402
 from sls_deploy.core.bundle import ONNX, RECIPE  # noqa: E402
@@ -48,8 +49,8 @@ def latency(family, rep: dict, size: int, stride: int, runs: int, threads: int) 
     recipe = load_recipe(family.path(family.members[0]) / RECIPE)
     deg = recipe.adapter.degradation(recipe.model)
     names = [c["name"] for c in rep["candidates"]]
-    sessions = {n: ort_session(onnx_of(family, n), threads)[0] for n in names if n != "bicubic"}
-    routers = {r: ort_session(family.root / router_file(r), threads)[0] for r in rep["routers"]}
+    sessions = {n: timed_session(onnx_of(family, n), threads)[0] for n in names if n != "bicubic"}
+    routers = {r: timed_session(family.root / router_file(r), threads)[0] for r in rep["routers"]}
     images = []
     for f in resolve_images(recipe.data_eval):
         lr = load_pair(f, recipe.scale, deg)[1]

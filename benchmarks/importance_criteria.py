@@ -33,7 +33,7 @@ from sls_deploy.pruning.channels.groups import widths_of  # noqa: E402
 from sls_deploy.pruning.channels.importance import RANKINGS, L1Importance  # noqa: E402
 from sls_deploy.pruning.channels.selection import select_global  # noqa: E402
 from sls_deploy.pruning.channels.slicing import slice_into  # noqa: E402
-from sls_deploy.stages.models import load_model, model_config, resolve_base_weights  # noqa: E402
+from sls_deploy.backends.loading import load_model, model_config, resolve_base_weights  # noqa: E402
 
 
 def main() -> int:

@@ -22,7 +22,7 @@ from sls_deploy.data import load_pair, resolve_images  # noqa: E402
 from sls_deploy.core.bundle import WEIGHTS  # noqa: E402
 from sls_deploy.stages.build import reopen  # noqa: E402
 from sls_deploy.stages.export import run_export  # noqa: E402
-from sls_deploy.stages.models import load_model  # noqa: E402
+from sls_deploy.backends.loading import load_model  # noqa: E402
 from sls_deploy.stages.validate_image import precision_quality  # noqa: E402
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import onnx  # noqa: E402
 
-from sls_deploy.backends.runners import onnx_inputs  # noqa: E402
+from sls_deploy.backends.runtime import onnx_inputs  # noqa: E402
 from sls_deploy.cli import main as cli_main  # noqa: E402
 from sls_deploy.config.recipe import load_recipe  # noqa: E402
 from sls_deploy.core.bundle import RECIPE  # noqa: E402

@@ -53,7 +53,7 @@ def one_mode(mode: str, steps: int) -> dict:
 
     from sls_deploy.data import PatchSampler, resolve_images
     from sls_deploy.pruning.nm.strategy import masks_for
-    from sls_deploy.stages.models import load_model, resolve_base_weights
+    from sls_deploy.backends.loading import load_model, resolve_base_weights
     from sls_deploy.config.recipe import resolve_recipe
     from sls_deploy.pruning.nm.search import plan_uniform, split_layers
     from sls_deploy.pruning.nm.sls import SLSSearch

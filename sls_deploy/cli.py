@@ -15,7 +15,8 @@ import click
 from sls_deploy import __version__
 from sls_deploy.core.errors import SlsError, ValidationError, one_line
 from sls_deploy.core.numbers import MAX_COUNT, MAX_LATENCY_RUNS, MAX_SIDE, MAX_STEPS, MAX_WORKSPACE_MB
-from sls_deploy.core.vocabulary import CHANNEL_METHODS, NM_METHODS, SELECTIONS, TARGETS
+from sls_deploy.core.vocabulary import (BACKENDS, CALIB_METHODS, CHANNEL_METHODS, IO_DTYPES, NM_METHODS, ORT, PRECISIONS,
+                                        SELECTIONS, TARGETS, TORCH, TRT)
 from sls_deploy.pruning.target import TARGET_HELP
 
 BUDGET = click.FloatRange(0.0, 1.0, min_open=True)
@@ -106,11 +107,11 @@ def _settings(recipe, budget, method, **cli):
 
 
 def _precision_options(f):
-    f = click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy"]),
+    f = click.option("--calib-method", type=click.Choice(CALIB_METHODS),
                      help="INT8 activation calibration (default: the recipe's, percentile 99.99).")(f)
     f = click.option("--calib", type=click.Path(), help="Folder of LR calibration images for INT8 "
                      "(default: the recipe's, the calib/ set shipped with the package).")(f)
-    f = click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
+    f = click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
                      help="Graphs to write (repeatable): model.onnx (always), model.fp16.onnx, model.int8.onnx. "
                           "Default: the recipe's (all three).")(f)
     return f
@@ -376,7 +377,7 @@ def finetune(bundle_dir, steps, data, resume, device, amp, channels_last, no_pro
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @_precision_options
-@click.option("--io", type=click.Choice(["fp32", "fp16"]), help="Input/output dtype of the FP16 graph "
+@click.option("--io", type=click.Choice(IO_DTYPES), help="Input/output dtype of the FP16 graph "
               "(default: the recipe's, fp32).")
 def export(bundle_dir, precisions, calib, calib_method, io):
     """Export ONNX graphs (opset >= 17, dynamic N/H/W): FP32, FP16 with FP32 islands, INT8 with Q/DQ.
@@ -400,11 +401,11 @@ def export(bundle_dir, precisions, calib, calib_method, io):
 @click.argument("bundle_path", type=click.Path())
 @click.option("--eval-data", help="Eval images: a folder of HR images (default: the recipe's eval list, or the "
               "val/ images of a packed bundle).")
-@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="ort", show_default=True,
+@click.option("--backend", type=click.Choice([TORCH, ORT, TRT]), default="ort", show_default=True,
               help="ort: every ONNX graph (FP32/FP16/INT8) in ONNX Runtime vs the PyTorch reference; torch: the "
                    "PyTorch model alone (quality and latency); trt: the bundle's TensorRT engine vs the FP32 graph. "
                    "ort and torch write report.json/md/html.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
               help="With --backend trt: which graph the engine was built from.")
 @click.option("--latency-runs", type=click.IntRange(1, MAX_LATENCY_RUNS), help="Timed runs per model and size "
               "(default: the recipe's validate.latency_runs).")
@@ -496,7 +497,7 @@ def _device_bundle(path: Path, use=()):
 
 @cli.command()
 @click.argument("bundle_path", type=click.Path())
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
               help="Which graph to build: model.onnx, model.fp16.onnx or model.int8.onnx.")
 @click.option("--sparsity", type=click.Choice(["enable", "disable"]), default="enable", show_default=True,
               help="TensorRT's SPARSE_WEIGHTS flag (2:4 layers may then use sparse tactics). disable builds the "
@@ -636,10 +637,10 @@ def inspect(target, size, as_json):
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder: <name>.png per image, "
               "<name>.mp4 per video (created if missing).")
-@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
               help="ort: the bundle's ONNX graph in ONNX Runtime (CPU; the CUDA provider with onnxruntime-gpu on a "
                    "CUDA --device); torch: the finetuned weights in PyTorch (FP32, on --device); trt: engine/model.plan through Polygraphy's TrtRunner (needs TensorRT).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="With --backend ort: which graph (model.onnx, model.fp16.onnx, model.int8.onnx).")
 @click.option("--tile", type=click.IntRange(1, MAX_SIDE), default=256, show_default=True,
               help="LR tile side: memory stays bounded whatever the image size.")

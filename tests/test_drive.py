@@ -15,7 +15,7 @@ import yaml
 from conftest import torchscript
 
 from sls_deploy.backends import drive
-from sls_deploy.backends.runners import onnx_runner
+from sls_deploy.backends.runtime import onnx_runner
 from sls_deploy.config.recipe import load_recipe
 from sls_deploy.models import get_adapter
 from sls_deploy.onnx.export import export_onnx

@@ -47,7 +47,7 @@ def test_unreachable_budget_then_the_corrected_command_is_not_refused(tmp_path, 
 
 def test_nan_and_integer_weights_are_refused(tmp_path, tiny_recipe):
     from sls_deploy.config.recipe import load_recipe
-    from sls_deploy.stages.models import load_model
+    from sls_deploy.backends.loading import load_model
 
     recipe = load_recipe(tiny_recipe)
     sd = recipe.build_model().state_dict()

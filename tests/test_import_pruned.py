@@ -16,7 +16,7 @@ from conftest import error_line, run_cli
 from sls_deploy.config.recipe import load_recipe
 from sls_deploy.core.inert_pickle import Opaque, load_inert
 from sls_deploy.pruning.channels.pruned_file import read_pruned_file
-from sls_deploy.stages.models import load_model
+from sls_deploy.backends.loading import load_model
 
 PEERS = Path(__file__).parent / "fixtures" / "peers"
 DENSE = PEERS / "edsr_tiny_dense.safetensors"

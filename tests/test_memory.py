@@ -8,8 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from sls_deploy.backends.latency import ort_session, release_shared_arena
-from sls_deploy.backends.runners import ShrinkingSession
+from sls_deploy.backends.sessions import ShrinkingSession, release_shared_arena, timed_session
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript-exporter notice
 
@@ -48,7 +47,7 @@ def _feeds():
 
 def test_release_shared_arena_hands_the_largest_runs_buffers_back(graphs):
     big, small = _feeds()
-    sessions = [ort_session(p, 1)[0] for p in graphs]
+    sessions = [timed_session(p, 1)[0] for p in graphs]
     before = [s.run(None, big)[0] for s in sessions]
     for s in sessions:  # a second round: what a timed loop leaves resident
         s.run(None, big)

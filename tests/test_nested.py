@@ -116,7 +116,7 @@ def test_nested_family_build(tmp_path, tiny_recipe, tiny_weights, capsys):
 
     from sls_deploy.config.recipe import load_recipe
     from sls_deploy.pruning.registry import load_plan
-    from sls_deploy.stages.models import model_config
+    from sls_deploy.backends.loading import model_config
 
     fam = tmp_path / "fam"
     code, _, err = run_cli(capsys, "build", "--recipe", tiny_recipe, "--weights", tiny_weights, "--budget", "0.7",

@@ -15,10 +15,10 @@ from sls_deploy.core import atomic
 from sls_deploy.core.errors import BundleError, CheckpointError, PlanError, RecipeError, UsageError
 from sls_deploy.onnx.export import graph_weights, reduction_last
 from sls_deploy.stages.build import build_bundle
-from sls_deploy.stages.models import load_model
+from sls_deploy.backends.loading import load_model
 from sls_deploy.config.recipe import load_recipe
 from sls_deploy.pruning.nm import Plan, nm_mask
-from sls_deploy.backends.runners import ort_infer
+from sls_deploy.backends.runtime import ort_infer
 
 
 def _opts(weights: Path, budget: float = 0.4, logs: list | None = None, **kw) -> dict:

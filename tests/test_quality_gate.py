@@ -146,7 +146,7 @@ def test_validate_backend_torch_applies_the_same_gate(below_bicubic, tmp_path, c
 
 def test_validate_backend_trt_repeats_the_recorded_gate(below_bicubic, tmp_path):
     """The device has no PyTorch weights (a pack): the engine's own checks pass, the recorded gate fails it."""
-    from sls_deploy.backends.runners import onnx_runner
+    from sls_deploy.backends.runtime import onnx_runner
     from sls_deploy.stages.validate_engine import validate_engine
 
     _, out = below_bicubic

@@ -10,7 +10,7 @@ import torch
 from sls_deploy.data import bicubic_up, load_pair, psnr, quantize, to_image
 from sls_deploy.data.sources import skimage_data_dir
 from sls_deploy.core.errors import RecipeError
-from sls_deploy.stages.models import load_model, resolve_base_weights
+from sls_deploy.backends.loading import load_model, resolve_base_weights
 from sls_deploy.config.recipe import builtin_models, load_recipe, resolve_recipe
 
 

@@ -208,3 +208,69 @@ def test_config_imports_nothing_from_the_modalities():
 def test_the_modalities_import_neither_training_nor_the_stages():
     """The modalities sit below training and the stages (which use their samplers, losses and evaluation)."""
     assert not _package_imports("modalities") & {"training", "stages", "pruning", "onnx", "cli"}
+
+
+# --------------------------------------------------------------------------- one runtime layer, vocabularies once
+
+
+def _uses(names: set[str]) -> dict[str, set[str]]:
+    """{module: which of ``names`` it references} (as a bare name or an attribute, e.g. ``ort.InferenceSession``)."""
+    found: dict[str, set[str]] = {}
+    for p in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if name in names:
+                found.setdefault(_module(p), set()).add(name)
+    return found
+
+
+def test_onnx_runtime_sessions_open_in_one_module():
+    assert set(_uses({"InferenceSession", "SessionOptions", "RunOptions"})) == {"sls_deploy.backends.sessions"}
+
+
+def test_polygraphy_runners_are_built_in_one_module():
+    assert set(_uses({"TrtRunner", "OnnxrtRunner", "EngineFromBytes"})) == {"sls_deploy.backends.runtime"}
+
+
+def _imports_stages(graph: dict[str, set[str]], module: str) -> list[str]:
+    return sorted(m for m in graph[module] if m == "sls_deploy.stages" or m.startswith("sls_deploy.stages."))
+
+
+def test_nothing_at_inference_time_imports_the_stages():
+    """upscale (every module it reaches), the runtime layer and route's inference modules load models through
+    backends/, never through the build stages. (adaptive/family.py and nested.py build a family: build time.)"""
+    graph = _graph()
+    inference = [m for m in graph if m.startswith(("sls_deploy.upscale", "sls_deploy.backends"))]
+    inference += [f"sls_deploy.adaptive.{m}" for m in ("run", "members", "evaluate", "routers", "patches", "patchset")]
+    assert {m: _imports_stages(graph, m) for m in inference if _imports_stages(graph, m)} == {}
+    reached, todo = set(), [m for m in graph if m.startswith("sls_deploy.upscale")]
+    while todo:
+        m = todo.pop()
+        if m not in reached:
+            reached.add(m)
+            todo += graph[m]
+    assert sorted(m for m in reached if m.startswith("sls_deploy.stages")) == []
+
+
+def test_vocabularies_are_defined_once():
+    """No literal tuple/list/set of the precisions, the calibration methods or the backends outside
+    core/vocabulary.py (in any order): they are imported from there."""
+    from sls_deploy.core import vocabulary
+
+    vocabularies = {frozenset(v) for v in (vocabulary.PRECISIONS, vocabulary.CALIB_METHODS, vocabulary.BACKENDS)}
+    copies = []
+    for p in PKG.rglob("*.py"):
+        if p == PKG / "core" / "vocabulary.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and node.elts and all(
+                    isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+                if frozenset(e.value for e in node.elts) in vocabularies:
+                    copies.append(f"{_module(p)}:{node.lineno}")
+    assert copies == []
+
+
+def test_the_vocabulary_module_imports_nothing():
+    tree = ast.parse((PKG / "core" / "vocabulary.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Import)
+                or isinstance(n, ast.ImportFrom) and n.module != "__future__"]

@@ -19,7 +19,8 @@ from sls_deploy.backends.latency import time_side_by_side
 from sls_deploy.stages.build import reopen
 from sls_deploy.trt.outlook import layer_outlook
 from sls_deploy.report.plots import tradeoff_points
-from sls_deploy.backends.runners import Limits, check_shapes, ort_infer
+from sls_deploy.backends.runners import Limits, check_shapes
+from sls_deploy.backends.runtime import ort_infer
 from sls_deploy.stages.validate import ValidateOptions, check_report, run_validate
 
 from conftest import build_tiny_2to4_bundle
@@ -176,7 +177,7 @@ def test_trt_backend_runs_shape_checks_and_times_sparse_vs_dense(bundle, tmp_pat
     (root / "engine" / "model.dense.plan").write_bytes(b"stand-in")
     recipe = load_recipe(root / "recipe.yaml")
 
-    from sls_deploy.backends.runners import onnx_runner
+    from sls_deploy.backends.runtime import onnx_runner
 
     def fake_engine(path):  # a runner like TrtRunner: ONNX Runtime on the FP16 graph stands in for the engine
         return onnx_runner(root / "model.fp16.onnx")

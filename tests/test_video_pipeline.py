@@ -22,9 +22,9 @@ from sls_deploy.pruning import registry
 from sls_deploy.pruning.channels.slicing import slice_into, zero_units
 from sls_deploy.stages.build import build_bundle
 from sls_deploy.stages.export import op_types
-from sls_deploy.stages.models import load_model as load_video_model
+from sls_deploy.backends.loading import load_model as load_video_model
 from sls_deploy.backends.drive import clip_infer
-from sls_deploy.backends.runners import onnx_runner
+from sls_deploy.backends.runtime import onnx_runner
 from conftest import CHECKOUT, error_line, run_cli as run
 
 torch.set_num_threads(1)  # the tests' models are tiny; more threads only contend
@@ -689,7 +689,8 @@ def test_plan_and_weights_with_different_rsc_indices_are_refused(bv_l1, tmp_path
 
     from sls_deploy.core.errors import PlanError
     from sls_deploy.pruning.registry import load_plan
-    from sls_deploy.stages.models import check_plan_indices, load_model, plan_widths
+    from sls_deploy.backends.loading import load_model, plan_widths
+    from sls_deploy.stages.models import check_plan_indices
     from sls_deploy.config.recipe import load_recipe
 
     out = bv_l1["out"]  # uniform L1 narrows every group, the RSC reads and writes too
@@ -713,9 +714,9 @@ def test_frame_stream_equals_the_whole_clip_run(request, which):
     """Frame by frame in bounded memory gives what the whole-clip drive gives: the step graph's state carried,
     the clip graph's T-frame windows and its tail."""
     from sls_deploy.backends.drive import FrameStream, clip_infer
-    from sls_deploy.backends.runners import onnx_runner
+    from sls_deploy.backends.runtime import onnx_runner
     from sls_deploy.config.recipe import load_recipe
-    from sls_deploy.stages.models import graph_spec
+    from sls_deploy.backends.loading import graph_spec
 
     out = request.getfixturevalue(which)["out"]
     spec = graph_spec(load_recipe(out / "recipe.yaml"))

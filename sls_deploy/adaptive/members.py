@@ -47,8 +47,8 @@ def bundle_candidate(root, recipe, name: str | None = None, device=None) -> Cand
     """A finished image bundle's PyTorch model (on ``device``) as a candidate, its cost the plan's MACs ratio."""
     from pathlib import Path
 
+    from sls_deploy.backends.loading import bundle_module
     from sls_deploy.pruning.registry import load_plan
-    from sls_deploy.stages.models import bundle_module
 
     root = Path(root)
     for f in (PLAN, WEIGHTS):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sls_deploy.backends.loading import load_model, resolve_base_weights
 from sls_deploy.core import atomic
 from sls_deploy.core.checkpoints import save_weights
 from sls_deploy.core.errors import PlanError, SlsError, UsageError
@@ -34,7 +35,6 @@ from sls_deploy.pruning.channels.masks import UnitMasks, is_nested
 from sls_deploy.pruning.channels.costs import GroupCosts
 from sls_deploy.pruning.channels.groups import widths_of
 from sls_deploy.pruning.channels.selection import select_global, select_uniform, top_units
-from sls_deploy.stages.models import load_model, resolve_base_weights
 from sls_deploy.pruning.channels.search import unit_ranking, units_record
 from sls_deploy.pruning.registry import strategy_for
 from sls_deploy.training.loop import TrainConfig, train

@@ -77,7 +77,7 @@ def router_profiles(family: Family, engine_section) -> dict[str, dict[str, tuple
 
 def candidates_of(family: Family, recipe, device=None) -> tuple[list[Candidate], float]:
     """bicubic, the members and the dense base (on ``device``), cheapest first; and the dense MACs per LR pixel."""
-    from sls_deploy.stages.models import load_model, resolve_base_weights
+    from sls_deploy.backends.loading import load_model, resolve_base_weights
 
     dense = recipe.adapter.export_module(load_model(recipe, resolve_base_weights(recipe, family.base_weights or None),
                                                     device=device))

@@ -2,15 +2,14 @@
 
 Times are wall-clock per call of an ``infer`` function on one fixed input. The report gives medians and p90s
 and, above all, the ratio pruned / dense measured in the same run, since absolute times depend on the machine.
+The timed ONNX Runtime sessions (one shared CPU arena) open in backends/sessions.py (``timed_session``).
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
@@ -55,48 +54,5 @@ def time_side_by_side(calls: dict[str, Callable[[], object]], warmup: int, runs:
     return {n: Timing(t) for n, t in times.items()}
 
 
-@functools.lru_cache(maxsize=None)
-def _register_shared_arena() -> None:
-    """One CPU arena for every latency session of the process, grown by what is asked (not in powers of two)."""
-    import onnxruntime as ort
-
-    ort.create_and_register_allocator(
-        ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
-        ort.OrtArenaCfg(0, 1, -1, -1))  # no limit, kSameAsRequested, default chunk sizes
-
-
-def ort_session(path: str | os.PathLike, threads: int | None = None, device=None):
-    """An ONNX Runtime session (``providers_for(device)``: the CUDA provider on a CUDA device when installed) with
-    an explicit intra-op thread count (recorded in reports).
-
-    Timed sessions keep an arena (buffers reused from run to run, as a deployed session's), but one CPU arena shared
-    by the sessions timed side by side and no memory pattern: two sessions with their own arenas and patterns kept
-    ~1.7 GB resident for EDSR-baseline at 180x320 (dense + pruned), one shared arena ~0.6 GB."""
-    import onnxruntime as ort
-
-    from sls_deploy.backends.providers import session
-
-    _register_shared_arena()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    so.log_severity_level = 3
-    so.enable_mem_pattern = False
-    so.add_session_config_entry("session.use_env_allocators", "1")
-    return session(path, device, so), so.intra_op_num_threads
-
-
 def ort_call(sess, feed: dict[str, np.ndarray]) -> Callable[[], object]:
     return lambda: sess.run(None, feed)
-
-
-def release_shared_arena(sessions: Iterable, feed: dict[str, np.ndarray]) -> None:
-    """Hand the shared arena's memory back once the timing is done: one untimed run of each session on a small
-    ``feed`` with ONNX Runtime's arena shrinkage, which frees every arena region nothing uses any more. The arena
-    outlives the sessions (ONNX Runtime cannot unregister it), so without this the largest timed run's buffers
-    (~0.6 GB for EDSR-baseline at 180x320) stay resident for the rest of the process."""
-    import onnxruntime as ort
-
-    shrink = ort.RunOptions()
-    shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    for sess in sessions:
-        sess.run(None, feed, shrink)

@@ -1,4 +1,4 @@
-"""Which ONNX Runtime execution providers a session gets: the one place that decides (every session opens here).
+"""Which ONNX Runtime execution providers a session gets: the one place that decides (sessions open in sessions.py).
 
 ``providers_for(device)``: the CUDA execution provider first when the device is a CUDA GPU and the installed
 onnxruntime has it (the ``onnxruntime-gpu`` package), on that GPU; otherwise the CPU provider. Export-time checks,
@@ -27,14 +27,6 @@ def providers_for(device: Any = None) -> list:
         return list(CPU)
     index = int(text.split(":", 1)[1]) if ":" in text else 0
     return [(CUDA_EP, {"device_id": index}), "CPUExecutionProvider"]
-
-
-def session(model: str | bytes, device: Any = None, options=None):
-    """An ``onnxruntime.InferenceSession`` of a path or serialized model on ``providers_for(device)``."""
-    import onnxruntime as ort
-
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                providers=providers_for(device))
 
 
 def describe(sess, device: Any = None) -> dict[str, str]:

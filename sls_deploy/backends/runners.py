@@ -1,100 +1,19 @@
-"""Backends behind one interface, and the checks of a backend against the PyTorch reference at every shape.
+"""The checks of a backend against the PyTorch reference at every shape, image by image or clip by clip.
 
-Backends follow Polygraphy's runner style: ONNX Runtime runs through Polygraphy's ``OnnxrtRunner`` (on a
-``ShrinkingSession``: bounded memory), so the TensorRT runner (engine stage) drops in beside it.
+The backends are ``infer`` functions over the runtime layer's runners (backends/runtime.py: Polygraphy's
+``OnnxrtRunner`` on a ``ShrinkingSession``, or ``TrtRunner``), so the same checks score every backend.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from sls_deploy.core.errors import ValidationError
 from sls_deploy.core.memory import release_freed_memory
-
-
-def quiet_polygraphy() -> None:
-    """Polygraphy logs every session it creates; keep its warnings and errors only."""
-    from polygraphy.logger import G_LOGGER
-
-    G_LOGGER.module_severity = G_LOGGER.WARNING
-
-
-def onnx_inputs(path: Path) -> dict[str, type]:
-    """{input name: numpy dtype} of a graph's real inputs (FP16-I/O graphs take float16)."""
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as e:
-        raise ValidationError(f"cannot read {path} as ONNX (corrupt?): {type(e).__name__}") from None
-    inits = {t.name for t in graph.initializer}
-    return {i.name: np.float16 if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else np.float32
-            for i in graph.input if i.name not in inits}
-
-
-class ShrinkingSession:
-    """An ONNX Runtime session (``providers_for(device)``) that hands its CPU arena's memory back after every run.
-
-    The checks run each graph at shapes up to the profile's maximum (EDSR: 270x480 LR, 1920x1080 out), one after
-    another: a session's arena would keep the largest run's buffers (~0.7 GB each for EDSR-baseline) for as long
-    as the session lives, and every graph's session is open at once. ONNX Runtime's own shrinkage
-    (``memory.enable_memory_arena_shrinkage``) frees them at the end of each run; the session options, so the
-    kernels and outputs, are those of Polygraphy's ``SessionFromOnnx``. Polygraphy's ``OnnxrtRunner`` takes it
-    as its session (it calls ``run``, ``get_inputs`` and ``get_outputs``)."""
-
-    def __init__(self, path: str | os.PathLike, device=None):
-        import onnxruntime as ort
-
-        from sls_deploy.backends.providers import session
-
-        so = ort.SessionOptions()
-        try:  # the thread counts SessionFromOnnx sets
-            so.intra_op_num_threads = so.inter_op_num_threads = len(os.sched_getaffinity(0))
-        except AttributeError:  # no sched_getaffinity (not Linux)
-            so.intra_op_num_threads = so.inter_op_num_threads = 1
-        self.session = session(path, device, so)  # providers_for(device); the shrinkage below is the CPU arena's
-        self.run_options = ort.RunOptions()
-        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-
-    def run(self, output_names, feed, run_options=None):
-        return self.session.run(output_names, feed, run_options or self.run_options)
-
-    def get_inputs(self):
-        return self.session.get_inputs()
-
-    def get_outputs(self):
-        return self.session.get_outputs()
-
-
-@contextlib.contextmanager
-def ort_infer(onnx_path: str | os.PathLike, input_name: str = "lr", output_name: str = "sr",
-              device=None) -> Iterator:
-    """An ``infer(lr_tensor) -> np.ndarray`` function backed by ONNX Runtime (via Polygraphy), on
-    ``providers_for(device)``: the CPU unless the device is a GPU and onnxruntime-gpu is installed."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-
-    quiet_polygraphy()
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise ValidationError(f"ONNX file not found: {path}")
-    inputs = onnx_inputs(path)
-    if input_name not in inputs:
-        raise ValidationError(f"{path.name} has no input '{input_name}' (inputs: {', '.join(inputs) or 'none'})")
-    dtype = inputs[input_name]
-    with OnnxrtRunner(lambda: ShrinkingSession(path, device)) as runner:
-
-        def infer(lr: torch.Tensor) -> np.ndarray:
-            out = runner.infer({input_name: lr.detach().cpu().numpy().astype(dtype)})[output_name]
-            return np.asarray(out, dtype=np.float32)
-
-        yield infer
 
 
 def _as_array(out) -> np.ndarray:
@@ -244,21 +163,7 @@ def _rows(acc: dict, backends: dict, want: tuple, label: str, hw, ref_gt: list, 
     return out
 
 
-# --------------------------------------------------------------------------- runners and clip checks
-
-
-def onnx_runner(onnx_path: str | os.PathLike, device=None):
-    """An (inactive) Polygraphy ``OnnxrtRunner`` (``providers_for(device)``; the CPU by default): the FP32
-    reference of the TensorRT checks, and the stand-in for ``TrtRunner`` where there is no TensorRT. Drive it
-    with ``backends.drive``."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-
-    quiet_polygraphy()
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise ValidationError(f"ONNX file not found: {path}")
-    onnx_inputs(path)  # a corrupt file is a one-line ValidationError here, not a traceback at activate()
-    return OnnxrtRunner(lambda: ShrinkingSession(path, device))
+# --------------------------------------------------------------------------- clip checks
 
 
 def clip_pair_at_size(source, clip_len: int, scale: int,

@@ -18,6 +18,7 @@ from sls_deploy.core.errors import RecipeError, UsageError, short_repr
 from sls_deploy.core.numbers import (MAX_COUNT, MAX_LATENCY_RUNS, MAX_SIDE, MAX_STEPS, MAX_WORKSPACE_MB, as_float,
                                      as_int)
 from sls_deploy.core.safe_yaml import load_yaml
+from sls_deploy.core.vocabulary import CALIB_METHODS, DEFAULT_CALIB_METHOD, DEFAULT_PERCENTILE, IO_DTYPES, PRECISIONS
 from sls_deploy.models import DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS, ModelAdapter, ModelConfig, get_adapter
 from sls_deploy.config.sls import SLSSettings
 from sls_deploy.core.vocabulary import CHANNEL_METHODS, DEFAULT_TARGET, SELECTIONS, TARGETS
@@ -33,7 +34,6 @@ class StepsSection:
     warmup: int = 0
 
 
-PRECISIONS = ("fp32", "fp16", "int8")
 MAX_BATCH = 1024  # training batch (memory: batch x patch^2 x channels stays within a workstation's RAM)
 MAX_PATCH = 512  # LR training patch side
 MAX_OUTPUT_SIDE = 8192  # reference_output width/height: MACs are counted on an input of that size (8K UHD fits)
@@ -48,8 +48,8 @@ class PrecisionSection:
     graphs: tuple[str, ...] = PRECISIONS  # which graphs export writes (fp32 always)
     fp32_islands: tuple[str, ...] | None = None  # None: the adapter's default
     calib: str = "builtin"  # the package's calib/ images, or a folder
-    calib_method: str = "percentile"
-    percentile: float = 99.99
+    calib_method: str = DEFAULT_CALIB_METHOD
+    percentile: float = DEFAULT_PERCENTILE
     io: str = "fp32"
 
 
@@ -385,17 +385,17 @@ def _precision(raw: Mapping[str, Any]) -> PrecisionSection:
             raise RecipeError(f"precision.{what} must be a list of at most {most} names, not {short_repr(names)}")
     out = PrecisionSection(graphs=tuple(graphs), fp32_islands=None if islands is None else tuple(islands),
                            calib=str(sec.get("calib", "builtin")),
-                           calib_method=str(sec.get("calib_method", "percentile")),
-                           percentile=as_float(sec.get("percentile", 99.99), "precision.percentile", 0.0, 100.0,
+                           calib_method=str(sec.get("calib_method", DEFAULT_CALIB_METHOD)),
+                           percentile=as_float(sec.get("percentile", DEFAULT_PERCENTILE), "precision.percentile", 0.0, 100.0,
                                                lo_open=True),
                            io=str(sec.get("io", "fp32")))
     bad = [g for g in out.graphs if g not in PRECISIONS]
     if bad:
         raise RecipeError(f"precision.graphs: unknown precision '{bad[0]}' (known: {', '.join(PRECISIONS)})")
-    if out.calib_method not in ("max", "percentile", "entropy"):
+    if out.calib_method not in CALIB_METHODS:
         raise RecipeError("precision.calib_method must be max, percentile or entropy, "
                           f"not {short_repr(out.calib_method)}")
-    if out.io not in ("fp32", "fp16"):
+    if out.io not in IO_DTYPES:
         raise RecipeError(f"precision.io must be fp32 or fp16, not {short_repr(out.io)}")
     return out
 

@@ -18,13 +18,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sls_deploy.config.recipe import PRECISIONS, Recipe
+from sls_deploy.config.recipe import Recipe
 from sls_deploy.core.errors import UsageError
-from sls_deploy.core.vocabulary import (DEFAULT_SELECTION, FAMILY_OF, FAMILY_OPTIONS, LEARNED_SCALES, METHODS,
-                                        NM_METHODS, SELECTIONS, SLS_SEARCH, TARGETS, WITH_NM_PART)
+from sls_deploy.core.vocabulary import (CALIB_METHODS, DEFAULT_CALIB_METHOD, DEFAULT_SELECTION, FAMILY_OF,
+                                        FAMILY_OPTIONS, IO_DTYPES, LEARNED_SCALES, METHODS, NM_METHODS, PRECISIONS,
+                                        SELECTIONS, SLS_SEARCH, TARGETS, WITH_NM_PART)
 
 VALID_M = (4, 8, 16, 32)
-CALIB_METHODS = ("max", "percentile", "entropy")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Settings:
     # export
     precisions: tuple[str, ...] = ("fp32",)
     calib: str = "builtin"
-    calib_method: str = "percentile"
+    calib_method: str = DEFAULT_CALIB_METHOD
     io: str = "fp32"
 
     # -- resolution ---------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ class Settings:
                 raise UsageError(f"unknown precision '{p}' (known: {', '.join(PRECISIONS)})")
         if self.calib_method not in CALIB_METHODS:
             raise UsageError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, not '{self.calib_method}'")
-        if self.io not in ("fp32", "fp16"):
+        if self.io not in IO_DTYPES:
             raise UsageError(f"--io must be fp32 or fp16, not '{self.io}'")
         if self.strategy == "nm":
             try:

@@ -28,3 +28,15 @@ SELECTIONS = ("normalised", "raw", "fisher", "taylor")  # how ssl/hybrid choose 
 DEFAULT_SELECTION = "normalised"
 TARGETS = ("trt", "ort", "none")  # what the budget is counted on (pruning/target.py)
 DEFAULT_TARGET = "trt"
+
+# --------------------------------------------------------------------------- precisions, calibration, backends
+# (the runtime's vocabulary: which graphs a bundle holds, how INT8 is calibrated, what runs them)
+
+PRECISIONS = ("fp32", "fp16", "int8")  # model.onnx, model.fp16.onnx, model.int8.onnx (core/bundle.py GRAPH_FILES)
+IO_DTYPES = ("fp32", "fp16")  # input/output dtype of the FP16 graph
+CALIB_METHODS = ("max", "percentile", "entropy")  # INT8 activation calibration (onnx/precision/int8.py)
+DEFAULT_CALIB_METHOD = "percentile"
+DEFAULT_PERCENTILE = 99.99
+
+ORT, TORCH, TRT = "ort", "torch", "trt"  # ONNX Runtime, the PyTorch weights, a TensorRT engine
+BACKENDS = (ORT, TORCH, TRT)

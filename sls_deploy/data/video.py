@@ -228,10 +228,6 @@ def _same_size(folder: Path, first: tuple[str, tuple[int, int]], name: str, hw: 
 _CACHE: OrderedDict[tuple[str, int | None], np.ndarray] = OrderedDict()
 
 
-def clear_frame_cache() -> None:
-    _CACHE.clear()
-
-
 def _whole_video(path: Path, max_side: int | None) -> np.ndarray:
     """Every frame of a video file (T,H,W,3) uint8, read-only, from this process's cache of decoded clips."""
     key = (str(Path(path).resolve()), max_side or None)
@@ -251,14 +247,6 @@ def _whole_video(path: Path, max_side: int | None) -> np.ndarray:
 def _need(source: ClipSource, have: int, need: int) -> None:
     if have < need:
         raise DataError(f"clip {source.name} has {have} frames; {need} are needed")
-
-
-def clip_length(source: ClipSource, max_side: int | None = None) -> int:
-    """Number of frames of ``source`` (a folder: its listing; a video file: decoded, into the cache)."""
-    if source.kind == "frames":
-        return len(_folder_frames(source))
-    a = _whole_video(source.path, max_side)
-    return len(a[source.start: source.stop])
 
 
 def read_frames(source: ClipSource, start: int = 0, count: int | None = None,

@@ -24,7 +24,7 @@ from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.registry import strategy_of
 from sls_deploy.stages.export import run_export
 from sls_deploy.stages.finetune import run_finetune
-from sls_deploy.stages.models import load_model, resolve_base_weights
+from sls_deploy.backends.loading import load_model, resolve_base_weights
 from sls_deploy.stages.search import run_search
 from sls_deploy.stages.skeleton import Log, Run
 from sls_deploy.stages.validate import run_validate

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sls_deploy.backends.loading import graph_spec
 from sls_deploy.modalities import registry as modalities
-from sls_deploy.stages.models import graph_spec
 
 
 def calibration_feeds(recipe, settings) -> tuple[list[dict[str, np.ndarray]], dict[str, str]]:
@@ -24,9 +24,9 @@ def step_feeds(fp32_model, spec, feeds: list[dict[str, np.ndarray]]) -> list[dic
     produced at the step before (ExportSpec.recurrent), as feeds. Other graphs' feeds pass through."""
     if not feeds or "__clip__" not in feeds[0]:
         return feeds
-    from sls_deploy.backends.providers import session
+    from sls_deploy.backends.sessions import cpu_session
 
-    sess = session(fp32_model.SerializeToString())  # on the CPU on purpose: calibration must not depend on the GPU
+    sess = cpu_session(fp32_model.SerializeToString())  # on the CPU on purpose: calibration must not depend on the GPU
     shapes = {i.name: i.shape for i in sess.get_inputs()}
     frame_input = next(n for n in spec.input_names if n not in spec.recurrent)  # the frame fed at every step
     out = []

@@ -24,7 +24,8 @@ from sls_deploy.modalities import registry as modalities
 from sls_deploy.onnx.export import export_onnx, graph_weights, load_onnx, verify_plan_in_graph
 from sls_deploy.pruning.registry import load_plan, strategy_of
 from sls_deploy.stages.calibration import calibration_feeds, step_feeds
-from sls_deploy.stages.models import check_plan_indices, fp32_islands, graph_spec, load_model, plan_widths
+from sls_deploy.backends.loading import graph_spec, load_model, plan_widths
+from sls_deploy.stages.models import check_plan_indices, fp32_islands
 from sls_deploy.stages.skeleton import Run, StageOutput, run_stage
 
 CALIB_CACHE = "calib_cache.json"
@@ -232,10 +233,10 @@ def _calibration(bundle: Bundle, fp32_model, spec, inputs: dict[str, str], feeds
 
 def _ort_smoke(model, name: str, feed: dict[str, np.ndarray]) -> None:
     """ONNX Runtime on CPU must load and run the graph (16x16 LR)."""
-    from sls_deploy.backends.providers import session
+    from sls_deploy.backends.sessions import cpu_session
 
     try:
-        sess = session(model.SerializeToString())  # the CPU provider: the check is the same on every machine
+        sess = cpu_session(model.SerializeToString())  # the CPU provider: the check is the same on every machine
         types = {i.name: np.float16 if "float16" in i.type else np.float32 for i in sess.get_inputs()}
         sess.run(None, {k: v.astype(types[k]) for k, v in feed.items() if k in types})
     except Exception as e:

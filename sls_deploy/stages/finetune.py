@@ -17,7 +17,8 @@ from sls_deploy.core.errors import UsageError
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.nm import MaskSet
 from sls_deploy.pruning.registry import load_plan, strategy_of
-from sls_deploy.stages.models import check_plan_indices, load_model, plan_widths
+from sls_deploy.backends.loading import load_model, plan_widths
+from sls_deploy.stages.models import check_plan_indices
 from sls_deploy.stages.resume import check_resume
 from sls_deploy.stages.skeleton import Run, StageOutput, run_stage
 from sls_deploy.training.distill import Controllers, HiddenStateDistill

@@ -27,7 +27,7 @@ from sls_deploy.pruning.channels.pruned_file import PrunedFile, read_pruned_file
 from sls_deploy.pruning.channels.search import units_record
 from sls_deploy.pruning.macs import layer_macs
 from sls_deploy.stages.build import search_or_release, start
-from sls_deploy.stages.models import load_model, model_config, resolve_base_weights
+from sls_deploy.backends.loading import load_model, model_config, resolve_base_weights
 from sls_deploy.stages.skeleton import Log
 
 IMPORTED_METHOD = "imported-channels"  # a channel plan from outside: no selection, no search

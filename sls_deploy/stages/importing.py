@@ -16,7 +16,7 @@ from sls_deploy.core.errors import UsageError
 from sls_deploy.pruning.nm import Plan
 from sls_deploy.pruning.nm.importing import (import_masks, is_modelopt, masks_from_modelopt,
                                              masks_from_sls_checkpoint, read_mask_file)
-from sls_deploy.stages.models import resolve_base_weights
+from sls_deploy.backends.loading import resolve_base_weights
 from sls_deploy.stages.search import SEARCH_WEIGHTS
 
 IMPORTED_DENSE = "imported.dense.safetensors"  # the imported checkpoint's weights before masking

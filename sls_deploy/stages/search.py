@@ -18,7 +18,8 @@ from sls_deploy.core.checkpoints import save_weights
 from sls_deploy.modalities import registry as modalities
 from sls_deploy.pruning.registry import load_plan, strategy_for
 from sls_deploy.pruning.strategy import SEARCH_WEIGHTS, SearchContext
-from sls_deploy.stages.models import fp32_islands, load_model, model_config, resolve_base_weights
+from sls_deploy.backends.loading import load_model, model_config, resolve_base_weights
+from sls_deploy.stages.models import fp32_islands
 from sls_deploy.stages.resume import check_resume
 from sls_deploy.stages.skeleton import Run, StageOutput, run_stage
 from sls_deploy.training.loop import TrainConfig, train

@@ -6,16 +6,17 @@ from dataclasses import dataclass
 
 from sls_deploy.core.bundle import ONNX, Bundle
 from sls_deploy.core.errors import BundleError, UsageError
+from sls_deploy.core.vocabulary import ORT, TORCH
 from sls_deploy.pruning.registry import strategy_of
 
-BACKENDS = ("torch", "ort")  # "trt" runs on the device: validate_engine.py
+BACKENDS = (TORCH, ORT)  # "trt" runs on the device: validate_engine.py
 REPORT_HTML = "report.html"
 LAYERS_JSON = "engine/layers.json"
 
 
 @dataclass
 class ValidateOptions:
-    backend: str = "ort"
+    backend: str = ORT
     latency: bool = True
     latency_runs: int | None = None  # None: the recipe's
     latency_warmup: int | None = None

@@ -24,7 +24,8 @@ import contextlib
 from pathlib import Path
 
 from sls_deploy.backends import drive
-from sls_deploy.backends.runners import Limits, check_clip_shapes, check_shapes, onnx_runner
+from sls_deploy.backends.runners import Limits, check_clip_shapes, check_shapes
+from sls_deploy.backends.runtime import onnx_runner, trt_runner
 from sls_deploy.core import atomic
 from sls_deploy.core.packing import VAL_DIR
 from sls_deploy.stages.validate_gate import gate_failure
@@ -32,14 +33,6 @@ from sls_deploy.trt.engine import ENGINE_DIR
 
 DENSE_ENGINE = "model.dense.plan"
 DEFAULT_EVAL_FRAMES = 5  # frames per eval window of a step graph when the recipe's model has no clip_len
-
-
-def trt_runner(engine_file: Path):
-    """An (inactive) Polygraphy ``TrtRunner`` on a serialized engine."""
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-    return TrtRunner(EngineFromBytes(BytesFromPath(str(engine_file))))
 
 
 def _active(stack: contextlib.ExitStack, runner):

@@ -28,9 +28,11 @@ from sls_deploy.modalities.image import baseline_infer, evaluate, torch_infer
 from sls_deploy.trt.outlook import predicted_benefit
 from sls_deploy.config.recipe import Recipe
 from sls_deploy.pruning.registry import load_plan, strategy_of
-from sls_deploy.backends.runners import Limits, check_shapes, ort_infer
+from sls_deploy.backends.loading import graph_spec, load_model, plan_widths
+from sls_deploy.backends.runners import Limits, check_shapes
+from sls_deploy.backends.runtime import ort_infer
+from sls_deploy.core.vocabulary import PRECISIONS
 from sls_deploy.stages.export import DENSE_ONNX, dense_graph
-from sls_deploy.stages.models import graph_spec, load_model, plan_widths
 from sls_deploy.stages.skeleton import Run
 from sls_deploy.stages.validate_common import (LAYERS_JSON, REPORT_HTML, ValidateOptions, current_graph_files,
                                                plan_rows, progress_bar)
@@ -167,7 +169,7 @@ def validate_images(run: Run, vopts: ValidateOptions) -> dict:
 def _shape_checks(bundle: Bundle, recipe: Recipe, pruned, graph_files: dict[str, str], backend: str, files,
                   sizes, progress, degradation, device=None) -> list:
     val = recipe.validate
-    limits = {p: Limits(val.max_drop(p), val.fp32_atol if p == "fp32" else None) for p in ("fp32", "fp16", "int8")}
+    limits = {p: Limits(val.max_drop(p), val.fp32_atol if p == "fp32" else None) for p in PRECISIONS}
     with contextlib.ExitStack() as stack:
         if backend == "ort":
             spec = graph_spec(recipe)
@@ -184,8 +186,9 @@ def _latency(bundle: Bundle, recipe: Recipe, dense, pruned, dense_sha: str, vopt
              warmup: int, progress, device=None) -> dict:
     """Dense vs pruned on the same backend and input, interleaved, at each latency size; labelled with the
     provider (ONNX Runtime) or PyTorch and the device they ran on."""
-    from sls_deploy.backends.latency import ort_call, ort_session, release_shared_arena, time_side_by_side
+    from sls_deploy.backends.latency import ort_call, time_side_by_side
     from sls_deploy.backends.providers import describe
+    from sls_deploy.backends.sessions import release_shared_arena, timed_session
     from sls_deploy.core.device import device_name, synchronize
 
     sizes = list(recipe.validate.latency_sizes or [recipe.engine.profile_sizes()["opt"]])
@@ -194,7 +197,7 @@ def _latency(bundle: Bundle, recipe: Recipe, dense, pruned, dense_sha: str, vopt
         dense_path = dense_graph(bundle, recipe, dense, dense_sha)
         sessions = {}
         for name, path in (("dense", dense_path), ("pruned", bundle.path(ONNX))):
-            sessions[name], threads = ort_session(path, vopts.threads, device)
+            sessions[name], threads = timed_session(path, vopts.threads, device)
         where = describe(sessions["pruned"], device)
         out.update(threads=threads, graphs={"dense": f"work/{DENSE_ONNX} (FP32)", "pruned": f"{ONNX} (FP32)"},
                    **where, device_name=device_name(torch.device(where["device"])),

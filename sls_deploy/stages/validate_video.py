@@ -35,9 +35,9 @@ from sls_deploy.core.safe_json import load_json
 from sls_deploy.config.recipe import Recipe
 from sls_deploy.pruning.registry import load_plan, strategy_of
 from sls_deploy.backends.drive import clip_infer
-from sls_deploy.backends.runners import onnx_runner
+from sls_deploy.backends.loading import graph_spec, load_model, plan_widths
+from sls_deploy.backends.runtime import onnx_runner
 from sls_deploy.stages.export import DENSE_ONNX, dense_graph
-from sls_deploy.stages.models import graph_spec, load_model, plan_widths
 from sls_deploy.stages.skeleton import Run
 from sls_deploy.stages.validate_common import (REPORT_HTML, ValidateOptions, current_graph_files, plan_rows,
                                                progress_bar)
@@ -226,14 +226,15 @@ def _latency(bundle: Bundle, recipe: Recipe, dense, dense_sha: str, spec, frames
              runs: int, warmup: int, progress, device=None) -> dict:
     """Dense vs pruned FP32 graphs in ONNX Runtime, interleaved, per frame at each latency size (labelled with
     the provider and the device they ran on)."""
-    from sls_deploy.backends.latency import ort_call, ort_session, release_shared_arena, time_side_by_side
+    from sls_deploy.backends.latency import ort_call, time_side_by_side
     from sls_deploy.backends.providers import describe
+    from sls_deploy.backends.sessions import release_shared_arena, timed_session
     from sls_deploy.core.device import device_name
 
     dense_path = dense_graph(bundle, recipe, dense, dense_sha)
     sessions = {}
     for name, path in (("dense", dense_path), ("pruned", bundle.path(ONNX))):
-        sessions[name], threads = ort_session(path, vopts.threads, device)
+        sessions[name], threads = timed_session(path, vopts.threads, device)
     sizes = list(recipe.validate.latency_sizes or [recipe.reference_input_hw()])
     where = describe(sessions["pruned"], device)
     out: dict = {"backend": "onnxruntime", **where, "device_name": device_name(torch.device(where["device"])),

@@ -1,5 +1,8 @@
 """A finished bundle opened for inference: ``infer(lr) -> sr`` on ONNX Runtime, PyTorch or a TensorRT engine.
 
+The runner comes from the runtime layer (backends/runtime.py ``open_runner``; the PyTorch weights from
+backends/loading.py).
+
 ``ort`` (default) runs the bundle's graph of the chosen precision through Polygraphy's ``OnnxrtRunner`` (on the
 CUDA execution provider when the device is a GPU and onnxruntime-gpu is installed, else on the CPU);
 ``trt`` runs ``engine/model.plan`` through Polygraphy's ``TrtRunner`` (TensorRT required, the engine built by
@@ -17,11 +20,9 @@ from typing import Iterator
 
 import numpy as np
 
-from sls_deploy.core.bundle import GRAPH_FILES, RECIPE, WEIGHTS, Bundle
+from sls_deploy.core.bundle import RECIPE, WEIGHTS, Bundle
 from sls_deploy.core.errors import BundleError, UsageError
-
-BACKENDS = ("ort", "torch", "trt")
-ENGINE_FILE = "engine/model.plan"
+from sls_deploy.core.vocabulary import BACKENDS, TORCH
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,9 @@ class Session:
 
 def open_bundle(root: Path) -> Opened:
     """The bundle's recipe and graph names, checked to be an image model's finished bundle."""
+    from sls_deploy.backends.loading import graph_spec
     from sls_deploy.config.recipe import load_recipe
     from sls_deploy.modalities.registry import modality_of
-    from sls_deploy.stages.models import graph_spec
 
     Bundle(root).require()
     if not (root / RECIPE).is_file():
@@ -73,40 +74,15 @@ def open_infer(root: Path, opened: Opened, backend: str, precision: str, device=
     """Yield a Session: ``image((1, 3, h, w) float32) -> (1, 3, h*s, w*s)``, or ``stream()`` for video models."""
     if backend not in BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
-    if backend == "torch":
+    if backend == TORCH:
         if precision != "fp32":
             raise UsageError("--backend torch runs the FP32 weights only; use --backend ort for the "
                              f"{precision} graph")
         yield Session(opened, infer=_torch_infer(root, opened, device) if opened.modality == "image" else None)
         return
-    if backend == "ort":
-        graph = root / GRAPH_FILES[precision]
-        if not graph.is_file():
-            raise BundleError(f"{root} has no {GRAPH_FILES[precision]} (export it with `sls-deploy export {root} "
-                              f"--precision {precision}`)")
-        import onnxruntime as ort
-        from polygraphy.backend.onnxrt import OnnxrtRunner
+    from sls_deploy.backends.runtime import open_runner
 
-        from sls_deploy.backends.providers import session
-        from sls_deploy.backends.runners import onnx_inputs, quiet_polygraphy
-
-        quiet_polygraphy()
-        dtype = onnx_inputs(graph)[opened.input_name]
-        opts = ort.SessionOptions()
-        opts.enable_cpu_mem_arena = False  # tiles of one size: the arena would only keep the peak allocated
-        runner = OnnxrtRunner(session(graph, device, opts))
-    else:
-        from sls_deploy.trt.engine import require_tensorrt
-
-        require_tensorrt()
-        engine = root / ENGINE_FILE
-        if not engine.is_file():
-            raise BundleError(f"{root} has no {ENGINE_FILE} (build it with `sls-deploy engine {root}`)")
-        from polygraphy.backend.common import BytesFromPath
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-        dtype = np.float32
-        runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine))))
+    runner, dtype = open_runner(root, backend, precision, opened.input_name, device)
     with runner:
         def infer(x: np.ndarray) -> np.ndarray:
             out = runner.infer({opened.input_name: x.astype(dtype, copy=False)})[opened.output_name]
@@ -118,7 +94,7 @@ def open_infer(root: Path, opened: Opened, backend: str, precision: str, device=
 def _torch_infer(root: Path, opened: Opened, device=None):
     import torch
 
-    from sls_deploy.stages.models import bundle_module
+    from sls_deploy.backends.loading import bundle_module
 
     if not (root / WEIGHTS).is_file():
         raise BundleError(f"{root} has no {WEIGHTS} (finetune it first)")

@@ -126,10 +126,6 @@ def finish(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-def np_dtype(t) -> np.dtype | None:
-    return None if t.dtype is None else np.dtype(t.dtype)
-
-
 def inline_constant_nodes(graph: gs.Graph) -> gs.Graph:
     """Turn ``Constant`` nodes, and ``Identity`` nodes of a constant, into plain constants so that rewriters see
     every constant the same way. The TorchScript exporter writes an Identity for every initializer equal to an

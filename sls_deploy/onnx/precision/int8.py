@@ -22,10 +22,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from sls_deploy.core.errors import ExportError
+from sls_deploy.core.vocabulary import CALIB_METHODS, DEFAULT_CALIB_METHOD, DEFAULT_PERCENTILE
 from sls_deploy.onnx.precision.graph import (check_islands, conv_nodes_by_layer, finish, inline_constant_nodes,
                                              op_island_nodes, with_types)
 
-METHODS = ("max", "percentile", "entropy")
 BINS = 2048
 
 
@@ -94,14 +94,14 @@ def _graph_inputs(model: onnx.ModelProto) -> list[str]:
 
 
 def calibrate_feeds(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], tensors: Sequence[str],
-                    method: str = "percentile", percentile: float = 99.99) -> dict[str, float]:
+                    method: str = DEFAULT_CALIB_METHOD, percentile: float = DEFAULT_PERCENTILE) -> dict[str, float]:
     """{tensor: amax} from the FP32 graph's activations over ``feeds``, each {graph input name: float32 array}
     holding every input of the graph (an image graph: {"lr": 1x3xHxW}; a clip graph: {"lr": 1xTx3xHxW}; a
     step graph: {"prev_lr", "lr", "hidden"}, best the states of a real run, see ``video_calibration_feeds``)."""
-    from sls_deploy.backends.providers import session
+    from sls_deploy.backends.sessions import cpu_session
 
-    if method not in METHODS:
-        raise ExportError(f"unknown calibration method '{method}' (known: {', '.join(METHODS)})")
+    if method not in CALIB_METHODS:
+        raise ExportError(f"unknown calibration method '{method}' (known: {', '.join(CALIB_METHODS)})")
     if not 0 < percentile <= 100:
         raise ExportError(f"percentile must be in (0, 100], not {percentile}")
     feeds = list(feeds)
@@ -115,7 +115,7 @@ def calibrate_feeds(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndar
             raise ExportError(f"calibration feed {i}: " + (f"lacks graph input '{missing[0]}'" if missing else
                               f"'{unknown[0]}' is no input of the graph (inputs: {', '.join(names)})"))
     tensors = list(dict.fromkeys(tensors))
-    sess = session(_with_outputs(model, tensors))  # CPU on purpose: the ranges must not depend on the machine
+    sess = cpu_session(_with_outputs(model, tensors))  # CPU on purpose: the ranges must not depend on the machine
 
     def run(feed):
         return dict(zip(tensors, sess.run(tensors, {k: np.asarray(v, np.float32) for k, v in feed.items()})))
@@ -144,7 +144,7 @@ def calibrate_feeds(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndar
 
 
 def calibrate(model: onnx.ModelProto, input_name: str, images: Sequence[np.ndarray], tensors: Sequence[str],
-              method: str = "percentile", percentile: float = 99.99) -> dict[str, float]:
+              method: str = DEFAULT_CALIB_METHOD, percentile: float = DEFAULT_PERCENTILE) -> dict[str, float]:
     """{tensor: amax} over ``images`` (each 1x3xHxW float32) fed to the graph's one input ``input_name``."""
     return calibrate_feeds(model, [{input_name: img} for img in images], tensors, method, percentile)
 
@@ -173,7 +173,7 @@ def video_calibration_feeds(model: onnx.ModelProto, clips: Sequence[np.ndarray],
     (lr_patch at most 36: carphone's LR frames are 44x36; augmented, random windows of both clips.) The INT8
     numbers measured on the shipped weights used exactly these feeds.
     """
-    from sls_deploy.backends.providers import session
+    from sls_deploy.backends.sessions import cpu_session
 
     clips = [np.asarray(c, np.float32) for c in clips]
     if not clips:
@@ -199,7 +199,7 @@ def video_calibration_feeds(model: onnx.ModelProto, clips: Sequence[np.ndarray],
     for name, src in recurrent.items():
         if name not in inputs or (src not in inputs and src not in outputs):
             raise ExportError(f"recurrent input '{name}' <- '{src}' does not match the graph's inputs/outputs")
-    sess = session(model.SerializeToString())  # CPU on purpose, as the calibration it feeds
+    sess = cpu_session(model.SerializeToString())  # CPU on purpose, as the calibration it feeds
     feeds = []
     for clip in clips:
         state: dict[str, np.ndarray] = {}

@@ -112,7 +112,6 @@ def _mean(parts: list[torch.Tensor]) -> float | None:
 
 def finish(ctx: SearchContext, m: Measured, keep) -> tuple[StructuredPlan, torch.nn.Module]:
     """The narrower model with the kept weights sliced in, and its plan (groups kept full get every unit)."""
-    recipe = ctx.recipe
     keep.update({g: torch.arange(m.costs.units[g]) for g in m.full})  # full width
     widths = m.widths = widths_of(keep)
     sliced = ctx.build_model(widths)
