@@ -440,7 +440,7 @@ def validate(bundle_path, eval_data, backend, precision, latency_runs, threads, 
             raise UsageError(f"{path} is a packed bundle, which carries no PyTorch weights: validate it with "
                              "--backend ort (its graphs) or trt, or validate the bundle folder it was packed from")
         if backend == "trt":
-            from sls_deploy.trt.engine import require_tensorrt
+            from sls_deploy.backends.tensorrt import require_tensorrt
 
             require_tensorrt()  # before anything is read or written
         from sls_deploy.core.device import inference_device
@@ -519,7 +519,7 @@ def engine(bundle_path, precision, sparsity, workspace_mb, dry_run):
     """
     from sls_deploy.adaptive.family import is_family, load_family
     from sls_deploy.core.bundle import GRAPH_FILES
-    from sls_deploy.trt.engine import require_tensorrt
+    from sls_deploy.backends.tensorrt import require_tensorrt
 
     if not dry_run:
         require_tensorrt()  # one line, nothing written
@@ -624,7 +624,7 @@ def pack(bundle_dir, out, force):
 def inspect(target, size, as_json):
     """Per-layer op, weight shape, precision, 2:4 status (through DequantizeLinear and Cast) and MACs of any
     ONNX model, or of a bundle's model.onnx."""
-    from sls_deploy.onnx.export import load_onnx
+    from sls_deploy.core.onnx_files import load_onnx
     from sls_deploy.onnx.inspect import inspect_model, parse_size, render, resolve_target
 
     hw = parse_size(size)

@@ -274,3 +274,23 @@ def test_the_vocabulary_module_imports_nothing():
     tree = ast.parse((PKG / "core" / "vocabulary.py").read_text())
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Import)
                 or isinstance(n, ast.ImportFrom) and n.module != "__future__"]
+
+
+# -- layers: the sub-packages import each other one way only (issue 25) -----------------------------------------
+def _package_graph() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for mod, deps in _graph().items():
+        src = _sub_package(mod) or mod
+        out.setdefault(src, set()).update(d for d in (_sub_package(t) or t for t in deps) if d != src)
+    return out
+
+
+def test_the_sub_packages_form_layers_without_a_cycle():
+    """core at the bottom, the CLI at the top: no sub-package reaches back into one that imports it (e.g. core ->
+    onnx, or backends -> trt -> onnx -> backends, both removed)."""
+    graph = _package_graph()
+    graph.pop("sls_deploy", None)  # the package's __init__ (its version): imported by anyone, imports nothing
+    graph = {k: v - {"sls_deploy"} for k, v in graph.items()}
+    assert _cycles({k: v & set(graph) for k, v in graph.items()}) == []
+    assert graph["core"] == set()  # the bottom layer imports no other sub-package
+    assert _cycles({"core": {"onnx"}, "onnx": {"core"}}) == [["core", "onnx"]]  # what a reach-back would give

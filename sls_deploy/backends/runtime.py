@@ -121,7 +121,7 @@ def onnx_runner(onnx_path: str | os.PathLike, device=None, memory: str = SHRINK)
 def trt_runner(engine):
     """An (inactive) Polygraphy ``TrtRunner`` on a serialized engine: a path, or a loader that gives one
     (``EngineFromBundle``, called after the TensorRT check). TensorRT required (a one-line BackendMissingError)."""
-    from sls_deploy.trt.engine import require_tensorrt
+    from sls_deploy.backends.tensorrt import require_tensorrt
 
     require_tensorrt()
     from polygraphy.backend.common import BytesFromPath

@@ -62,7 +62,7 @@ def check_graph_file(path: Path) -> None:
     import onnx
     from onnx.external_data_helper import uses_external_data
 
-    from sls_deploy.onnx.export import check_graph, load_onnx
+    from sls_deploy.core.onnx_files import check_graph, load_onnx
 
     if path.stat().st_size == 0:
         load_onnx(path)  # `inspect`'s reading: "... is empty (0 bytes), not an ONNX model"

@@ -24,6 +24,7 @@ from onnx import numpy_helper
 from sls_deploy.core.atomic import atomic_path
 from sls_deploy.core.device import model_device
 from sls_deploy.core.errors import ExportError
+from sls_deploy.core.onnx_files import check_graph
 from sls_deploy.models.base import ExportSpec
 from sls_deploy.pruning.nm.patterns import is_nm, max_nonzeros_per_group
 
@@ -98,25 +99,6 @@ def export_onnx(model: torch.nn.Module, spec: ExportSpec, example: torch.Tensor 
                 raise ExportError(f"torch.onnx.export failed: {str(e).splitlines()[0]}") from None
         check_graph(tmp)
     return path
-
-
-def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"ONNX file not found: {path}")
-    if path.stat().st_size == 0:
-        raise ExportError(f"{path} is empty (0 bytes), not an ONNX model")
-    try:
-        return onnx.load(str(path))
-    except Exception as e:
-        raise ExportError(f"cannot read {path} as ONNX (corrupt?): {str(e).splitlines()[0] if str(e) else e}") from None
-
-
-def check_graph(path: str | os.PathLike) -> None:
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as e:
-        raise ExportError(f"onnx.checker rejects {Path(path).name}: {str(e).splitlines()[0]}") from None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from sls_deploy.core.bundle import GRAPH_FILES, ONNX, PLAN, WEIGHTS, Bundle, dig
 from sls_deploy.core.errors import ExportError, SlsError, ValidationError
 from sls_deploy.core.safe_json import load_json
 from sls_deploy.modalities import registry as modalities
-from sls_deploy.onnx.export import export_onnx, graph_weights, load_onnx, verify_plan_in_graph
+from sls_deploy.core.onnx_files import load_onnx
+from sls_deploy.onnx.export import export_onnx, graph_weights, verify_plan_in_graph
 from sls_deploy.pruning.registry import load_plan, strategy_of
 from sls_deploy.stages.calibration import calibration_feeds, step_feeds
 from sls_deploy.backends.loading import graph_spec, load_model, plan_widths

@@ -25,30 +25,10 @@ from typing import Any, Mapping
 
 from sls_deploy.core import atomic
 from sls_deploy.core.bundle import GRAPH_FILES
-from sls_deploy.core.errors import BackendMissingError, RecipeError, UsageError
+from sls_deploy.backends.tensorrt import require_tensorrt, tensorrt_major
+from sls_deploy.core.errors import RecipeError, UsageError
 
 ENGINE_DIR = "engine"
-TRT_HINT = ("TensorRT was not found (import tensorrt failed): on x86 install it with "
-            "pip install 'sls-deploy[tensorrt]' (NVIDIA's wheels), on Jetson it comes with JetPack")
-
-
-def require_tensorrt():
-    """The tensorrt module, or a one-line BackendMissingError saying how to get it."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise BackendMissingError(TRT_HINT) from None
-    return tensorrt
-
-
-def tensorrt_major() -> int | None:
-    try:
-        import tensorrt
-    except ImportError:
-        return None
-    return int(str(tensorrt.__version__).split(".")[0])
-
-
 Shape = tuple[int, ...]
 LEVELS = ("min", "opt", "max")
 
