@@ -87,7 +87,9 @@ def _video_options(f):
                           "normalised |learned scale| (normalised), on the raw |scale| of every unit (raw, as SSL's "
                           "public code), or on each unit's Fisher saliency per MAC saved, measured on the base model "
                           "before any training (fisher: Hessian-aware, compares groups on the loss's scale; the "
-                          "units it drops are then driven to 0 by ssl's penalty) (default: the recipe's "
+                          "units it drops are then driven to 0 by ssl's penalty), or on group Taylor importance "
+                          "|w * dL/dw| per MAC saved (taylor: first order, one backward pass per batch) (default: "
+                          "the recipe's "
                           "structured.selection, normalised).")(f)
     f = click.option("--round-to", type=click.IntRange(1, MAX_COUNT),
                      help="Channel methods: kept channels per group are a multiple of this, or the full width "

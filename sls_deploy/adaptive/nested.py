@@ -136,7 +136,7 @@ def prepare_nested(recipe, settings: dict, out: Path, member_dir, log, progress:
     done = folder / "done.json"
     shared = out / SHARED
     record = {"shared_weights": SHARED, "steps": s0.steps, "members": list(members),
-              "ranking": "Fisher saliency per MAC" if not normalize else "filter L1 norm",
+              "ranking": criterion.label,
               "selection": "uniform" if strategy.uniform_widths else "global threshold"}
     previous = _read_json(done)
     if not (previous and previous.get("key") == key and shared.is_file()

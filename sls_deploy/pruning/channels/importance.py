@@ -58,6 +58,7 @@ class Importance:
     ``info``: what the search records about the criterion (``plan.search``) when it chooses the kept units."""
 
     name = ""
+    label = ""  # a short name for records (a nested family's done.json)
     normalize = True
     info: dict[str, str] = {}
 
@@ -77,6 +78,7 @@ class L1Importance(Importance):
     """The filter L1 norm (mean |w| per unit), compared across groups after per-group normalisation."""
 
     name = "l1"
+    label = "filter L1 norm"
     info = {"importance": "l1 filter norm (mean |w| per unit)"}
 
     def __call__(self, model: nn.Module, group) -> torch.Tensor:
@@ -110,6 +112,7 @@ class FisherPerMac(_PerMac):
     """Empirical Fisher saliency of a per-unit gate per MAC saved (``channels.saliency``)."""
 
     name = "fisher"
+    label = "Fisher saliency per MAC"
     info = {"importance": "Fisher saliency per MAC saved (empirical Fisher of a per-unit gate)",
             "marks": "units below the budget's global Fisher-per-MAC threshold",
             "selection": "one global threshold on Fisher saliency per MAC saved; the marked units are "
@@ -124,6 +127,7 @@ class LearnedScales(Importance):
     given the folded scales, not measured here."""
 
     name = "scales"
+    label = "|learned scale|"
     info = {"importance": "|learned scale| per unit after the growing penalty",
             "selection": "one global threshold on per-group normalised |scale|"}
 
@@ -141,6 +145,7 @@ class TaylorPerMac(_PerMac):
     input columns), with the gradient of the mean loss over the batches; per MAC saved."""
 
     name = "taylor"
+    label = "group Taylor per MAC"
     info = {"importance": "group Taylor |w * dL/dw| per MAC saved (first order, summed over the unit's weights)",
             "marks": "units below the budget's global Taylor-per-MAC threshold",
             "selection": "one global threshold on group Taylor importance per MAC saved; the marked units are "
