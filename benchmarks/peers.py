@@ -300,7 +300,7 @@ def fastnas_units(recipe, base: Path, target: float, tol: float, seed: int, log)
         log(f"  fastnas flops {100 * (1 - frac):.1f}%: ratio {costs.ratio({k: len(v) for k, v in units.items()}):.4f}")
         return units
 
-    return bisect_ratio(select, costs, target, tol, lo=0.3, hi=0.8, iters=8)
+    return bisect_ratio(select, costs, target, tol, lo=max(0.0, 0.9 - target), hi=min(0.95, 1.1 - target), iters=5)
 
 
 # -- rows -------------------------------------------------------------------------------------------------------------
@@ -374,8 +374,31 @@ def build_row(args, recipe, method: str, budget: float, seed: int, target: float
     return r
 
 
+def versions() -> str:
+    out = [f"torch {torch.__version__}"]
+    for mod, name in (("torch_pruning", "torch-pruning"), ("modelopt", "nvidia-modelopt")):
+        try:
+            from importlib.metadata import version
+            out.append(f"{name} {version(name)}")
+        except Exception:  # noqa: BLE001 - not installed: say so
+            out.append(f"{name} not installed")
+    return ", ".join(out)
+
+
+HEADER = """EDSR-baseline x4 (the shipped recipe), dense eval PSNR-Y {dense}. Every row: the same training steps after
+the base model (`steps`; ours: ssl_steps = recipe ssl_steps x steps / recipe steps; tp-groupnorm: the same share
+as sparse training, the rest finetuning), the recipe's finetune settings (lr, batch, patch), seed as given, and
+MACs within --tol of ours by our counter (`vs ours`). Peers only select kept channels; our build (method l1
+with a kept-units file) finetunes, exports the FP32 graph and validates it. PSNR-Y on the recipe's eval images;
+latency: ONNX Runtime CPU, pruned/dense medians, interleaved (the validate stage). build s: the peer's
+selection (and sparse training) plus the build's stages. Versions: {versions}.
+
+"""
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| budget | seed | steps | method | MACs ratio | vs ours | PSNR-Y dB | drop dB | ORT latency pruned/dense "
+    dense = next((f"{r['psnr_dense']:.3f} dB" for r in rows if "psnr_dense" in r), "not measured")
+    lines = [HEADER.format(dense=dense, versions=versions()) + "| budget | seed | steps | method | MACs ratio | vs ours | PSNR-Y dB | drop dB | ORT latency pruned/dense "
              "| build s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -403,12 +426,16 @@ def main() -> int:
     ap.add_argument("--recipe", default="edsr")
     ap.add_argument("--out", default="runs/peers")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "peers.json"))
+    ap.add_argument("--report", action="store_true", help="only rewrite the .md from the results file")
     args = ap.parse_args()
     recipe = resolve_recipe(args.recipe, None)
     args.steps = args.steps or recipe.finetune.steps
     dest = Path(args.results)
     rows = json.loads(dest.read_text())["rows"] if dest.is_file() else []
     log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)  # noqa: E731
+    if args.report:
+        atomic.write_text(dest.with_suffix(".md"), table(rows))
+        return 0
 
     def find(method, budget, seed):
         return next((r for r in rows if r["method"] == method and nominal(r["budget"]) == budget
