@@ -427,13 +427,21 @@ def main() -> int:
     ap.add_argument("--out", default="runs/peers")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "peers.json"))
     ap.add_argument("--report", action="store_true", help="only rewrite the .md from the results file")
+    ap.add_argument("--merge", nargs="+", default=[], help="results files of parallel runs (each with its own "
+                    "--results) whose rows join this one's first")
     args = ap.parse_args()
     recipe = resolve_recipe(args.recipe, None)
     args.steps = args.steps or recipe.finetune.steps
     dest = Path(args.results)
     rows = json.loads(dest.read_text())["rows"] if dest.is_file() else []
     log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)  # noqa: E731
+    for other in args.merge:
+        for r in json.loads(Path(other).read_text())["rows"]:
+            rows[:] = [x for x in rows if not (x["method"] == r["method"] and x["budget"] == r["budget"]
+                                                 and x["seed"] == r["seed"] and x["steps"] == r["steps"])] + [r]
     if args.report:
+        rows.sort(key=lambda r: (-nominal(r["budget"]), r["steps"], r["seed"], METHODS.index(r["method"])))
+        atomic.write_text(dest, json.dumps({"rows": rows}, indent=2) + "\n")
         atomic.write_text(dest.with_suffix(".md"), table(rows))
         return 0
 
