@@ -48,7 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from edsr_channels import nominal, row, stage_seconds  # noqa: E402
-from sls_deploy import modalities  # noqa: E402
+from sls_deploy.modalities import registry as modalities  # noqa: E402
 from sls_deploy.config.recipe import resolve_recipe  # noqa: E402
 from sls_deploy.core import atomic  # noqa: E402
 from sls_deploy.core.checkpoints import save_weights  # noqa: E402
