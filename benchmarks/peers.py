@@ -203,6 +203,7 @@ class TPSelection:
         by_index.update({f"upsample.{i}": f"upsample.{i}" for i, m in enumerate(self.model.upsample)
                          if isinstance(m, ShuffleConv)})
         pruned: dict[str, set[int]] = {}
+        self.names = {m: n for n, m in self.model.named_modules()}  # the shuffles may have been re-wrapped
         for group in self.at(ratio).step(interactive=True):
             for dep, idxs in group:
                 name = self.names.get(dep.layer)
