@@ -397,6 +397,34 @@ selection (and sparse training) plus the build's stages. Versions: {versions}.
 """
 
 
+NOTES = """
+How each peer was run (this file's rows; `benchmarks/peers.py`):
+
+- Environment: the project's venv plus, on `PYTHONPATH` only, `pip install --target /tmp/peers-p2/site --no-deps
+  torch-pruning nvidia-modelopt torchprofile==0.0.4 pulp` and ModelOpt's import-time needs, also `--no-deps`:
+  requests urllib3 idna certifi omegaconf huggingface_hub==0.26.5 (the newest imports httpx2) pydantic
+  pydantic_core typing_inspection annotated_types rich regex. Nothing of it is a runtime dependency.
+- Torch-Pruning: `MetaPruner` (L1: `GroupMagnitudeImportance(p=1)`; Taylor: `GroupTaylorImportance`, gradients
+  of the L1 loss summed over 16 training batches) or `GroupNormPruner` (`GroupMagnitudeImportance(p=2)`, its
+  default reg 1e-4, `regularize` after every backward of a sparse phase of the same share of the steps as our
+  ssl penalty phase, Adam at the recipe's finetune lr), `global_pruning=True`, `conv_last` ignored; "stream
+  ignored" also ignores every stream producer (conv_first, body.*.conv2, conv_after_body). EDSR's
+  `conv + PixelShuffle(2)` crashes Torch-Pruning 1.6 (IndexError); each pair is wrapped in one module
+  (`ShuffleConv`) with a custom pruner (unit = one post-shuffle channel = 4 conv rows), added to
+  `root_module_types`, and the importances score it per unit (without that its groups are never pruned and the
+  MACs cannot go under ~0.54). The pruning ratio is bisected until our counter lands within 0.5% of ours'
+  MACs; `round_to` 8 first, then 4, then 1 (at 0.4 neither 8 nor 4 landed within 0.5%, so the rows keep any
+  channel count, which costs them ORT latency). Only the kept indices are read (interactive `step`), nothing is
+  sliced by Torch-Pruning.
+- ModelOpt FastNAS: `mtp.prune(mode=[("fastnas", {"nn.Conv2d": {"*": {"channel_divisor": 8}}})],
+  constraints={"flops": "x%"})`, score = -L1 on 4 training batches; its search space leaves both upsampler
+  convs' outputs at 256 (about 37% of the MACs). Kept indices are recovered by matching each kept output
+  channel's bias to the dense layer's (FastNAS sorts channels before slicing).
+- Every selection is written as a kept-units file (`units_record`, the nested-family format) and built by
+  `build_bundle(method="l1", units=...)`: our finetune (recipe lr, batch, patch), export, validate.
+"""
+
+
 def table(rows: list[dict]) -> str:
     dense = next((f"{r['psnr_dense']:.3f} dB" for r in rows if "psnr_dense" in r), "not measured")
     lines = [HEADER.format(dense=dense, versions=versions()) + "| budget | seed | steps | method | MACs ratio | vs ours | PSNR-Y dB | drop dB | ORT latency pruned/dense "
@@ -410,7 +438,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['budget']} | {r['seed']} | {r['steps']} | {r['method']} | {r['macs_ratio']:.4f} | "
                      f"{'-' if vs is None else f'{(vs - 1) * 100:+.2f}%'} | {r['psnr_y']:.3f} | {-r['drop_db']:+.3f} | "
                      f"{r['latency_ratio']:.3f}x | {r['build_seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + NOTES
 
 
 def main() -> int:
