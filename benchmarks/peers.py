@@ -32,7 +32,6 @@ skipped; results are written atomically after every row. Results: benchmarks/res
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -53,10 +52,11 @@ from sls_deploy.config.recipe import resolve_recipe  # noqa: E402
 from sls_deploy.core import atomic  # noqa: E402
 from sls_deploy.core.checkpoints import save_weights  # noqa: E402
 from sls_deploy.core.errors import SlsError  # noqa: E402
-from sls_deploy.pruning.channels.structured import GroupCosts, producers_of  # noqa: E402
+from sls_deploy.pruning.channels.costs import GroupCosts  # noqa: E402
+from sls_deploy.pruning.channels.groups import producers_of  # noqa: E402
 from sls_deploy.stages.build import build_bundle  # noqa: E402
-from sls_deploy.stages.models import load_model, resolve_base_weights  # noqa: E402
-from sls_deploy.stages.search import units_record  # noqa: E402
+from sls_deploy.backends.loading import load_model, resolve_base_weights  # noqa: E402
+from sls_deploy.pruning.channels.search import units_record  # noqa: E402
 
 METHODS = ["ours", "tp-l1-stream-ignored", "tp-taylor-stream-ignored", "tp-groupnorm-stream-ignored",
            "tp-l1-stream-pruned", "tp-taylor-stream-pruned", "tp-groupnorm-stream-pruned", "modelopt-fastnas"]
