@@ -3,6 +3,9 @@ every CLI command, and every relative link in it and in docs/*.md leads to a fil
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,9 +76,26 @@ def test_the_quick_start_is_exactly_the_two_commands_ci_runs():
     assert [len(c) for c in commands] == [1, 1], commands
     build, tests = commands[0][0], commands[1][0]
     assert build.endswith("sls-deploy build --model edsr --budget 0.4")
+    assert tests.endswith("bash .ci/test")
+    # .ci/run reads the test command from the README and runs that string, nothing else
+    reader = CHECKOUT / ".ci" / "readme_command.py"
+    printed = [subprocess.run([sys.executable, str(reader), which], capture_output=True, text=True, check=True).stdout
+               for which in ("build", "tests")]
+    assert printed == [build + "\n", tests + "\n"]
     ci = (CHECKOUT / ".ci" / "run").read_text()
-    install = re.search(r'^pip install .*$', ci, flags=re.M).group(0)
-    assert install in tests and tests.endswith("bash .ci/test") and "bash .ci/test" in ci
+    assert '"$(python3 .ci/readme_command.py tests)"' in ci and 'bash -euo pipefail -c "$cmd"' in ci
+    assert not re.search(r"^\s*pip install", ci, flags=re.M)  # no install step of its own
+
+
+def test_the_readme_command_reader_refuses_a_quick_start_it_cannot_read(tmp_path):
+    ci = tmp_path / ".ci"
+    ci.mkdir()
+    shutil.copy2(CHECKOUT / ".ci" / "readme_command.py", ci)
+    (tmp_path / "README.md").write_text("# x\n\n## Quick start\n\n```bash\none\ntwo\n```\n\n## Next\n")
+    r = subprocess.run([sys.executable, str(ci / "readme_command.py"), "tests"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: README.md's quick start must be two one-line commands")
+    r = subprocess.run([sys.executable, str(ci / "readme_command.py"), "lint"], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
 
 
 def test_the_command_table_has_one_row_per_cli_command():
