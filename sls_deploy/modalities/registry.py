@@ -24,7 +24,7 @@ from sls_deploy.modalities.clip import ClipModality
 from sls_deploy.modalities.image import ImageModality
 from sls_deploy.modalities.step import StepModality
 
-__all__ = ["MODALITIES", "REGISTRY", "lookup", "modality_of", "resolve_data", "sampler", "loss_fn",
+__all__ = ["MODALITIES", "REGISTRY", "lookup", "resolve_data", "sampler", "loss_fn",
            "frames_per_run"]
 
 REGISTRY: dict[str, Modality] = {m.name: m for m in (ImageModality(), ClipModality(), StepModality())}
@@ -37,9 +37,6 @@ def lookup(name: str) -> Modality:
     except (KeyError, TypeError):
         raise RecipeError(f"unknown modality {short_repr(name)} (known: {', '.join(REGISTRY)})") from None
 
-
-def modality_of(recipe: Recipe) -> str:
-    return recipe.modality
 
 
 def resolve_data(modality: str, spec: str) -> list:

@@ -21,7 +21,7 @@ from sls_deploy.config.settings import Settings
 from sls_deploy.core import atomic
 from sls_deploy.core.checkpoints import load_weights, save_weights
 from sls_deploy.core.errors import PlanError
-from sls_deploy.pruning.channels.importing import ImportedChannels, map_kept_channels
+from sls_deploy.pruning.channels.importing import MappedChannels, map_kept_channels
 from sls_deploy.pruning.channels.plan import StructuredPlan
 from sls_deploy.pruning.channels.pruned_file import PrunedFile, read_pruned_file
 from sls_deploy.pruning.channels.search import units_record
@@ -39,7 +39,7 @@ IMPORTED_UNITS = "imported.units.json"  # the kept units per group (the search s
 class ImportResult:
     plan: StructuredPlan
     source: PrunedFile
-    mapped: ImportedChannels
+    mapped: MappedChannels
 
 
 def run_import_pruned(recipe: Recipe, source: Path, out: Path, weights: str | None, log: Log = print,

@@ -57,16 +57,14 @@ def open_bundle(root: Path) -> Opened:
     """The bundle's recipe and graph names, checked to be an image model's finished bundle."""
     from sls_deploy.backends.loading import graph_spec
     from sls_deploy.config.recipe import load_recipe
-    from sls_deploy.modalities.registry import modality_of
 
     Bundle(root).require()
     if not (root / RECIPE).is_file():
         raise BundleError(f"{root} has no {RECIPE}: not a finished bundle")
     recipe = load_recipe(root / RECIPE)
     spec = graph_spec(recipe)
-    modality = modality_of(recipe)
     return Opened(recipe, recipe.scale, recipe.adapter.min_input_size(recipe.model), spec.input_names[0],
-                  spec.output_names[0], modality, spec)
+                  spec.output_names[0], recipe.modality, spec)
 
 
 @contextlib.contextmanager

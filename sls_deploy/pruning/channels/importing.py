@@ -29,7 +29,7 @@ MATCH_RTOL = 1e-3  # a kept channel's weights equal the dense ones up to this re
 
 
 @dataclass
-class ImportedChannels:
+class MappedChannels:
     """``keep``: {group: kept unit indices, ascending}; ``state``: the pruned weights with every group's
     channels in that ascending order (what the adapter's narrower model loads); ``shared``: the dense weights
     with the pruned ones written in at the kept channels (slicing it at ``keep`` gives ``state`` exactly);
@@ -120,7 +120,7 @@ def _convs(model: nn.Module, groups: Sequence) -> dict[str, nn.Conv2d]:
     return out
 
 
-def map_kept_channels(model: nn.Module, groups: Sequence, pruned: Mapping[str, torch.Tensor]) -> ImportedChannels:
+def map_kept_channels(model: nn.Module, groups: Sequence, pruned: Mapping[str, torch.Tensor]) -> MappedChannels:
     """Match ``pruned`` (a narrower model's state dict) against ``model`` (the dense model, with the adapter's
     ``groups``): the kept units of every group, the pruned weights in ascending channel order and the dense
     weights with them written in. One-line CheckpointError for a model that is no slice of the dense one,
@@ -167,7 +167,7 @@ def map_kept_channels(model: nn.Module, groups: Sequence, pruned: Mapping[str, t
     return _reorder(dense, pruned, groups, found, worst)
 
 
-def _reorder(dense, pruned, groups, found: dict[str, torch.Tensor], worst: float) -> ImportedChannels:
+def _reorder(dense, pruned, groups, found: dict[str, torch.Tensor], worst: float) -> MappedChannels:
     """The pruned weights in ascending dense channel order, and the dense weights with them written in; every
     layer (grouped or not) checked to be the dense layer at the kept channels."""
     unit = {g.name: int(getattr(g, "unit", 1)) for g in groups}
@@ -209,7 +209,7 @@ def _reorder(dense, pruned, groups, found: dict[str, torch.Tensor], worst: float
             target[rows] = v.to(target.dtype)
         state[key] = v.contiguous()
     reordered = sorted(g for g, o in order.items() if not torch.equal(o, torch.arange(o.numel())))
-    return ImportedChannels({g: [int(i) for i in k.tolist()] for g, k in keep.items()}, state, shared, reordered,
+    return MappedChannels({g: [int(i) for i in k.tolist()] for g, k in keep.items()}, state, shared, reordered,
                             worst)
 
 
