@@ -8,6 +8,9 @@ validates it with the recipe's finetune settings, so only the selection differs.
 
 - ``ours``: the recipe's default (ssl, residual stream kept full, round_to 16); its reached MACs ratio is the
   target every peer of that budget and seed is bisected to (within ``--tol``, default 0.5%, by our counter).
+- ``ours-distill-output`` / ``ours-distill-features``: ours' own search (the ``ours`` row's bundle after its search
+  stage, copied), finetuned with the dense model as teacher: ``--distill-weight`` (``--kd-weight``, output L1), and
+  for ``-features`` also ``--feature-distill-weight`` (``--fkd-weight``, every residual block's output). Same steps.
 - ``tp-l1-*`` / ``tp-taylor-*``: Torch-Pruning ``MetaPruner``, global pruning, ``GroupMagnitudeImportance(p=1)``
   or ``GroupTaylorImportance`` (gradients accumulated over 16 training batches), ``round_to`` 8.
 - ``tp-groupnorm-*``: Torch-Pruning ``GroupNormPruner`` (group L2 importance, its regulariser applied after every
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,7 +62,7 @@ from sls_deploy.stages.build import build_bundle  # noqa: E402
 from sls_deploy.backends.loading import load_model, resolve_base_weights  # noqa: E402
 from sls_deploy.pruning.channels.search import units_record  # noqa: E402
 
-METHODS = ["ours", "tp-l1-stream-ignored", "tp-taylor-stream-ignored", "tp-groupnorm-stream-ignored",
+METHODS = ["ours", "ours-distill-output", "ours-distill-features", "tp-l1-stream-ignored", "tp-taylor-stream-ignored", "tp-groupnorm-stream-ignored",
            "tp-l1-stream-pruned", "tp-taylor-stream-pruned", "tp-groupnorm-stream-pruned", "modelopt-fastnas"]
 TP_ROUND_TO = 8
 ROUND_TOS = (8, 4, 1)
@@ -343,15 +347,36 @@ def kept_units(args, recipe, method: str, target: float, seed: int, steps: int, 
     return path, left, (() if stream else None), time.perf_counter() - t0, knob, ratio
 
 
+def copy_search(ours: Path, out: Path) -> None:
+    """``out`` as ``ours`` stood after its search stage (later stages dropped), unless ``out`` exists already."""
+    if out.exists():
+        return
+    manifest = json.loads((ours / "manifest.json").read_text())
+    if "search" not in manifest.get("stages", {}):
+        raise SlsError(f"{ours} has no finished search stage yet")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ours, tmp, ignore=shutil.ignore_patterns("*.ckpt", "*.onnx", "report*", "*.lock"))
+    manifest["stages"] = {"search": manifest["stages"]["search"]}
+    atomic.write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+    tmp.rename(out)
+
+
 def build_row(args, recipe, method: str, budget: float, seed: int, target: float | None, log) -> dict:
     out = Path(args.out) / f"{method}-b{budget:.2f}-s{seed}-n{args.steps}"
     t0 = time.perf_counter()
     extra = {}
     try:
-        if method == "ours":
+        if method.startswith("ours"):
             ssl = round(recipe.structured.ssl_steps * args.steps / recipe.finetune.steps)
+            kd = {}
+            if method != "ours":  # ours' search, copied, finetuned with a teacher
+                kd = {"distill_weight": args.kd_weight,
+                      **({"feature_distill_weight": args.fkd_weight} if method.endswith("features") else {})}
+                copy_search(Path(args.out) / f"ours-b{budget:.2f}-s{seed}-n{args.steps}", out)
+                extra = {"distill": kd}
             rep = build_bundle(recipe, out, budget=budget, seed=seed, steps=args.steps, ssl_steps=ssl,
-                               precisions=tuple(args.precisions), progress=False, log=lambda s: None)
+                               precisions=tuple(args.precisions), progress=False, log=lambda s: None, **kd)
             sel_s = 0.0
         else:
             path, left, keep_full, sel_s, knob, ratio = kept_units(args, recipe, method, target, seed, args.steps,
@@ -449,6 +474,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps after the base model, every method "
                     "(default: the recipe's finetune.steps); ours scales ssl_steps by the same factor")
     ap.add_argument("--tol", type=float, default=0.005, help="peers land within this of ours' MACs ratio")
+    ap.add_argument("--kd-weight", type=float, default=1.0, help="ours-distill-*: --distill-weight (output L1)")
+    ap.add_argument("--fkd-weight", type=float, default=0.1, help="ours-distill-features: --feature-distill-weight")
     ap.add_argument("--gn-reg", type=float, default=None, help="GroupNormPruner reg (default: Torch-Pruning's)")
     ap.add_argument("--precisions", nargs="+", default=["fp32"], help="graphs each build exports (the table reads "
                     "the FP32 graph's PSNR and latency; the recipe's fp16/int8 only add build time)")
@@ -493,7 +520,7 @@ def main() -> int:
                     continue
                 ours = find("ours", budget, seed)
                 target = ours["macs_ratio"] if ours else None
-                if method != "ours" and target is None:
+                if method != "ours" and target is None and not method.startswith("ours-"):
                     log(f"no ours row at {budget} seed {seed}: skipping {method}")
                     continue
                 r = build_row(args, recipe, method, budget, seed, target, log)

@@ -97,6 +97,18 @@ def _video_options(f):
     return f
 
 
+def _distill_options(f):
+    f = click.option("--feature-distill-weight", "feature_distill_weight", type=click.FloatRange(min=0.0),
+                     help="Finetuning: weight of the L1 distance between the pruned and the dense model's residual "
+                          "stream features (EDSR: every residual block's output; needs the stream kept full width; "
+                          "0 = off; default: the recipe's finetune.feature_distill_weight).")(f)
+    f = click.option("--distill-weight", "distill_weight", type=click.FloatRange(min=0.0),
+                     help="Finetuning: weight of the L1 distance between the pruned and the dense model's outputs "
+                          "(the dense base model as teacher; 0 = off; default: the recipe's "
+                          "finetune.distill_weight).")(f)
+    return f
+
+
 def _settings(recipe, budget, method, **cli):
     """Settings resolved once from the recipe and the command line (one-line usage errors)."""
     from sls_deploy.config.settings import Settings
@@ -178,12 +190,13 @@ def cli() -> None:
               "full-width network trained under every member's mask at once for --steps steps, each member that "
               "set sliced (ClassPruning-style).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
+@_distill_options
 @_precision_options
 @_compute_options
 @_progress_option
 def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, weights, seed, round_to, selection,
-          keep_full, tf_weight, temporal_weight, data, eval_data, steps, out, nested, as_json, precisions, calib,
-          calib_method, device, amp, channels_last, no_progress):
+          keep_full, tf_weight, temporal_weight, data, eval_data, steps, out, nested, as_json, distill_weight,
+          feature_distill_weight, precisions, calib, calib_method, device, amp, channels_last, no_progress):
     """Plan, finetune, export and validate: the whole pipeline into one bundle folder.
 
     Re-running the same command resumes an interrupted build (finished stages are skipped, finetune continues
@@ -200,6 +213,7 @@ def build(model_name, recipe_path, budget, method, lam, alpha, n, target, m, wei
     cli_opts = dict(lam=lam, alpha=alpha, n=n, target=target, m=m, weights=weights, seed=seed, round_to=round_to,
                     selection=selection, keep_full=tuple(keep_full) or None, tf_weight=tf_weight,
                     temporal_weight=temporal_weight, data=data, eval_data=eval_data, steps=steps,
+                    distill_weight=distill_weight, feature_distill_weight=feature_distill_weight,
                     precisions=tuple(precisions), calib=calib, calib_method=calib_method)
     name = model_name or Path(recipe_path).stem
     if len(budgets) > 1:
@@ -352,16 +366,18 @@ def import_pruned(model_file, model_name, recipe_path, weights, out, no_progress
 @click.option("--data", help="Folder of HR training images (default: the recipe's train list).")
 @click.option("--resume", "resume", flag_value=True, default=None, help="Continue an interrupted finetune.")
 @click.option("--restart", "resume", flag_value=False, help="Discard an interrupted finetune's checkpoint.")
+@_distill_options
 @_compute_options
 @_progress_option
-def finetune(bundle_dir, steps, data, resume, device, amp, channels_last, no_progress):
+def finetune(bundle_dir, steps, data, resume, distill_weight, feature_distill_weight, device, amp, channels_last,
+             no_progress):
     """Masked finetuning of a bundle's plan (pruned weights stay exactly zero) -> model.safetensors."""
     from sls_deploy.core import distributed as dist
     from sls_deploy.stages.build import reopen
     from sls_deploy.stages.finetune import finetune_checkpoint, run_finetune
 
-    run = reopen(Path(bundle_dir), _log, not no_progress, steps=steps, data=data,
-                 compute={"device": device, "amp": amp, "channels_last": channels_last})
+    run = reopen(Path(bundle_dir), _log, not no_progress, steps=steps, data=data, distill_weight=distill_weight,
+                 feature_distill_weight=feature_distill_weight, compute={"device": device, "amp": amp, "channels_last": channels_last})
     ckpt = finetune_checkpoint(run)
     if resume is False and ckpt.exists():  # --restart
         ckpt.unlink()

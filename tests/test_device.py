@@ -192,7 +192,7 @@ def test_routers_fit_and_choose_on_the_model_device():
 
 def test_temporal_distillation_step_on_the_model_device():
     from sls_deploy.models.basicvsr import StreamVSR
-    from sls_deploy.training.distill import Controllers, HiddenStateDistill
+    from sls_deploy.training.distill import Controllers, temporal_finetuning
 
     class Clips:
         g = torch.Generator().manual_seed(0)
@@ -210,9 +210,9 @@ def test_temporal_distillation_step_on_the_model_device():
     teacher = to_fake(StreamVSR(num_feat=8, num_block=1, spynet=False))
     student = to_fake(StreamVSR(num_feat=8, num_block=1, spynet=False))
     with FakeDevice():
-        tf = HiddenStateDistill(teacher, ("forward_trunk",), 0.5)
+        tf = temporal_finetuning(teacher, ("forward_trunk",), 0.5)
         train(student, Clips(), TrainConfig(steps=1), controller=Controllers(tf), progress=False)
-    assert tf.last is not None and tf.last > 0 and all_fake(student)
+    assert tf.last["temporal finetuning"] > 0 and all_fake(student)
 
 
 def test_search_finetune_and_torch_validate_of_a_bundle_on_the_model_device(tmp_path, tiny_images, monkeypatch,

@@ -561,7 +561,7 @@ def _tiny_streamvsr(seed: int):
 def test_tf_term_is_zero_for_identical_models_and_pulls_states_together():
     import copy
 
-    from sls_deploy.training.distill import HiddenStateDistill, hidden_state_loss
+    from sls_deploy.training.distill import temporal_finetuning, hidden_state_loss
 
     s = torch.zeros(2, 3, requires_grad=True)
     t = torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, -0.5]])
@@ -570,7 +570,7 @@ def test_tf_term_is_zero_for_identical_models_and_pulls_states_together():
 
     teacher = _tiny_streamvsr(0)
     clip = torch.rand(1, 4, 3, 12, 12)
-    same = HiddenStateDistill(copy.deepcopy(teacher), ("forward_trunk",), 1.0)
+    same = temporal_finetuning(copy.deepcopy(teacher), ("forward_trunk",), 1.0)
     student = copy.deepcopy(teacher)
     same.attach(student)
     student(clip)
@@ -578,14 +578,14 @@ def test_tf_term_is_zero_for_identical_models_and_pulls_states_together():
     same.detach(student)
 
     student = _tiny_streamvsr(1)
-    tf = HiddenStateDistill(teacher, ("forward_trunk",), 1.0)
+    tf = temporal_finetuning(teacher, ("forward_trunk",), 1.0)
     tf.attach(student)
     opt = torch.optim.SGD(student.parameters(), lr=0.05)
     losses = []
     for _ in range(5):
         student(clip)
         loss = tf.regularizer()
-        assert len(tf.teacher_states((clip,))) == 4  # one hidden state per frame
+        assert len(tf.teacher_states((clip,))["forward_trunk"]) == 4  # one hidden state per frame
         opt.zero_grad()
         loss.backward()
         opt.step()

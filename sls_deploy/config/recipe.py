@@ -32,8 +32,12 @@ class StepsSection:
     lr_patch: int
     checkpoint_every: int
     warmup: int = 0
+    # finetune only: the dense model distilled during finetuning (training/distill.py); 0 = off
+    distill_weight: float = 0.0  # L1 between the pruned and the dense model's outputs
+    feature_distill_weight: float = 0.0  # ... between their residual stream features (the adapter's feature_modules)
 
 
+MAX_DISTILL_WEIGHT = 1000.0  # finetune.distill_weight / feature_distill_weight (the L1 loss is O(0.01-0.1))
 MAX_BATCH = 1024  # training batch (memory: batch x patch^2 x channels stays within a workstation's RAM)
 MAX_PATCH = 512  # LR training patch side
 MAX_OUTPUT_SIDE = 8192  # reference_output width/height: MACs are counted on an input of that size (8K UHD fits)
@@ -232,14 +236,16 @@ def _section(raw: Mapping[str, Any], key: str, known: set[str]) -> dict[str, Any
 
 
 def _steps(raw: Mapping[str, Any], key: str) -> StepsSection:
-    sec = _section(raw, key, {"steps", "lr", "batch_size", "lr_patch", "checkpoint_every", "warmup"})
+    distill = ("distill_weight", "feature_distill_weight") if key == "finetune" else ()
+    sec = _section(raw, key, {"steps", "lr", "batch_size", "lr_patch", "checkpoint_every", "warmup", *distill})
     steps = as_int(sec.get("steps", 100), f"{key}.steps", 0, MAX_STEPS)
     return StepsSection(steps=steps, lr=as_float(sec.get("lr", 1e-4), f"{key}.lr", 0.0, 1.0, lo_open=True),
                         batch_size=as_int(sec.get("batch_size", 16), f"{key}.batch_size", 1, MAX_BATCH),
                         lr_patch=as_int(sec.get("lr_patch", 24), f"{key}.lr_patch", 1, MAX_PATCH),
                         checkpoint_every=as_int(sec.get("checkpoint_every", 50), f"{key}.checkpoint_every", 0,
                                                 MAX_COUNT),
-                        warmup=as_int(sec.get("warmup", 0), f"{key}.warmup", 0, MAX_STEPS))
+                        warmup=as_int(sec.get("warmup", 0), f"{key}.warmup", 0, MAX_STEPS),
+                        **{k: as_float(sec.get(k, 0.0), f"{key}.{k}", 0.0, MAX_DISTILL_WEIGHT) for k in distill})
 
 
 _ENGINE_LEVELS = ("min", "opt", "max")

@@ -52,6 +52,8 @@ class Settings:
     ssl_steps: int = 100
     temporal_weight: float = 0.0  # weight of the frame-difference term of the clip loss (0 = per-frame L1)
     tf_weight: float = 0.0  # temporal finetuning: hidden states distilled from the dense model (training/distill.py)
+    distill_weight: float = 0.0  # finetuning: the dense model's output distilled (training/distill.py)
+    feature_distill_weight: float = 0.0  # finetuning: the dense model's residual stream features distilled
     # export
     precisions: tuple[str, ...] = ("fp32",)
     calib: str = "builtin"
@@ -91,6 +93,8 @@ class Settings:
             **({"selection": st.selection} if method in LEARNED_SCALES else {}),
             "temporal_weight": st.temporal_weight if modality != "image" else 0.0,
             "tf_weight": st.tf_weight if modality != "image" else 0.0,
+            "distill_weight": recipe.finetune.distill_weight,
+            "feature_distill_weight": recipe.finetune.feature_distill_weight,
             "precisions": tuple(dict.fromkeys(("fp32",) + tuple(prec.graphs))),
             "calib": prec.calib, "calib_method": prec.calib_method, "io": prec.io,
         }
@@ -154,8 +158,10 @@ class Settings:
             raise UsageError(f"ssl steps must be an integer >= 1, not {self.ssl_steps}")
         if not math.isfinite(self.temporal_weight) or self.temporal_weight < 0:
             raise UsageError(f"--frame-diff-weight must be a finite number >= 0, not {self.temporal_weight:g}")
-        if not math.isfinite(self.tf_weight) or self.tf_weight < 0:
-            raise UsageError(f"--tf-weight must be a finite number >= 0, not {self.tf_weight:g}")
+        for opt in ("tf_weight", "distill_weight", "feature_distill_weight"):
+            v = getattr(self, opt)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise UsageError(f"--{opt.replace('_', '-')} must be a finite number >= 0, not {v}")
         for p in self.precisions:
             if p not in PRECISIONS:
                 raise UsageError(f"unknown precision '{p}' (known: {', '.join(PRECISIONS)})")
@@ -230,6 +236,8 @@ class Settings:
             raise UsageError(f"the bundle's settings hold an unknown field '{unknown[0]}' (made by another version?)")
         values = {k: tuple(v) if k in ("precisions", "keep_full") else v for k, v in record.items()}
         values.setdefault("tf_weight", 0.0)  # bundles made before temporal finetuning existed
+        values.setdefault("distill_weight", 0.0)  # ... before distillation existed
+        values.setdefault("feature_distill_weight", 0.0)
         values.setdefault("selection", DEFAULT_SELECTION)
         values.setdefault("units", None)
         try:

@@ -181,6 +181,11 @@ class ModelAdapter(abc.ABC):
         finetuning distils from the dense model). Default: none (not a recurrent model)."""
         return ()
 
+    def feature_modules(self, model: nn.Module) -> tuple[str, ...]:
+        """Modules whose outputs keep the dense model's shape while the residual stream is kept full width (what
+        feature distillation compares with the dense model). Default: none."""
+        return ()
+
     def modalities(self) -> tuple[str, ...]:
         """How data can meet this model, the default first: "image" (N,C,H,W in, one frame out), "clip"
         (N,T,C,H,W: a window of frames per graph run) or "step" (one step of a recurrent model: the graph's

@@ -175,6 +175,10 @@ class EDSRAdapter(ModelAdapter):
         consumers = (*(f"body.{i}.conv1" for i in blocks), "conv_after_body", f"upsample.{convs[0][0]}")
         return [ChannelGroup("stream", "conv_first", consumers, 1, producers)] + groups
 
+    def feature_modules(self, model: nn.Module) -> tuple[str, ...]:
+        """Every residual block's output: the stream after that block."""
+        return tuple(f"body.{i}" for i in range(len(model.body)))
+
     def layers(self, model: nn.Module) -> list[LayerDecl]:
         return convs_with_dense_ends(model)
 

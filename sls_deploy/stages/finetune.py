@@ -21,7 +21,7 @@ from sls_deploy.backends.loading import load_model, plan_widths
 from sls_deploy.stages.models import check_plan_indices
 from sls_deploy.stages.resume import check_resume
 from sls_deploy.stages.skeleton import Run, StageOutput, run_stage
-from sls_deploy.training.distill import Controllers, HiddenStateDistill
+from sls_deploy.training.distill import Controllers, DenseDistill, feature_term, output_term, temporal_term
 from sls_deploy.training.loop import TrainConfig, train
 
 
@@ -44,6 +44,34 @@ def search_steps(plan) -> int:
     return int(plan.search.get("steps", plan.search.get("ssl_steps", 0)) or 0)
 
 
+def distillation(run: Run, model) -> DenseDistill | None:
+    """The dense model as teacher during finetuning (training/distill.py): its output (--distill-weight), its
+    residual stream features (--feature-distill-weight) and, for video, its hidden states (--tf-weight); None when
+    every weight is 0."""
+    s, recipe, adapter = run.settings, run.recipe, run.recipe.adapter
+    terms = ([output_term(s.distill_weight)] if s.distill_weight > 0 else []) \
+        + ([feature_term(adapter.feature_modules(model), s.feature_distill_weight)] if s.feature_distill_weight > 0
+           else []) \
+        + ([temporal_term(adapter.state_modules(model), s.tf_weight)] if s.tf_weight > 0 else [])
+    if not terms:
+        return None
+    base = run.bundle.recorded_file("search", "base_weights")
+    return DenseDistill(load_model(recipe, base, device=run.compute.device), terms)
+
+
+def distill_record(run: Run, model, distill: DenseDistill) -> dict[str, Any]:
+    """What the finetune stage's result says of the distillation: each term's weight and last value."""
+    s, adapter, last = run.settings, run.recipe.adapter, distill.last
+    out: dict[str, Any] = {}
+    if s.tf_weight > 0:
+        out["tf"] = {"weight": s.tf_weight, "final_term": last.get("temporal finetuning"),
+                     "states": list(adapter.state_modules(model))}
+    if s.distill_weight > 0 or s.feature_distill_weight > 0:
+        out["distill"] = {"output_weight": s.distill_weight, "feature_weight": s.feature_distill_weight,
+                          "final_terms": {k: v for k, v in last.items() if k != "temporal finetuning"}}
+    return out
+
+
 def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> dict[str, Any]:
     """Finetuning from the search's weights. A checkpoint left by an interrupted run is resumed when ``resume``
     is True (error if it does not match) or None (discarded with a note if it does not match, as ``build``
@@ -59,7 +87,8 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
                          "or more (finetuning runs the rest), or --steps 0 for none")
     inputs = {"plan": atomic.sha256_file(bundle.path(PLAN)), "init": atomic.sha256_file(init), "steps": steps,
               "sec": recipe.finetune.__dict__, "data": s.data, "seed": s.seed, "modality": s.modality,
-              "temporal_weight": s.temporal_weight, **({"tf_weight": s.tf_weight} if s.tf_weight else {})}
+              "temporal_weight": s.temporal_weight,
+              **{k: getattr(s, k) for k in ("tf_weight", "distill_weight", "feature_distill_weight") if getattr(s, k)}}
 
     def body(key: str) -> StageOutput:
         ckpt = finetune_checkpoint(run)
@@ -68,11 +97,8 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
         check_plan_indices(model, plan)
         hooks = strategy_of(plan).training(model, plan, stored_masks(run), recipe)  # masks held, SR-STE, nothing
         masks, controller = hooks.masks, hooks.controller
-        distill = None
-        if s.tf_weight > 0:  # temporal finetuning: the dense model's hidden states as targets at every step
-            base = bundle.recorded_file("search", "base_weights")
-            distill = HiddenStateDistill(load_model(recipe, base, device=run.compute.device),
-                                         recipe.adapter.state_modules(model), s.tf_weight)
+        distill = distillation(run, model)
+        if distill is not None:
             controller = Controllers(controller, distill)
         info: dict[str, Any] = {"steps": 0, "resumed_from": 0, "seconds": 0.0, "final_loss": None,
                                 "world_size": dist.world_size()}
@@ -87,8 +113,7 @@ def run_finetune(run: Run, resume: bool | None = None, discard: bool = True) -> 
             info.update(steps=result.steps_done, resumed_from=result.resumed_from, seconds=round(result.seconds, 1),
                         final_loss=result.final_loss)
             if distill is not None:
-                info["tf"] = {"weight": s.tf_weight, "final_term": distill.last,
-                              "states": list(recipe.adapter.state_modules(model))}
+                info.update(distill_record(run, model, distill))
         hooks.finish(model)  # the masks applied (SR-STE's final ones: they moved with the weights)
         if s.modality != "image":
             info["temporal_weight"] = s.temporal_weight

@@ -1,16 +1,24 @@
-"""Temporal finetuning: the pruned model's hidden states pulled toward the dense model's at every time step.
+"""Distillation from the dense model during finetuning: the pruned model's outputs, stream features or recurrent
+hidden states pulled toward the dense model's on the same input.
 
-SSL (Xia et al., CVPR 2023) observes that pruning error is amplified as hidden states propagate along the
-recurrence and names Temporal Finetuning (TF) as the remedy; its public code (Zj-BinXia/SSL) has no TF term and
-the paper's exact loss could not be read here. What is implemented: distillation over the recurrence,
+One controller (``DenseDistill``, a ``training.loop.Controller``) holds one or more terms, each a set of module names
+and a weight; hooks record the student's module outputs during its forward pass, ``regularizer`` runs the teacher
+once on the same input (no gradients) and returns
 
-    L_TF = weight * mean_t mean |h_t(pruned) - h_t(dense)|
+    sum over terms  weight * mean over recorded calls of mean |out(pruned) - out(dense)|
 
-where h_t is the output of every module the adapter names in ``state_modules`` (BasicVSR: each trunk, once per
-frame and direction; StreamVSR: the forward trunk), the dense model runs on the same clip without gradients, and
-the stream/hidden state keeps the dense width (the channel plans never prune it), so the two compare element by
-element. It is a training controller (``training.loop.Controller``): hooks record the student's states during
-its forward pass, ``regularizer`` runs the teacher on the same input and returns the term.
+Module name ``""`` is the whole model: its output. The terms ``finetune`` builds:
+
+- **output distillation** (``--distill-weight``, images and video): ``("",)``, the SR output. Knowledge
+  distillation from the unpruned network is what structured-pruning papers for SR recover with (ASSL/SRP finetune
+  with L1 only; distilling the dense model's output is the common KD baseline).
+- **feature distillation** (``--feature-distill-weight``): the adapter's ``feature_modules`` (EDSR: every residual
+  block's output, the residual stream), comparable element by element only while the stream keeps its dense width
+  (``keep_full: [stream]``); a narrower stream is refused in one line at the first step.
+- **temporal finetuning** (``--tf-weight``, video): the adapter's ``state_modules``, the recurrent hidden state of
+  each time step. SSL (Xia et al., CVPR 2023) names Temporal Finetuning as the remedy for pruning error amplified
+  along the recurrence; its public code (Zj-BinXia/SSL) has no TF term and the paper's exact loss could not be read
+  here, so this is distillation over the recurrence, as above.
 """
 
 from __future__ import annotations
@@ -27,30 +35,58 @@ from sls_deploy.core.errors import UsageError
 
 
 def hidden_state_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
-    """mean over time steps of mean |h_s - h_t| (the teacher's states carry no gradient)."""
+    """mean over recorded calls of mean |h_s - h_t| (the teacher's outputs carry no gradient)."""
     if len(student) != len(teacher) or not student:
         raise ValueError(f"{len(student)} student hidden states for {len(teacher)} teacher ones")
     return torch.stack([F.l1_loss(s, t.detach()) for s, t in zip(student, teacher)]).mean()
 
 
-class HiddenStateDistill(StatelessController):
-    """The TF term as a training controller (see the module docstring)."""
+class DistillTerm:
+    """One term: these modules' outputs, this weight, a name for logs and errors."""
 
-    def __init__(self, teacher: nn.Module, state_modules: Sequence[str], weight: float):
-        if not state_modules:
-            raise UsageError("temporal finetuning needs a recurrent model (the adapter names no state modules)")
+    def __init__(self, name: str, modules: Sequence[str], weight: float, hint: str = ""):
         if not weight > 0:
-            raise UsageError(f"temporal finetuning weight must be > 0, not {weight}")
+            raise UsageError(f"{name} weight must be > 0, not {weight}")
+        self.name, self.modules, self.weight, self.hint = name, tuple(modules), float(weight), hint
+
+
+def output_term(weight: float) -> DistillTerm:
+    return DistillTerm("output distillation", ("",), weight)
+
+
+def feature_term(modules: Sequence[str], weight: float) -> DistillTerm:
+    if not modules:
+        raise UsageError("feature distillation: the model's adapter names no feature modules (use --distill-weight, "
+                         "output distillation)")
+    return DistillTerm("feature distillation", modules, weight,
+                       "feature distillation compares the residual stream, which must keep its dense width "
+                       "(--keep-full stream); use --distill-weight (the output) instead")
+
+
+def temporal_term(modules: Sequence[str], weight: float) -> DistillTerm:
+    if not modules:
+        raise UsageError("temporal finetuning needs a recurrent model (the adapter names no state modules)")
+    return DistillTerm("temporal finetuning", modules, weight)
+
+
+class DenseDistill(StatelessController):
+    """The distillation terms as one training controller (see the module docstring): one teacher run per step."""
+
+    def __init__(self, teacher: nn.Module, terms: Sequence[DistillTerm]):
+        if not terms:
+            raise ValueError("no distillation term")
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.names, self.weight = tuple(state_modules), float(weight)
-        self._states: list[torch.Tensor] = []
+        self.terms = list(terms)
+        self.names = tuple(dict.fromkeys(m for t in self.terms for m in t.modules))
+        self._states: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
         self._inputs: tuple | None = None
         self._handles: list = []
-        self.last: float | None = None
+        self.last: dict[str, float] = {}
 
-    def _record_into(self, dest: list):
+    @staticmethod
+    def _record_into(dest: list):
         def hook(module, inputs, output):
             dest.append(output)
         return hook
@@ -59,19 +95,21 @@ class HiddenStateDistill(StatelessController):
         mods = dict(model.named_modules())
         missing = [n for n in self.names if n not in mods]
         if missing:
-            raise UsageError(f"temporal finetuning: the model has no module '{missing[0]}'")
+            term = next(t for t in self.terms if missing[0] in t.modules)
+            raise UsageError(f"{term.name}: the model has no module '{missing[0]}'")
 
         def keep_inputs(module, args):
             self._inputs = tuple(a.detach() for a in args)
-            self._states.clear()
+            for v in self._states.values():
+                v.clear()
 
         self._handles.append(model.register_forward_pre_hook(keep_inputs))
-        self._handles += [mods[n].register_forward_hook(self._record_into(self._states)) for n in self.names]
+        self._handles += [mods[n].register_forward_hook(self._record_into(self._states[n])) for n in self.names]
 
-    def teacher_states(self, inputs: tuple) -> list[torch.Tensor]:
-        states: list[torch.Tensor] = []
+    def teacher_states(self, inputs: tuple) -> dict[str, list[torch.Tensor]]:
+        states: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
         mods = dict(self.teacher.named_modules())
-        handles = [mods[n].register_forward_hook(self._record_into(states)) for n in self.names]
+        handles = [mods[n].register_forward_hook(self._record_into(states[n])) for n in self.names]
         try:
             with torch.no_grad():
                 self.teacher(*inputs)
@@ -80,21 +118,40 @@ class HiddenStateDistill(StatelessController):
                 h.remove()
         return states
 
+    def term_loss(self, term: DistillTerm, student: dict, teacher: dict) -> torch.Tensor:
+        s = [x for n in term.modules for x in student[n]]
+        t = [x for n in term.modules for x in teacher[n]]
+        for n in term.modules:
+            for a, b in zip(student[n], teacher[n]):
+                if a.shape != b.shape:
+                    where = "the output" if n == "" else f"'{n}'"
+                    raise UsageError(f"{term.name}: {where} is {tuple(a.shape)} in the pruned model and "
+                                     f"{tuple(b.shape)} in the dense one" + (f"; {term.hint}" if term.hint else ""))
+        return term.weight * hidden_state_loss(s, t)
+
     def regularizer(self) -> torch.Tensor | None:
-        if self._inputs is None or not self._states:
+        if self._inputs is None or not any(self._states.values()):
             return None
-        loss = self.weight * hidden_state_loss(self._states, self.teacher_states(self._inputs))
-        self._states.clear()  # in place: the hooks hold this list
+        teacher = self.teacher_states(self._inputs)
+        parts = {t.name: self.term_loss(t, self._states, teacher) for t in self.terms}
+        for v in self._states.values():
+            v.clear()  # in place: the hooks hold these lists
         self._inputs = None
-        self.last = float(loss.detach())
-        return loss
+        self.last = {k: float(v.detach()) for k, v in parts.items()}
+        return sum(parts.values())
 
     def detach(self, model: nn.Module) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._states.clear()
+        for v in self._states.values():
+            v.clear()
         self._inputs = None
+
+
+def temporal_finetuning(teacher: nn.Module, state_modules: Sequence[str], weight: float) -> DenseDistill:
+    """Temporal finetuning alone."""
+    return DenseDistill(teacher, [temporal_term(state_modules, weight)])
 
 
 class Controllers:
