@@ -514,10 +514,8 @@ def main() -> int:
     for budget in args.budgets:
         for seed in args.seeds:
             for method in (["ours"] + [m for m in args.methods if m != "ours"]):
-                if find(method, budget, seed):
-                    continue
-                if method != "ours" and method not in args.methods:
-                    continue
+                if find(method, budget, seed) or method not in args.methods:
+                    continue  # ours first (the peers' MACs target), when asked for (a parallel run has it)
                 ours = find("ours", budget, seed)
                 target = ours["macs_ratio"] if ours else None
                 if method != "ours" and target is None and not method.startswith("ours-"):
