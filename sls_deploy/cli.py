@@ -101,11 +101,11 @@ def _distill_options(f):
     f = click.option("--feature-distill-weight", "feature_distill_weight", type=click.FloatRange(min=0.0),
                      help="Finetuning: weight of the L1 distance between the pruned and the dense model's residual "
                           "stream features (EDSR: every residual block's output; needs the stream kept full width; "
-                          "0 = off; default: the recipe's finetune.feature_distill_weight).")(f)
+                          "0 = off; default: the recipe's distill.feature_weight).")(f)
     f = click.option("--distill-weight", "distill_weight", type=click.FloatRange(min=0.0),
                      help="Finetuning: weight of the L1 distance between the pruned and the dense model's outputs "
                           "(the dense base model as teacher; 0 = off; default: the recipe's "
-                          "finetune.distill_weight).")(f)
+                          "distill.weight).")(f)
     return f
 
 

@@ -149,15 +149,17 @@ def test_bad_distill_weights_are_usage_errors(capsys, tmp_path, tiny_recipe, arg
     assert code == 2 and message in err and not (tmp_path / "b").exists()
 
 
-def test_recipe_distill_weights_belong_to_finetune(tmp_path, tiny_images):
+def test_recipe_distill_section(tmp_path, tiny_images):
     from sls_deploy.config.recipe import load_recipe
+    from sls_deploy.config.settings import Settings
     from sls_deploy.core.errors import RecipeError
-    from conftest import TINY_RECIPE
 
-    ft = dict(TINY_RECIPE["finetune"])
-    r = load_recipe(write_tiny_recipe(tmp_path, tiny_images, finetune={**ft, "distill_weight": 0.5}))
-    assert r.finetune.distill_weight == 0.5 and r.finetune.feature_distill_weight == 0.0
-    with pytest.raises(RecipeError, match="finetune.feature_distill_weight must be >= 0, not -1"):
-        load_recipe(write_tiny_recipe(tmp_path, tiny_images, finetune={**ft, "feature_distill_weight": -1}))
-    with pytest.raises(RecipeError, match="distill_weight"):
-        load_recipe(write_tiny_recipe(tmp_path, tiny_images, train={**TINY_RECIPE["train"], "distill_weight": 1}))
+    r = load_recipe(write_tiny_recipe(tmp_path, tiny_images, distill={"weight": 0.5}))
+    assert r.distill.weight == 0.5 and r.distill.feature_weight == 0.0
+    s = Settings.resolve(r, budget=0.5, method="l1")
+    assert (s.distill_weight, s.feature_distill_weight) == (0.5, 0.0)
+    assert Settings.resolve(r, budget=0.5, method="l1", distill_weight=0.0).distill_weight == 0.0  # the CLI wins
+    with pytest.raises(RecipeError, match="distill.feature_weight must be >= 0, not -1"):
+        load_recipe(write_tiny_recipe(tmp_path, tiny_images, distill={"feature_weight": -1}))
+    with pytest.raises(RecipeError, match="distill"):
+        load_recipe(write_tiny_recipe(tmp_path, tiny_images, distill={"wieght": 1}))

@@ -32,12 +32,17 @@ class StepsSection:
     lr_patch: int
     checkpoint_every: int
     warmup: int = 0
-    # finetune only: the dense model distilled during finetuning (training/distill.py); 0 = off
-    distill_weight: float = 0.0  # L1 between the pruned and the dense model's outputs
-    feature_distill_weight: float = 0.0  # ... between their residual stream features (the adapter's feature_modules)
 
 
-MAX_DISTILL_WEIGHT = 1000.0  # finetune.distill_weight / feature_distill_weight (the L1 loss is O(0.01-0.1))
+@dataclass(frozen=True)
+class DistillSection:
+    """The ``distill:`` section: the dense model as teacher during finetuning (training/distill.py); 0 = off."""
+
+    weight: float = 0.0  # L1 between the pruned and the dense model's outputs
+    feature_weight: float = 0.0  # ... between their residual stream features (the adapter's feature_modules)
+
+
+MAX_DISTILL_WEIGHT = 1000.0  # distill.weight / feature_weight (the L1 loss is O(0.01-0.1))
 MAX_BATCH = 1024  # training batch (memory: batch x patch^2 x channels stays within a workstation's RAM)
 MAX_PATCH = 512  # LR training patch side
 MAX_OUTPUT_SIDE = 8192  # reference_output width/height: MACs are counted on an input of that size (8K UHD fits)
@@ -156,6 +161,7 @@ class Recipe:
     modality: str = "image"  # how data meets the model: image | clip | step (recipe key or the adapter's default)
     compute: ComputeSection = field(default_factory=ComputeSection)  # device / amp / channels_last defaults
     data_workers: int | str = "auto"  # data.workers: training's data loader processes ("auto" or a count)
+    distill: DistillSection = field(default_factory=DistillSection)  # the dense model as teacher in finetuning
 
     @property
     def scale(self) -> int:
@@ -201,7 +207,7 @@ def recipe_for_model(model: str) -> Path:
 
 _TOP_KEYS = {"name", "model", "base_weights", "reference_output", "data", "train", "finetune", "sparsity",
              "export", "validate", "description", "sls", "srste", "precision", "engine", "structured", "modality",
-             "compute"}
+             "compute", "distill"}
 _SLS_KEYS = {"lam", "alpha", "threshold", "check_every", "refresh_every", "score_lr", "score_clamp", "loss_scale",
              "cost_patch", "max_search_steps"}
 
@@ -236,16 +242,20 @@ def _section(raw: Mapping[str, Any], key: str, known: set[str]) -> dict[str, Any
 
 
 def _steps(raw: Mapping[str, Any], key: str) -> StepsSection:
-    distill = ("distill_weight", "feature_distill_weight") if key == "finetune" else ()
-    sec = _section(raw, key, {"steps", "lr", "batch_size", "lr_patch", "checkpoint_every", "warmup", *distill})
+    sec = _section(raw, key, {"steps", "lr", "batch_size", "lr_patch", "checkpoint_every", "warmup"})
     steps = as_int(sec.get("steps", 100), f"{key}.steps", 0, MAX_STEPS)
     return StepsSection(steps=steps, lr=as_float(sec.get("lr", 1e-4), f"{key}.lr", 0.0, 1.0, lo_open=True),
                         batch_size=as_int(sec.get("batch_size", 16), f"{key}.batch_size", 1, MAX_BATCH),
                         lr_patch=as_int(sec.get("lr_patch", 24), f"{key}.lr_patch", 1, MAX_PATCH),
                         checkpoint_every=as_int(sec.get("checkpoint_every", 50), f"{key}.checkpoint_every", 0,
                                                 MAX_COUNT),
-                        warmup=as_int(sec.get("warmup", 0), f"{key}.warmup", 0, MAX_STEPS),
-                        **{k: as_float(sec.get(k, 0.0), f"{key}.{k}", 0.0, MAX_DISTILL_WEIGHT) for k in distill})
+                        warmup=as_int(sec.get("warmup", 0), f"{key}.warmup", 0, MAX_STEPS))
+
+
+def _distill(raw: Mapping[str, Any]) -> DistillSection:
+    sec = _section(raw, "distill", {"weight", "feature_weight"})
+    return DistillSection(**{k: as_float(sec.get(k, 0.0), f"distill.{k}", 0.0, MAX_DISTILL_WEIGHT)
+                             for k in ("weight", "feature_weight")})
 
 
 _ENGINE_LEVELS = ("min", "opt", "max")
@@ -473,7 +483,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         exporter=exporter,
         validate=validate, precision=precision, engine=engine, sls=sls_settings, sls_max_search_steps=max_search,
         srste_decay=decay, adapter=adapter, structured=_structured(raw), modality=modality, compute=_compute(raw),
-        data_workers=workers)
+        data_workers=workers, distill=_distill(raw))
 
 
 MODALITIES = ("image", "clip", "step")

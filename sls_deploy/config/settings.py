@@ -93,8 +93,7 @@ class Settings:
             **({"selection": st.selection} if method in LEARNED_SCALES else {}),
             "temporal_weight": st.temporal_weight if modality != "image" else 0.0,
             "tf_weight": st.tf_weight if modality != "image" else 0.0,
-            "distill_weight": recipe.finetune.distill_weight,
-            "feature_distill_weight": recipe.finetune.feature_distill_weight,
+            "distill_weight": recipe.distill.weight, "feature_distill_weight": recipe.distill.feature_weight,
             "precisions": tuple(dict.fromkeys(("fp32",) + tuple(prec.graphs))),
             "calib": prec.calib, "calib_method": prec.calib_method, "io": prec.io,
         }
