@@ -240,6 +240,15 @@ def test_the_default_dynamo_exporter_gives_graphs_that_pass_every_export_check(t
     graph = onnx.load(str(out / "model.onnx"))
     assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [18]
     assert any(p.key.startswith("pkg.torch.onnx") for n in graph.graph.node for p in n.metadata_props)
+    # no stack trace, so no path of the exporting checkout, in any graph: the same model gives the same bytes
+    import sls_deploy
+    from sls_deploy.onnx.export import STACK_TRACE
+
+    source = str(Path(sls_deploy.__file__).resolve().parent).encode()
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        g = onnx.load(str(out / name))
+        assert not any(p.key == STACK_TRACE for n in g.graph.node for p in n.metadata_props), name
+        assert source not in (out / name).read_bytes(), name
     (tmp_path / "bad").mkdir()
     bad = write_tiny_recipe(tmp_path / "bad", tiny_images, export={"opset": 17, "exporter": "dynamo"})
     assert main(["search", "--recipe", str(bad), "--budget", "0.9", "--out", str(tmp_path / "c")]) == 1
@@ -261,3 +270,30 @@ def test_the_exporter_a_recipe_gets(tmp_path, tiny_images):
     assert got({"opset": 18, "exporter": "torchscript"}) == ("torchscript", 18)
     with pytest.raises(RecipeError, match="must be dynamo or torchscript, not 'jit'"):
         got({"exporter": "jit"})
+
+
+def test_strip_stack_traces_reaches_subgraphs_and_keeps_other_metadata():
+    from onnx import helper
+
+    from sls_deploy.onnx.export import STACK_TRACE, strip_stack_traces
+
+    def traced(node):
+        node.metadata_props.add(key=STACK_TRACE, value='File "/home/me/src/model.py", line 1')
+        node.metadata_props.add(key="namespace", value="m/relu")
+        return node
+
+    then = helper.make_graph([traced(helper.make_node("Relu", ["x"], ["t"]))], "then", [],
+                             [helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, [1])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, [1])])
+    top = traced(helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other))
+    model = helper.make_model(helper.make_graph(
+        [top], "g", [helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+                     helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    assert strip_stack_traces(model) == 2
+    branch = next(a.g for a in model.graph.node[0].attribute if a.name == "then_branch")
+    nodes = [model.graph.node[0], branch.node[0]]
+    assert all([(p.key, p.value) for p in n.metadata_props] == [("namespace", "m/relu")] for n in nodes)
+    assert b"/home/me" not in model.SerializeToString()
+    assert strip_stack_traces(model) == 0

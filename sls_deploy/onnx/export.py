@@ -97,8 +97,41 @@ def export_onnx(model: torch.nn.Module, spec: ExportSpec, example: torch.Tensor 
                         dynamic_axes={k: dict(v) for k, v in spec.dynamic_axes.items()}, do_constant_folding=True)
             except Exception as e:
                 raise ExportError(f"torch.onnx.export failed: {str(e).splitlines()[0]}") from None
+        if spec.exporter == "dynamo":
+            graph = onnx.load(str(tmp))
+            if strip_stack_traces(graph):
+                onnx.save(graph, str(tmp))
         check_graph(tmp)
     return path
+
+
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # the dynamo exporter's per-node Python stack (absolute source paths)
+
+
+def strip_stack_traces(model: onnx.ModelProto) -> int:
+    """Remove the dynamo exporter's per-node stack traces, in subgraphs and functions too; returns how many.
+
+    They name the exporting checkout's absolute source paths, so the same model exported from two folders gave
+    different bytes, and a shipped graph told where it was built. The other node metadata (module scopes, FX node)
+    names no path and stays."""
+    removed = 0
+
+    def graph_nodes(graph):
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                subs = [attr.g] if attr.HasField("g") else []
+                for g in [*subs, *attr.graphs]:
+                    yield from graph_nodes(g)
+
+    nodes = [*graph_nodes(model.graph), *(n for f in model.functions for n in f.node)]
+    for node in nodes:
+        keep = [p for p in node.metadata_props if p.key != STACK_TRACE]
+        if len(keep) != len(node.metadata_props):
+            removed += len(node.metadata_props) - len(keep)
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+    return removed
 
 
 @dataclass(frozen=True)
