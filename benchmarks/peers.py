@@ -445,6 +445,10 @@ How each peer was run (this file's rows; `benchmarks/peers.py`):
   constraints={"flops": "x%"})`, score = -L1 on 4 training batches; its search space leaves both upsampler
   convs' outputs at 256 (about 37% of the MACs). Kept indices are recovered by matching each kept output
   channel's bias to the dense layer's (FastNAS sorts channels before slicing).
+- `ours-distill-output` / `ours-distill-features`: the `ours` row's own bundle after its search stage (copied:
+  the same kept channels and search weights, so the row differs from `ours` only in its finetuning), finetuned for
+  the same steps with the dense model as teacher: `--distill-weight 1` (output L1), and for `-features` also
+  `--feature-distill-weight 0.1` (every residual block's output). `build s` counts the copied search's seconds.
 - Every selection is written as a kept-units file (`units_record`, the nested-family format) and built by
   `build_bundle(method="l1", units=...)`: our finetune (recipe lr, batch, patch), export, validate.
 """
@@ -463,7 +467,40 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['budget']} | {r['seed']} | {r['steps']} | {r['method']} | {r['macs_ratio']:.4f} | "
                      f"{'-' if vs is None else f'{(vs - 1) * 100:+.2f}%'} | {r['psnr_y']:.3f} | {-r['drop_db']:+.3f} | "
                      f"{r['latency_ratio']:.3f}x | {r['build_seconds']:.0f} |")
-    return "\n".join(lines) + "\n" + NOTES
+    return "\n".join(lines) + "\n" + summary(rows) + NOTES
+
+
+def summary(rows: list[dict]) -> str:
+    """Per budget and step count: each method's mean over its seeds, and the paired lead of ours and of
+    ours-distill-output over it (mean over the seeds both have)."""
+    ok = [r for r in rows if "error" not in r]
+    groups = sorted({(nominal(r["budget"]), r["steps"]) for r in ok}, key=lambda k: (-k[1], k[0]))
+    out = ["", "Means over seeds (`n`: seeds). Leads are paired: the mean, over the seeds both rows have, of the "
+           "PSNR-Y difference.", "",
+           "| budget | steps | method | n | MACs ratio | PSNR-Y dB | drop dB | ours' lead dB | ours-distill-output's "
+           "lead dB |", "|---|---|---|---|---|---|---|---|---|"]
+    for budget, steps in groups:
+        here = [r for r in ok if nominal(r["budget"]) == budget and r["steps"] == steps]
+        by = {}
+        for r in here:
+            by.setdefault(r["method"], {})[r["seed"]] = r
+        for method in sorted(by, key=lambda m: METHODS.index(m) if m in METHODS else 99):
+            seeds = by[method]
+            mean = lambda k: sum(r[k] for r in seeds.values()) / len(seeds)  # noqa: E731
+
+            def lead(ref: str) -> str:
+                if ref == method or ref not in by:
+                    return "-"
+                common = sorted(set(by[ref]) & set(seeds))
+                if not common:
+                    return "-"
+                d = [by[ref][s]["psnr_y"] - seeds[s]["psnr_y"] for s in common]
+                return f"{sum(d) / len(d):+.3f} (n={len(d)})"
+
+            out.append(f"| {budget} | {steps} | {method} | {len(seeds)} | {mean('macs_ratio'):.4f} | "
+                       f"{mean('psnr_y'):.3f} | {-mean('drop_db'):+.3f} | {lead('ours')} | "
+                       f"{lead('ours-distill-output')} |")
+    return "\n".join(out) + "\n"
 
 
 def main() -> int:
