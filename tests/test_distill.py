@@ -97,16 +97,21 @@ def test_terms_refuse_what_cannot_work():
         kd.attach(tiny_edsr(1))
 
 
-@pytest.fixture
-def pruned_bundle(tmp_path, tiny_images, capsys):
-    recipe = write_tiny_recipe(tmp_path, tiny_images)
+def l1_bundle(tmp_path, images, capsys, keep_full: str, budget: str):
+    """A tiny l1 channel build (FP32 graph only) with the stream kept (``stream``) or pruned (``none``)."""
+    recipe = write_tiny_recipe(tmp_path, images)
     weights = write_tiny_weights(recipe, tmp_path / "w.safetensors")
     out = tmp_path / "b"
-    code, _, err = run_cli(capsys, "build", "--recipe", recipe, "--weights", weights, "--budget", "0.6",
-                           "--method", "l1", "--keep-full", "stream", "--round-to", "4", "--out", out,
+    code, _, err = run_cli(capsys, "build", "--recipe", recipe, "--weights", weights, "--budget", budget,
+                           "--method", "l1", "--keep-full", keep_full, "--round-to", "4", "--out", out,
                            "--no-progress", "--precision", "fp32")
     assert code == 0, err
     return out
+
+
+@pytest.fixture
+def pruned_bundle(tmp_path, tiny_images, capsys):
+    return l1_bundle(tmp_path, tiny_images, capsys, "stream", "0.6")
 
 
 def test_finetune_with_distillation_records_its_terms_and_changes_the_weights(pruned_bundle, capsys):
@@ -124,13 +129,7 @@ def test_finetune_with_distillation_records_its_terms_and_changes_the_weights(pr
 
 
 def test_feature_distillation_of_a_pruned_stream_is_one_line_and_keeps_the_weights(tmp_path, tiny_images, capsys):
-    recipe = write_tiny_recipe(tmp_path, tiny_images)
-    weights = write_tiny_weights(recipe, tmp_path / "w.safetensors")
-    out = tmp_path / "b"
-    code, _, err = run_cli(capsys, "build", "--recipe", recipe, "--weights", weights, "--budget", "0.5",
-                           "--method", "l1", "--keep-full", "none", "--round-to", "4", "--out", out,
-                           "--no-progress", "--precision", "fp32", "--steps", "2")
-    assert code == 0, err
+    out = l1_bundle(tmp_path, tiny_images, capsys, "none", "0.5")
     before = (out / "model.safetensors").read_bytes()
     code, _, err = run_cli(capsys, "finetune", out, "--steps", "2", "--feature-distill-weight", "1",
                            "--no-progress")
